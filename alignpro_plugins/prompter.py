@@ -1,0 +1,381 @@
+"""The prompter runtime: a small LM (+ LoRA adapter) that rewrites a user prompt for a frozen target LLM.
+
+``Prompter`` owns generation, batching, the intent guard and the artifact format. The LangChain and DSPy
+adapters, the trainers and the evaluation harness all go through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignpro_plugins import guard
+from alignpro_plugins.batching import MicroBatcher
+from alignpro_plugins.manifest import MODES, GenerationDefaults, Manifest, weights_hash
+from alignpro_plugins.models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+SimilarityFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+
+class BaseModelMismatchError(ValueError):
+    """The base model's weights differ from the ones the adapter was trained on."""
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    """What the prompter did with one prompt.
+
+    ``text`` is what the frozen target should receive: the rewrite, the prompt plus guidance (augment mode),
+    or the untouched original when ``fallback_reason`` says why the prompter's output was not used.
+    """
+
+    original: str
+    text: str
+    mode: str
+    generated: str | None = None
+    fallback_reason: str | None = None
+
+    @property
+    def rewritten(self) -> bool:
+        return self.fallback_reason is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compose(original: str, generated: str, mode: str) -> str:
+    """The target's input for a given prompter output."""
+    return f"{original.rstrip()}\n\n{generated.strip()}" if mode == "augment" else generated.strip()
+
+
+def _select_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _select_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # CPUs here emulate bf16 (about 5x slower); fp32 is the fast choice on CPU.
+        return (
+            torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        )
+    return getattr(torch, str(dtype))
+
+
+def load_causal_lm(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, path
+
+
+class Prompter:
+    """Rewrite prompts for a frozen LLM. Thread-safe and async-friendly; concurrent calls are batched."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        manifest: Manifest,
+        *,
+        similarity: SimilarityFn | str | None = "default",
+        max_batch_size: int = 16,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.tokenizer.padding_side = "left"  # batched decoder-only generation needs left padding
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.guard_config = guard.GuardConfig(**manifest.guard)
+        self._similarity_spec = manifest.similarity_model if similarity == "default" else similarity
+        self._similarity: SimilarityFn | None = None
+        self._sim_lock = threading.Lock()
+        self._generate_lock = threading.Lock()
+        self._batcher: MicroBatcher[str, tuple[str, bool]] = MicroBatcher(
+            self._generate_key, max_batch_size=max_batch_size, name="alignpro-prompter"
+        )
+
+    # ------------------------------------------------------------------ construction and artifacts
+    @classmethod
+    def from_base(
+        cls,
+        base_model: str = "smollm2-135m-instruct",
+        *,
+        mode: str = "augment",
+        device: str | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        **kwargs: Any,
+    ) -> Prompter:
+        """An untrained (zero-shot) prompter: the base model asked to rewrite with the default template."""
+        dev = _select_device(device)
+        model, tokenizer, path = load_causal_lm(base_model, device=dev, dtype=_select_dtype(dtype, dev))
+        manifest = Manifest(base_model=base_model, base_model_hash=_hash_or_none(path), mode=mode)
+        manifest.provenance.setdefault("stages", [])
+        return cls(model, tokenizer, manifest, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        base_model: str | None = None,
+        verify_base: bool = True,
+        device: str | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> Prompter:
+        """Load an artifact folder written by :meth:`save_pretrained` or a trainer."""
+        folder = Path(path)
+        manifest = Manifest.load(folder)
+        base = base_model or manifest.base_model
+        dev = _select_device(device)
+        model, tokenizer, resolved = load_causal_lm(base, device=dev, dtype=_select_dtype(dtype, dev))
+        if verify_base and manifest.base_model_hash:
+            actual = _hash_or_none(resolved)
+            if actual is not None and actual != manifest.base_model_hash:
+                raise BaseModelMismatchError(
+                    f"The prompter in {folder} was trained on base model {manifest.base_model!r} with weights "
+                    f"{manifest.base_model_hash}, but {base!r} resolves to weights {actual}. Pass the right "
+                    "base_model=..., or verify_base=False if you know the weights are compatible."
+                )
+        if manifest.has_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+            if not is_trainable:
+                model.eval()
+        if (folder / "tokenizer_config.json").exists():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(model, tokenizer, manifest, **kwargs)
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Write the adapter (safetensors) and ``alignpro.json``; the base model is referenced, not copied."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        has_adapter = hasattr(self.model, "peft_config")
+        if has_adapter:
+            self.model.save_pretrained(str(folder), safe_serialization=True)
+        manifest = replace(self.manifest, has_adapter=has_adapter)
+        manifest.save(folder)
+        self.manifest = manifest
+        return folder
+
+    # ------------------------------------------------------------------ formatting
+    def format_query(self, prompt: str, mode: str | None = None) -> str:
+        """The exact text the prompter model sees for ``prompt`` (trainers use this too)."""
+        mode = mode or self.manifest.mode
+        user = self.manifest.instructions[mode].replace("{prompt}", prompt)
+        messages = [
+            {"role": "system", "content": self.manifest.system_prompt},
+            {"role": "user", "content": user},
+        ]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"{self.manifest.system_prompt}\n\n{user}\n\nAnswer:\n"
+
+    @property
+    def context_limit(self) -> int:
+        cfg = getattr(self.model, "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        return int(limit) - self.manifest.generation.max_new_tokens
+
+    # ------------------------------------------------------------------ generation
+    def generate_raw(
+        self,
+        queries: Sequence[str],
+        settings: GenerationDefaults | None = None,
+        num_return_sequences: int = 1,
+    ) -> list[list[tuple[str, bool]]]:
+        """Batched generation on formatted queries: per query, ``num_return_sequences`` (text, hit_limit)."""
+        settings = settings or self.manifest.generation
+        if not queries:
+            return []
+        tok = self.tokenizer
+        enc = tok(list(queries), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        gen_kwargs: dict[str, Any] = dict(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.do_sample,
+            repetition_penalty=settings.repetition_penalty,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            use_cache=True,
+        )
+        if settings.do_sample:
+            gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        with self._generate_lock, torch.inference_mode():
+            was_training = self.model.training
+            self.model.eval()
+            out = self.model.generate(**enc, **gen_kwargs)
+            if was_training:
+                self.model.train()
+        new = out[:, enc["input_ids"].shape[1] :]
+        results: list[list[tuple[str, bool]]] = []
+        for i in range(len(queries)):
+            row = []
+            for j in range(num_return_sequences):
+                ids = new[i * num_return_sequences + j]
+                hit_limit = not bool((ids == tok.eos_token_id).any()) and not bool(
+                    (ids == tok.pad_token_id).any()
+                )
+                row.append((tok.decode(ids, skip_special_tokens=True), hit_limit))
+            results.append(row)
+        return results
+
+    def _generate_key(self, key: Any, queries: list[str]) -> list[tuple[str, bool]]:
+        settings = GenerationDefaults(**dict(key))
+        return [r[0] for r in self.generate_raw(queries, settings)]
+
+    # ------------------------------------------------------------------ guard
+    def _similarity_fn(self) -> SimilarityFn | None:
+        spec = self._similarity_spec
+        if spec is None or callable(spec):
+            return spec
+        with self._sim_lock:
+            if self._similarity is None:
+                from alignpro_plugins.embeddings import Embedder
+
+                self._similarity = Embedder(spec).similarity
+        return self._similarity
+
+    def _precheck(self, prompt: Any, mode: str) -> RewriteResult | None:
+        if not isinstance(prompt, str):
+            raise TypeError(f"Prompter accepts a str prompt, got {type(prompt).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not prompt.strip():
+            return RewriteResult(prompt, prompt, mode, None, guard.EMPTY_INPUT)
+        n_tokens = len(self.tokenizer(self.format_query(prompt, mode), add_special_tokens=False)["input_ids"])
+        if n_tokens > self.context_limit:
+            return RewriteResult(prompt, prompt, mode, None, guard.INPUT_TOO_LONG)
+        return None
+
+    def finalize(self, prompt: str, raw: str, hit_limit: bool, mode: str) -> RewriteResult:
+        """Apply the intent guard to one raw generation and build the result."""
+        try:
+            cleaned, reason = guard.check_rewrite(
+                prompt,
+                raw,
+                mode=mode,
+                hit_token_limit=hit_limit,
+                config=self.guard_config,
+                similarity=self._similarity_fn() if mode == "rewrite" else None,
+            )
+        except Exception as exc:  # a broken similarity model must not lose the prompt
+            logger.warning("intent guard failed (%s); passing the prompt through", exc)
+            return RewriteResult(prompt, prompt, mode, raw, f"{guard.PROMPTER_ERROR}: {exc}")
+        if reason is not None:
+            return RewriteResult(prompt, prompt, mode, cleaned or None, reason)
+        return RewriteResult(prompt, compose(prompt, cleaned, mode), mode, cleaned, None)
+
+    # ------------------------------------------------------------------ public API
+    def _settings_key(self, **overrides: Any) -> tuple:
+        settings = replace(self.manifest.generation, **{k: v for k, v in overrides.items() if v is not None})
+        return tuple(sorted(asdict(settings).items()))
+
+    def _submit(self, prompts: Sequence[Any], mode: str | None, overrides: dict[str, Any]):
+        mode = mode or self.manifest.mode
+        prechecked = [self._precheck(p, mode) for p in prompts]
+        key = self._settings_key(**overrides)
+        futures = {
+            i: self._batcher.submit(key, self.format_query(p, mode))
+            for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True))
+            if pre is None
+        }
+        return mode, prechecked, futures
+
+    def _collect(self, prompts, mode, prechecked, raws: dict[int, Any]) -> list[RewriteResult]:
+        out = []
+        for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True)):
+            if pre is not None:
+                out.append(pre)
+                continue
+            raw = raws[i]
+            if isinstance(raw, BaseException):
+                logger.warning("prompter generation failed (%s); passing the prompt through", raw)
+                out.append(RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {raw}"))
+            else:
+                out.append(self.finalize(p, raw[0], raw[1], mode))
+        return out
+
+    def rewrite_results(
+        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
+    ) -> list[RewriteResult]:
+        """Rewrite many prompts in real batches; never raises for generation failures."""
+        mode, prechecked, futures = self._submit(prompts, mode, overrides)
+        raws: dict[int, Any] = {}
+        for i, fut in futures.items():
+            try:
+                raws[i] = fut.result()
+            except Exception as exc:
+                raws[i] = exc
+        return self._collect(prompts, mode, prechecked, raws)
+
+    def rewrite_result(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> RewriteResult:
+        return self.rewrite_results([prompt], mode=mode, **overrides)[0]
+
+    def rewrite(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> str:
+        """The target's input for ``prompt`` (the original when the prompter's output was rejected)."""
+        return self.rewrite_result(prompt, mode=mode, **overrides).text
+
+    def rewrite_batch(
+        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
+    ) -> list[str]:
+        return [r.text for r in self.rewrite_results(prompts, mode=mode, **overrides)]
+
+    async def arewrite_results(
+        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
+    ) -> list[RewriteResult]:
+        mode, prechecked, futures = self._submit(prompts, mode, overrides)
+        wrapped = [asyncio.wrap_future(f) for f in futures.values()]
+        done = await asyncio.gather(*wrapped, return_exceptions=True)
+        return self._collect(prompts, mode, prechecked, dict(zip(futures.keys(), done, strict=True)))
+
+    async def arewrite_result(
+        self, prompt: str, *, mode: str | None = None, **overrides: Any
+    ) -> RewriteResult:
+        return (await self.arewrite_results([prompt], mode=mode, **overrides))[0]
+
+    async def arewrite(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> str:
+        return (await self.arewrite_result(prompt, mode=mode, **overrides)).text
+
+    async def arewrite_batch(
+        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
+    ) -> list[str]:
+        return [r.text for r in await self.arewrite_results(prompts, mode=mode, **overrides)]
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Prompter(base_model={m.base_model!r}, mode={m.mode!r}, adapter={hasattr(self.model, 'peft_config')})"
+
+
+def _hash_or_none(path: str) -> str | None:
+    return weights_hash(path) if Path(path).is_dir() else None

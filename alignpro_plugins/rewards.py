@@ -1,0 +1,146 @@
+"""Rewards r(x, y): score an answer y against the ORIGINAL prompt x.
+
+One interface, ``score(prompts, answers) -> list[float]``, with backends for a reward-model artifact (the
+reward stage's output, or any sequence-classification model), and a plain Python callable.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignpro_plugins.models import resolve_model
+
+REWARD_MANIFEST = "alignpro_reward.json"
+
+
+class RewardFunction(ABC):
+    @property
+    @abstractmethod
+    def identity(self) -> str: ...
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]: ...
+
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        if len(prompts) != len(answers):
+            raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+        return self.score(prompts, answers)
+
+
+def encode_pairs(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, max_length: int, max_prompt_length: int
+):
+    """Tokenize (prompt, answer) as one sequence: prompt truncated first to ``max_prompt_length``.
+
+    The reward trainer and the scorer share this, so training and inference see identical inputs.
+    """
+    p_ids = tokenizer(list(prompts), add_special_tokens=False, truncation=True, max_length=max_prompt_length)[
+        "input_ids"
+    ]
+    a_ids = tokenizer(list(answers), add_special_tokens=False, truncation=True, max_length=max_length)[
+        "input_ids"
+    ]
+    out = []
+    for p, a in zip(p_ids, a_ids, strict=True):
+        ids = tokenizer.build_inputs_with_special_tokens(p, a)
+        out.append(ids[: max_length - 1] + [ids[-1]] if len(ids) > max_length else ids)
+    return out
+
+
+class RewardModel(RewardFunction):
+    """A sequence-classification model with one output (a reward-stage artifact, or any hub/local model)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        max_length: int | None = None,
+        max_prompt_length: int | None = None,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        resolved = resolve_model(path)
+        meta = {}
+        meta_file = Path(resolved) / REWARD_MANIFEST
+        if meta_file.exists():
+            meta = json.loads(meta_file.read_text())
+        self.meta = meta
+        self.path = resolved
+        self.tokenizer = AutoTokenizer.from_pretrained(resolved)
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1).to(device).eval()
+        )
+        self.device = device
+        self.batch_size = batch_size
+        self.max_length = max_length or meta.get("max_length", 256)
+        self.max_prompt_length = max_prompt_length or meta.get("max_prompt_length", 96)
+        self._lock = threading.Lock()
+
+    @property
+    def identity(self) -> str:
+        return f"reward-model:{self.path}"
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        ids = encode_pairs(
+            self.tokenizer,
+            prompts,
+            answers,
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+        )
+        scores: list[float] = []
+        pad = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start : start + self.batch_size]
+            width = max(len(x) for x in chunk)
+            input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=self.device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=self.device)
+            with self._lock:
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+            scores += logits[:, 0].float().tolist()
+        return scores
+
+
+class CallableReward(RewardFunction):
+    """Wrap ``fn(prompts, answers) -> scores`` (batched) or ``fn(prompt, answer) -> score``."""
+
+    def __init__(self, fn: Callable[..., Any], *, batched: bool = True, name: str | None = None) -> None:
+        self.fn = fn
+        self.batched = batched
+        self._name = name or getattr(fn, "__qualname__", repr(fn))
+
+    @property
+    def identity(self) -> str:
+        return f"callable:{self._name}"
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        if self.batched:
+            out = [float(s) for s in self.fn(list(prompts), list(answers))]
+        else:
+            out = [float(self.fn(p, a)) for p, a in zip(prompts, answers, strict=True)]
+        if len(out) != len(prompts):
+            raise ValueError(f"reward function returned {len(out)} scores for {len(prompts)} answers")
+        return out
+
+
+def as_reward(obj: Any, **kwargs: Any) -> RewardFunction:
+    """Coerce a reward artifact path / model name / callable into a :class:`RewardFunction`."""
+    if isinstance(obj, RewardFunction):
+        return obj
+    if isinstance(obj, (str, Path)):
+        return RewardModel(str(obj), **kwargs)
+    if callable(obj):
+        return CallableReward(obj, **kwargs)
+    raise TypeError(
+        f"A reward must be a reward-model path or name, a RewardFunction or a callable; got {type(obj).__name__}"
+    )
