@@ -41,17 +41,19 @@ def encode_pairs(
 
     The reward trainer and the scorer share this, so training and inference see identical inputs.
     """
-    p_ids = tokenizer(list(prompts), add_special_tokens=False, truncation=True, max_length=max_prompt_length)[
-        "input_ids"
-    ]
-    a_ids = tokenizer(list(answers), add_special_tokens=False, truncation=True, max_length=max_length)[
-        "input_ids"
-    ]
-    out = []
-    for p, a in zip(p_ids, a_ids, strict=True):
-        ids = tokenizer.build_inputs_with_special_tokens(p, a)
-        out.append(ids[: max_length - 1] + [ids[-1]] if len(ids) > max_length else ids)
-    return out
+    enc = tokenizer(
+        [_clip(tokenizer, p, max_prompt_length) for p in prompts],
+        list(answers),
+        truncation="only_second",
+        max_length=max_length,
+        return_token_type_ids=False,
+    )
+    return enc["input_ids"]
+
+
+def _clip(tokenizer: Any, text: str, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
 class RewardModel(RewardFunction):
