@@ -1,0 +1,107 @@
+"""Pieces shared by the three stages: CPU-friendly defaults, target/reward construction, metrics logging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply_hardware_defaults(cfg: Any) -> None:
+    """bf16 only where it is native (CPU bf16 is emulated, ~5x slower); report to TensorBoard when installed."""
+    if getattr(cfg, "bf16", None) is None:
+        cfg.bf16 = bool(has_cuda() and torch.cuda.is_bf16_supported())
+    if not has_cuda():
+        cfg.bf16 = False
+        cfg.fp16 = False
+    if getattr(cfg, "report_to", None) in (None, "all", ["all"]):
+        cfg.report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+
+
+@dataclass
+class TargetArguments:
+    """How to reach the frozen target LLM (used by the SFT bootstrap and the RL stage)."""
+
+    target: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Frozen target: a packaged model name, local folder or hub id (ignored with target_base_url)."},
+    )
+    target_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible endpoint for the target, e.g. http://127.0.0.1:8000/v1"}
+    )
+    target_model_name: str | None = field(default=None, metadata={"help": "Model name to send to target_base_url."})
+    target_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
+    )
+    target_max_new_tokens: int = field(default=96, metadata={"help": "Answer length cap during training."})
+    target_batch_size: int = field(default=16, metadata={"help": "Batch size for a local target's generation."})
+    target_concurrency: int = field(default=8, metadata={"help": "Concurrent requests to a remote target."})
+    target_cache: str | None = field(
+        default=None, metadata={"help": "jsonl answer cache; default <output_dir>/target_cache.jsonl"}
+    )
+
+
+def build_target(cfg: Any, output_dir: str):
+    from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
+
+    if cfg.target_base_url:
+        if not cfg.target_model_name:
+            raise ValueError("target_base_url is set but target_model_name is not: name the served model")
+        inner = OpenAICompatibleTarget(
+            cfg.target_base_url,
+            cfg.target_model_name,
+            api_key=os.environ.get(cfg.target_api_key_env, ""),
+            max_tokens=cfg.target_max_new_tokens,
+            concurrency=cfg.target_concurrency,
+        )
+    else:
+        inner = TransformersTarget(cfg.target, max_new_tokens=cfg.target_max_new_tokens, batch_size=cfg.target_batch_size)
+    return CachedTarget(inner, cfg.target_cache or os.path.join(output_dir, "target_cache.jsonl"))
+
+
+def wrap_target(target: Any, cache_path: str | None, max_new_tokens: int | None = None):
+    from alignpro_plugins.targets import CachedTarget, as_target
+
+    t = as_target(target)
+    return t if isinstance(t, CachedTarget) else CachedTarget(t, cache_path)
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """Append every logged metrics dict to <output_dir>/metrics.jsonl (plots and resumable eval read it)."""
+
+    def __init__(self, path: str | os.PathLike[str], stage: str) -> None:
+        self.path = Path(path)
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
+        if logs and state.is_world_process_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            row = {"stage": self.stage, "step": state.global_step, "time": time.time(), **logs}
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row, default=float) + "\n")
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str] | str, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None

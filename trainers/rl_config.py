@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from trainers.common import TargetArguments, apply_hardware_defaults
+
+
+@dataclass
+class AlignProRLConfig(GRPOConfig, TargetArguments):
+    """RL stage: max_ρ E[r(x, y)] − λ·KL(ρ(·|x) ‖ ρ_sft(·|x)), x' ~ ρ(·|x), y ~ π_F(·|x'), on TRL's GRPO.
+
+    ``beta`` is λ. The policy starts from the SFT prompter and the KL reference IS the SFT prompter (its adapter
+    is copied into a frozen ``ref`` adapter). Every field is also a CLI flag and a YAML key (``rl:``).
+    """
+
+    sft_prompter: str | None = field(
+        default=None, metadata={"help": "SFT prompter artifact (from `alignpro sft`); the policy init and KL anchor."}
+    )
+    base_model: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "Prompter base when no sft_prompter is given."}
+    )
+    mode: str | None = field(default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."})
+    prompts_data: str | None = field(default=None, metadata={"help": "Training prompts x: file or hub id."})
+    prompt_field: str = field(default="prompt", metadata={"help": "Prompt column of prompts_data."})
+    context_field: str | None = field(default=None, metadata={"help": "Optional context column appended to x."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Cap on training prompts."})
+    reward_model: str | None = field(default=None, metadata={"help": "Reward artifact (from `alignpro reward`)."})
+    # λ > 0 by default: without it nothing keeps the prompter close to the SFT prompter.
+    beta: float = field(default=0.05, metadata={"help": "λ, the KL coefficient to the SFT prompter (> 0)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (only when starting without an SFT adapter)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    # CPU-friendly overrides of TRL's defaults.
+    learning_rate: float = field(default=3e-5, metadata={"help": "Learning rate."})
+    num_generations: int | None = field(default=4, metadata={"help": "Rewrites per prompt (the GRPO group)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per device per step."})
+    max_completion_length: int | None = field(default=48, metadata={"help": "Rewrite length cap during RL."})
+    temperature: float = field(default=0.9, metadata={"help": "Sampling temperature for rewrites."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Off: slower on CPU for small models."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 where native (GPU); never emulated on CPU."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=10, metadata={"help": "Checkpoint every N steps."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
+
+    def __post_init__(self) -> None:
+        apply_hardware_defaults(self)
+        if self.beta <= 0:
+            raise ValueError("beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter")
+        super().__post_init__()

@@ -1,0 +1,160 @@
+"""RL stage (Align-Pro): GRPO on the prompter, rewarded by r(x, π_F(x')) with a KL penalty to the SFT prompter."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from alignpro_plugins.data import load_prompts
+from alignpro_plugins.prompter import Prompter
+from alignpro_plugins.rewards import as_reward
+from trainers.common import (
+    JsonlMetricsCallback,
+    build_target,
+    count_trainable,
+    latest_checkpoint,
+    lora_config,
+    wrap_target,
+)
+from trainers.rl_config import AlignProRLConfig
+from trainers.scoring import RewriteScorer
+
+logger = logging.getLogger(__name__)
+
+
+def _timed_grpo_class():
+    from trl import GRPOTrainer
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """GRPO that also logs where each step's time goes: prompter generation, target, reward, update."""
+
+        def _generate_single_turn(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                self._alignpro_times["prompter_generation_s"] += time.perf_counter() - t0
+
+        def training_step(self, *args, **kwargs):
+            self._alignpro_times = dict.fromkeys(("prompter_generation_s", "target_s", "reward_s"), 0.0)
+            t0 = time.perf_counter()
+            out = super().training_step(*args, **kwargs)
+            total = time.perf_counter() - t0
+            t = self._alignpro_times
+            for k, v in t.items():
+                self._metrics["train"][f"time/{k}"].append(v)
+            self._metrics["train"]["time/update_s"].append(max(total - sum(t.values()), 0.0))
+            self._metrics["train"]["time/step_s"].append(total)
+            return out
+
+    return TimedGRPOTrainer
+
+
+class AlignProRLTrainer:
+    def __init__(
+        self,
+        config: AlignProRLConfig,
+        *,
+        prompter: Prompter | str | None = None,
+        prompts: Sequence[str] | None = None,
+        target: Any | None = None,
+        reward: Any | None = None,
+    ) -> None:
+        self.config = config
+        src = prompter if prompter is not None else config.sft_prompter
+        if isinstance(src, Prompter):
+            self.prompter = src
+        elif src is not None:
+            self.prompter = Prompter.from_pretrained(src, is_trainable=True, similarity=None)
+        else:
+            self.prompter = Prompter.from_base(config.base_model, similarity=None)
+        if config.mode:
+            self.prompter.manifest.mode = config.mode
+        self.mode = self.prompter.manifest.mode
+        if prompts is None:
+            if not config.prompts_data:
+                raise ValueError("RL needs training prompts: set prompts_data or pass prompts=...")
+            prompts = load_prompts(config.prompts_data, field=config.prompt_field, context_field=config.context_field)
+        prompts = list(dict.fromkeys(prompts))
+        self.prompts = prompts[: config.max_prompts] if config.max_prompts else prompts
+        cache = os.path.join(config.output_dir, "target_cache.jsonl")
+        self.target = wrap_target(target, cache) if target is not None else build_target(config, config.output_dir)
+        self.reward = as_reward(reward if reward is not None else config.reward_model)
+        self.scorer = RewriteScorer(self.prompter, self.target, self.reward)
+        self.trainer: Any = None
+
+    def reward_fn(self, prompts: list[str], completions: list[str], original: list[str], **kwargs: Any) -> list[float]:
+        """GRPO reward: guard x' (fallback = x), answer with the frozen target, score against ORIGINAL x."""
+        batch = self.scorer.score(original, completions, mode=self.mode)
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            log_metric("alignpro/fallback_rate", batch.fallback_rate)
+            log_metric("alignpro/rewrite_chars", sum(len(r.generated or "") for r in batch.results) / len(batch.results))
+            log_metric("alignpro/target_failures", float(self.target.stats.failures))
+        if self.trainer is not None and hasattr(self.trainer, "_alignpro_times"):
+            self.trainer._alignpro_times["target_s"] += batch.timings["target_s"]
+            self.trainer._alignpro_times["reward_s"] += batch.timings["reward_s"]
+        return batch.rewards
+
+    def dataset(self):
+        import datasets
+
+        return datasets.Dataset.from_dict({
+            "prompt": [self.prompter.format_query(x, self.mode) for x in self.prompts],
+            "original": self.prompts,
+        })
+
+    def _policy(self):
+        cfg = self.config
+        model = self.prompter.model
+        peft_config = None
+        if not hasattr(model, "peft_config"):
+            # No SFT adapter: train a fresh LoRA; the reference is then the (unchanged) base = the SFT prompter.
+            peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+        elif count_trainable(model) == 0:
+            raise RuntimeError("the SFT adapter was loaded frozen (is_trainable=False): nothing would train")
+        return model, peft_config
+
+    def train(self) -> Prompter:
+        cfg = self.config
+        model, peft_config = self._policy()
+        self.prompter.tokenizer.padding_side = "left"
+        reward_fn = self.reward_fn
+        reward_fn.__func__.__name__ = "alignpro_reward"  # type: ignore[attr-defined]
+        self.trainer = _timed_grpo_class()(
+            model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=self.dataset(),
+            processing_class=self.prompter.tokenizer, peft_config=peft_config,
+            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "rl")],
+        )
+        self.trainer._alignpro_times = dict.fromkeys(("prompter_generation_s", "target_s", "reward_s"), 0.0)
+        resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        self.trainer.train(resume_from_checkpoint=resume)
+        policy = self.trainer.model
+        if "ref" in getattr(policy, "peft_config", {}):
+            policy.delete_adapter("ref")  # the artifact holds the trained adapter only
+        policy.eval()
+        self.prompter.model = policy
+        history = [h for h in self.trainer.state.log_history if "reward" in h]
+        prov = dict(self.prompter.manifest.provenance)
+        prov["stages"] = [*prov.get("stages", []), {
+            "stage": "rl", "algorithm": "grpo", "beta": cfg.beta, "steps": self.trainer.state.global_step,
+            "prompts": len(self.prompts), "num_generations": cfg.num_generations,
+            "reward_model": cfg.reward_model, "target": self.target.identity,
+            "reward_first": history[0]["reward"] if history else None,
+            "reward_last": history[-1]["reward"] if history else None,
+            "target_calls": self.target.stats.calls, "target_cache_hits": self.target.stats.cache_hits,
+            "target_failures": self.target.stats.failures,
+        }]
+        self.prompter.manifest = replace(self.prompter.manifest, provenance=prov)
+        self.prompter.save_pretrained(cfg.output_dir)
+        return self.prompter
+
+
+def train_rl(config: AlignProRLConfig, **kwargs: Any) -> Prompter:
+    os.makedirs(config.output_dir, exist_ok=True)
+    return AlignProRLTrainer(config, **kwargs).train()

@@ -1,0 +1,55 @@
+"""r(x, target(x')): the one place where rewrites meet the frozen target and the reward.
+
+Both the SFT bootstrap (best-of-K) and the RL stage score candidate rewrites here, so the reward is always the
+frozen target's answer to the rewrite, scored against the ORIGINAL prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from alignpro_plugins.prompter import Prompter, RewriteResult
+from alignpro_plugins.rewards import RewardFunction
+from alignpro_plugins.targets import FrozenTarget
+
+
+@dataclass
+class ScoreBatch:
+    rewards: list[float]
+    results: list[RewriteResult]
+    answers: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fallback_rate(self) -> float:
+        return sum(not r.rewritten for r in self.results) / max(len(self.results), 1)
+
+
+class RewriteScorer:
+    def __init__(self, prompter: Prompter, target: FrozenTarget, reward: RewardFunction) -> None:
+        self.prompter = prompter
+        self.target = target
+        self.reward = reward
+
+    def score_texts(self, originals: Sequence[str], target_inputs: Sequence[str]) -> tuple[list[float], list[str], dict]:
+        t0 = time.perf_counter()
+        answers = self.target.generate(list(target_inputs))
+        t1 = time.perf_counter()
+        rewards = self.reward(list(originals), answers)
+        t2 = time.perf_counter()
+        return rewards, answers, {"target_s": t1 - t0, "reward_s": t2 - t1}
+
+    def score(
+        self, originals: Sequence[str], generations: Sequence[str], hit_limits: Sequence[bool] | None = None,
+        mode: str | None = None,
+    ) -> ScoreBatch:
+        """Guard each raw prompter generation (fallback = original prompt), answer, and score against x."""
+        mode = mode or self.prompter.manifest.mode
+        hit_limits = hit_limits or [False] * len(generations)
+        results = [
+            self.prompter.finalize(x, g, h, mode) for x, g, h in zip(originals, generations, hit_limits, strict=True)
+        ]
+        rewards, answers, timings = self.score_texts(originals, [r.text for r in results])
+        return ScoreBatch(rewards, results, answers, timings)

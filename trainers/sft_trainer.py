@@ -1,0 +1,192 @@
+"""SFT stage: LoRA SFT of the prompter.
+
+Targets come from (prompt, improved prompt) pairs, or, when there are none, from a best-of-K bootstrap: K
+sampled rewrites of the untrained prompter (plus fixed guidance templates and 'no change'), each scored by
+the reward of the frozen target's answer against the original prompt; the best becomes the SFT target.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from alignpro_plugins.data import load_prompt_pairs, load_prompts
+from alignpro_plugins.manifest import GenerationDefaults
+from alignpro_plugins.prompter import Prompter
+from alignpro_plugins.rewards import as_reward
+from trainers.common import (
+    JsonlMetricsCallback,
+    build_target,
+    count_trainable,
+    latest_checkpoint,
+    lora_config,
+    wrap_target,
+)
+from trainers.scoring import RewriteScorer
+from trainers.sft_config import AlignProSFTConfig
+
+logger = logging.getLogger(__name__)
+
+NO_CHANGE = ""  # augment mode: an empty completion means "leave the prompt as it is"
+
+
+class AlignProSFTTrainer:
+    def __init__(
+        self,
+        config: AlignProSFTConfig,
+        *,
+        prompter: Prompter | None = None,
+        pairs: Sequence[tuple[str, str]] | None = None,
+        prompts: Sequence[str] | None = None,
+        target: Any | None = None,
+        reward: Any | None = None,
+    ) -> None:
+        self.config = config
+        self.prompter = prompter or Prompter.from_base(config.base_model, mode=config.mode, similarity=None)
+        self.prompter.manifest.mode = config.mode
+        self._pairs = list(pairs) if pairs is not None else None
+        self._prompts = list(prompts) if prompts is not None else None
+        self._target = target
+        self._reward = reward
+        self.bootstrap_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ targets
+    def sft_pairs(self) -> list[tuple[str, str]]:
+        cfg = self.config
+        if self._pairs is not None:
+            return self._pairs[: cfg.max_pairs] if cfg.max_pairs else self._pairs
+        if cfg.pairs_data:
+            return load_prompt_pairs(cfg.pairs_data, prompt_field=cfg.prompt_field, target_field=cfg.target_field,
+                                     context_field=cfg.context_field, limit=cfg.max_pairs)
+        prompts = self._prompts
+        if prompts is None:
+            if not cfg.prompts_data:
+                raise ValueError("SFT needs pairs_data (prompt pairs) or prompts_data (bootstrap prompts)")
+            prompts = load_prompts(cfg.prompts_data, field=cfg.prompt_field, context_field=cfg.context_field)
+        prompts = list(dict.fromkeys(prompts))
+        if cfg.max_pairs:
+            prompts = prompts[: cfg.max_pairs]
+        return self.bootstrap(prompts)
+
+    def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, bool]]]:
+        """Per prompt: (generation, hit_limit) candidates — sampled rewrites, templates, 'no change'."""
+        cfg = self.config
+        sampled: list[list[tuple[str, bool]]] = [[] for _ in prompts]
+        if cfg.num_candidates:
+            settings = GenerationDefaults(max_new_tokens=cfg.prompter_max_new_tokens, do_sample=True,
+                                          temperature=cfg.candidate_temperature, top_p=0.95)
+            bs = 8
+            for s in tqdm(range(0, len(prompts), bs), desc="bootstrap: sampling rewrites"):
+                chunk = prompts[s : s + bs]
+                queries = [self.prompter.format_query(p, cfg.mode) for p in chunk]
+                for i, row in enumerate(self.prompter.generate_raw(queries, settings, cfg.num_candidates)):
+                    sampled[s + i] = row
+        out = []
+        for row in sampled:
+            cands = list(row)
+            if cfg.mode == "augment" and cfg.include_templates:
+                cands += [(t, False) for t in cfg.templates]
+            if cfg.include_no_change:
+                cands.append((NO_CHANGE, False))
+            out.append(cands)
+        return out
+
+    def bootstrap(self, prompts: Sequence[str]) -> list[tuple[str, str]]:
+        cfg = self.config
+        target = wrap_target(self._target, os.path.join(cfg.output_dir, "target_cache.jsonl")) if self._target is not None \
+            else build_target(cfg, cfg.output_dir)
+        reward = as_reward(self._reward if self._reward is not None else cfg.reward_model)
+        scorer = RewriteScorer(self.prompter, target, reward)
+        cands = self.candidates(prompts)
+        flat = [(x, g, h) for x, row in zip(prompts, cands, strict=True) for g, h in row]
+        scores: list[float] = []
+        results = []
+        step = 64
+        for s in tqdm(range(0, len(flat), step), desc="bootstrap: scoring r(x, target(x'))"):
+            chunk = flat[s : s + step]
+            batch = scorer.score([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk], cfg.mode)
+            scores += batch.rewards
+            results += batch.results
+        pairs, log_rows, wins = [], [], {"sampled": 0, "template": 0, "no_change": 0}
+        gains = []
+        k = 0
+        for x, row in zip(prompts, cands, strict=True):
+            n = len(row)
+            rs, res = scores[k : k + n], results[k : k + n]
+            k += n
+            # Candidates that fell back are identical to 'no change'; only usable rewrites can be targets.
+            best = max(range(n), key=lambda j: rs[j] if (res[j].rewritten or row[j][0] == NO_CHANGE) else float("-inf"))
+            text = NO_CHANGE if row[best][0] == NO_CHANGE or not res[best].rewritten else res[best].generated or NO_CHANGE
+            kind = "no_change" if text == NO_CHANGE else ("template" if text in cfg.templates else "sampled")
+            wins[kind] += 1
+            baseline = rs[-1] if cfg.include_no_change else rs[best]
+            gains.append(rs[best] - baseline)
+            pairs.append((x, text))
+            log_rows.append({"prompt": x, "target": text, "kind": kind, "reward": rs[best],
+                             "candidates": [{"text": c[0], "reward": r, "fallback": q.fallback_reason}
+                                            for c, r, q in zip(row, rs, res, strict=True)]})
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(cfg.output_dir) / "bootstrap.jsonl", "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in log_rows)
+        self.bootstrap_stats = {"prompts": len(prompts), "candidates_per_prompt": len(cands[0]) if cands else 0,
+                                "winners": wins, "mean_gain_over_no_change": sum(gains) / max(len(gains), 1),
+                                "target_calls": target.stats.calls, "target_failures": target.stats.failures}
+        logger.info("bootstrap: %s", self.bootstrap_stats)
+        return pairs
+
+    # ------------------------------------------------------------------ training
+    def dataset(self, pairs: Sequence[tuple[str, str]]):
+        import datasets
+
+        rows = [{"prompt": self.prompter.format_query(x, self.config.mode), "completion": y} for x, y in pairs]
+        random.Random(self.config.seed).shuffle(rows)
+        return datasets.Dataset.from_list(rows)
+
+    def train(self) -> Prompter:
+        from trl import SFTTrainer
+
+        cfg = self.config
+        pairs = self.sft_pairs()
+        if not pairs:
+            raise ValueError("no SFT pairs")
+        model = self.prompter.model
+        if not hasattr(model, "peft_config"):
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))
+        if count_trainable(model) == 0:
+            raise RuntimeError("the prompter has no trainable parameters (a PeftModel loaded without is_trainable?)")
+        model.train()
+        self.prompter.tokenizer.padding_side = "right"  # training pads right; generation switches back
+        trainer = SFTTrainer(
+            model=model, args=cfg, train_dataset=self.dataset(pairs), processing_class=self.prompter.tokenizer,
+            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "sft")],
+        )
+        resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        trainer.train(resume_from_checkpoint=resume)
+        self.prompter.tokenizer.padding_side = "left"
+        self.prompter.model = trainer.model
+        self.prompter.model.eval()
+        prov = dict(self.prompter.manifest.provenance)
+        prov.setdefault("stages", [])
+        prov["stages"] = [*prov["stages"], {
+            "stage": "sft", "data": cfg.pairs_data or cfg.prompts_data or "in-memory", "pairs": len(pairs),
+            "steps": trainer.state.global_step, "bootstrap": self.bootstrap_stats or None,
+            "reward_model": cfg.reward_model,
+        }]
+        self.prompter.manifest = replace(self.prompter.manifest, mode=cfg.mode, provenance=prov)
+        self.prompter.save_pretrained(cfg.output_dir)
+        return self.prompter
+
+
+def train_sft(config: AlignProSFTConfig, **kwargs: Any) -> Prompter:
+    os.makedirs(config.output_dir, exist_ok=True)
+    return AlignProSFTTrainer(config, **kwargs).train()
