@@ -23,12 +23,18 @@ class DataError(ValueError):
     """A data set row that cannot be used, with its location."""
 
     def __init__(self, source: str, row: int | None, field: str | None, problem: str, hint: str = "") -> None:
-        where = f"{source}" + (f", row {row}" if row is not None else "") + (f", field {field!r}" if field else "")
+        where = (
+            f"{source}"
+            + (f", row {row}" if row is not None else "")
+            + (f", field {field!r}" if field else "")
+        )
         super().__init__(f"{where}: {problem}" + (f". {hint}" if hint else ""))
         self.source, self.row, self.field = source, row, field
 
 
-def read_records(source: str | os.PathLike[str], *, split: str = "train", data_dir: str | None = None) -> list[dict]:
+def read_records(
+    source: str | os.PathLike[str], *, split: str = "train", data_dir: str | None = None
+) -> list[dict]:
     """Rows of a local file or a hub data set, as dicts."""
     src = str(source)
     path = Path(src)
@@ -52,7 +58,9 @@ def read_records(source: str | os.PathLike[str], *, split: str = "train", data_d
                 try:
                     data = json.load(fh)
                 except json.JSONDecodeError as exc:
-                    raise DataError(src, None, None, f"invalid JSON ({exc.msg} at line {exc.lineno})") from None
+                    raise DataError(
+                        src, None, None, f"invalid JSON ({exc.msg} at line {exc.lineno})"
+                    ) from None
             if isinstance(data, dict):  # {"data": [...]} or column-oriented
                 data = next((v for v in data.values() if isinstance(v, list)), [data])
             if not isinstance(data, list):
@@ -75,7 +83,9 @@ def _text(source: str, i: int, row: Any, field: str, *, allow_empty: bool = Fals
     if not isinstance(row, dict):
         raise DataError(source, i, None, f"expected an object, got {type(row).__name__}")
     if field not in row:
-        raise DataError(source, i, field, "missing field", f"Available fields: {sorted(row)}; set the field name option")
+        raise DataError(
+            source, i, field, "missing field", f"Available fields: {sorted(row)}; set the field name option"
+        )
     value = row[field]
     if value is None and allow_empty:
         return ""
@@ -92,8 +102,13 @@ def with_context(instruction: str, context: str) -> str:
 
 
 def load_prompts(
-    source: str, *, field: str = "prompt", context_field: str | None = None, split: str = "train",
-    data_dir: str | None = None, limit: int | None = None,
+    source: str,
+    *,
+    field: str = "prompt",
+    context_field: str | None = None,
+    split: str = "train",
+    data_dir: str | None = None,
+    limit: int | None = None,
 ) -> list[str]:
     rows = read_records(source, split=split, data_dir=data_dir)
     prompts = []
@@ -106,8 +121,13 @@ def load_prompts(
 
 
 def load_prompt_pairs(
-    source: str, *, prompt_field: str = "instruction", target_field: str = "optimized_prompt",
-    context_field: str | None = "context", split: str = "train", limit: int | None = None,
+    source: str,
+    *,
+    prompt_field: str = "instruction",
+    target_field: str = "optimized_prompt",
+    context_field: str | None = "context",
+    split: str = "train",
+    limit: int | None = None,
 ) -> list[tuple[str, str]]:
     """(prompt, improved prompt) pairs for SFT, e.g. BPO's instruction / optimized_prompt."""
     rows = read_records(source, split=split)
@@ -137,8 +157,14 @@ def split_dialogue(text: str) -> tuple[str, str]:
 
 
 def load_preferences(
-    source: str, *, prompt_field: str | None = "prompt", chosen_field: str = "chosen",
-    rejected_field: str = "rejected", split: str = "train", data_dir: str | None = None, limit: int | None = None,
+    source: str,
+    *,
+    prompt_field: str | None = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    split: str = "train",
+    data_dir: str | None = None,
+    limit: int | None = None,
 ) -> list[PreferencePair]:
     """Preference pairs: (prompt, chosen, rejected) rows, or HH-RLHF rows whose chosen/rejected hold the whole
     dialogue (detected when there is no prompt field: the last assistant turn is split off)."""
@@ -155,7 +181,10 @@ def load_preferences(
             p_r, a_r = split_dialogue(rejected)
         except ValueError as exc:
             raise DataError(
-                source, i, chosen_field, f"no prompt field and not an HH-RLHF dialogue ({exc})",
+                source,
+                i,
+                chosen_field,
+                f"no prompt field and not an HH-RLHF dialogue ({exc})",
                 "Give prompt_field, or rows with full '\\n\\nHuman: ... \\n\\nAssistant: ...' dialogues",
             ) from None
         # A few real HH-RLHF rows diverge before the last turn; they compare dialogues, not answers: skip.

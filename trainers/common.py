@@ -35,17 +35,24 @@ class TargetArguments:
 
     target: str = field(
         default="smollm2-135m-instruct",
-        metadata={"help": "Frozen target: a packaged model name, local folder or hub id (ignored with target_base_url)."},
+        metadata={
+            "help": "Frozen target: a packaged model name, local folder or hub id (ignored with target_base_url)."
+        },
     )
     target_base_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible endpoint for the target, e.g. http://127.0.0.1:8000/v1"}
+        default=None,
+        metadata={"help": "OpenAI-compatible endpoint for the target, e.g. http://127.0.0.1:8000/v1"},
     )
-    target_model_name: str | None = field(default=None, metadata={"help": "Model name to send to target_base_url."})
+    target_model_name: str | None = field(
+        default=None, metadata={"help": "Model name to send to target_base_url."}
+    )
     target_api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
     )
     target_max_new_tokens: int = field(default=96, metadata={"help": "Answer length cap during training."})
-    target_batch_size: int = field(default=16, metadata={"help": "Batch size for a local target's generation."})
+    target_batch_size: int = field(
+        default=16, metadata={"help": "Batch size for a local target's generation."}
+    )
     target_concurrency: int = field(default=8, metadata={"help": "Concurrent requests to a remote target."})
     target_cache: str | None = field(
         default=None, metadata={"help": "jsonl answer cache; default <output_dir>/target_cache.jsonl"}
@@ -66,7 +73,9 @@ def build_target(cfg: Any, output_dir: str):
             concurrency=cfg.target_concurrency,
         )
     else:
-        inner = TransformersTarget(cfg.target, max_new_tokens=cfg.target_max_new_tokens, batch_size=cfg.target_batch_size)
+        inner = TransformersTarget(
+            cfg.target, max_new_tokens=cfg.target_max_new_tokens, batch_size=cfg.target_batch_size
+        )
     return CachedTarget(inner, cfg.target_cache or os.path.join(output_dir, "target_cache.jsonl"))
 
 
@@ -96,10 +105,14 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lora_config(r: int, alpha: int, dropout: float, target_modules: list[str] | str, task_type: str = "CAUSAL_LM"):
+def lora_config(
+    r: int, alpha: int, dropout: float, target_modules: list[str] | str, task_type: str = "CAUSAL_LM"
+):
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type)
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
+    )
 
 
 def latest_checkpoint(output_dir: str) -> str | None:

@@ -39,13 +39,19 @@ def pairwise_accuracy(reward: RewardModel, pairs: Sequence[PreferencePair]) -> f
 class AlignProRewardTrainer:
     """Train a reward model and write it as a self-describing folder (model + ``alignpro_reward.json``)."""
 
-    def __init__(self, config: AlignProRewardConfig, *, pairs: Sequence[PreferencePair] | None = None) -> None:
+    def __init__(
+        self, config: AlignProRewardConfig, *, pairs: Sequence[PreferencePair] | None = None
+    ) -> None:
         self.config = config
         self.pairs = list(pairs) if pairs is not None else self._load_pairs()
         if not self.pairs:
             raise ValueError("no preference pairs: set preference_data (files or hub ids) or pass pairs=...")
         if config.prompt_shard is not None:
-            self.pairs = [p for p in self.pairs if prompt_shard_of(p.prompt, config.num_prompt_shards) == config.prompt_shard]
+            self.pairs = [
+                p
+                for p in self.pairs
+                if prompt_shard_of(p.prompt, config.num_prompt_shards) == config.prompt_shard
+            ]
         self.train_pairs, self.eval_pairs = split_by_prompt(
             self.pairs, lambda p: p.prompt, eval_fraction=config.eval_fraction, seed=config.split_seed
         )
@@ -55,8 +61,12 @@ class AlignProRewardTrainer:
         pairs: list[PreferencePair] = []
         for source in cfg.preference_data:
             pairs += load_preferences(
-                source, prompt_field=cfg.prompt_field, chosen_field=cfg.chosen_field,
-                rejected_field=cfg.rejected_field, data_dir=cfg.data_dir, limit=cfg.max_pairs_per_source,
+                source,
+                prompt_field=cfg.prompt_field,
+                chosen_field=cfg.chosen_field,
+                rejected_field=cfg.rejected_field,
+                data_dir=cfg.data_dir,
+                limit=cfg.max_pairs_per_source,
             )
         return pairs
 
@@ -67,10 +77,12 @@ class AlignProRewardTrainer:
         kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         prompts = [p.prompt for p in pairs]
         # Pre-tokenized columns: the trainer and the scorer then encode (x, y) identically.
-        return datasets.Dataset.from_dict({
-            "chosen_ids": encode_pairs(tokenizer, prompts, [p.chosen for p in pairs], **kw),
-            "rejected_ids": encode_pairs(tokenizer, prompts, [p.rejected for p in pairs], **kw),
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "chosen_ids": encode_pairs(tokenizer, prompts, [p.chosen for p in pairs], **kw),
+                "rejected_ids": encode_pairs(tokenizer, prompts, [p.rejected for p in pairs], **kw),
+            }
+        )
 
     def train(self) -> RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -83,10 +95,16 @@ class AlignProRewardTrainer:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         self._freeze(model, cfg.freeze_layers)
-        logger.info("reward stage: %d train / %d held-out pairs, %d trainable parameters",
-                    len(self.train_pairs), len(self.eval_pairs), count_trainable(model))
+        logger.info(
+            "reward stage: %d train / %d held-out pairs, %d trainable parameters",
+            len(self.train_pairs),
+            len(self.eval_pairs),
+            count_trainable(model),
+        )
         trainer = RewardTrainer(
-            model=model, args=cfg, train_dataset=self._dataset(tokenizer, self.train_pairs),
+            model=model,
+            args=cfg,
+            train_dataset=self._dataset(tokenizer, self.train_pairs),
             processing_class=tokenizer,
             callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "reward")],
         )

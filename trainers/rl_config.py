@@ -16,20 +16,29 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
     """
 
     sft_prompter: str | None = field(
-        default=None, metadata={"help": "SFT prompter artifact (from `alignpro sft`); the policy init and KL anchor."}
+        default=None,
+        metadata={"help": "SFT prompter artifact (from `alignpro sft`); the policy init and KL anchor."},
     )
     base_model: str = field(
         default="smollm2-135m-instruct", metadata={"help": "Prompter base when no sft_prompter is given."}
     )
-    mode: str | None = field(default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."})
+    mode: str | None = field(
+        default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."}
+    )
     prompts_data: str | None = field(default=None, metadata={"help": "Training prompts x: file or hub id."})
     prompt_field: str = field(default="prompt", metadata={"help": "Prompt column of prompts_data."})
-    context_field: str | None = field(default=None, metadata={"help": "Optional context column appended to x."})
+    context_field: str | None = field(
+        default=None, metadata={"help": "Optional context column appended to x."}
+    )
     max_prompts: int | None = field(default=None, metadata={"help": "Cap on training prompts."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward artifact (from `alignpro reward`)."})
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Reward artifact (from `alignpro reward`)."}
+    )
     # λ > 0 by default: without it nothing keeps the prompter close to the SFT prompter.
     beta: float = field(default=0.05, metadata={"help": "λ, the KL coefficient to the SFT prompter (> 0)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (only when starting without an SFT adapter)."})
+    lora_r: int = field(
+        default=16, metadata={"help": "LoRA rank (only when starting without an SFT adapter)."}
+    )
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     # CPU-friendly overrides of TRL's defaults.
     learning_rate: float = field(default=3e-5, metadata={"help": "Learning rate."})
@@ -37,8 +46,12 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per device per step."})
     max_completion_length: int | None = field(default=48, metadata={"help": "Rewrite length cap during RL."})
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature for rewrites."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Off: slower on CPU for small models."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 where native (GPU); never emulated on CPU."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Off: slower on CPU for small models."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 where native (GPU); never emulated on CPU."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=10, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
@@ -46,5 +59,7 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
         if self.beta <= 0:
-            raise ValueError("beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter")
+            raise ValueError(
+                "beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter"
+            )
         super().__post_init__()

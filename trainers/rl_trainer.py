@@ -64,8 +64,10 @@ class AlignProRLTrainer:
         prompts: Sequence[str] | None = None,
         target: Any | None = None,
         reward: Any | None = None,
+        callbacks: list[Any] | None = None,
     ) -> None:
         self.config = config
+        self.callbacks = list(callbacks or [])
         src = prompter if prompter is not None else config.sft_prompter
         if isinstance(src, Prompter):
             self.prompter = src
@@ -79,22 +81,31 @@ class AlignProRLTrainer:
         if prompts is None:
             if not config.prompts_data:
                 raise ValueError("RL needs training prompts: set prompts_data or pass prompts=...")
-            prompts = load_prompts(config.prompts_data, field=config.prompt_field, context_field=config.context_field)
+            prompts = load_prompts(
+                config.prompts_data, field=config.prompt_field, context_field=config.context_field
+            )
         prompts = list(dict.fromkeys(prompts))
         self.prompts = prompts[: config.max_prompts] if config.max_prompts else prompts
         cache = os.path.join(config.output_dir, "target_cache.jsonl")
-        self.target = wrap_target(target, cache) if target is not None else build_target(config, config.output_dir)
+        self.target = (
+            wrap_target(target, cache) if target is not None else build_target(config, config.output_dir)
+        )
         self.reward = as_reward(reward if reward is not None else config.reward_model)
         self.scorer = RewriteScorer(self.prompter, self.target, self.reward)
         self.trainer: Any = None
 
-    def reward_fn(self, prompts: list[str], completions: list[str], original: list[str], **kwargs: Any) -> list[float]:
+    def reward_fn(
+        self, prompts: list[str], completions: list[str], original: list[str], **kwargs: Any
+    ) -> list[float]:
         """GRPO reward: guard x' (fallback = x), answer with the frozen target, score against ORIGINAL x."""
         batch = self.scorer.score(original, completions, mode=self.mode)
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
             log_metric("alignpro/fallback_rate", batch.fallback_rate)
-            log_metric("alignpro/rewrite_chars", sum(len(r.generated or "") for r in batch.results) / len(batch.results))
+            log_metric(
+                "alignpro/rewrite_chars",
+                sum(len(r.generated or "") for r in batch.results) / len(batch.results),
+            )
             log_metric("alignpro/target_failures", float(self.target.stats.failures))
         if self.trainer is not None and hasattr(self.trainer, "_alignpro_times"):
             self.trainer._alignpro_times["target_s"] += batch.timings["target_s"]
@@ -104,10 +115,12 @@ class AlignProRLTrainer:
     def dataset(self):
         import datasets
 
-        return datasets.Dataset.from_dict({
-            "prompt": [self.prompter.format_query(x, self.mode) for x in self.prompts],
-            "original": self.prompts,
-        })
+        return datasets.Dataset.from_dict(
+            {
+                "prompt": [self.prompter.format_query(x, self.mode) for x in self.prompts],
+                "original": self.prompts,
+            }
+        )
 
     def _policy(self):
         cfg = self.config
@@ -115,7 +128,9 @@ class AlignProRLTrainer:
         peft_config = None
         if not hasattr(model, "peft_config"):
             # No SFT adapter: train a fresh LoRA; the reference is then the (unchanged) base = the SFT prompter.
-            peft_config = lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+            peft_config = lora_config(
+                cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]
+            )
         elif count_trainable(model) == 0:
             raise RuntimeError("the SFT adapter was loaded frozen (is_trainable=False): nothing would train")
         return model, peft_config
@@ -127,9 +142,13 @@ class AlignProRLTrainer:
         reward_fn = self.reward_fn
         reward_fn.__func__.__name__ = "alignpro_reward"  # type: ignore[attr-defined]
         self.trainer = _timed_grpo_class()(
-            model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=self.dataset(),
-            processing_class=self.prompter.tokenizer, peft_config=peft_config,
-            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "rl")],
+            model=model,
+            reward_funcs=[reward_fn],
+            args=cfg,
+            train_dataset=self.dataset(),
+            processing_class=self.prompter.tokenizer,
+            peft_config=peft_config,
+            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "rl"), *self.callbacks],
         )
         self.trainer._alignpro_times = dict.fromkeys(("prompter_generation_s", "target_s", "reward_s"), 0.0)
         resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
@@ -141,15 +160,24 @@ class AlignProRLTrainer:
         self.prompter.model = policy
         history = [h for h in self.trainer.state.log_history if "reward" in h]
         prov = dict(self.prompter.manifest.provenance)
-        prov["stages"] = [*prov.get("stages", []), {
-            "stage": "rl", "algorithm": "grpo", "beta": cfg.beta, "steps": self.trainer.state.global_step,
-            "prompts": len(self.prompts), "num_generations": cfg.num_generations,
-            "reward_model": cfg.reward_model, "target": self.target.identity,
-            "reward_first": history[0]["reward"] if history else None,
-            "reward_last": history[-1]["reward"] if history else None,
-            "target_calls": self.target.stats.calls, "target_cache_hits": self.target.stats.cache_hits,
-            "target_failures": self.target.stats.failures,
-        }]
+        prov["stages"] = [
+            *prov.get("stages", []),
+            {
+                "stage": "rl",
+                "algorithm": "grpo",
+                "beta": cfg.beta,
+                "steps": self.trainer.state.global_step,
+                "prompts": len(self.prompts),
+                "num_generations": cfg.num_generations,
+                "reward_model": cfg.reward_model,
+                "target": self.target.identity,
+                "reward_first": history[0]["reward"] if history else None,
+                "reward_last": history[-1]["reward"] if history else None,
+                "target_calls": self.target.stats.calls,
+                "target_cache_hits": self.target.stats.cache_hits,
+                "target_failures": self.target.stats.failures,
+            },
+        ]
         self.prompter.manifest = replace(self.prompter.manifest, provenance=prov)
         self.prompter.save_pretrained(cfg.output_dir)
         return self.prompter

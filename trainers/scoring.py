@@ -33,7 +33,9 @@ class RewriteScorer:
         self.target = target
         self.reward = reward
 
-    def score_texts(self, originals: Sequence[str], target_inputs: Sequence[str]) -> tuple[list[float], list[str], dict]:
+    def score_texts(
+        self, originals: Sequence[str], target_inputs: Sequence[str]
+    ) -> tuple[list[float], list[str], dict]:
         t0 = time.perf_counter()
         answers = self.target.generate(list(target_inputs))
         t1 = time.perf_counter()
@@ -42,14 +44,18 @@ class RewriteScorer:
         return rewards, answers, {"target_s": t1 - t0, "reward_s": t2 - t1}
 
     def score(
-        self, originals: Sequence[str], generations: Sequence[str], hit_limits: Sequence[bool] | None = None,
+        self,
+        originals: Sequence[str],
+        generations: Sequence[str],
+        hit_limits: Sequence[bool] | None = None,
         mode: str | None = None,
     ) -> ScoreBatch:
         """Guard each raw prompter generation (fallback = original prompt), answer, and score against x."""
         mode = mode or self.prompter.manifest.mode
         hit_limits = hit_limits or [False] * len(generations)
         results = [
-            self.prompter.finalize(x, g, h, mode) for x, g, h in zip(originals, generations, hit_limits, strict=True)
+            self.prompter.finalize(x, g, h, mode)
+            for x, g, h in zip(originals, generations, hit_limits, strict=True)
         ]
         rewards, answers, timings = self.score_texts(originals, [r.text for r in results])
         return ScoreBatch(rewards, results, answers, timings)

@@ -24,19 +24,35 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
     """
 
     base_model: str = field(default="smollm2-135m-instruct", metadata={"help": "Prompter base model."})
-    mode: str = field(default="augment", metadata={"help": "'augment' (keep x, add guidance) or 'rewrite' (x' replaces x)."})
+    mode: str = field(
+        default="augment", metadata={"help": "'augment' (keep x, add guidance) or 'rewrite' (x' replaces x)."}
+    )
     pairs_data: str | None = field(
         default=None, metadata={"help": "(prompt, improved prompt) pairs: file or hub id. Omit to bootstrap."}
     )
-    prompt_field: str = field(default="instruction", metadata={"help": "Prompt column of pairs_data / prompts_data."})
-    target_field: str = field(default="optimized_prompt", metadata={"help": "Improved-prompt column of pairs_data."})
-    context_field: str | None = field(default="context", metadata={"help": "Optional context column appended to x."})
+    prompt_field: str = field(
+        default="instruction", metadata={"help": "Prompt column of pairs_data / prompts_data."}
+    )
+    target_field: str = field(
+        default="optimized_prompt", metadata={"help": "Improved-prompt column of pairs_data."}
+    )
+    context_field: str | None = field(
+        default="context", metadata={"help": "Optional context column appended to x."}
+    )
     max_pairs: int | None = field(default=None, metadata={"help": "Cap on pairs / bootstrap prompts."})
     # Bootstrap (best-of-K): the sampled form of the closed-form optimum rho* ∝ rho_sft · exp(r / λ).
-    prompts_data: str | None = field(default=None, metadata={"help": "Prompts for the bootstrap: file or hub id."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward artifact (from `alignpro reward`)."})
-    num_candidates: int = field(default=3, metadata={"help": "K: sampled rewrites per prompt in the bootstrap."})
-    candidate_temperature: float = field(default=0.9, metadata={"help": "Sampling temperature for candidates."})
+    prompts_data: str | None = field(
+        default=None, metadata={"help": "Prompts for the bootstrap: file or hub id."}
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Reward artifact (from `alignpro reward`)."}
+    )
+    num_candidates: int = field(
+        default=3, metadata={"help": "K: sampled rewrites per prompt in the bootstrap."}
+    )
+    candidate_temperature: float = field(
+        default=0.9, metadata={"help": "Sampling temperature for candidates."}
+    )
     include_templates: bool = field(
         default=True, metadata={"help": "Score fixed guidance templates as candidates too (augment mode)."}
     )
@@ -44,7 +60,8 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
         default_factory=lambda: list(DEFAULT_GUIDANCE_TEMPLATES), metadata={"help": "Guidance templates."}
     )
     include_no_change: bool = field(
-        default=True, metadata={"help": "Score 'no change' too; if it wins, the prompter learns to leave x alone."}
+        default=True,
+        metadata={"help": "Score 'no change' too; if it wins, the prompter learns to leave x alone."},
     )
     prompter_max_new_tokens: int = field(default=48, metadata={"help": "Rewrite length cap while sampling."})
     # LoRA
@@ -52,15 +69,20 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "LoRA target modules."}
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "LoRA target modules."},
     )
     # CPU-friendly overrides of TRL's defaults.
     learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate (LoRA)."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per device."})
     max_length: int | None = field(default=512, metadata={"help": "Max tokens of query + target."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Off: slower on CPU for small models."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 where native (GPU); never emulated on CPU."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Off: slower on CPU for small models."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 where native (GPU); never emulated on CPU."}
+    )
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})

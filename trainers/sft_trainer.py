@@ -64,8 +64,13 @@ class AlignProSFTTrainer:
         if self._pairs is not None:
             return self._pairs[: cfg.max_pairs] if cfg.max_pairs else self._pairs
         if cfg.pairs_data:
-            return load_prompt_pairs(cfg.pairs_data, prompt_field=cfg.prompt_field, target_field=cfg.target_field,
-                                     context_field=cfg.context_field, limit=cfg.max_pairs)
+            return load_prompt_pairs(
+                cfg.pairs_data,
+                prompt_field=cfg.prompt_field,
+                target_field=cfg.target_field,
+                context_field=cfg.context_field,
+                limit=cfg.max_pairs,
+            )
         prompts = self._prompts
         if prompts is None:
             if not cfg.prompts_data:
@@ -81,8 +86,12 @@ class AlignProSFTTrainer:
         cfg = self.config
         sampled: list[list[tuple[str, bool]]] = [[] for _ in prompts]
         if cfg.num_candidates:
-            settings = GenerationDefaults(max_new_tokens=cfg.prompter_max_new_tokens, do_sample=True,
-                                          temperature=cfg.candidate_temperature, top_p=0.95)
+            settings = GenerationDefaults(
+                max_new_tokens=cfg.prompter_max_new_tokens,
+                do_sample=True,
+                temperature=cfg.candidate_temperature,
+                top_p=0.95,
+            )
             bs = 8
             for s in tqdm(range(0, len(prompts), bs), desc="bootstrap: sampling rewrites"):
                 chunk = prompts[s : s + bs]
@@ -101,8 +110,11 @@ class AlignProSFTTrainer:
 
     def bootstrap(self, prompts: Sequence[str]) -> list[tuple[str, str]]:
         cfg = self.config
-        target = wrap_target(self._target, os.path.join(cfg.output_dir, "target_cache.jsonl")) if self._target is not None \
+        target = (
+            wrap_target(self._target, os.path.join(cfg.output_dir, "target_cache.jsonl"))
+            if self._target is not None
             else build_target(cfg, cfg.output_dir)
+        )
         reward = as_reward(self._reward if self._reward is not None else cfg.reward_model)
         scorer = RewriteScorer(self.prompter, target, reward)
         cands = self.candidates(prompts)
@@ -112,7 +124,9 @@ class AlignProSFTTrainer:
         step = 64
         for s in tqdm(range(0, len(flat), step), desc="bootstrap: scoring r(x, target(x'))"):
             chunk = flat[s : s + step]
-            batch = scorer.score([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk], cfg.mode)
+            batch = scorer.score(
+                [c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk], cfg.mode
+            )
             scores += batch.rewards
             results += batch.results
         pairs, log_rows, wins = [], [], {"sampled": 0, "template": 0, "no_change": 0}
@@ -123,22 +137,43 @@ class AlignProSFTTrainer:
             rs, res = scores[k : k + n], results[k : k + n]
             k += n
             # Candidates that fell back are identical to 'no change'; only usable rewrites can be targets.
-            best = max(range(n), key=lambda j: rs[j] if (res[j].rewritten or row[j][0] == NO_CHANGE) else float("-inf"))
-            text = NO_CHANGE if row[best][0] == NO_CHANGE or not res[best].rewritten else res[best].generated or NO_CHANGE
+            best = max(
+                range(n),
+                key=lambda j: rs[j] if (res[j].rewritten or row[j][0] == NO_CHANGE) else float("-inf"),
+            )
+            text = (
+                NO_CHANGE
+                if row[best][0] == NO_CHANGE or not res[best].rewritten
+                else res[best].generated or NO_CHANGE
+            )
             kind = "no_change" if text == NO_CHANGE else ("template" if text in cfg.templates else "sampled")
             wins[kind] += 1
             baseline = rs[-1] if cfg.include_no_change else rs[best]
             gains.append(rs[best] - baseline)
             pairs.append((x, text))
-            log_rows.append({"prompt": x, "target": text, "kind": kind, "reward": rs[best],
-                             "candidates": [{"text": c[0], "reward": r, "fallback": q.fallback_reason}
-                                            for c, r, q in zip(row, rs, res, strict=True)]})
+            log_rows.append(
+                {
+                    "prompt": x,
+                    "target": text,
+                    "kind": kind,
+                    "reward": rs[best],
+                    "candidates": [
+                        {"text": c[0], "reward": r, "fallback": q.fallback_reason}
+                        for c, r, q in zip(row, rs, res, strict=True)
+                    ],
+                }
+            )
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(cfg.output_dir) / "bootstrap.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in log_rows)
-        self.bootstrap_stats = {"prompts": len(prompts), "candidates_per_prompt": len(cands[0]) if cands else 0,
-                                "winners": wins, "mean_gain_over_no_change": sum(gains) / max(len(gains), 1),
-                                "target_calls": target.stats.calls, "target_failures": target.stats.failures}
+        self.bootstrap_stats = {
+            "prompts": len(prompts),
+            "candidates_per_prompt": len(cands[0]) if cands else 0,
+            "winners": wins,
+            "mean_gain_over_no_change": sum(gains) / max(len(gains), 1),
+            "target_calls": target.stats.calls,
+            "target_failures": target.stats.failures,
+        }
         logger.info("bootstrap: %s", self.bootstrap_stats)
         return pairs
 
@@ -146,7 +181,9 @@ class AlignProSFTTrainer:
     def dataset(self, pairs: Sequence[tuple[str, str]]):
         import datasets
 
-        rows = [{"prompt": self.prompter.format_query(x, self.config.mode), "completion": y} for x, y in pairs]
+        rows = [
+            {"prompt": self.prompter.format_query(x, self.config.mode), "completion": y} for x, y in pairs
+        ]
         random.Random(self.config.seed).shuffle(rows)
         return datasets.Dataset.from_list(rows)
 
@@ -161,13 +198,20 @@ class AlignProSFTTrainer:
         if not hasattr(model, "peft_config"):
             from peft import get_peft_model
 
-            model = get_peft_model(model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules))
+            model = get_peft_model(
+                model, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+            )
         if count_trainable(model) == 0:
-            raise RuntimeError("the prompter has no trainable parameters (a PeftModel loaded without is_trainable?)")
+            raise RuntimeError(
+                "the prompter has no trainable parameters (a PeftModel loaded without is_trainable?)"
+            )
         model.train()
         self.prompter.tokenizer.padding_side = "right"  # training pads right; generation switches back
         trainer = SFTTrainer(
-            model=model, args=cfg, train_dataset=self.dataset(pairs), processing_class=self.prompter.tokenizer,
+            model=model,
+            args=cfg,
+            train_dataset=self.dataset(pairs),
+            processing_class=self.prompter.tokenizer,
             callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "sft")],
         )
         resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
@@ -177,11 +221,17 @@ class AlignProSFTTrainer:
         self.prompter.model.eval()
         prov = dict(self.prompter.manifest.provenance)
         prov.setdefault("stages", [])
-        prov["stages"] = [*prov["stages"], {
-            "stage": "sft", "data": cfg.pairs_data or cfg.prompts_data or "in-memory", "pairs": len(pairs),
-            "steps": trainer.state.global_step, "bootstrap": self.bootstrap_stats or None,
-            "reward_model": cfg.reward_model,
-        }]
+        prov["stages"] = [
+            *prov["stages"],
+            {
+                "stage": "sft",
+                "data": cfg.pairs_data or cfg.prompts_data or "in-memory",
+                "pairs": len(pairs),
+                "steps": trainer.state.global_step,
+                "bootstrap": self.bootstrap_stats or None,
+                "reward_model": cfg.reward_model,
+            },
+        ]
         self.prompter.manifest = replace(self.prompter.manifest, mode=cfg.mode, provenance=prov)
         self.prompter.save_pretrained(cfg.output_dir)
         return self.prompter

@@ -1,0 +1,290 @@
+"""`alignpro` command line: models, rewrite, reward, sft, rl, train (all stages from a recipe), eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+STAGES = {
+    "reward": ("trainers.reward_config:AlignProRewardConfig", "trainers.reward_trainer:train_reward"),
+    "sft": ("trainers.sft_config:AlignProSFTConfig", "trainers.sft_trainer:train_sft"),
+    "rl": ("trainers.rl_config:AlignProRLConfig", "trainers.rl_trainer:train_rl"),
+}
+DESCRIPTIONS = {
+    "models": "list the packaged models and where they resolve",
+    "rewrite": "rewrite prompts with a prompter (text arguments, or jsonl in -> jsonl out)",
+    "reward": "train a reward model r(x, y) on preference pairs",
+    "sft": "SFT the prompter on prompt pairs, or on best-of-K bootstrap targets",
+    "rl": "Align-Pro RL of the prompter (GRPO, KL to the SFT prompter)",
+    "train": "run reward -> sft -> rl from one YAML recipe",
+    "eval": "compare frozen / template / zero-shot / prompter / best-of-K / oracle under several judges",
+}
+
+
+def _load(ref: str) -> Any:
+    import importlib
+
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parse_stage_config(stage: str, argv: Sequence[str], yaml_defaults: dict[str, Any] | None = None):
+    """TRL-style: dataclass fields become flags; ``--config file.yaml`` supplies defaults the flags override."""
+    from transformers import HfArgumentParser
+
+    cls = _load(STAGES[stage][0])
+    parser = HfArgumentParser(cls, prog=f"alignpro {stage}", description=DESCRIPTIONS[stage])
+    parser.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
+    ns, _ = parser.parse_known_args(argv)
+    defaults = dict(yaml_defaults or {})
+    if ns.config:
+        defaults.update(_read_yaml(ns.config))
+    unknown = set(defaults) - {f for f in cls.__dataclass_fields__} - {"config"}
+    if unknown:
+        raise SystemExit(
+            f"alignpro {stage}: unknown config keys {sorted(unknown)}; see `alignpro {stage} --help`"
+        )
+    parser.set_defaults(**defaults)
+    # output_dir may come from YAML: relax "required" flags that have YAML defaults.
+    for action in parser._actions:
+        if action.dest in defaults:
+            action.required = False
+    args = [a for a in argv]
+    return parser.parse_args_into_dataclasses(args=args)[0]
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from alignpro_plugins.models import describe_models
+
+    for row in describe_models():
+        print(f"{row['name']:<24} {row['status'] if row['status'] != 'ok' else row['path']}")
+        print(f"{'':<24} {row['description']} (package {row['package']})")
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from alignpro_plugins.prompter import Prompter
+
+    prompter = Prompter.from_pretrained(args.prompter) if args.prompter else Prompter.from_base(args.base)
+    if args.input:
+        rows = [json.loads(line) for line in Path(args.input).read_text().splitlines() if line.strip()]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or not isinstance(row.get(args.field), str):
+                raise SystemExit(
+                    f"{args.input}, row {i}: expected an object with a text field {args.field!r}"
+                )
+        results = prompter.rewrite_results([r[args.field] for r in rows], mode=args.mode)
+        out = open(args.output, "w") if args.output else sys.stdout
+        for row, res in zip(rows, results, strict=True):
+            out.write(
+                json.dumps(
+                    {
+                        **row,
+                        "rewritten": res.text,
+                        "generated": res.generated,
+                        "fallback_reason": res.fallback_reason,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+        if args.output:
+            out.close()
+        return 0
+    if not args.text:
+        raise SystemExit("alignpro rewrite: give prompt text arguments or --input FILE.jsonl")
+    for res in prompter.rewrite_results(args.text, mode=args.mode):
+        print(res.text if not args.json else json.dumps(res.to_dict(), ensure_ascii=False))
+        if res.fallback_reason and not args.json:
+            print(f"[passed through: {res.fallback_reason}]", file=sys.stderr)
+    return 0
+
+
+def run_stage(stage: str, argv: Sequence[str], yaml_defaults: dict[str, Any] | None = None):
+    cfg = parse_stage_config(stage, argv, yaml_defaults)
+    return _load(STAGES[stage][1])(cfg)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """reward -> sft -> rl; each stage's output feeds the next unless the recipe says otherwise."""
+    recipe = _read_yaml(args.config)
+    root = Path(recipe.pop("output_dir", "runs/recipe"))
+    unknown = set(recipe) - {"reward", "sft", "rl"}
+    if unknown:
+        raise SystemExit(f"{args.config}: unknown sections {sorted(unknown)}; use reward, sft, rl")
+    reward_dir = None
+    if "reward" in recipe:
+        sec = {"output_dir": str(root / "reward"), **recipe["reward"]}
+        if args.resume:
+            sec["resume"] = True
+        reward_dir = sec["output_dir"]
+        if not (args.skip_done and (Path(reward_dir) / "alignpro_reward.json").exists()):
+            run_stage("reward", [], sec)
+    sft_dir = None
+    if "sft" in recipe:
+        sec = {"output_dir": str(root / "sft"), **recipe["sft"]}
+        if reward_dir and not sec.get("pairs_data"):
+            sec.setdefault("reward_model", reward_dir)
+        if args.resume:
+            sec["resume"] = True
+        sft_dir = sec["output_dir"]
+        if not (args.skip_done and (Path(sft_dir) / "alignpro.json").exists()):
+            run_stage("sft", [], sec)
+    if "rl" in recipe:
+        sec = {"output_dir": str(root / "rl"), **recipe["rl"]}
+        if sft_dir:
+            sec.setdefault("sft_prompter", sft_dir)
+        if reward_dir:
+            sec.setdefault("reward_model", reward_dir)
+        if args.resume:
+            sec["resume"] = True
+        run_stage("rl", [], sec)
+    print(f"artifacts under {root}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from alignpro_plugins.data import load_prompts
+    from alignpro_plugins.evaluation import (
+        BestOfK,
+        Evaluator,
+        FixedTemplate,
+        FrozenAlone,
+        Oracle,
+        PairwiseLLMJudge,
+        WithPrompter,
+    )
+    from alignpro_plugins.prompter import Prompter
+    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
+
+    prompts: list[str] = []
+    for source in args.prompts:
+        prompts += load_prompts(source, field=args.field, context_field=args.context_field)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    out = Path(args.out)
+    if args.target_base_url:
+        inner: Any = OpenAICompatibleTarget(args.target_base_url, args.target, max_tokens=args.max_new_tokens)
+    else:
+        inner = TransformersTarget(
+            args.target, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+        )
+    target = CachedTarget(inner, out / "target_cache.jsonl")
+    judges = {"reward": RewardModel(args.judge)}
+    if args.independent_judge:
+        judges["independent"] = RewardModel(args.independent_judge)
+    configs: list[Any] = [FrozenAlone(), FixedTemplate(template=args.template)]
+    trained = Prompter.from_pretrained(args.prompter) if args.prompter else None
+    if trained is not None:
+        zero = Prompter.from_base(trained.manifest.base_model, mode=trained.manifest.mode)
+        zero.manifest.instructions = dict(trained.manifest.instructions)
+        configs.append(WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter"))
+        for extra in args.extra_prompter or []:
+            name, _, path = extra.partition("=")
+            configs.append(WithPrompter(prompter=Prompter.from_pretrained(path), name=name, description=path))
+        configs.append(WithPrompter(prompter=trained))
+        if args.best_of_k:
+            configs.append(BestOfK(prompter=trained, k=args.best_of_k))
+    if args.oracle:
+        base = TransformersTarget(args.target, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        from peft import PeftModel
+
+        base.model = PeftModel.from_pretrained(base.model, args.oracle).eval()
+        base._name = f"{args.target}+{args.oracle}"
+        configs.append(Oracle(target=CachedTarget(base, out / "oracle_cache.jsonl")))
+    pairwise = (
+        PairwiseLLMJudge(TransformersTarget(args.llm_judge, max_new_tokens=4)) if args.llm_judge else None
+    )
+    report = Evaluator(prompts, target, judges, out_dir=out, pairwise_judge=pairwise).run(configs)
+    print(report.to_markdown())
+    if args.training_log:
+        from alignpro_plugins.evaluation import plot_training_curve
+
+        plot_training_curve(args.training_log, out / "rl_reward_curve.png")
+    print(f"records, table and plots in {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignpro", description="Align a frozen LLM by learning to rewrite its prompts."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("models", help=DESCRIPTIONS["models"])
+    p = sub.add_parser("rewrite", help=DESCRIPTIONS["rewrite"])
+    p.add_argument("text", nargs="*")
+    p.add_argument("--prompter", help="prompter artifact folder (default: zero-shot base prompter)")
+    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--mode", choices=["augment", "rewrite"], default=None)
+    p.add_argument("--input", help="jsonl file of prompts")
+    p.add_argument("--output", help="jsonl output (default stdout)")
+    p.add_argument("--field", default="prompt", help="prompt field of the jsonl rows")
+    p.add_argument("--json", action="store_true", help="print result objects as JSON")
+    for stage in STAGES:
+        sub.add_parser(stage, help=DESCRIPTIONS[stage], add_help=False)
+    p = sub.add_parser("train", help=DESCRIPTIONS["train"])
+    p.add_argument("--config", required=True, help="recipe YAML with reward:, sft:, rl: sections")
+    p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
+    p.add_argument("--skip-done", action="store_true", help="skip stages whose artifact already exists")
+    p = sub.add_parser("eval", help=DESCRIPTIONS["eval"])
+    p.add_argument("--prompts", nargs="+", required=True, help="files or hub ids of evaluation prompts")
+    p.add_argument("--field", default="instruction")
+    p.add_argument("--context-field", default="context")
+    p.add_argument("--limit", type=int)
+    p.add_argument(
+        "--target",
+        default="smollm2-135m-instruct",
+        help="frozen target (name/path, or model name with --target-base-url)",
+    )
+    p.add_argument("--target-base-url")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--judge", required=True, help="training reward model artifact")
+    p.add_argument("--independent-judge", help="a reward model trained on disjoint prompts")
+    p.add_argument("--llm-judge", help="pairwise LLM judge model (both orders)")
+    p.add_argument("--prompter", help="trained prompter artifact")
+    p.add_argument(
+        "--extra-prompter", action="append", help="NAME=DIR: another prompter to compare (e.g. sft=runs/sft)"
+    )
+    p.add_argument("--template", default="Please give a thorough, well-organized and helpful answer.")
+    p.add_argument("--best-of-k", type=int, default=0)
+    p.add_argument("--oracle", help="LoRA adapter of the RLHF-tuned target")
+    p.add_argument("--training-log", help="metrics.jsonl of the RL run, for the reward-curve plot")
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    if argv and argv[0] in STAGES:
+        run_stage(argv[0], argv[1:])
+        return 0
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return {"models": cmd_models, "rewrite": cmd_rewrite, "train": cmd_train, "eval": cmd_eval}[args.command](
+        args
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

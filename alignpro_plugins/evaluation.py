@@ -1,0 +1,409 @@
+"""Evaluation harness: named configurations answered by the frozen target and scored under several judges.
+
+Each configuration says how a prompt x becomes the target's input (and, for the RLHF oracle, which model
+answers). Every configuration is scored on the same prompts by every judge, so all statistics are paired:
+mean reward, reward variance, win rate against the frozen model alone with a bootstrap 95% interval, head-to-
+head win rates, the share of the frozen→oracle gap closed, fallback rate and rewrite length. Records are
+written incrementally, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from alignpro_plugins import stats
+from alignpro_plugins.prompter import Prompter
+from alignpro_plugins.rewards import RewardFunction
+from alignpro_plugins.targets import FrozenTarget
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "Please give a thorough, well-organized and helpful answer."
+
+
+@dataclass
+class TargetInput:
+    text: str
+    generated: str | None = None
+    fallback_reason: str | None = None
+
+
+class Configuration:
+    """How x becomes the target's input; ``target`` overrides the shared frozen target (RLHF oracle)."""
+
+    name: str
+    description: str = ""
+    target: FrozenTarget | None = None
+    k: int = 1
+
+    def inputs(self, prompts: Sequence[str]) -> list[list[TargetInput]]:
+        """Per prompt, one input (or k candidates for best-of-k)."""
+        raise NotImplementedError
+
+
+@dataclass
+class FrozenAlone(Configuration):
+    name: str = "frozen"
+    description: str = "(i) the frozen model on x"
+
+    def inputs(self, prompts):
+        return [[TargetInput(x)] for x in prompts]
+
+
+@dataclass
+class FixedTemplate(Configuration):
+    template: str = DEFAULT_TEMPLATE
+    name: str = "template"
+    description: str = "x with a fixed instruction appended"
+
+    def inputs(self, prompts):
+        return [[TargetInput(f"{x.rstrip()}\n\n{self.template}", self.template)] for x in prompts]
+
+
+@dataclass
+class WithPrompter(Configuration):
+    prompter: Prompter | None = None
+    name: str = "align-pro"
+    description: str = "(ii) the frozen model on the prompter's rewrite of x"
+
+    def inputs(self, prompts):
+        assert self.prompter is not None
+        results = self.prompter.rewrite_results(list(prompts))
+        return [[TargetInput(r.text, r.generated, r.fallback_reason)] for r in results]
+
+
+@dataclass
+class BestOfK(Configuration):
+    prompter: Prompter | None = None
+    k: int = 4
+    temperature: float = 0.8
+    name: str = "best-of-k"
+    description: str = "K sampled rewrites, the best chosen by the selection judge (RL headroom)"
+
+    def inputs(self, prompts):
+        assert self.prompter is not None
+        per_draw = [
+            self.prompter.rewrite_results(list(prompts), do_sample=True, temperature=self.temperature)
+            for _ in range(self.k)
+        ]
+        return [
+            [TargetInput(d[i].text, d[i].generated, d[i].fallback_reason) for d in per_draw]
+            for i in range(len(prompts))
+        ]
+
+
+@dataclass
+class Oracle(Configuration):
+    target: FrozenTarget | None = None
+    name: str = "rlhf-oracle"
+    description: str = "(iii) the target itself fine-tuned by RL (LoRA) on x"
+
+    def inputs(self, prompts):
+        return [[TargetInput(x)] for x in prompts]
+
+
+class PairwiseLLMJudge:
+    """Asks an LLM (any target backend) which of two answers is better, in both orders to cancel position bias."""
+
+    TEMPLATE = (
+        "Which response answers the user's request better? Reply with exactly one letter, A or B.\n\n"
+        "Request:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\nBetter response (A or B):"
+    )
+
+    def __init__(self, target: FrozenTarget) -> None:
+        self.target = target
+
+    @staticmethod
+    def _choice(text: str) -> str | None:
+        m = re.search(r"\b([AB])\b", text.strip().upper())
+        return m.group(1) if m else None
+
+    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float]:
+        """Per prompt, P(a better than b): 1, 0.5 (split or unparseable) or 0."""
+        ab = [self.TEMPLATE.format(prompt=p, a=x, b=y) for p, x, y in zip(prompts, a, b, strict=True)]
+        ba = [self.TEMPLATE.format(prompt=p, a=y, b=x) for p, x, y in zip(prompts, a, b, strict=True)]
+        outs = self.target.generate(ab + ba)
+        n = len(ab)
+        scores = []
+        for first, second in zip(outs[:n], outs[n:], strict=True):
+            votes = [
+                {"A": 1.0, "B": 0.0}.get(self._choice(first) or "", 0.5),
+                {"B": 1.0, "A": 0.0}.get(self._choice(second) or "", 0.5),
+            ]
+            scores.append(sum(votes) / 2)
+        return scores
+
+
+@dataclass
+class EvalReport:
+    configs: list[str]
+    judges: list[str]
+    summary: dict[str, Any]
+    records: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    def to_markdown(self) -> str:
+        return render_markdown(self.summary)
+
+
+class Evaluator:
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        target: FrozenTarget,
+        judges: dict[str, RewardFunction],
+        *,
+        out_dir: str | Path | None = None,
+        reference: str = "frozen",
+        focus: str = "align-pro",
+        pairwise_judge: PairwiseLLMJudge | None = None,
+        chunk_size: int = 16,
+    ) -> None:
+        if not judges:
+            raise ValueError("give at least one judge (a reward model or reward function)")
+        self.prompts = list(prompts)
+        self.target = target
+        self.judges = judges
+        self.selection_judge = next(iter(judges))
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.reference = reference
+        self.focus = focus
+        self.pairwise_judge = pairwise_judge
+        self.chunk_size = chunk_size
+
+    # ------------------------------------------------------------------ records
+    def _records_path(self) -> Path | None:
+        return self.out_dir / "records.jsonl" if self.out_dir else None
+
+    def _load_done(self) -> dict[tuple[str, int], dict]:
+        path = self._records_path()
+        done: dict[tuple[str, int], dict] = {}
+        if path and path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    if (
+                        row.get("prompt") == self.prompts[row["idx"]]
+                        if row["idx"] < len(self.prompts)
+                        else False
+                    ):
+                        done[(row["config"], row["idx"])] = row
+        return done
+
+    def _append(self, rows: list[dict]) -> None:
+        path = self._records_path()
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as fh:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    def _run_config(self, cfg: Configuration, done: dict) -> list[dict]:
+        todo = [i for i in range(len(self.prompts)) if (cfg.name, i) not in done]
+        target = cfg.target or self.target
+        rows = [done[(cfg.name, i)] for i in range(len(self.prompts)) if (cfg.name, i) in done]
+        for s in tqdm(range(0, len(todo), self.chunk_size), desc=f"eval {cfg.name}", disable=not todo):
+            idx = todo[s : s + self.chunk_size]
+            prompts = [self.prompts[i] for i in idx]
+            cands = cfg.inputs(prompts)
+            flat = [(j, c) for j, row in enumerate(cands) for c in row]
+            answers = target.generate([c.text for _, c in flat])
+            scores = {
+                name: judge([prompts[j] for j, _ in flat], answers) for name, judge in self.judges.items()
+            }
+            new = []
+            for j, i in enumerate(idx):
+                members = [m for m, (jj, _) in enumerate(flat) if jj == j]
+                # best-of-k: the selection judge picks; all judges then score the same chosen answer.
+                best = max(members, key=lambda m: scores[self.selection_judge][m])
+                c = flat[best][1]
+                new.append(
+                    {
+                        "config": cfg.name,
+                        "idx": i,
+                        "prompt": self.prompts[i],
+                        "input": c.text,
+                        "rewrite": c.generated,
+                        "fallback_reason": c.fallback_reason,
+                        "answer": answers[best],
+                        "rewards": {name: s[best] for name, s in scores.items()},
+                        "k": len(members),
+                    }
+                )
+            self._append(new)
+            rows += new
+        return sorted(rows, key=lambda r: r["idx"])
+
+    # ------------------------------------------------------------------ run
+    def run(self, configs: Sequence[Configuration]) -> EvalReport:
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"configuration names must be unique, got {names}")
+        if self.reference not in names:
+            raise ValueError(f"the reference configuration {self.reference!r} is not among {names}")
+        done = self._load_done()
+        by_config = {c.name: self._run_config(c, done) for c in configs}
+        summary = self.summarize(by_config, {c.name: c for c in configs})
+        if self.pairwise_judge is not None:
+            ref = by_config[self.reference]
+            for name, rows in by_config.items():
+                if name != self.reference:
+                    p = self.pairwise_judge.prefer(
+                        self.prompts, [r["answer"] for r in rows], [r["answer"] for r in ref]
+                    )
+                    summary["configs"][name]["pairwise_llm_judge_vs_reference"] = stats.win_rate(
+                        p, [0.5] * len(p)
+                    ) | {"win_rate": sum(p) / len(p)}
+        report = EvalReport(
+            names, list(self.judges), summary, [r for rows in by_config.values() for r in rows]
+        )
+        if self.out_dir:
+            self.write(report, by_config)
+        return report
+
+    def summarize(
+        self, by_config: dict[str, list[dict]], configs: dict[str, Configuration]
+    ) -> dict[str, Any]:
+        ref = by_config[self.reference]
+        out: dict[str, Any] = {
+            "n_prompts": len(self.prompts),
+            "judges": list(self.judges),
+            "reference": self.reference,
+            "focus": self.focus,
+            "configs": {},
+            "head_to_head": {},
+            "gap_closed": {},
+        }
+        for name, rows in by_config.items():
+            entry: dict[str, Any] = {"description": configs[name].description, "k": configs[name].k}
+            rewrites = [r["rewrite"] for r in rows if r["rewrite"] and not r["fallback_reason"]]
+            entry["fallback_rate"] = sum(bool(r["fallback_reason"]) for r in rows) / max(len(rows), 1)
+            entry["mean_rewrite_chars"] = sum(map(len, rewrites)) / len(rewrites) if rewrites else 0.0
+            for judge in self.judges:
+                vals = [r["rewards"][judge] for r in rows]
+                entry[judge] = stats.summary(vals)
+                if name != self.reference:
+                    entry[judge]["vs_reference"] = stats.win_rate(vals, [r["rewards"][judge] for r in ref])
+            out["configs"][name] = entry
+        if self.focus in by_config:
+            focus_rows = by_config[self.focus]
+            for name, rows in by_config.items():
+                if name == self.focus:
+                    continue
+                out["head_to_head"][name] = {
+                    judge: stats.win_rate(
+                        [r["rewards"][judge] for r in focus_rows], [r["rewards"][judge] for r in rows]
+                    )
+                    for judge in self.judges
+                }
+        oracle = next((n for n, c in configs.items() if isinstance(c, Oracle)), None)
+        if oracle and self.focus in by_config:
+            for judge in self.judges:
+                m = {n: out["configs"][n][judge]["mean"] for n in (self.reference, self.focus, oracle)}
+                out["gap_closed"][judge] = stats.gap_closed(m[self.reference], m[self.focus], m[oracle])
+        return out
+
+    def write(self, report: EvalReport, by_config: dict[str, list[dict]]) -> None:
+        assert self.out_dir is not None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "results.json").write_text(
+            json.dumps({"summary": report.summary, "records": report.records}, indent=1, ensure_ascii=False)
+        )
+        (self.out_dir / "results.md").write_text(report.to_markdown())
+        try:
+            plot_distributions(by_config, list(self.judges), self.out_dir / "reward_distributions.png")
+        except Exception as exc:  # plotting is a convenience; never lose the results over it
+            logger.warning("could not draw plots: %s", exc)
+
+
+def _fmt_wr(w: dict[str, float]) -> str:
+    return f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}]"
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    judges = summary["judges"]
+    ref = summary["reference"]
+    lines = [f"Prompts: {summary['n_prompts']}. Win rates: ties count half; [95% bootstrap interval].", ""]
+    head = "| configuration | K | fallback | rewrite chars |"
+    sep = "|---|---|---|---|"
+    for j in judges:
+        head += f" mean ({j}) | variance ({j}) | win vs {ref} ({j}) |"
+        sep += "---|---|---|"
+    lines += [head, sep]
+    for name, e in summary["configs"].items():
+        row = f"| {name} | {e['k']} | {100 * e['fallback_rate']:.0f}% | {e['mean_rewrite_chars']:.0f} |"
+        for j in judges:
+            wr = _fmt_wr(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
+            row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f} | {wr} |"
+        lines.append(row)
+    if summary["head_to_head"]:
+        lines += [
+            "",
+            f"Head to head: {summary['focus']} against each configuration",
+            "",
+            "| against | " + " | ".join(f"win rate ({j})" for j in judges) + " |",
+            "|---|" + "---|" * len(judges),
+        ]
+        for name, per_judge in summary["head_to_head"].items():
+            lines.append(f"| {name} | " + " | ".join(_fmt_wr(per_judge[j]) for j in judges) + " |")
+    if summary["gap_closed"]:
+        lines += [
+            "",
+            "Share of the frozen → RLHF-oracle gap closed: "
+            + ", ".join(f"{j}: {100 * v:.0f}%" for j, v in summary["gap_closed"].items()),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_distributions(by_config: dict[str, list[dict]], judges: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 4), squeeze=False)
+    names = list(by_config)
+    for ax, judge in zip(axes[0], judges, strict=True):
+        data = [[r["rewards"][judge] for r in by_config[n]] for n in names]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30, ha="right")
+        ax.set_title(f"reward ({judge})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curve(metrics_jsonl: str | Path, path: str | Path, stage: str = "rl") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("stage") == stage and "reward" in r]
+    if not rows:
+        raise ValueError(f"no '{stage}' reward entries in {metrics_jsonl}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="mean reward")
+    if "kl" in rows[0]:
+        ax2 = ax.twinx()
+        ax2.plot(
+            [r["step"] for r in rows],
+            [r.get("kl", 0) for r in rows],
+            color="tab:orange",
+            alpha=0.6,
+            label="KL",
+        )
+        ax2.set_ylabel("KL to SFT prompter")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title("RL stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,190 @@
+"""The whole Align-Pro comparison on ../shared/data, with the packaged models.
+
+reward model (training reward) and an independent judge on disjoint prompt shards of AlpacaEval + HH-RLHF
+preferences -> SFT of the SmolLM2 prompter by best-of-K bootstrap on BPO instructions -> GRPO with KL to the
+SFT prompter on AlpacaEval prompts -> evaluation on dolly_eval + self_instruct_eval (never trained on) of
+frozen / template / zero-shot / SFT / Align-Pro / best-of-K, under both judges. Stages whose artifacts exist
+are reused, so an interrupted run resumes.
+
+    python benchmarks/run_benchmark.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("ALIGNPRO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def machine() -> str:
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+    )
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores ({cpu}), torch {torch.__version__}, no GPU"
+        if not torch.cuda.is_available()
+        else "GPU"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small budget (about an hour on 2 CPU cores)")
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    q = args.quick
+    out = Path(args.out)
+    budget = dict(
+        rm_steps=80 if q else 400,
+        boot_prompts=96 if q else 300,
+        k=2 if q else 4,
+        rl_steps=12 if q else 100,
+        eval_per_set=24 if q else None,
+        best_of_k=4,
+    )
+    times: dict[str, float] = {}
+
+    from trainers.reward_config import AlignProRewardConfig
+    from trainers.reward_trainer import train_reward
+
+    prefs = [str(DATA / "alpaca_eval_prefs.jsonl.gz"), str(DATA / "hh_rlhf_harmless.jsonl.gz")]
+    for name, shard in (("reward", 0), ("judge", 1)):
+        if not (out / name / "alignpro_reward.json").exists():
+            t = time.time()
+            train_reward(
+                AlignProRewardConfig(
+                    output_dir=str(out / name),
+                    preference_data=prefs,
+                    max_pairs_per_source=6000,
+                    prompt_shard=shard,
+                    split_seed=shard,
+                    seed=shard,
+                    max_steps=budget["rm_steps"],
+                    freeze_layers=2,
+                    logging_steps=10,
+                    save_steps=40,
+                )
+            )
+            times[f"reward stage ({name})"] = time.time() - t
+
+    from alignpro_plugins.data import load_prompts
+    from trainers.sft_config import AlignProSFTConfig
+    from trainers.sft_trainer import train_sft
+
+    target_kw = dict(target="smollm2-135m-instruct", target_max_new_tokens=96, target_batch_size=32)
+    if not (out / "sft" / "alignpro.json").exists():
+        t = time.time()
+        boot = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+        train_sft(
+            AlignProSFTConfig(
+                output_dir=str(out / "sft"),
+                reward_model=str(out / "reward"),
+                num_candidates=budget["k"],
+                templates=AlignProSFTConfig().templates[:3],
+                max_pairs=budget["boot_prompts"],
+                num_train_epochs=3,
+                save_steps=1000,
+                **target_kw,
+            ),
+            prompts=boot,
+        )
+        times["sft stage (bootstrap + SFT)"] = time.time() - t
+
+    from trainers.rl_config import AlignProRLConfig
+    from trainers.rl_trainer import train_rl
+
+    if not (out / "rl" / "alignpro.json").exists():
+        t = time.time()
+        rl_prompts = list(
+            dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
+        )
+        train_rl(
+            AlignProRLConfig(
+                output_dir=str(out / "rl"),
+                sft_prompter=str(out / "sft"),
+                reward_model=str(out / "reward"),
+                max_steps=budget["rl_steps"],
+                per_device_train_batch_size=8,
+                num_generations=4,
+                save_steps=5,
+                max_completion_length=48,
+                **target_kw,
+            ),
+            prompts=rl_prompts[:400],
+        )
+        times["rl stage"] = time.time() - t
+
+    from alignpro_plugins.evaluation import BestOfK, Evaluator, FixedTemplate, FrozenAlone, WithPrompter
+    from alignpro_plugins.prompter import Prompter
+    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    n = budget["eval_per_set"]
+    prompts = load_prompts(
+        str(DATA / "dolly_eval.json"), field="instruction", context_field="context", limit=n
+    ) + load_prompts(
+        str(DATA / "self_instruct_eval.json"), field="instruction", context_field="context", limit=n
+    )
+    t = time.time()
+    target = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=128, batch_size=32),
+        out / "eval" / "target_cache.jsonl",
+    )
+    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    trained = Prompter.from_pretrained(out / "rl")
+    zero = Prompter.from_base("smollm2-135m-instruct", mode=trained.manifest.mode)
+    configs = [
+        FrozenAlone(),
+        FixedTemplate(),
+        WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter, same template"),
+        WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
+        WithPrompter(prompter=trained),
+        BestOfK(prompter=trained, k=budget["best_of_k"]),
+    ]
+    report = Evaluator(prompts, target, judges, out_dir=out / "eval").run(configs)
+    times["evaluation"] = time.time() - t
+    from alignpro_plugins.evaluation import plot_training_curve
+
+    try:
+        plot_training_curve(out / "rl" / "metrics.jsonl", out / "eval" / "rl_reward_curve.png")
+    except Exception as exc:
+        logging.warning("no RL curve: %s", exc)
+    meta = {n: json.loads((out / n / "alignpro_reward.json").read_text()) for n in ("reward", "judge")}
+    md = [
+        f"## Align-Pro comparison ({'quick' if q else 'full'})",
+        "",
+        f"- command: `python benchmarks/run_benchmark.py{' --quick' if q else ''}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {machine()}",
+        f"- git: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}",
+        f"- budget: {budget}",
+        f"- training reward model held-out pairwise accuracy: {meta['reward']['heldout_pairwise_accuracy']:.3f} "
+        f"({meta['reward']['n_eval_pairs']} pairs); independent judge: {meta['judge']['heldout_pairwise_accuracy']:.3f}; "
+        f"prompt digests shared by the two: {len(set(meta['reward']['train_prompt_digests']) & set(meta['judge']['train_prompt_digests']))}",
+        f"- evaluation: {len(prompts)} prompts ({n} dolly + {n} self-instruct), frozen-model calls {target.stats.calls}, "
+        f"cache hits {target.stats.cache_hits}",
+        "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
+        "",
+        report.to_markdown(),
+    ]
+    (out / "eval" / "benchmark_section.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

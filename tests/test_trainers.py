@@ -1,0 +1,265 @@
+"""The three stages on tiny models: they train, wire the reward and KL reference correctly, and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignpro_plugins.data import DataError
+from alignpro_plugins.prompter import Prompter
+from trainers.reward_config import AlignProRewardConfig
+from trainers.reward_trainer import AlignProRewardTrainer, prompt_shard_of
+from trainers.rl_config import AlignProRLConfig
+from trainers.rl_trainer import AlignProRLTrainer
+from trainers.sft_config import AlignProSFTConfig
+from trainers.sft_trainer import AlignProSFTTrainer
+
+PROMPTS = [
+    "write a poem about the sea",
+    "what are the benefits of green tea?",
+    "explain python code",
+    "list three numbers",
+    "give two examples of good answers",
+    "how do i write a function?",
+]
+TINY = dict(
+    target_max_new_tokens=6,
+    per_device_train_batch_size=2,
+    report_to="none",
+    save_steps=1000,
+    logging_steps=1,
+    disable_tqdm=True,
+)
+
+
+def _lora_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and ".default." in n}
+
+
+def length_reward(prompts, answers):
+    return [float(len(a)) for a in answers]
+
+
+def test_sft_on_pairs_trains_lora(tiny_lm_dir, tmp_path):
+    cfg = AlignProSFTConfig(output_dir=str(tmp_path / "sft"), base_model=tiny_lm_dir, max_steps=3, **TINY)
+    trainer = AlignProSFTTrainer(cfg, pairs=[(p, "Answer in detail.") for p in PROMPTS])
+    prompter = trainer.train()
+    logs = [h for h in json.loads((tmp_path / "sft" / "alignpro.json").read_text())["provenance"]["stages"]]
+    assert logs[-1]["stage"] == "sft" and logs[-1]["steps"] == 3
+    assert (tmp_path / "sft" / "adapter_model.safetensors").exists()
+    losses = [
+        json.loads(line)["loss"]
+        for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert losses and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    # LoRA B starts at zero: a trained adapter has moved away from it.
+    assert any(w.abs().sum() > 0 for n, w in _lora_weights(prompter.model).items() if "lora_B" in n)
+
+
+def test_sft_bootstrap_keeps_best_candidate(tiny_lm_dir, tmp_path):
+    cfg = AlignProSFTConfig(
+        output_dir=str(tmp_path / "boot"),
+        base_model=tiny_lm_dir,
+        num_candidates=2,
+        prompter_max_new_tokens=6,
+        max_steps=1,
+        **TINY,
+    )
+    # Reward = answer length; a callable target echoes its input, so the longest candidate input wins.
+    trainer = AlignProSFTTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+    pairs = trainer.sft_pairs()
+    rows = [json.loads(line) for line in (tmp_path / "boot" / "bootstrap.jsonl").read_text().splitlines()]
+    assert len(pairs) == 3 and len(rows) == 3
+    for (x, chosen), row in zip(pairs, rows, strict=True):
+        assert row["prompt"] == x
+        usable = [c["reward"] for c in row["candidates"] if c["fallback"] is None or c["text"] == ""]
+        assert row["reward"] == max(usable)
+        assert chosen == row["target"]
+    assert trainer.bootstrap_stats["candidates_per_prompt"] == 2 + len(cfg.templates) + 1
+
+
+def test_reward_stage_trains_and_reports_heldout_accuracy(tiny_encoder_dir, tmp_path):
+    from alignpro_plugins.data import PreferencePair
+
+    pairs = [
+        PreferencePair(f"what is {i} ?", "a good detailed helpful answer with examples", "no")
+        for i in range(40)
+    ]
+    cfg = AlignProRewardConfig(
+        output_dir=str(tmp_path / "rm"),
+        base_model=tiny_encoder_dir,
+        max_steps=8,
+        learning_rate=1e-3,
+        eval_fraction=0.25,
+        max_length=32,
+        **{k: v for k, v in TINY.items() if k not in ("target_max_new_tokens",)},
+    )
+    trainer = AlignProRewardTrainer(cfg, pairs=pairs)
+    held = {p.prompt for p in trainer.eval_pairs}
+    assert held and held.isdisjoint({p.prompt for p in trainer.train_pairs})  # split by prompt
+    before = trainer.train
+    rm = before()
+    meta = json.loads((tmp_path / "rm" / "alignpro_reward.json").read_text())
+    assert meta["n_eval_pairs"] == len(trainer.eval_pairs)
+    assert meta["heldout_pairwise_accuracy"] == pytest.approx(rm.meta["heldout_pairwise_accuracy"])
+    assert meta["heldout_pairwise_accuracy"] > 0.5  # trivially separable pairs are learned
+
+
+def test_reward_shards_are_disjoint(tiny_encoder_dir, tmp_path):
+    from alignpro_plugins.data import PreferencePair
+
+    pairs = [PreferencePair(f"prompt {i}", "good", "bad") for i in range(60)]
+    common = dict(base_model=tiny_encoder_dir, report_to="none")
+    a = AlignProRewardTrainer(
+        AlignProRewardConfig(output_dir=str(tmp_path / "a"), prompt_shard=0, **common), pairs=pairs
+    )
+    b = AlignProRewardTrainer(
+        AlignProRewardConfig(output_dir=str(tmp_path / "b"), prompt_shard=1, split_seed=1, **common),
+        pairs=pairs,
+    )
+    pa = {p.prompt for p in a.pairs}
+    pb = {p.prompt for p in b.pairs}
+    assert pa and pb and pa.isdisjoint(pb) and len(pa | pb) == 60
+    assert all(prompt_shard_of(p, 2) == 0 for p in pa)
+
+
+def test_hh_dialogues_and_bad_rows(tmp_path):
+    from alignpro_plugins.data import load_preferences
+
+    good = tmp_path / "hh.jsonl"
+    good.write_text(
+        json.dumps(
+            {
+                "chosen": "\n\nHuman: hi\n\nAssistant: hello there",
+                "rejected": "\n\nHuman: hi\n\nAssistant: go away",
+            }
+        )
+        + "\n"
+    )
+    (pair,) = load_preferences(str(good))
+    assert pair.prompt == "Human: hi" and pair.chosen == "hello there" and pair.rejected == "go away"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"prompt": "x", "chosen": "a", "rejected": "b"})
+        + "\n"
+        + json.dumps({"prompt": "y", "chosen": "", "rejected": "b"})
+        + "\n"
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl, row 1, field 'chosen': empty text"):
+        load_preferences(str(bad))
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps([{"instruction": "a", "optimized_prompt": "b"}, {"instruction": "c"}]))
+    from alignpro_plugins.data import load_prompt_pairs
+
+    with pytest.raises(DataError, match=r"row 1, field 'optimized_prompt': missing field"):
+        load_prompt_pairs(str(missing))
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([{"prompt": 3}]))
+    from alignpro_plugins.data import load_prompts
+
+    with pytest.raises(DataError, match=r"row 0, field 'prompt': expected text, got int"):
+        load_prompts(str(wrong))
+
+
+@pytest.fixture
+def sft_dir(tiny_lm_dir, tmp_path):
+    cfg = AlignProSFTConfig(output_dir=str(tmp_path / "sft"), base_model=tiny_lm_dir, max_steps=2, **TINY)
+    AlignProSFTTrainer(cfg, pairs=[(p, "Be thorough.") for p in PROMPTS]).train()
+    return str(tmp_path / "sft")
+
+
+def _rl_config(tmp_path, sft_dir, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "rl"),
+        sft_prompter=sft_dir,
+        max_steps=2,
+        num_generations=2,
+        max_completion_length=6,
+        learning_rate=1e-2,
+        **TINY,
+    )
+    base.update(kw)
+    return AlignProRLConfig(**base)
+
+
+def test_rl_reward_is_r_of_x_and_target_of_rewrite(sft_dir, tmp_path):
+    seen_target_inputs: list[str] = []
+    seen_reward_prompts: list[str] = []
+
+    def target(x: str) -> str:
+        seen_target_inputs.append(x)
+        return "ANSWER:" + x
+
+    def reward(prompts, answers):
+        seen_reward_prompts.extend(prompts)
+        return [float(len(a)) for a in answers]
+
+    trainer = AlignProRLTrainer(
+        _rl_config(tmp_path, sft_dir), prompts=PROMPTS[:4], target=target, reward=reward
+    )
+    sft_weights = _lora_weights(trainer.prompter.model)
+    trainer.train()
+    assert set(seen_reward_prompts) <= set(PROMPTS[:4])  # scored against the ORIGINAL x
+    # the target answered x' = x + guidance (augment mode) or x itself on fallback, never the bare query template
+    assert all(any(t.startswith(x) for x in PROMPTS[:4]) for t in seen_target_inputs)
+    moved = _lora_weights(trainer.prompter.model)
+    assert any(not torch.equal(sft_weights[n], moved[n]) for n in sft_weights)
+
+
+def test_rl_reference_is_the_sft_prompter(sft_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    captured: dict[str, torch.Tensor] = {}
+
+    class CaptureRef(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            captured.update({n: p.detach().clone() for n, p in model.named_parameters() if ".ref." in n})
+
+    trainer = AlignProRLTrainer(
+        _rl_config(tmp_path, sft_dir, beta=0.1),
+        prompts=PROMPTS[:4],
+        target=lambda x: x,
+        reward=length_reward,
+        callbacks=[CaptureRef()],
+    )
+    sft_weights = _lora_weights(trainer.prompter.model)
+    trainer.train()
+    assert captured, "GRPO kept no frozen 'ref' adapter"
+    moved = _lora_weights(trainer.prompter.model)
+    for name, ref in captured.items():
+        key = name.replace(".ref.", ".default.")
+        assert torch.equal(ref, sft_weights[key])  # the KL anchor is the SFT prompter ...
+    assert any(not torch.equal(moved[k], sft_weights[k]) for k in sft_weights)  # ... while the policy moved
+
+
+def test_rl_rejects_zero_beta(tmp_path):
+    with pytest.raises(ValueError, match="beta"):
+        AlignProRLConfig(output_dir=str(tmp_path), beta=0.0, report_to="none")
+
+
+def test_rl_resume_continues_step_count(sft_dir, tmp_path):
+    cfg = _rl_config(tmp_path, sft_dir, max_steps=2, save_steps=2)
+    AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=length_reward).train()
+    assert (tmp_path / "rl" / "checkpoint-2").exists()
+    cfg2 = _rl_config(tmp_path, sft_dir, max_steps=3, save_steps=10, resume=True)
+    t2 = AlignProRLTrainer(cfg2, prompts=PROMPTS[:4], target=lambda x: x, reward=length_reward)
+    t2.train()
+    assert t2.trainer.state.global_step == 3
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 3 in steps and steps.count(1) == 1  # the resumed run did not redo step 1
+
+
+def test_rl_artifact_loads_as_prompter(sft_dir, tmp_path):
+    AlignProRLTrainer(
+        _rl_config(tmp_path, sft_dir), prompts=PROMPTS[:4], target=lambda x: x, reward=length_reward
+    ).train()
+    p = Prompter.from_pretrained(tmp_path / "rl", similarity=None)
+    stages = [s["stage"] for s in p.manifest.provenance["stages"]]
+    assert stages == ["sft", "rl"]
+    assert "ref" not in p.model.peft_config
+    assert isinstance(p.rewrite("write a poem about the sea"), str)
