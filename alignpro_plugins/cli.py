@@ -14,6 +14,7 @@ STAGES = {
     "reward": ("trainers.reward_config:AlignProRewardConfig", "trainers.reward_trainer:train_reward"),
     "sft": ("trainers.sft_config:AlignProSFTConfig", "trainers.sft_trainer:train_sft"),
     "rl": ("trainers.rl_config:AlignProRLConfig", "trainers.rl_trainer:train_rl"),
+    "oracle": ("trainers.oracle_config:RLHFOracleConfig", "trainers.oracle_trainer:train_oracle"),
 }
 DESCRIPTIONS = {
     "models": "list the packaged models and where they resolve",
@@ -21,6 +22,7 @@ DESCRIPTIONS = {
     "reward": "train a reward model r(x, y) on preference pairs",
     "sft": "SFT the prompter on prompt pairs, or on best-of-K bootstrap targets",
     "rl": "Align-Pro RL of the prompter (GRPO, KL to the SFT prompter)",
+    "oracle": "RLHF oracle: fine-tune the target itself by GRPO (LoRA) on the same reward, for comparison",
     "train": "run reward -> sft -> rl from one YAML recipe",
     "eval": "compare frozen / template / zero-shot / prompter / best-of-K / oracle under several judges",
 }

@@ -263,3 +263,20 @@ def test_rl_artifact_loads_as_prompter(sft_dir, tmp_path):
     assert stages == ["sft", "rl"]
     assert "ref" not in p.model.peft_config
     assert isinstance(p.rewrite("write a poem about the sea"), str)
+
+
+def test_oracle_tunes_the_target_itself(tiny_lm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_trainer import train_oracle
+
+    out = train_oracle(RLHFOracleConfig(
+        output_dir=str(tmp_path / "oracle"), target=tiny_lm_dir, max_steps=2, num_generations=2,
+        max_completion_length=6, per_device_train_batch_size=2, learning_rate=1e-2, report_to="none",
+        save_steps=1000, disable_tqdm=True), prompts=PROMPTS[:2], reward=length_reward)
+    meta = json.loads((tmp_path / "oracle" / "alignpro_oracle.json").read_text())
+    assert meta["steps"] == 2
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out)
+    assert any(torch.any(p != 0) for n, p in tuned.named_parameters() if "lora_B" in n)
