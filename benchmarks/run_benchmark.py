@@ -129,7 +129,29 @@ def main() -> None:
         )
         times["rl stage"] = time.time() - t
 
-    from alignpro_plugins.evaluation import BestOfK, Evaluator, FixedTemplate, FrozenAlone, WithPrompter
+    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_trainer import train_oracle
+
+    if not (out / "oracle" / "alignpro_oracle.json").exists():
+        t = time.time()
+        rl_prompts = list(dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt")))
+        # Same reward model, prompts and step budget as the prompter's RL stage.
+        train_oracle(RLHFOracleConfig(
+            output_dir=str(out / "oracle"), target="smollm2-135m-instruct", reward_model=str(out / "reward"),
+            max_steps=budget["rl_steps"], per_device_train_batch_size=8, num_generations=4, save_steps=5,
+            max_completion_length=96), prompts=rl_prompts[:400])
+        times["rlhf oracle"] = time.time() - t
+
+    from peft import PeftModel
+
+    from alignpro_plugins.evaluation import (
+        BestOfK,
+        Evaluator,
+        FixedTemplate,
+        FrozenAlone,
+        Oracle,
+        WithPrompter,
+    )
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.rewards import RewardModel
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
@@ -156,6 +178,9 @@ def main() -> None:
         WithPrompter(prompter=trained),
         BestOfK(prompter=trained, k=budget["best_of_k"]),
     ]
+    oracle = TransformersTarget("smollm2-135m-instruct", max_new_tokens=128, batch_size=32, name="smollm2+rlhf-oracle")
+    oracle.model = PeftModel.from_pretrained(oracle.model, str(out / "oracle")).eval()
+    configs.append(Oracle(target=CachedTarget(oracle, out / "eval" / "oracle_cache.jsonl")))
     report = Evaluator(prompts, target, judges, out_dir=out / "eval").run(configs)
     times["evaluation"] = time.time() - t
     from alignpro_plugins.evaluation import plot_training_curve
