@@ -1,0 +1,85 @@
+"""Tiny randomly initialised models built from configs (no hub, seconds to build), for tests and smoke runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_byte_tokenizer():
+    """A byte-level tokenizer: any unicode round-trips, 256 byte tokens + 3 specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    for special in ("<|im_start|>", "<|im_end|>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>", bos_token="<|im_start|>"
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tok = tiny_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+WORDS = (
+    "[PAD] [UNK] [CLS] [SEP] [MASK] the a an is are what how why write explain give list poem sea tea "
+    "green health benefit benefits answer detailed short long good bad yes no please thorough helpful "
+    "example examples step steps code python function number one two three four five and or of to in "
+    "for with about this that it you i we they be do not can will , . ? ! : ; ' \" ( ) - 0 1 2 3 4 5 6 7 8 9"
+).split()
+
+
+def build_tiny_encoder(folder: str | Path, seed: int = 0) -> str:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    torch.manual_seed(seed)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
+    tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+    )
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
