@@ -1,0 +1,345 @@
+"""``AlignProModule``: run any DSPy program on prompter-rewritten inputs.
+
+The wrapped program is untouched; only the values of the chosen input fields change before it runs. Every call
+records, per field, the original text, what the program received and why the prompter's output was not used
+(if it was not). State is saved as JSON only: the program's own state plus the prompter artifact's path and
+the sha256 of its ``alignpro.json``, checked again when the state is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import os
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from alignpro_plugins.manifest import MANIFEST_NAME
+
+STATE_KEY = "alignpro"
+STATE_FORMAT = 1
+
+
+class PrompterMismatchError(ValueError):
+    """The prompter artifact differs from the one a saved program was built with."""
+
+
+@dataclass(frozen=True)
+class RewriteRecord:
+    """What happened to one input field in one call."""
+
+    field: str
+    original: str
+    rewritten: str  # what the program received (the original when the prompter's output was rejected)
+    fallback_reason: str | None = None
+    generated: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.fallback_reason is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def manifest_sha256(folder: str | os.PathLike[str]) -> str:
+    """``sha256:<hex>`` of a prompter artifact's ``alignpro.json`` bytes."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a prompter artifact: {MANIFEST_NAME} is missing")
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest_text_sha256(manifest: Any) -> str:
+    # Manifest.save writes exactly to_json(), so this equals the file hash of a freshly saved artifact.
+    return "sha256:" + hashlib.sha256(manifest.to_json().encode()).hexdigest()
+
+
+def default_fields(program: dspy.Module) -> list[str]:
+    """The ``str`` input fields of the program's first predictor's signature."""
+    predictors = program.named_predictors()
+    if not predictors:
+        raise ValueError(
+            f"{type(program).__name__} has no dspy.Predict inside, so the fields to rewrite cannot be "
+            "inferred: pass fields=[...]"
+        )
+    signature = predictors[0][1].signature
+    fields = [name for name, info in signature.input_fields.items() if info.annotation is str]
+    if not fields:
+        raise ValueError(
+            f"the first predictor's signature {signature.signature!r} has no str input field to rewrite: "
+            "pass fields=[...]"
+        )
+    return fields
+
+
+def get_rewrites(prediction: Any) -> list[RewriteRecord]:
+    """The rewrite records of the call that returned ``prediction`` (``[]`` if it did not come from here)."""
+    return list(getattr(prediction, "_alignpro_rewrites", None) or [])
+
+
+def _is_artifact(path: Any) -> bool:
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / MANIFEST_NAME).exists()
+
+
+class AlignProModule(dspy.Module):
+    """Wrap a DSPy program so that chosen input fields are rewritten by a prompter before it runs.
+
+    Args:
+        program: any ``dspy.Module`` (``Predict``, ``ChainOfThought``, a custom module).
+        prompter: a :class:`~alignpro_plugins.prompter.Prompter`, a prompter artifact folder, a base model
+            name (an untrained, zero-shot prompter), or ``None`` to load one later with :meth:`load`.
+        fields: input field names to rewrite; default: the ``str`` input fields of the first predictor.
+        prompter_path: the artifact folder of a ``Prompter`` object (recorded by :meth:`save`).
+        mode: prompter mode when ``prompter`` is a base model name ("augment" or "rewrite").
+        max_history: how many rewrite records :attr:`rewrite_history` keeps.
+        prompter_kwargs: passed to ``Prompter.from_pretrained`` / ``from_base`` when this module loads one.
+
+    ``get_rewrites(prediction)`` returns the records of one call; :attr:`rewrite_history` the recent ones.
+    """
+
+    def __init__(
+        self,
+        program: dspy.Module,
+        prompter: Any = None,
+        *,
+        fields: str | Sequence[str] | None = None,
+        prompter_path: str | os.PathLike[str] | None = None,
+        mode: str | None = None,
+        max_history: int = 1000,
+        prompter_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(program, dspy.Module):
+            raise TypeError(f"AlignProModule wraps a dspy.Module, got {type(program).__name__}")
+        self.program = program
+        self.fields = (
+            [fields] if isinstance(fields, str) else list(fields) if fields else default_fields(program)
+        )
+        self.prompter_kwargs = dict(prompter_kwargs or {})
+        self.max_history = max_history
+        self.rewrite_history: deque[RewriteRecord] = deque(maxlen=max_history)
+        self.last_rewrites: list[RewriteRecord] = []  # the most recent call's records (one per field)
+        self.prompter_path = str(Path(prompter_path).resolve()) if prompter_path else None
+        self.prompter = None
+        if isinstance(prompter, (str, os.PathLike)):
+            from alignpro_plugins.prompter import Prompter
+
+            if _is_artifact(prompter):
+                self.prompter = Prompter.from_pretrained(prompter, **self.prompter_kwargs)
+                self.prompter_path = str(Path(prompter).resolve())
+            else:
+                self.prompter = Prompter.from_base(
+                    str(prompter), mode=mode or "augment", **self.prompter_kwargs
+                )
+        elif prompter is not None:
+            if not callable(getattr(prompter, "rewrite_results", None)):
+                raise TypeError("prompter must be a Prompter, an artifact folder or a base model name")
+            self.prompter = prompter
+
+    # ------------------------------------------------------------------ calling
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not args:
+            return dict(kwargs)
+        # Positional arguments of a custom forward(question, ...) are mapped to their names.
+        params = inspect.signature(self.program.forward).parameters
+        if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values()):
+            raise TypeError("AlignProModule needs keyword arguments for a program whose forward takes *args")
+        bound = inspect.signature(self.program.forward).bind_partial(*args, **kwargs).arguments
+        out: dict[str, Any] = {}
+        for name, value in bound.items():
+            if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            else:
+                out[name] = value
+        return out
+
+    def _require_prompter(self) -> Any:
+        if self.prompter is None:
+            raise RuntimeError(
+                "this AlignProModule has no prompter: pass prompter=... or load a saved state with .load(path)"
+            )
+        return self.prompter
+
+    def _selected(self, inputs: dict[str, Any]) -> list[str]:
+        return [f for f in self.fields if isinstance(inputs.get(f), str)]
+
+    def _apply(self, inputs: dict[str, Any], names: list[str], results: list[Any]) -> list[RewriteRecord]:
+        records = []
+        for name, res in zip(names, results, strict=True):
+            records.append(RewriteRecord(name, res.original, res.text, res.fallback_reason, res.generated))
+            inputs[name] = res.text
+        return records
+
+    def _finish(self, output: Any, records: list[RewriteRecord]) -> Any:
+        self.rewrite_history.extend(records)
+        self.last_rewrites = records
+        if isinstance(output, dspy.Example):
+            # A leading underscore keeps it out of the prediction's fields (and out of metrics and traces).
+            output._alignpro_rewrites = records
+        return output
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        prompter = self._require_prompter()
+        inputs = self._inputs(args, kwargs)
+        names = self._selected(inputs)
+        results = prompter.rewrite_results([inputs[n] for n in names]) if names else []
+        records = self._apply(inputs, names, results)
+        return self._finish(self.program(**inputs), records)
+
+    async def aforward(self, *args: Any, **kwargs: Any) -> Any:
+        prompter = self._require_prompter()
+        inputs = self._inputs(args, kwargs)
+        names = self._selected(inputs)
+        results = await prompter.arewrite_results([inputs[n] for n in names]) if names else []
+        records = self._apply(inputs, names, results)
+        return self._finish(await self.program.acall(**inputs), records)
+
+    # ------------------------------------------------------------------ copying
+    def __deepcopy__(self, memo: dict[int, Any]) -> AlignProModule:
+        # DSPy deep-copies programs freely (evaluation, optimizers): copy the program, share the prompter
+        # (its weights are read-only at inference), start an empty rewrite history.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "prompter":
+                new.__dict__[key] = value
+            elif key == "rewrite_history":
+                new.__dict__[key] = deque(maxlen=self.max_history)
+            elif key == "last_rewrites":
+                new.__dict__[key] = []
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+    # ------------------------------------------------------------------ state
+    def prompter_sha256(self) -> str:
+        """Hash identifying the current prompter: its artifact's alignpro.json, else its in-memory manifest."""
+        prompter = self._require_prompter()
+        if self.prompter_path and (Path(self.prompter_path) / MANIFEST_NAME).exists():
+            return manifest_sha256(self.prompter_path)
+        return _manifest_text_sha256(prompter.manifest)
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        prompter = self._require_prompter()
+        manifest = prompter.manifest
+        return {
+            # The program's own state, not named_parameters(): a pre-compiled program would be skipped there.
+            "program": self.program.dump_state(json_mode=json_mode),
+            STATE_KEY: {
+                "format": STATE_FORMAT,
+                "prompter_path": self.prompter_path,
+                "manifest_sha256": self.prompter_sha256(),
+                "fields": list(self.fields),
+                "base_model": manifest.base_model,
+                "mode": manifest.mode,
+            },
+        }
+
+    def _saved_prompter(self, info: dict[str, Any], base_dir: Path | None) -> tuple[Any, str | None]:
+        """The prompter a saved state names, after checking its alignpro.json hash (no state is changed)."""
+        expected = info.get("manifest_sha256")
+        if not expected:
+            raise ValueError(f"the saved state's {STATE_KEY!r} section has no manifest_sha256")
+        candidates = [info.get("prompter_path")]
+        if base_dir is not None and info.get("prompter_relpath"):
+            candidates.append(str(base_dir / info["prompter_relpath"]))
+        existing = [p for p in dict.fromkeys(candidates) if p and _is_artifact(p)]
+        if not existing:
+            if self.prompter is not None and self.prompter_sha256() == expected:
+                return self.prompter, self.prompter_path
+            where = " or ".join(str(c) for c in candidates if c) or "(no path was saved)"
+            raise FileNotFoundError(
+                f"the prompter artifact this program was saved with is missing: looked in {where}. Restore the "
+                "folder, or build AlignProModule(program, prompter=...) with the same prompter and load again."
+            )
+        # Prefer the location whose manifest matches (the absolute path may now hold another artifact).
+        path = next((p for p in existing if manifest_sha256(p) == expected), None)
+        if path is None:
+            actual = manifest_sha256(existing[0])
+            raise PrompterMismatchError(
+                f"the prompter artifact at {existing[0]} changed since this program was saved: its "
+                f"{MANIFEST_NAME} has {actual}, the saved state expects {expected}. Restore that artifact, or "
+                "save the program again with the prompter you want."
+            )
+        path = str(Path(path).resolve())
+        if self.prompter is not None:
+            current = self.prompter_sha256()
+            if current != expected:
+                raise PrompterMismatchError(
+                    f"this module's prompter ({current}) is not the one the state was saved with ({expected}, "
+                    f"at {path}). Build AlignProModule(program) without a prompter to load the saved one."
+                )
+            return self.prompter, self.prompter_path or path
+        from alignpro_plugins.prompter import Prompter
+
+        return Prompter.from_pretrained(path, **self.prompter_kwargs), path
+
+    def load_state(
+        self, state: dict[str, Any], *, allow_unsafe_lm_state: bool = False, base_dir: Path | None = None
+    ) -> AlignProModule:
+        info = state.get(STATE_KEY)
+        if not isinstance(info, dict) or "program" not in state:
+            raise ValueError(
+                f"not an AlignProModule state (no {STATE_KEY!r} section): load a plain program's state into the "
+                "program itself, then wrap it"
+            )
+        if info.get("format", STATE_FORMAT) > STATE_FORMAT:
+            raise ValueError(f"state format {info['format']} is newer than this alignpro-plugins reads")
+        prompter, path = self._saved_prompter(info, base_dir)
+        self.program.load_state(state["program"], allow_unsafe_lm_state=allow_unsafe_lm_state)
+        self.prompter, self.prompter_path = prompter, path
+        self.fields = list(info.get("fields") or self.fields)
+        return self
+
+    def save(
+        self, path: str | os.PathLike[str], save_program: bool = False, modules_to_serialize: Any = None
+    ):
+        """Save the state as JSON. A prompter without an artifact folder is saved next to it first.
+
+        Never pickles: ``.pkl`` paths and ``save_program=True`` are refused.
+        """
+        path = Path(path)
+        if save_program or path.suffix != ".json":
+            raise ValueError(
+                "AlignProModule saves its state as JSON only (never pickle): use a path ending in .json"
+            )
+        prompter = self._require_prompter()
+        if self.prompter_path is None:
+            folder = path.with_name(path.stem + ".prompter")
+            prompter.save_pretrained(folder)
+            self.prompter_path = str(folder.resolve())
+        state = self.dump_state()
+        # A relative path too, so a folder holding both the state and the artifact can be moved.
+        state[STATE_KEY]["prompter_relpath"] = os.path.relpath(self.prompter_path, path.parent.resolve())
+        from dspy.utils.saving import get_dependency_versions
+
+        state["metadata"] = {"dependency_versions": get_dependency_versions()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2, ensure_ascii=False, default=str))
+        os.replace(tmp, path)
+        return path
+
+    def load(
+        self, path: str | os.PathLike[str], allow_pickle: bool = False, allow_unsafe_lm_state: bool = False
+    ):
+        """Load a state written by :meth:`save`; checks the prompter artifact's hash. Never unpickles."""
+        path = Path(path)
+        if path.suffix != ".json":
+            raise ValueError("AlignProModule loads JSON state only (it never unpickles): pass a .json path")
+        state = json.loads(path.read_text())
+        state.pop("metadata", None)
+        return self.load_state(
+            state, allow_unsafe_lm_state=allow_unsafe_lm_state, base_dir=path.parent.resolve()
+        )
+
+    def __repr__(self) -> str:
+        return f"AlignProModule(fields={self.fields}, prompter={self.prompter!r}, program={self.program!r})"

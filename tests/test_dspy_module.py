@@ -1,0 +1,359 @@
+"""AlignProModule, LocalTransformersLM and SimpleFieldAdapter (DummyLM and tiny models; seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dspy
+import pytest
+from dspy.utils import DummyLM
+
+from alignpro_plugins.dspy import (
+    AlignProModule,
+    LocalTransformersLM,
+    PrompterMismatchError,
+    SimpleFieldAdapter,
+    TransformersEngine,
+    default_fields,
+    get_rewrites,
+    manifest_sha256,
+)
+from alignpro_plugins.manifest import MANIFEST_NAME, Manifest
+from alignpro_plugins.prompter import RewriteResult
+
+HINT = "Answer in one word."
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class AppendPrompter:
+    """A deterministic prompter: augments every prompt with HINT, except prompts containing SKIP (fallback)."""
+
+    def __init__(self, hint: str = HINT) -> None:
+        self.hint = hint
+        self.manifest = Manifest(base_model="stub-prompter")
+        self.calls: list[list[str]] = []
+
+    def rewrite_results(self, prompts: list[str]) -> list[RewriteResult]:
+        self.calls.append(list(prompts))
+        return [
+            RewriteResult(p, p, "augment", None, "no_change")
+            if "SKIP" in p
+            else RewriteResult(p, f"{p}\n\n{self.hint}", "augment", self.hint, None)
+            for p in prompts
+        ]
+
+    async def arewrite_results(self, prompts: list[str]) -> list[RewriteResult]:
+        return self.rewrite_results(prompts)
+
+    def save_pretrained(self, folder) -> Path:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.manifest.save(folder)
+        return Path(folder)
+
+
+def hint_lm() -> DummyLM:
+    """Answers 'Paris' only when the request carries the prompter's hint."""
+    return DummyLM({HINT: {"answer": "Paris"}, "": {"answer": "I am not sure."}})
+
+
+# ---------------------------------------------------------------------------------------------- rewriting
+def test_rewrites_the_question_before_predict_runs():
+    prompter = AppendPrompter()
+    module = AlignProModule(dspy.Predict("question -> answer"), prompter)
+    lm = hint_lm()
+    with dspy.context(lm=lm):
+        pred = module(question="What is the capital of France?")
+    assert pred.answer == "Paris"
+    assert prompter.calls == [["What is the capital of France?"]]
+    sent = lm.history[-1]["messages"][-1]["content"]
+    assert "What is the capital of France?" in sent and HINT in sent
+    (rec,) = get_rewrites(pred)
+    assert rec.field == "question" and rec.original == "What is the capital of France?"
+    assert rec.rewritten == f"What is the capital of France?\n\n{HINT}" and rec.changed
+    assert rec.fallback_reason is None and rec.generated == HINT
+    assert list(module.rewrite_history) == [rec] and module.last_rewrites == [rec]
+    assert "_alignpro_rewrites" not in pred.keys() and set(pred.keys()) == {"answer"}
+
+
+def test_fallback_is_recorded_and_the_original_is_sent():
+    module = AlignProModule(dspy.Predict("question -> answer"), AppendPrompter())
+    lm = hint_lm()
+    with dspy.context(lm=lm):
+        pred = module(question="SKIP this one")
+    assert pred.answer == "I am not sure."
+    (rec,) = get_rewrites(pred)
+    assert rec.rewritten == rec.original == "SKIP this one"
+    assert rec.fallback_reason == "no_change" and not rec.changed
+    assert HINT not in lm.history[-1]["messages"][-1]["content"]
+
+
+def test_default_fields_are_the_str_inputs_of_the_first_predictor():
+    assert default_fields(dspy.Predict("context: str, question: str, k: int -> answer")) == [
+        "context",
+        "question",
+    ]
+    assert default_fields(dspy.ChainOfThought("question -> answer")) == ["question"]
+
+    class TwoStep(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.draft = dspy.Predict("topic -> draft")
+            self.polish = dspy.Predict("draft -> text")
+
+        def forward(self, topic):
+            return self.polish(draft=self.draft(topic=topic).draft)
+
+    assert default_fields(TwoStep()) == ["topic"]
+    with pytest.raises(ValueError, match="no str input field"):
+        default_fields(dspy.Predict("k: int -> answer"))
+
+    class NoPredictors(dspy.Module):
+        def forward(self, x):
+            return dspy.Prediction(y=x)
+
+    with pytest.raises(ValueError, match="fields="):
+        AlignProModule(NoPredictors(), AppendPrompter())
+    assert AlignProModule(NoPredictors(), AppendPrompter(), fields="x")(x="hi").y == f"hi\n\n{HINT}"
+
+
+def test_only_chosen_fields_are_rewritten_and_positional_args_work():
+    class RAG(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.answer = dspy.Predict("context, question -> answer")
+
+        def forward(self, context, question):
+            return self.answer(context=context, question=question)
+
+    module = AlignProModule(RAG(), AppendPrompter(), fields=["question"])
+    lm = DummyLM({"": {"answer": "ok"}})
+    with dspy.context(lm=lm):
+        pred = module("Paris is in France.", question="Where is Paris?")
+    assert [r.field for r in get_rewrites(pred)] == ["question"]
+    sent = lm.history[-1]["messages"][-1]["content"]
+    assert sent.count(HINT) == 1 and sent.index("Paris is in France.") < sent.index(HINT)
+
+
+def test_chain_of_thought_and_async():
+    module = AlignProModule(dspy.ChainOfThought("question -> answer"), AppendPrompter())
+    lm = DummyLM({HINT: {"reasoning": "r", "answer": "Paris"}, "": {"reasoning": "r", "answer": "?"}})
+    with dspy.context(lm=lm):
+        pred = asyncio.run(module.acall(question="Capital of France?"))
+    assert pred.answer == "Paris" and get_rewrites(pred)[0].changed
+
+
+def test_deepcopy_copies_the_program_and_shares_the_prompter():
+    prompter = AppendPrompter()
+    module = AlignProModule(dspy.Predict("question -> answer"), prompter)
+    with dspy.context(lm=hint_lm()):
+        module(question="q")
+    clone = module.deepcopy()
+    assert clone.prompter is prompter and clone.program is not module.program
+    assert len(clone.rewrite_history) == 0 and len(module.rewrite_history) == 1
+    clone.program.demos.append(dspy.Example(question="a", answer="b"))
+    assert module.program.demos == []
+
+
+def test_missing_prompter_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="no prompter"):
+        AlignProModule(dspy.Predict("question -> answer"))(question="q")
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+@pytest.fixture()
+def artifact(tiny_lm_dir, tmp_path) -> Path:
+    """A prompter artifact folder: a manifest naming the tiny LM as base (no adapter)."""
+    folder = tmp_path / "prompter"
+    folder.mkdir()
+    Manifest(base_model=tiny_lm_dir, similarity_model=None).save(folder)
+    return folder
+
+
+def program_with_demo() -> dspy.Predict:
+    prog = dspy.Predict("question -> answer")
+    prog.demos = [dspy.Example(question="2+2?", answer="4")]
+    return prog
+
+
+def test_save_load_round_trip_checks_the_manifest_hash(artifact, tmp_path):
+    module = AlignProModule(program_with_demo(), str(artifact))
+    assert module.prompter.manifest.base_model == Manifest.load(artifact).base_model
+    path = module.save(tmp_path / "program.json")
+    state = json.loads(path.read_text())  # plain JSON: nothing is pickled
+    info = state["alignpro"]
+    assert info["prompter_path"] == str(artifact.resolve())
+    assert (
+        info["manifest_sha256"]
+        == "sha256:" + hashlib.sha256((artifact / MANIFEST_NAME).read_bytes()).hexdigest()
+    )
+    assert info["manifest_sha256"] == manifest_sha256(artifact) and info["fields"] == ["question"]
+
+    loaded = AlignProModule(dspy.Predict("question -> answer")).load(path)
+    assert loaded.prompter is not None and loaded.prompter_path == str(artifact.resolve())
+    assert loaded.prompter.manifest.base_model == module.prompter.manifest.base_model
+    assert [d["answer"] for d in loaded.program.demos] == ["4"]
+    assert loaded.fields == ["question"]
+    # A module already holding the same prompter reuses it.
+    again = AlignProModule(dspy.Predict("question -> answer"), loaded.prompter, prompter_path=artifact).load(
+        path
+    )
+    assert again.prompter is loaded.prompter
+
+    # The artifact changes after saving: loading refuses, naming both hashes.
+    changed = Manifest.load(artifact)
+    changed.mode = "rewrite"
+    changed.save(artifact)
+    fresh = AlignProModule(dspy.Predict("question -> answer"))
+    with pytest.raises(PrompterMismatchError, match="changed since this program was saved") as err:
+        fresh.load(path)
+    assert info["manifest_sha256"] in str(err.value) and manifest_sha256(artifact) in str(err.value)
+    assert fresh.prompter is None and fresh.program.demos == []  # nothing half-loaded
+
+
+def test_load_refuses_a_module_holding_another_prompter(artifact, tmp_path):
+    path = AlignProModule(program_with_demo(), str(artifact)).save(tmp_path / "p.json")
+    other = AlignProModule(dspy.Predict("question -> answer"), AppendPrompter())
+    with pytest.raises(PrompterMismatchError, match="not the one the state was saved with"):
+        other.load(path)
+
+
+def test_saved_folder_can_move_and_missing_artifact_is_reported(tmp_path):
+    prompter = AppendPrompter()
+    module = AlignProModule(program_with_demo(), prompter)
+    src = tmp_path / "a"
+    path = module.save(src / "program.json")
+    # A prompter without a folder is written next to the state.
+    assert (src / "program.prompter" / MANIFEST_NAME).exists()
+    moved = tmp_path / "b"
+    shutil.move(str(src), str(moved))
+    loaded = AlignProModule(dspy.Predict("question -> answer"), prompter).load(moved / "program.json")
+    assert loaded.prompter is prompter and loaded.prompter_path == str((moved / "program.prompter").resolve())
+    shutil.rmtree(moved / "program.prompter")
+    with pytest.raises(FileNotFoundError, match="prompter artifact this program was saved with is missing"):
+        AlignProModule(dspy.Predict("question -> answer")).load(moved / "program.json")
+    assert path.name == "program.json"
+
+
+def test_never_pickles(tmp_path):
+    module = AlignProModule(dspy.Predict("question -> answer"), AppendPrompter())
+    for kwargs in ({"path": tmp_path / "p.pkl"}, {"path": tmp_path / "dir", "save_program": True}):
+        with pytest.raises(ValueError, match="never pickle"):
+            module.save(**kwargs)
+    (tmp_path / "p.pkl").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="never unpickles"):
+        module.load(tmp_path / "p.pkl", allow_pickle=True)
+    with pytest.raises(ValueError, match="not an AlignProModule state"):
+        module.load_state(dspy.Predict("question -> answer").dump_state())
+
+
+# ---------------------------------------------------------------------------------------------- local LM
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_lm_dir) -> TransformersEngine:
+    return TransformersEngine(tiny_lm_dir, max_new_tokens=8)
+
+
+def test_engine_matches_plain_transformers_greedy_generation(tiny_engine):
+    import torch
+    from dspy.lm15 import Config, Message, Request
+
+    lm = LocalTransformersLM(tiny_engine, max_tokens=6, cache=False)
+    resp = lm(Request(model=lm.model, messages=(Message.user("hello world"),), config=Config(max_tokens=6)))
+    tok, model = tiny_engine.tokenizer, tiny_engine.model
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hello world"}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert resp.text == expected
+    assert resp.usage.input_tokens == ids.shape[1] and 1 <= resp.usage.output_tokens <= 6
+    assert lm.model.startswith("local/") and "@" in lm.model  # weights hash in the cache key
+
+
+def test_local_lm_runs_predict_with_the_simple_adapter(tiny_engine):
+    lm = LocalTransformersLM(tiny_engine, max_tokens=5, cache=False)  # fresh calls: usage is reported
+    with dspy.context(lm=lm, adapter=SimpleFieldAdapter()):
+        pred = dspy.Predict("question -> answer")(question="What is 2+2?")
+        cot = dspy.ChainOfThought("question -> answer")(question="Why?")
+        apred = asyncio.run(dspy.Predict("question -> answer").acall(question="async?"))
+    assert isinstance(pred.answer, str) and isinstance(apred.answer, str)
+    assert cot.reasoning == "" and isinstance(cot.answer, str)
+    # Plain prompts: no DSPy markers, no system message for DSPy's generic instructions.
+    messages = lm.history[0]["messages"]
+    assert messages == [{"role": "user", "content": "What is 2+2?"}]
+    assert lm.history[0]["usage"]["completion_tokens"] <= 5
+
+
+def test_local_lm_state_round_trip_and_copies_share_the_engine(tiny_engine):
+    lm = LocalTransformersLM(tiny_engine, max_tokens=4)
+    assert copy.deepcopy(lm)._engine_spec is tiny_engine
+    prog = dspy.Predict("question -> answer")
+    prog.set_lm(lm)
+    state = prog.dump_state()
+    assert state["lm"]["engine"]["class"] == "alignpro_plugins.dspy.lm:TransformersEngine"
+    restored = dspy.Predict("question -> answer")
+    with pytest.raises(ValueError, match="allow_unsafe_lm_state"):
+        restored.load_state(state)
+    restored.load_state(state, allow_unsafe_lm_state=True)
+    assert restored.lm.model == lm.model
+    assert restored.lm._engine_spec is restored.lm._async_engine_spec.sync  # loaded once, shared
+
+
+def test_simple_adapter_parse():
+    adapter = SimpleFieldAdapter()
+    qa = dspy.Signature("question -> answer")
+    assert adapter.parse(qa, "  Paris.\n") == {"answer": "Paris."}
+    assert adapter.parse(qa, "[[ ## answer ## ]]\nLyon\n\n[[ ## completed ## ]]") == {"answer": "Lyon"}
+    assert adapter.parse(qa, "[[ ## other ## ]]\nx") == {"answer": "[[ ## other ## ]]\nx"}
+    assert adapter.parse(dspy.Signature("question -> reasoning, answer"), "42") == {
+        "reasoning": "",
+        "answer": "42",
+    }
+    assert adapter.parse(dspy.Signature("question -> n: int"), " 7 ") == {"n": 7}
+    assert adapter.use_json_adapter_fallback is False
+    instructed = dspy.Signature("question -> answer", "Answer briefly.")
+    msgs = adapter.format(instructed, [], {"question": "Why?"})
+    assert msgs == [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Why?"}]
+    two = adapter.format(dspy.Signature("context, question -> answer"), [], {"context": "c", "question": "q"})
+    assert two[-1]["content"] == "context: c\n\nquestion: q"
+    assert (
+        "[[ ## question ## ]]"
+        in SimpleFieldAdapter(plain=False).format(qa, [], {"question": "q"})[-1]["content"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------- packaging
+def test_import_without_dspy_gives_the_install_command():
+    code = (
+        "import sys; sys.modules['dspy'] = None\n"
+        "import alignpro_plugins, alignpro_plugins.prompter\n"
+        "try:\n    import alignpro_plugins.dspy\nexcept ImportError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "pip install 'alignpro-plugins[dspy]'" in out.stdout
+
+
+def test_import_sets_offline_dspy_environment(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("LITELLM_LOCAL_MODEL_COST_MAP", "DSPY_CACHEDIR")}
+    env["ALIGNPRO_CACHE"] = str(tmp_path)
+    code = (
+        "import os, alignpro_plugins.dspy, dspy\n"
+        "print(os.environ['LITELLM_LOCAL_MODEL_COST_MAP'], os.environ['DSPY_CACHEDIR'])\n"
+        "from dspy.utils.caching import default_cache_dir; print(default_cache_dir())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split("\n")[:2]
+    assert first == f"True {tmp_path / 'dspy'}" and second == str(tmp_path / "dspy")
