@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import re
 import sys
@@ -27,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
+# The public data sets sit beside the checkout (../shared/data); ALIGNPRO_SHARED_DATA overrides (CI layouts).
+DEFAULT_DATA = Path(os.environ.get("ALIGNPRO_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 
 def load_questions(path: Path, n: int, seed: int) -> list[str]:
@@ -61,44 +63,6 @@ def reward_model_metric(path: str):
         return 1.0 / (1.0 + math.exp(-score))
 
     return metric
-
-
-def build_tiny_llama(folder: Path) -> str:
-    """A tiny random Llama with a byte-level tokenizer and a chat template (smoke runs only)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for special in ("<|im_start|>", "<|im_end|>", "<pad>"):
-        vocab[special] = len(vocab)
-    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    raw.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<pad>", bos_token="<|im_start|>"
-    )
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return str(folder)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,8 +121,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     prompter, target = args.prompter, args.target_lm
     if args.smoke:
+        from alignpro_plugins.testing import build_tiny_causal_lm
+
         # One tiny random model plays both roles; only the wiring is exercised.
-        prompter = target = build_tiny_llama(output_dir / "tiny-llama")
+        prompter = target = build_tiny_causal_lm(output_dir / "tiny-llama")
 
     train_q = load_questions(args.data_dir / "bpo_prompt_pairs.json", args.train_size, args.seed)
     val_q = load_questions(args.data_dir / "dolly_eval.json", args.val_size, args.seed)

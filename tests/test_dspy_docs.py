@@ -59,7 +59,8 @@ def test_example_reads_training_and_validation_from_the_right_files():
     val = dspy_compile.load_questions(data / "dolly_eval.json", 1000, 0)
     assert len(train) > 100 and 10 < len(val) <= 200 and not set(train) & set(val)
     args = dspy_compile.parse_args(["--smoke"])
-    assert args.data_dir == data and (args.train_size, args.val_size, args.max_steps) == (4, 2, 1)
+    assert args.data_dir == dspy_compile.DEFAULT_DATA
+    assert (args.train_size, args.val_size, args.max_steps) == (4, 2, 1)
 
 
 def test_doc_blocks_are_python():
