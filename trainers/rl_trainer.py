@@ -65,6 +65,7 @@ class AlignProRLTrainer:
         target: Any | None = None,
         reward: Any | None = None,
         callbacks: list[Any] | None = None,
+        on_target_inputs: Any | None = None,
     ) -> None:
         self.config = config
         self.callbacks = list(callbacks or [])
@@ -91,7 +92,7 @@ class AlignProRLTrainer:
             wrap_target(target, cache) if target is not None else build_target(config, config.output_dir)
         )
         self.reward = as_reward(reward if reward is not None else config.reward_model)
-        self.scorer = RewriteScorer(self.prompter, self.target, self.reward)
+        self.scorer = RewriteScorer(self.prompter, self.target, self.reward, on_target_inputs)
         self.trainer: Any = None
 
     def reward_fn(

@@ -7,7 +7,7 @@ frozen target's answer to the rewrite, scored against the ORIGINAL prompt.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from alignpro_plugins.prompter import Prompter, RewriteResult
@@ -28,14 +28,25 @@ class ScoreBatch:
 
 
 class RewriteScorer:
-    def __init__(self, prompter: Prompter, target: FrozenTarget, reward: RewardFunction) -> None:
+    def __init__(
+        self,
+        prompter: Prompter,
+        target: FrozenTarget,
+        reward: RewardFunction,
+        on_target_inputs: Callable[[list[str], list[str]], None] | None = None,
+    ) -> None:
         self.prompter = prompter
         self.target = target
         self.reward = reward
+        # Told (x, x') before the target answers: lets a target rebuild context x' alone does not carry
+        # (e.g. a DSPy example's other input fields).
+        self.on_target_inputs = on_target_inputs
 
     def score_texts(
         self, originals: Sequence[str], target_inputs: Sequence[str]
     ) -> tuple[list[float], list[str], dict]:
+        if self.on_target_inputs is not None:
+            self.on_target_inputs(list(originals), list(target_inputs))
         t0 = time.perf_counter()
         answers = self.target.generate(list(target_inputs))
         t1 = time.perf_counter()

@@ -209,19 +209,6 @@ class _ProgramTarget(FrozenTarget):
             return [f.result() for f in futures]
 
 
-def _recording_scorer(trainer: Any, bridge: _ProgramBridge) -> Any:
-    from trainers.scoring import RewriteScorer
-
-    class RecordingScorer(RewriteScorer):
-        """Tells the bridge which original x each target input x' came from, then scores as usual."""
-
-        def score_texts(self, originals, target_inputs):
-            bridge.record(list(originals), list(target_inputs))
-            return super().score_texts(originals, target_inputs)
-
-    return RecordingScorer(trainer.prompter, trainer.target, trainer.reward)
-
-
 def evaluate(program: dspy.Module, dataset: Sequence[dspy.Example], metric: Callable[..., Any]) -> float:
     """Mean metric over ``dataset`` (sequential; a failing example scores 0 and is logged)."""
     scores = []
@@ -309,8 +296,8 @@ class AlignProOptimizer(Teleprompter):
             prompts=bridge.prompts(),
             target=self._target,
             reward=bridge.reward,
+            on_target_inputs=bridge.record,  # which x each x' came from: rebuilds the example's other fields
         )
-        trainer.scorer = _recording_scorer(trainer, bridge)
         return trainer.train()
 
     def compile(
