@@ -1,0 +1,45 @@
+"""LangChain integration: rewrite prompts with an Align-Pro prompter inside any chain or chat model.
+
+* :class:`AlignProRunnable` — a serializable link for ``prompt | AlignProRunnable | llm`` chains.
+* :class:`AlignedChatModel` — wraps any chat model; the latest human message is rewritten before it is sent.
+* :class:`ChatLocalTransformers` — a chat model over a local transformers causal LM (e.g. SmolLM2).
+* :class:`RewriteRecorder` — a callback handler that collects what the prompter did in each call.
+
+Needs ``langchain-core`` (``pip install 'alignpro-plugins[langchain]'``); the rest of the package does not.
+"""
+
+from __future__ import annotations
+
+try:
+    import langchain_core  # noqa: F401
+except ImportError as exc:  # keep the core package usable without LangChain
+    raise ImportError(
+        "alignpro_plugins.langchain needs langchain-core, which is not installed. "
+        "Install it with: pip install 'alignpro-plugins[langchain]'"
+    ) from exc
+
+from alignpro_plugins.langchain.chat_model import PROMPTER_ENV, AlignedChatModel
+from alignpro_plugins.langchain.local import ChatLocalTransformers, clear_model_cache
+from alignpro_plugins.langchain.runnable import (
+    ACCEPTED_INPUTS,
+    ENABLED_CONFIG_KEY,
+    NO_HUMAN_MESSAGE,
+    NO_TEXT_CONTENT,
+    REWRITE_RUN_NAME,
+    AlignProRunnable,
+    RewriteRecorder,
+)
+
+__all__ = [
+    "ACCEPTED_INPUTS",
+    "ENABLED_CONFIG_KEY",
+    "NO_HUMAN_MESSAGE",
+    "NO_TEXT_CONTENT",
+    "PROMPTER_ENV",
+    "REWRITE_RUN_NAME",
+    "AlignProRunnable",
+    "AlignedChatModel",
+    "ChatLocalTransformers",
+    "RewriteRecorder",
+    "clear_model_cache",
+]

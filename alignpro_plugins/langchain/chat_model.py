@@ -1,0 +1,367 @@
+"""``AlignedChatModel``: any LangChain chat model, with its latest human message rewritten by a prompter."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar, copy_context
+from typing import Any
+from uuid import uuid4
+
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, ensure_config
+from langchain_core.runnables.utils import coro_with_context
+from langchain_core.tools import BaseTool
+from pydantic import model_validator
+
+from alignpro_plugins.langchain.runnable import AlignProRunnable
+
+#: Environment variable read when no ``prompter=`` is given: an artifact folder or a base model name.
+PROMPTER_ENV = "ALIGNPRO_PROMPTER"
+
+# BaseChatModel.stream() calls _stream without its run manager; stream()/astream() below put the
+# model and its config (with a pre-assigned run id) here so _stream can still nest its child runs.
+_STREAM_PARENT: ContextVar[tuple[Any, RunnableConfig] | None] = ContextVar(
+    "alignpro_stream_parent", default=None
+)
+
+
+class AlignedChatModel(BaseChatModel):
+    """Wrap a chat model (``llm``) so the latest human message is rewritten by an Align-Pro prompter.
+
+    ```python
+    aligned = AlignedChatModel(llm=ChatOpenAI(model="gpt-4o-mini"), prompter="runs/prompter")
+    aligned.invoke("tea benefits?")
+    ```
+
+    ``prompter`` is an :class:`AlignProRunnable`, a loaded ``Prompter``, an artifact folder or a base model
+    name (default: ``$ALIGNPRO_PROMPTER``). System, AI and tool messages reach ``llm`` unchanged; the answer,
+    streaming, usage metadata and tool calls come from ``llm``. ``bind_tools`` and
+    ``with_structured_output`` are delegated to ``llm``. ``temperature``, ``max_tokens`` and ``stop``, when
+    set, are passed on to ``llm`` with every call. A failing prompter never fails the call: the original
+    messages are sent and the reason is recorded in the ``alignpro_rewrite`` run.
+    """
+
+    llm: Runnable
+    """The frozen target: a chat model (or a runnable from messages to an AIMessage)."""
+    prompter: AlignProRunnable
+    enabled: bool = True
+    """False sends messages unchanged (make it switchable per call with ``configurable_fields``)."""
+    temperature: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    streaming: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce_prompter(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        spec = values.get("prompter")
+        if spec is None:
+            spec = os.environ.get(PROMPTER_ENV)
+            if not spec:
+                raise ValueError(
+                    f"AlignedChatModel needs prompter=... (an AlignProRunnable, a Prompter, an artifact folder "
+                    f"or a base model name) or the environment variable {PROMPTER_ENV}"
+                )
+        return {**values, "prompter": AlignProRunnable.from_spec(spec)}
+
+    @property
+    def prompter_path(self) -> str | None:
+        """The artifact folder (or None for a zero-shot or in-memory prompter)."""
+        return self.prompter.prompter_path
+
+    @property
+    def model_name(self) -> str:
+        """``alignpro[<prompter>]:<inner model>``: identifies answers, e.g. in target caches."""
+        return f"alignpro[{self.prompter._spec()}]:{self._inner_name()}"
+
+    def _inner(self) -> BaseChatModel | None:
+        llm = self.llm.bound if isinstance(self.llm, RunnableBinding) else self.llm
+        return llm if isinstance(llm, BaseChatModel) else None
+
+    def _inner_name(self) -> str:
+        inner = self._inner()
+        if inner is not None:
+            name = inner._get_ls_params().get("ls_model_name")
+            if isinstance(name, str) and name:
+                return name
+            return inner._llm_type
+        return self.llm.get_name()
+
+    @property
+    def _llm_type(self) -> str:
+        return "alignpro-aligned-chat-model"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        inner = self._inner()
+        return {
+            "llm": inner._identifying_params if inner is not None else self.llm.get_name(),
+            "llm_type": inner._llm_type if inner is not None else type(self.llm).__name__,
+            "prompter": self.prompter._spec(),
+            "mode": self.prompter.mode,
+            "enabled": self.enabled,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        inner = self._inner()
+        params = LangSmithParams(**(inner._get_ls_params(stop=stop, **kwargs) if inner is not None else {}))
+        # Provider and model name of the wrapped model, so cost tracking keeps working.
+        params.setdefault("ls_provider", "alignpro")
+        params["ls_model_type"] = "chat"
+        if isinstance(kwargs.get("model"), str):
+            params["ls_model_name"] = kwargs["model"]
+        elif not isinstance(params.get("ls_model_name"), str):
+            params["ls_model_name"] = self._inner_name()
+        if self.temperature is not None:
+            params["ls_temperature"] = self.temperature
+        if self.max_tokens is not None:
+            params["ls_max_tokens"] = self.max_tokens
+        merged_stop = self._stop(stop)
+        if merged_stop:
+            params["ls_stop"] = merged_stop
+        return params
+
+    # ------------------------------------------------------------------ helpers
+    def _child_config(self, run_manager: Any, *, async_: bool = False) -> RunnableConfig:
+        """Config for the rewrite and the inner call: children of this model's run."""
+        manager_cls = AsyncCallbackManager if async_ else CallbackManager
+        if run_manager is not None:
+            return {"callbacks": _child_manager(manager_cls, run_manager, run_manager.run_id)}
+        parent = _STREAM_PARENT.get()
+        if parent is not None and parent[0] is self:
+            config = parent[1]
+            manager = manager_cls.configure(
+                config.get("callbacks"),
+                self.callbacks,
+                self.verbose,
+                config.get("tags"),
+                self.tags,
+                config.get("metadata"),
+                self.metadata,
+            )
+            return {"callbacks": _child_manager(manager_cls, manager, config["run_id"])}
+        return ensure_config()  # e.g. inside a chain step: attach to the enclosing run
+
+    def _stop(self, stop: list[str] | None) -> list[str] | None:
+        merged = stop if stop is not None else self.stop
+        return list(merged) if merged else None  # some APIs reject an empty stop list
+
+    def _inner_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        defaults = {
+            k: v
+            for k, v in (("temperature", self.temperature), ("max_tokens", self.max_tokens))
+            if v is not None
+        }
+        return {**defaults, **kwargs}
+
+    def _rewrite(self, messages: list[BaseMessage], config: RunnableConfig) -> list[BaseMessage]:
+        return self.prompter.invoke(messages, config) if self.enabled else messages
+
+    async def _arewrite(self, messages: list[BaseMessage], config: RunnableConfig) -> list[BaseMessage]:
+        return await self.prompter.ainvoke(messages, config) if self.enabled else messages
+
+    # ------------------------------------------------------------------ BaseChatModel hooks
+    def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
+        # On invoke BaseChatModel would call _stream without the run manager, losing the nesting of the
+        # rewrite; _generate streams itself instead (see _wants_stream).
+        if run_manager is not None:
+            return False
+        return super()._should_stream(async_api=async_api, run_manager=run_manager, **kwargs)
+
+    def _wants_stream(self, async_api: bool, run_manager: Any, kwargs: dict[str, Any]) -> bool:
+        return run_manager is not None and super()._should_stream(
+            async_api=async_api, run_manager=run_manager, **kwargs
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self._wants_stream(False, run_manager, kwargs):  # streaming=True or a streaming handler
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        config = self._child_config(run_manager)
+        prompt = self._rewrite(messages, config)
+        if isinstance(self.llm, BaseChatModel):
+            # generate() keeps every generation and llm_output (invoke() keeps only the message).
+            res = self.llm.generate(
+                [prompt],
+                stop=self._stop(stop),
+                callbacks=config.get("callbacks"),
+                **self._inner_kwargs(kwargs),
+            )
+            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
+        out = self.llm.invoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
+        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self._wants_stream(True, run_manager, kwargs):
+            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        config = self._child_config(run_manager, async_=True)
+        prompt = await self._arewrite(messages, config)
+        if isinstance(self.llm, BaseChatModel):
+            res = await self.llm.agenerate(
+                [prompt],
+                stop=self._stop(stop),
+                callbacks=config.get("callbacks"),
+                **self._inner_kwargs(kwargs),
+            )
+            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
+        out = await self.llm.ainvoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
+        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        config = self._child_config(run_manager)
+        prompt = self._rewrite(messages, config)
+        for chunk in self.llm.stream(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs)):
+            gen = ChatGenerationChunk(message=_as_chunk(chunk))
+            if run_manager:
+                run_manager.on_llm_new_token(gen.text, chunk=gen)
+            yield gen
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        config = self._child_config(run_manager, async_=True)
+        prompt = await self._arewrite(messages, config)
+        async for chunk in self.llm.astream(
+            prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs)
+        ):
+            gen = ChatGenerationChunk(message=_as_chunk(chunk))
+            if run_manager:
+                await run_manager.on_llm_new_token(gen.text, chunk=gen)
+            yield gen
+
+    # ------------------------------------------------------------------ streaming entry points
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or uuid4()  # known up front: the parent of our child runs
+        ctx = copy_context()
+        ctx.run(_STREAM_PARENT.set, (self, config))
+        iterator = super().stream(input, config, stop=stop, **kwargs)
+        try:
+            while True:
+                try:
+                    chunk = ctx.run(next, iterator)
+                except StopIteration:
+                    return
+                yield chunk
+        finally:
+            ctx.run(iterator.close)  # type: ignore[attr-defined]
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or uuid4()
+        ctx = copy_context()
+        ctx.run(_STREAM_PARENT.set, (self, config))
+        iterator = super().astream(input, config, stop=stop, **kwargs)
+
+        async def step() -> AIMessageChunk:
+            return await iterator.__anext__()
+
+        try:
+            while True:
+                try:
+                    chunk = await coro_with_context(step(), ctx)
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ delegation
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: str | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Tools are formatted by ``llm``; the aligned model passes them through on every call."""
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        bound = self.llm.bind_tools(tools, **kwargs)  # type: ignore[attr-defined]
+        if isinstance(bound, RunnableBinding) and bound.bound is self.llm:
+            return self.bind(**bound.kwargs)
+        return self.model_copy(update={"llm": bound})
+
+    def with_structured_output(
+        self, schema: dict[str, Any] | type, *, include_raw: bool = False, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, Any]:
+        """``llm``'s structured output, fed the rewritten prompt."""
+        structured = self.llm.with_structured_output(schema, include_raw=include_raw, **kwargs)  # type: ignore[attr-defined]
+        if not self.enabled:
+            return structured
+        return self.prompter | structured
+
+
+def _child_manager(manager_cls: type, parent: Any, parent_run_id: Any) -> Any:
+    # LLM run managers have no get_child(); build the same child manager by hand so the rewrite and the
+    # inner model's run nest under the aligned model's run.
+    child = manager_cls(handlers=[], parent_run_id=parent_run_id)
+    child.set_handlers(parent.inheritable_handlers)
+    child.add_tags(parent.inheritable_tags)
+    # ls_* keys describe the chat model run itself (provider, model name), not its children.
+    child.add_metadata({k: v for k, v in parent.inheritable_metadata.items() if not k.startswith("ls_")})
+    return child
+
+
+def _as_ai_message(out: Any) -> AIMessage:
+    if isinstance(out, AIMessage):
+        return out
+    if isinstance(out, BaseMessage):
+        return AIMessage(content=out.content)
+    return AIMessage(content=str(out))
+
+
+def _as_chunk(out: Any) -> AIMessageChunk:
+    if isinstance(out, AIMessageChunk):
+        return out
+    if isinstance(out, BaseMessage):
+        return AIMessageChunk(content=out.content)
+    return AIMessageChunk(content=str(out))

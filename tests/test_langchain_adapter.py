@@ -1,0 +1,662 @@
+"""AlignProRunnable and AlignedChatModel logic, with fake chat models and the tiny prompter."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, FakeListChatModel, GenericFakeChatModel
+from langchain_core.load import dumpd, load
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
+from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
+from langchain_core.runnables import ConfigurableField, RunnableLambda, RunnableSequence
+from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from alignpro_plugins import guard
+from alignpro_plugins.langchain import (
+    ENABLED_CONFIG_KEY,
+    NO_HUMAN_MESSAGE,
+    NO_TEXT_CONTENT,
+    REWRITE_RUN_NAME,
+    AlignedChatModel,
+    AlignProRunnable,
+    ChatLocalTransformers,
+    RewriteRecorder,
+)
+from alignpro_plugins.prompter import Prompter
+from alignpro_plugins.targets import LangChainTarget, as_target
+
+GUIDANCE = "Be thorough and give an example."
+
+
+# ---------------------------------------------------------------------- helpers (also used by other files)
+class StubPrompter(Prompter):
+    """A real Prompter (batcher, guard, compose) whose model output is fixed: only generation is stubbed.
+
+    ``batches`` records the size of every generate call, so tests can see the batching.
+    """
+
+    guidance = GUIDANCE
+
+    def _generate_key(self, key: Any, queries: list[str]) -> list[tuple[str, bool]]:
+        self.batches.append(len(queries))
+        return [(self.guidance_for(q), False) for q in queries]
+
+    def guidance_for(self, query: str) -> str:
+        return self.guidance
+
+    @classmethod
+    def build(cls, base_dir: str, **kwargs: Any) -> StubPrompter:
+        p = cls.from_base(base_dir, similarity=None, **kwargs)
+        p.batches = []
+        return p
+
+
+class EchoChatModel(BaseChatModel):
+    """Answers with the text of the last human message it received; records what it was sent."""
+
+    seen: ClassVar[list[list[BaseMessage]]] = []
+    seen_kwargs: ClassVar[list[dict[str, Any]]] = []
+
+    @property
+    def _llm_type(self) -> str:
+        return "echo"
+
+    def _answer(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> str:
+        self.seen.append(list(messages))
+        self.seen_kwargs.append(dict(kwargs))
+        return next(m.text for m in reversed(messages) if isinstance(m, HumanMessage))
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(self._answer(messages, kwargs)))])
+
+    async def _agenerate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        await asyncio.sleep(0)  # a real await point, so concurrent calls interleave
+        return self._generate(messages, stop, **kwargs)
+
+    def _stream(
+        self, messages, stop=None, run_manager: CallbackManagerForLLMRun | None = None, **kwargs
+    ) -> Iterator[ChatGenerationChunk]:
+        words = self._answer(messages, kwargs).split(" ")
+        for i, word in enumerate(words):
+            last = i == len(words) - 1
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content=word if last else word + " ", chunk_position="last" if last else None
+                )
+            )
+
+    def bind_tools(self, tools, *, tool_choice=None, **kwargs):
+        names = [convert_to_openai_tool(t)["function"]["name"] for t in tools]
+        return self.bind(tools=names, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(self, schema, *, include_raw=False, **kwargs):
+        def parse(value: Any) -> dict[str, Any]:
+            text = value if isinstance(value, str) else value[-1].text
+            return {"schema": schema, "prompt": text}
+
+        return RunnableLambda(parse)
+
+
+def run_tree(run, depth: int = 0) -> list[tuple[int, str, Any]]:
+    rows = [(depth, run.name, run)]
+    for child in run.child_runs:
+        rows += run_tree(child, depth + 1)
+    return rows
+
+
+def rewrite_runs(collector: RunCollectorCallbackHandler) -> list[Any]:
+    return [r for root in collector.traced_runs for _, name, r in run_tree(root) if name == REWRITE_RUN_NAME]
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_lm_dir) -> StubPrompter:
+    return StubPrompter.build(tiny_lm_dir)
+
+
+@pytest.fixture
+def rewriter(stub) -> AlignProRunnable:
+    stub.batches.clear()
+    return AlignProRunnable(stub)
+
+
+@pytest.fixture(scope="module")
+def tiny_prompter(tiny_lm_dir) -> Prompter:
+    return Prompter.from_base(tiny_lm_dir, similarity=None)
+
+
+def augmented(text: str) -> str:
+    return f"{text}\n\n{GUIDANCE}"
+
+
+# ---------------------------------------------------------------------- input kinds
+def test_str_and_string_prompt_value(rewriter):
+    assert rewriter.invoke("Tell me about tea") == augmented("Tell me about tea")
+    out = rewriter.invoke(StringPromptValue(text="Tell me about tea"))
+    assert isinstance(out, StringPromptValue) and out.text == augmented("Tell me about tea")
+
+
+def test_only_latest_human_message_text_changes(rewriter):
+    image = {"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}
+    messages = [
+        SystemMessage("You are terse."),
+        HumanMessage("first question", id="h1"),
+        AIMessage("first answer"),
+        ToolMessage("42", tool_call_id="call-1"),
+        HumanMessage([{"type": "text", "text": "What is in this picture?"}, image], id="h2", name="ann"),
+        AIMessage("thinking"),
+    ]
+    out = rewriter.invoke(messages)
+    assert isinstance(out, list) and len(out) == len(messages)
+    for i in (0, 1, 2, 3, 5):
+        assert out[i] == messages[i]
+    latest = out[4]
+    assert isinstance(latest, HumanMessage) and latest.id == "h2" and latest.name == "ann"
+    assert latest.content == [{"type": "text", "text": augmented("What is in this picture?")}, image]
+    assert messages[4].content[0]["text"] == "What is in this picture?"  # the input is not mutated
+
+
+def test_multiple_text_parts_are_joined_into_the_first(rewriter):
+    msg = HumanMessage(["part one", {"type": "text", "text": "part two"}, {"type": "image", "url": "u"}])
+    out = rewriter.invoke([msg])[0]
+    assert out.content == [augmented("part one\npart two"), {"type": "image", "url": "u"}]
+
+
+def test_chat_prompt_value_message_likes_and_chat_message(rewriter):
+    value = ChatPromptValue(messages=[SystemMessage("s"), HumanMessage("q")])
+    out = rewriter.invoke(value)
+    assert isinstance(out, ChatPromptValue)
+    assert out.messages == [SystemMessage("s"), HumanMessage(augmented("q"))]
+    likes = rewriter.invoke([("system", "s"), ("human", "q")])
+    assert likes == [SystemMessage("s"), HumanMessage(augmented("q"))]
+    role_user = rewriter.invoke([ChatMessage(role="user", content="q")])
+    assert role_user[0].content == augmented("q") and role_user[0].role == "user"
+    assert rewriter.invoke(HumanMessage("q")) == HumanMessage(augmented("q"))
+
+
+def test_dict_input_and_input_key(stub):
+    r = AlignProRunnable(stub, input_key="question")
+    out = r.invoke({"question": "q", "context": "ctx"})
+    assert out == {"question": augmented("q"), "context": "ctx"}
+    assert r.invoke({"question": [HumanMessage("q")]}) == {"question": [HumanMessage(augmented("q"))]}
+    with pytest.raises(KeyError, match="question"):
+        r.invoke({"input": "q"})
+
+
+@pytest.mark.parametrize("bad", [3, None, b"bytes", {1, 2}, [object()]])
+def test_unsupported_inputs_raise_type_error_naming_accepted_types(rewriter, bad):
+    with pytest.raises(TypeError) as info:
+        rewriter.invoke(bad)
+    message = str(info.value)
+    for kind in ("str", "PromptValue", "list of messages", "dict"):
+        assert kind in message
+
+
+def test_nothing_to_rewrite_passes_through_with_reason(rewriter):
+    recorder = RewriteRecorder()
+    no_human = [SystemMessage("s"), AIMessage("a")]
+    assert rewriter.invoke(no_human, config={"callbacks": [recorder]}) == no_human
+    only_image = [HumanMessage([{"type": "image_url", "image_url": {"url": "u"}}])]
+    assert rewriter.invoke(only_image, config={"callbacks": [recorder]}) == only_image
+    assert rewriter.invoke("   ", config={"callbacks": [recorder]}) == "   "
+    reasons = [r["fallback_reason"] for r in recorder.records]
+    assert reasons == [NO_HUMAN_MESSAGE, NO_TEXT_CONTENT, guard.EMPTY_INPUT]
+    assert all(not r["changed"] for r in recorder.records)
+
+
+# ---------------------------------------------------------------------- batching, async, streaming
+def test_batch_calls_the_prompter_once_with_all_texts(tiny_prompter, monkeypatch):
+    calls: list[list[str]] = []
+    sizes: list[int] = []
+    real_results, real_raw = tiny_prompter.rewrite_results, tiny_prompter.generate_raw
+
+    def spy_results(prompts, **kw):
+        calls.append(list(prompts))
+        return real_results(prompts, **kw)
+
+    def spy_raw(queries, *a, **kw):
+        sizes.append(len(queries))
+        return real_raw(queries, *a, **kw)
+
+    monkeypatch.setattr(tiny_prompter, "rewrite_results", spy_results)
+    monkeypatch.setattr(tiny_prompter, "generate_raw", spy_raw)
+    r = AlignProRunnable(tiny_prompter, generation_kwargs={"max_new_tokens": 8})
+    inputs = [
+        "first",
+        StringPromptValue(text="second"),
+        [HumanMessage("third")],
+        {"input": "fourth"},
+        "fifth",
+    ]
+    outs = r.batch(inputs)
+    assert calls == [["first", "second", "third", "fourth", "fifth"]]
+    assert sizes == [5]  # one real batched generate for the whole batch
+    assert [type(o) for o in outs] == [str, StringPromptValue, list, dict, str]
+
+
+def test_batch_reports_bad_inputs_per_item(rewriter):
+    outs = rewriter.batch(["ok", 3], return_exceptions=True)
+    assert outs[0] == augmented("ok") and isinstance(outs[1], TypeError)
+    with pytest.raises(TypeError):
+        rewriter.batch(["ok", 3])
+
+
+async def test_ainvoke_abatch_and_astream(rewriter, stub):
+    assert await rewriter.ainvoke("q") == augmented("q")
+    stub.batches.clear()
+    outs = await rewriter.abatch(["a", "b", "c"])
+    assert outs == [augmented("a"), augmented("b"), augmented("c")]
+    assert stub.batches == [3]
+    chunks = [c async for c in rewriter.astream([HumanMessage("q")])]
+    assert chunks == [[HumanMessage(augmented("q"))]]
+
+
+def test_stream_yields_the_rewritten_input_once(rewriter):
+    assert list(rewriter.stream("q")) == [augmented("q")]
+
+
+def test_chain_streams_tokens_from_the_llm(rewriter):
+    prompt = ChatPromptTemplate.from_messages([("system", "sys"), ("human", "{q}")])
+    chain = prompt | rewriter | EchoChatModel()
+    tokens = [c.content for c in chain.stream({"q": "tell me more"})]
+    assert len(tokens) > 3 and "".join(tokens) == augmented("tell me more")
+
+
+# ---------------------------------------------------------------------- tracing and config
+def test_traced_child_run_with_callbacks_tags_metadata_and_run_name(rewriter):
+    collector = RunCollectorCallbackHandler()
+    prompt = PromptTemplate.from_template("{q}")
+    chain = prompt | rewriter.with_config(run_name="improve_prompt", tags=["align"])
+    out = chain.invoke(
+        {"q": "Tell me about tea"},
+        config={"callbacks": [collector], "tags": ["req"], "metadata": {"user": "u7"}},
+    )
+    assert out.text == augmented("Tell me about tea")
+    rows = run_tree(collector.traced_runs[0])
+    names = [name for _, name, _ in rows]
+    assert names == ["RunnableSequence", "PromptTemplate", "improve_prompt", REWRITE_RUN_NAME]
+    parent, child = rows[2][2], rows[3][2]
+    assert child.parent_run_id == parent.id
+    assert "align" in parent.tags and "req" in child.tags
+    assert child.extra["metadata"]["user"] == "u7"
+    assert child.inputs == {"input": "Tell me about tea"}
+    assert child.outputs == {
+        "original": "Tell me about tea",
+        "rewritten": augmented("Tell me about tea"),
+        "changed": True,
+        "fallback_reason": None,
+        "mode": "augment",
+        "generated": GUIDANCE,
+    }
+
+
+def test_batch_traces_one_child_run_per_input(rewriter):
+    collector = RunCollectorCallbackHandler()
+    rewriter.batch(["a", "b"], config={"callbacks": [collector]})
+    assert [r.outputs["original"] for r in rewrite_runs(collector)] == ["a", "b"]
+    assert all(r.name == "AlignProRunnable" for r in collector.traced_runs)
+
+
+def test_switched_off_with_configurable_fields(rewriter, stub, monkeypatch):
+    loads: list[Any] = []
+    monkeypatch.setattr(Prompter, "from_base", classmethod(lambda cls, *a, **k: loads.append(a)))
+    switchable = rewriter.configurable_fields(
+        enabled=ConfigurableField(id="alignpro_enabled", name="Align-Pro rewriting")
+    )
+    recorder = RewriteRecorder()
+    off = {"configurable": {"alignpro_enabled": False}, "callbacks": [recorder]}
+    assert switchable.invoke("q", config=off) == "q"
+    assert switchable.invoke("q") == augmented("q")
+    assert switchable.with_config(configurable={"alignpro_enabled": False}).invoke("q") == "q"
+    assert recorder.records[0]["fallback_reason"] == guard.DISABLED
+    assert loads == []  # the configured copy reuses the loaded prompter
+    # The key also works without configurable_fields, and the field can be set directly.
+    assert rewriter.invoke("q", config={"configurable": {ENABLED_CONFIG_KEY: False}}) == "q"
+    assert AlignProRunnable(stub, enabled=False).invoke("q") == "q"
+
+
+# ---------------------------------------------------------------------- failures never break a chain
+def test_prompter_exception_passes_the_original_through(stub, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stub, "rewrite_results", boom)
+    r = AlignProRunnable(stub)
+    collector = RunCollectorCallbackHandler()
+    chain = r | EchoChatModel()
+    answer = chain.invoke([SystemMessage("s"), HumanMessage("q")], config={"callbacks": [collector]})
+    assert answer.content == "q"
+    (run,) = rewrite_runs(collector)
+    assert run.outputs["fallback_reason"] == "prompter_error: RuntimeError: boom"
+    assert run.outputs["rewritten"] == "q" and run.error is None
+
+
+async def test_async_prompter_exception_passes_through(stub, monkeypatch):
+    async def boom(*a, **k):
+        raise ValueError("bad")
+
+    monkeypatch.setattr(stub, "arewrite_results", boom)
+    recorder = RewriteRecorder()
+    outs = await AlignProRunnable(stub).abatch(["a", "b"], config={"callbacks": [recorder]})
+    assert outs == ["a", "b"]
+    assert [r["fallback_reason"] for r in recorder.records] == ["prompter_error: ValueError: bad"] * 2
+
+
+def test_unloadable_prompter_passes_through(tmp_path):
+    r = AlignProRunnable(prompter_path=str(tmp_path / "missing"))  # loaded lazily: fails at first call
+    recorder = RewriteRecorder()
+    assert r.invoke("q", config={"callbacks": [recorder]}) == "q"
+    assert recorder.records[0]["fallback_reason"].startswith("prompter_error: FileNotFoundError")
+    with pytest.raises(FileNotFoundError):
+        AlignProRunnable.from_pretrained(tmp_path / "missing")  # eager: a bad path fails at construction
+
+
+def test_guard_rejection_passes_through(tiny_prompter):
+    # The random tiny model never ends a sentence within 8 tokens: the guard rejects it as truncated.
+    recorder = RewriteRecorder()
+    r = AlignProRunnable(tiny_prompter, generation_kwargs={"max_new_tokens": 8})
+    assert r.invoke("What is tea?", config={"callbacks": [recorder]}) == "What is tea?"
+    assert recorder.records[0]["fallback_reason"] == guard.TRUNCATED
+
+
+def test_constructor_validation(stub):
+    with pytest.raises(ValueError, match="needs a prompter"):
+        AlignProRunnable()
+    with pytest.raises(ValueError, match="mode"):
+        AlignProRunnable(stub, mode="paraphrase")
+
+
+# ---------------------------------------------------------------------- construction and serialization
+def test_from_pretrained_and_serialization_round_trip(stub, tmp_path):
+    folder = stub.save_pretrained(tmp_path / "artifact")
+    r = AlignProRunnable.from_pretrained(folder, mode="augment", generation_kwargs={"max_new_tokens": 8})
+    data = dumpd(r)
+    assert data["type"] == "constructor"
+    assert data["id"] == ["alignpro_plugins", "langchain", "AlignProRunnable"]
+    assert data["kwargs"]["prompter_path"] == str(folder)
+    json.dumps(data)  # plain JSON: no model objects inside
+    restored = load(data, valid_namespaces=["alignpro_plugins"], allowed_objects=[AlignProRunnable])
+    assert isinstance(restored, AlignProRunnable)
+    assert restored.get_prompter() is r.get_prompter()  # shared, not reloaded
+    assert restored.invoke("What is tea?") == r.invoke("What is tea?")
+    assert dumpd(AlignProRunnable(stub))["type"] == "not_implemented"
+
+
+def test_from_base_builds_a_zero_shot_prompter(tiny_lm_dir):
+    r = AlignProRunnable.from_base(tiny_lm_dir, mode="rewrite", similarity=None)
+    assert r.get_prompter().manifest.mode == "rewrite" and r.base_model == tiny_lm_dir
+    assert dumpd(r)["kwargs"]["base_model"] == tiny_lm_dir
+
+
+# ---------------------------------------------------------------------- AlignedChatModel
+@pytest.fixture
+def echo() -> EchoChatModel:
+    EchoChatModel.seen = []
+    EchoChatModel.seen_kwargs = []
+    return EchoChatModel()
+
+
+def test_aligned_model_sends_the_rewritten_prompt(stub, echo):
+    aligned = AlignedChatModel(llm=echo, prompter=stub)
+    history = [SystemMessage("sys"), HumanMessage("old"), AIMessage("reply"), HumanMessage("new question")]
+    answer = aligned.invoke(history)
+    assert isinstance(answer, AIMessage) and answer.content == augmented("new question")
+    sent = echo.seen[-1]
+    assert sent[:3] == history[:3] and sent[3].content == augmented("new question")
+
+
+def test_aligned_model_traces_rewrite_and_inner_call_under_its_run(stub, echo):
+    aligned = AlignedChatModel(llm=echo, prompter=stub)
+    for call in (
+        lambda cfg: aligned.invoke("q", config=cfg),
+        lambda cfg: list(aligned.stream("q", config=cfg)),
+    ):
+        collector = RunCollectorCallbackHandler()
+        call({"callbacks": [collector], "tags": ["t"], "metadata": {"k": "v"}})
+        rows = run_tree(collector.traced_runs[0])
+        assert [(d, n) for d, n, _ in rows] == [
+            (0, "AlignedChatModel"),
+            (1, "AlignProRunnable"),
+            (2, REWRITE_RUN_NAME),
+            (1, "EchoChatModel"),
+        ]
+        assert rows[2][2].outputs["rewritten"] == augmented("q")
+        assert rows[3][2].tags == ["t"] and rows[3][2].extra["metadata"]["k"] == "v"
+
+
+async def test_aligned_model_async_and_streaming(stub, echo):
+    aligned = AlignedChatModel(llm=echo, prompter=stub)
+    assert (await aligned.ainvoke("q")).content == augmented("q")
+    chunks = [c async for c in aligned.astream("tell me about tea")]
+    assert len(chunks) > 3 and chunks[-1].chunk_position == "last"
+    assert "".join(c.content for c in chunks) == augmented("tell me about tea")
+    sync_chunks = list(aligned.stream("tell me about tea"))
+    assert "".join(c.content for c in sync_chunks) == augmented("tell me about tea")
+    recorder = RewriteRecorder()
+    [c async for c in aligned.astream("q", config={"callbacks": [recorder]})]
+    assert recorder.records[-1]["rewritten"] == augmented("q")
+
+
+def test_aligned_model_streaming_flag_and_fake_list_model(stub):
+    aligned = AlignedChatModel(llm=FakeListChatModel(responses=["abc"]), prompter=stub, streaming=True)
+    tokens: list[tuple[Any, str]] = []
+
+    class Tokens(BaseCallbackHandler):
+        def on_llm_new_token(self, token, *, run_id, parent_run_id=None, **kwargs):
+            tokens.append((parent_run_id, token))
+
+    assert aligned.invoke("q", config={"callbacks": [Tokens()]}).content == "abc"
+    # The aligned (root) run streamed the inner model's tokens as they came.
+    assert "".join(t for parent, t in tokens if parent is None) == "abc"
+
+
+async def test_aligned_model_stream_events_when_invoked_inside_a_node(stub, echo):
+    # e.g. a LangGraph node calling model.invoke() under astream_events: tokens still stream from the
+    # aligned model's own run, and the rewrite is nested under it.
+    aligned = AlignedChatModel(llm=echo, prompter=stub)
+    node = RunnableLambda(lambda x: aligned.invoke(x["q"]).content)
+    events = [e async for e in node.astream_events({"q": "tell me about tea"}, version="v2")]
+    streamed = "".join(
+        e["data"]["chunk"].content
+        for e in events
+        if e["event"] == "on_chat_model_stream" and e["name"] == "AlignedChatModel"
+    )
+    assert streamed == augmented("tell me about tea")
+    (end,) = [e for e in events if e["event"] == "on_chain_end" and e["name"] == REWRITE_RUN_NAME]
+    assert end["data"]["output"]["rewritten"] == augmented("tell me about tea")
+    assert events[-1]["data"]["output"] == augmented("tell me about tea")
+
+
+def test_aligned_model_passes_settings_and_tools_through(stub, echo):
+    aligned = AlignedChatModel(llm=echo, prompter=stub, temperature=0.2, max_tokens=7, stop=["END"])
+    aligned.invoke("q")
+    assert echo.seen_kwargs[-1]["temperature"] == 0.2 and echo.seen_kwargs[-1]["max_tokens"] == 7
+    params = aligned._get_ls_params()
+    assert params["ls_model_name"] == "echo" and params["ls_stop"] == ["END"]
+    assert aligned._get_ls_params(model="other")["ls_model_name"] == "other"
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    tooled = aligned.bind_tools([add], tool_choice="any")
+    assert tooled.invoke("q").content == augmented("q")
+    assert echo.seen_kwargs[-1]["tools"] == ["add"] and echo.seen_kwargs[-1]["tool_choice"] == "any"
+
+
+def test_aligned_model_structured_output_gets_the_rewrite(stub, echo):
+    structured = AlignedChatModel(llm=echo, prompter=stub).with_structured_output({"title": "Answer"})
+    assert isinstance(structured, RunnableSequence)
+    assert structured.invoke("q") == {"schema": {"title": "Answer"}, "prompt": augmented("q")}
+
+
+def test_aligned_model_can_be_switched_off(stub, echo):
+    aligned = AlignedChatModel(llm=echo, prompter=stub).configurable_fields(
+        enabled=ConfigurableField(id="alignpro_enabled")
+    )
+    assert aligned.invoke("q", config={"configurable": {"alignpro_enabled": False}}).content == "q"
+    assert aligned.invoke("q").content == augmented("q")
+
+
+def test_aligned_model_survives_a_failing_prompter(stub, echo, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("prompter down")
+
+    monkeypatch.setattr(stub, "rewrite_results", boom)
+    recorder = RewriteRecorder()
+    answer = AlignedChatModel(llm=echo, prompter=stub).invoke("q", config={"callbacks": [recorder]})
+    assert answer.content == "q"
+    assert recorder.records[0]["fallback_reason"] == "prompter_error: RuntimeError: prompter down"
+
+
+def test_aligned_model_prompter_specs(stub, tmp_path, monkeypatch, tiny_lm_dir):
+    folder = str(stub.save_pretrained(tmp_path / "artifact"))
+    llm = GenericFakeChatModel(messages=iter(["x"]))
+    assert AlignedChatModel(llm=llm, prompter=folder).prompter_path == folder
+    assert (
+        AlignedChatModel(llm=llm, prompter=tiny_lm_dir).prompter.base_model == tiny_lm_dir
+    )  # a model folder
+    assert AlignedChatModel(llm=llm, prompter="smollm2-135m-instruct").prompter.base_model is not None
+    assert AlignedChatModel(llm=llm, prompter=str(tmp_path / "nope")).prompter_path == str(tmp_path / "nope")
+    monkeypatch.setenv("ALIGNPRO_PROMPTER", folder)
+    assert AlignedChatModel(llm=llm).prompter_path == folder
+    monkeypatch.delenv("ALIGNPRO_PROMPTER")
+    with pytest.raises(ValueError, match="ALIGNPRO_PROMPTER"):
+        AlignedChatModel(llm=llm)
+    with pytest.raises(TypeError, match="prompter must be"):
+        AlignedChatModel(llm=llm, prompter=42)
+    assert "echo" in AlignedChatModel(llm=EchoChatModel(), prompter=stub).model_name
+
+
+# ---------------------------------------------------------------------- load: 200 concurrent calls
+class TaggingPrompter(StubPrompter):
+    """Guidance names the request it was generated for, so a mix-up inside a batch would show."""
+
+    def guidance_for(self, query: str) -> str:
+        return "Guidance for " + query.split("Request:\n", 1)[1].split("<|im_end|>", 1)[0].strip() + "."
+
+
+async def test_200_concurrent_ainvoke_none_lost(tiny_lm_dir, echo):
+    prompter = TaggingPrompter.build(tiny_lm_dir)
+    aligned = AlignedChatModel(llm=echo, prompter=prompter)
+    questions = [f"request {i} about topic {i * 7 % 13}" for i in range(200)]
+    answers = await asyncio.gather(*(aligned.ainvoke(q) for q in questions))
+    assert len(answers) == 200
+    for q, a in zip(questions, answers, strict=True):
+        assert a.content == f"{q}\n\nGuidance for {q}."
+    assert sum(prompter.batches) == 200 and max(prompter.batches) > 1  # micro-batched, nothing dropped
+    assert len(echo.seen) == 200
+
+
+async def test_200_concurrent_ainvoke_with_real_tiny_generation(tiny_prompter, echo):
+    aligned = AlignedChatModel(
+        llm=echo, prompter=AlignProRunnable(tiny_prompter, generation_kwargs={"max_new_tokens": 4})
+    )
+    questions = [f"question number {i}?" for i in range(200)]
+    answers = await asyncio.gather(*(aligned.ainvoke(q) for q in questions))
+    # Each answer is its own question (the guard rejects most random tiny outputs; any kept one is appended).
+    for q, a in zip(questions, answers, strict=True):
+        assert a.content == q or a.content.startswith(q + "\n\n")
+
+
+# ---------------------------------------------------------------------- targets.LangChainTarget
+def test_langchain_target_over_aligned_and_local_models(stub, echo, tiny_lm_dir):
+    target = LangChainTarget(AlignedChatModel(llm=echo, prompter=stub))
+    assert target.generate(["a", "b"]) == [augmented("a"), augmented("b")]
+    assert asyncio.run(target.agenerate(["c"])) == [augmented("c")]
+    assert target.identity.startswith("langchain:alignpro[") and target.stats.failures == 0
+
+    local = as_target(ChatLocalTransformers(model=tiny_lm_dir, max_tokens=4))
+    assert isinstance(local, LangChainTarget)
+    answers = local.generate(["hello", "tea?"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert local.identity == f"langchain:{tiny_lm_dir}" and local.stats.failures == 0
+
+
+# ---------------------------------------------------------------------- ChatLocalTransformers (tiny model)
+def test_local_model_batches_concurrent_calls_and_reports_usage(tiny_lm_dir):
+    llm = ChatLocalTransformers(model=tiny_lm_dir, max_tokens=5, batch_size=4)
+    rt = llm._runtime()
+    sizes: list[int] = []
+    real = rt._generate_batch
+
+    def spy(settings, prompts):
+        sizes.append(len(prompts))
+        return real(settings, prompts)
+
+    rt.batcher._fn = spy
+    results: list[AIMessage] = [None] * 4  # type: ignore[list-item]
+
+    def call(i: int) -> None:
+        results[i] = llm.invoke(f"hello {i}")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    try:
+        with rt.lock:  # generation is busy: the four calls queue up and must share the next batch
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+        for t in threads:
+            t.join()
+    finally:
+        rt.batcher._fn = real
+    assert sum(sizes) == 4 and max(sizes) > 1
+    for msg in results:
+        usage = msg.usage_metadata
+        assert usage["input_tokens"] > 0 and 0 < usage["output_tokens"] <= 5
+        assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+        assert msg.response_metadata["model_name"] == tiny_lm_dir
+
+
+def test_local_model_stream_matches_invoke(tiny_lm_dir):
+    llm = ChatLocalTransformers(model=tiny_lm_dir, max_tokens=12)
+    full = llm.invoke("Say something")
+    chunks = list(llm.stream("Say something"))
+    assert "".join(c.content for c in chunks) == full.content
+    assert chunks[-1].chunk_position == "last"
+    assert [c.usage_metadata for c in chunks if c.usage_metadata] == [full.usage_metadata]
+
+
+def test_local_model_rejects_images_and_bad_settings(tiny_lm_dir):
+    llm = ChatLocalTransformers(model=tiny_lm_dir, max_tokens=2)
+    with pytest.raises(ValueError, match="text only"):
+        llm.invoke([HumanMessage([{"type": "image_url", "image_url": {"url": "u"}}])])
+    with pytest.raises(ValueError):
+        ChatLocalTransformers(model=tiny_lm_dir, temperature=-1)
+    assert llm.get_num_tokens("abc") == 3  # its own (byte-level) tokenizer, not GPT-2's
+
+
+# ---------------------------------------------------------------------- lazy import
+def test_core_package_imports_without_langchain():
+    code = (
+        "import sys\n"
+        "sys.modules['langchain_core'] = None\n"  # makes `import langchain_core` fail
+        "import alignpro_plugins, alignpro_plugins.targets\n"
+        "try:\n"
+        "    import alignpro_plugins.langchain\n"
+        "except ImportError as exc:\n"
+        "    print('IMPORT-ERROR:', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORT-ERROR:" in out.stdout
+    assert "pip install 'alignpro-plugins[langchain]'" in out.stdout
