@@ -171,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         WithPrompter,
     )
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.rewards import RewardFunction, RewardModel
     from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
 
     prompts: list[str] = []
@@ -187,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.target, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
         )
     target = CachedTarget(inner, out / "target_cache.jsonl")
-    judges = {"reward": RewardModel(args.judge)}
+    judges: dict[str, RewardFunction] = {"reward": RewardModel(args.judge)}
     if args.independent_judge:
         judges["independent"] = RewardModel(args.independent_judge)
     configs: list[Any] = [FrozenAlone(), FixedTemplate(template=args.template)]

@@ -115,13 +115,17 @@ def _convert_gguf(model: PackagedModel, target: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         lm = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype="float32")
         # The GGUF loader marks the model as quantized; the weights are plain fp32 once loaded.
-        lm.hf_quantizer = None
+        lm.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(lm.config, "quantization_config"):
             del lm.config.quantization_config
         lm.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / "ALIGNPRO_SOURCE").write_text(f"converted from {src}\n")
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        # The caller holds the lock and saw no config.json: an existing target is an incomplete leftover
+        # (never a finished conversion), so replace it rather than keep returning a broken folder.
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

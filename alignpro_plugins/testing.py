@@ -65,12 +65,12 @@ WORDS = (
 
 
 def build_tiny_encoder(folder: str | Path, seed: int = 0) -> str:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # type: ignore[attr-defined]
 
     torch.manual_seed(seed)
     vocab = {w: i for i, w in enumerate(dict.fromkeys(WORDS))}
     tok = BertTokenizerFast(vocab=vocab, do_lower_case=True)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]
         vocab_size=len(vocab),
         hidden_size=32,
         num_hidden_layers=2,

@@ -60,8 +60,14 @@ class TargetArguments:
 
 
 def build_target(cfg: Any, output_dir: str):
-    from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
+    from alignpro_plugins.targets import (
+        CachedTarget,
+        FrozenTarget,
+        OpenAICompatibleTarget,
+        TransformersTarget,
+    )
 
+    inner: FrozenTarget
     if cfg.target_base_url:
         if not cfg.target_model_name:
             raise ValueError("target_base_url is set but target_model_name is not: name the served model")
@@ -115,6 +121,6 @@ def lora_config(
     )
 
 
-def latest_checkpoint(output_dir: str) -> str | None:
+def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(ckpts[-1]) if ckpts else None

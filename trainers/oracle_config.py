@@ -27,7 +27,6 @@ class RLHFOracleConfig(GRPOConfig):
     max_completion_length: int | None = field(default=96, metadata={"help": "Answer length cap during RL."})
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Off: slower on CPU for small models."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 where native (GPU); never emulated on CPU."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=10, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})

@@ -41,22 +41,24 @@ class RLHFOracleTrainer:
         # Conversational prompts: GRPO applies the target's own chat template, exactly as at inference.
         data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": x}] for x in self.prompts],
                                            "original": self.prompts})
-        reward_fn = self.reward_fn
-        reward_fn.__func__.__name__ = "alignpro_reward"  # type: ignore[attr-defined]
+
+        def alignpro_reward(prompts, completions, original, **kw) -> list[float | None]:  # name shows in TRL logs
+            return list(self.reward_fn(prompts, completions, original, **kw))
+
         trainer = GRPOTrainer(
-            model=self.model, reward_funcs=[reward_fn], args=cfg, train_dataset=data,
+            model=self.model, reward_funcs=[alignpro_reward], args=cfg, train_dataset=data,
             processing_class=self.tokenizer,
             peft_config=lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "oracle")],
+            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "oracle")],
         )
-        trainer.train(resume_from_checkpoint=latest_checkpoint(cfg.output_dir) if cfg.resume else None)
-        trainer.model.save_pretrained(cfg.output_dir, safe_serialization=True)
-        (Path(cfg.output_dir) / "alignpro_oracle.json").write_text(json.dumps({
+        trainer.train(resume_from_checkpoint=latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None)
+        trainer.save_model(str(cfg.output_dir))
+        (Path(str(cfg.output_dir)) / "alignpro_oracle.json").write_text(json.dumps({
             "kind": "rlhf-oracle-adapter", "target": cfg.target, "reward_model": cfg.reward_model,
             "steps": trainer.state.global_step, "prompts": len(self.prompts), "beta": cfg.beta}, indent=1))
-        return cfg.output_dir
+        return str(cfg.output_dir)
 
 
 def train_oracle(config: RLHFOracleConfig, **kwargs: Any) -> str:
-    os.makedirs(config.output_dir, exist_ok=True)
+    os.makedirs(str(config.output_dir), exist_ok=True)
     return RLHFOracleTrainer(config, **kwargs).train()

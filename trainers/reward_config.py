@@ -59,9 +59,6 @@ class AlignProRewardConfig(RewardConfig):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Off: slower on CPU for small models."}
     )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 where native (GPU); never emulated on CPU."}
-    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})

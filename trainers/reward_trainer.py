@@ -74,7 +74,7 @@ class AlignProRewardTrainer:
         import datasets
 
         cfg = self.config
-        kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        kw = {"max_length": int(cfg.max_length or 256), "max_prompt_length": cfg.max_prompt_length}
         prompts = [p.prompt for p in pairs]
         # Pre-tokenized columns: the trainer and the scorer then encode (x, y) identically.
         return datasets.Dataset.from_dict(
@@ -106,12 +106,12 @@ class AlignProRewardTrainer:
             args=cfg,
             train_dataset=self._dataset(tokenizer, self.train_pairs),
             processing_class=tokenizer,
-            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "reward")],
+            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "reward")],
         )
-        resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        resume = latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None
         trainer.train(resume_from_checkpoint=resume)
-        out = Path(cfg.output_dir)
-        trainer.model.save_pretrained(str(out), safe_serialization=True)
+        out = Path(str(cfg.output_dir))
+        trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))
         scorer = RewardModel(str(out), max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         accuracy = pairwise_accuracy(scorer, self.eval_pairs)
@@ -152,5 +152,5 @@ class AlignProRewardTrainer:
 
 
 def train_reward(config: AlignProRewardConfig) -> RewardModel:
-    os.makedirs(config.output_dir, exist_ok=True)
+    os.makedirs(str(config.output_dir), exist_ok=True)
     return AlignProRewardTrainer(config).train()

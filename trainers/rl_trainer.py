@@ -87,9 +87,9 @@ class AlignProRLTrainer:
             )
         prompts = list(dict.fromkeys(prompts))
         self.prompts = prompts[: config.max_prompts] if config.max_prompts else prompts
-        cache = os.path.join(config.output_dir, "target_cache.jsonl")
+        cache = os.path.join(str(config.output_dir), "target_cache.jsonl")
         self.target = (
-            wrap_target(target, cache) if target is not None else build_target(config, config.output_dir)
+            wrap_target(target, cache) if target is not None else build_target(config, str(config.output_dir))
         )
         self.reward = as_reward(reward if reward is not None else config.reward_model)
         self.scorer = RewriteScorer(self.prompter, self.target, self.reward, on_target_inputs)
@@ -140,19 +140,21 @@ class AlignProRLTrainer:
         cfg = self.config
         model, peft_config = self._policy()
         self.prompter.tokenizer.padding_side = "left"
-        reward_fn = self.reward_fn
-        reward_fn.__func__.__name__ = "alignpro_reward"  # type: ignore[attr-defined]
+
+        def alignpro_reward(prompts, completions, original, **kw) -> list[float | None]:  # name shows in TRL logs
+            return list(self.reward_fn(prompts, completions, original, **kw))
+
         self.trainer = _timed_grpo_class()(
             model=model,
-            reward_funcs=[reward_fn],
+            reward_funcs=[alignpro_reward],
             args=cfg,
             train_dataset=self.dataset(),
             processing_class=self.prompter.tokenizer,
             peft_config=peft_config,
-            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "rl"), *self.callbacks],
+            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "rl"), *self.callbacks],
         )
         self.trainer._alignpro_times = dict.fromkeys(("prompter_generation_s", "target_s", "reward_s"), 0.0)
-        resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        resume = latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None
         self.trainer.train(resume_from_checkpoint=resume)
         policy = self.trainer.model
         if "ref" in getattr(policy, "peft_config", {}):
@@ -180,10 +182,10 @@ class AlignProRLTrainer:
             },
         ]
         self.prompter.manifest = replace(self.prompter.manifest, provenance=prov)
-        self.prompter.save_pretrained(cfg.output_dir)
+        self.prompter.save_pretrained(str(cfg.output_dir))
         return self.prompter
 
 
 def train_rl(config: AlignProRLConfig, **kwargs: Any) -> Prompter:
-    os.makedirs(config.output_dir, exist_ok=True)
+    os.makedirs(str(config.output_dir), exist_ok=True)
     return AlignProRLTrainer(config, **kwargs).train()

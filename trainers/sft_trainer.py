@@ -111,9 +111,9 @@ class AlignProSFTTrainer:
     def bootstrap(self, prompts: Sequence[str]) -> list[tuple[str, str]]:
         cfg = self.config
         target = (
-            wrap_target(self._target, os.path.join(cfg.output_dir, "target_cache.jsonl"))
+            wrap_target(self._target, os.path.join(str(cfg.output_dir), "target_cache.jsonl"))
             if self._target is not None
-            else build_target(cfg, cfg.output_dir)
+            else build_target(cfg, str(cfg.output_dir))
         )
         reward = as_reward(self._reward if self._reward is not None else cfg.reward_model)
         scorer = RewriteScorer(self.prompter, target, reward)
@@ -163,8 +163,8 @@ class AlignProSFTTrainer:
                     ],
                 }
             )
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(cfg.output_dir) / "bootstrap.jsonl", "w") as fh:
+        Path(str(cfg.output_dir)).mkdir(parents=True, exist_ok=True)
+        with open(Path(str(cfg.output_dir)) / "bootstrap.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in log_rows)
         self.bootstrap_stats = {
             "prompts": len(prompts),
@@ -212,9 +212,9 @@ class AlignProSFTTrainer:
             args=cfg,
             train_dataset=self.dataset(pairs),
             processing_class=self.prompter.tokenizer,
-            callbacks=[JsonlMetricsCallback(Path(cfg.output_dir) / "metrics.jsonl", "sft")],
+            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "sft")],
         )
-        resume = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        resume = latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None
         trainer.train(resume_from_checkpoint=resume)
         self.prompter.tokenizer.padding_side = "left"
         self.prompter.model = trainer.model
@@ -233,10 +233,10 @@ class AlignProSFTTrainer:
             },
         ]
         self.prompter.manifest = replace(self.prompter.manifest, mode=cfg.mode, provenance=prov)
-        self.prompter.save_pretrained(cfg.output_dir)
+        self.prompter.save_pretrained(str(cfg.output_dir))
         return self.prompter
 
 
 def train_sft(config: AlignProSFTConfig, **kwargs: Any) -> Prompter:
-    os.makedirs(config.output_dir, exist_ok=True)
+    os.makedirs(str(config.output_dir), exist_ok=True)
     return AlignProSFTTrainer(config, **kwargs).train()
