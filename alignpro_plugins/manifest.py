@@ -95,12 +95,13 @@ class Manifest:
 
 
 def weights_hash(model_dir: str | os.PathLike[str]) -> str:
-    """sha256 over the model's weight files (safetensors / bin names sorted), cached by size and mtime."""
+    """sha256 over the model's weight files (safetensors / bin names sorted), cached by size and mtime (ns)."""
     folder = Path(model_dir)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors) in {folder}")
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    # Nanosecond mtimes: a same-size rewrite within the same second must not reuse a stale hash.
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     cache = folder / ".alignpro-weights-hash.json"
     try:
         cached = json.loads(cache.read_text())

@@ -270,7 +270,15 @@ class Prompter:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not prompt.strip():
             return RewriteResult(prompt, prompt, mode, None, guard.EMPTY_INPUT)
-        n_tokens = len(self.tokenizer(self.format_query(prompt, mode), add_special_tokens=False)["input_ids"])
+        try:
+            n_tokens = len(
+                self.tokenizer(self.format_query(prompt, mode), add_special_tokens=False)["input_ids"]
+            )
+        except Exception as exc:  # e.g. a lone surrogate (json.loads('"\\ud800"')) the tokenizer rejects
+            logger.warning("cannot tokenize the prompt (%s); passing it through", exc)
+            return RewriteResult(
+                prompt, prompt, mode, None, f"{guard.PROMPTER_ERROR}: cannot tokenize: {exc}"
+            )
         if n_tokens > self.context_limit:
             return RewriteResult(prompt, prompt, mode, None, guard.INPUT_TOO_LONG)
         return None

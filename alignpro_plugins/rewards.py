@@ -93,6 +93,8 @@ class RewardModel(RewardFunction):
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        if not prompts and not answers:
+            return []  # the tokenizer cannot encode an empty batch
         ids = encode_pairs(
             self.tokenizer,
             prompts,

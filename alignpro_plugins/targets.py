@@ -248,9 +248,14 @@ class OpenAICompatibleTarget(FrozenTarget):
                     for attempt in range(self.max_retries + 1):
                         try:
                             resp = await client.post(f"{self.base_url}/chat/completions", json=body)
-                            if resp.status_code >= 500 or resp.status_code == 429:
+                            if resp.status_code >= 500 or resp.status_code in (408, 429):
                                 raise RuntimeError(f"HTTP {resp.status_code} from {self.base_url}")
-                            resp.raise_for_status()
+                            if resp.status_code >= 400:
+                                # A rejected key, unknown model or bad request: retrying cannot help.
+                                last = RuntimeError(
+                                    f"HTTP {resp.status_code} from {self.base_url} (not retried)"
+                                )
+                                break
                             return str(resp.json()["choices"][0]["message"]["content"] or "").strip()
                         except Exception as exc:
                             last = exc

@@ -1,0 +1,144 @@
+"""MicroBatcher: concurrent single submissions become real batches, results go back to the right caller."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from alignpro_plugins.batching import MicroBatcher, wait_all
+
+
+class Recorder:
+    """A batched function that records every batch it sees; optionally slow or failing."""
+
+    def __init__(self, delay: float = 0.0, fail_on: set[int] | None = None) -> None:
+        self.batches: list[tuple[object, list[int]]] = []
+        self.delay = delay
+        self.fail_on = fail_on or set()
+        self.lock = threading.Lock()
+
+    def __call__(self, key, items):
+        with self.lock:
+            self.batches.append((key, list(items)))
+        time.sleep(self.delay)
+        if self.fail_on & set(items):
+            raise ValueError(f"boom on {sorted(self.fail_on & set(items))}")
+        return [(key, item * 10) for item in items]
+
+
+def test_results_map_to_their_items_in_order():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch_size=4)
+    try:
+        futures = b.submit_many("k", list(range(10)))
+        assert wait_all(futures) == [("k", i * 10) for i in range(10)]
+        assert all(len(items) <= 4 for _, items in rec.batches)
+        assert sorted(i for _, items in rec.batches for i in items) == list(range(10))
+    finally:
+        b.close()
+
+
+def test_concurrent_threads_share_batches():
+    rec = Recorder(delay=0.05)
+    b = MicroBatcher(rec, max_batch_size=16)
+    barrier = threading.Barrier(32)
+
+    def call(i: int):
+        barrier.wait()
+        return b.submit("k", i).result(timeout=30)
+
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(call, range(32)))
+        assert results == [("k", i * 10) for i in range(32)]
+        assert len(rec.batches) < 32 / 2, rec.batches  # real batching, not one call per caller
+        assert max(len(items) for _, items in rec.batches) > 1
+        assert all(len(items) <= 16 for _, items in rec.batches)
+    finally:
+        b.close()
+
+
+def test_keys_are_never_mixed_in_one_batch():
+    rec = Recorder(delay=0.02)
+    b = MicroBatcher(rec, max_batch_size=8)
+    try:
+        futures = [b.submit(("a" if i % 2 else "b"), i) for i in range(20)]
+        results = wait_all(futures)
+        assert results == [("a" if i % 2 else "b", i * 10) for i in range(20)]
+        for key, items in rec.batches:
+            assert all(("a" if i % 2 else "b") == key for i in items)
+    finally:
+        b.close()
+
+
+def test_a_failed_batch_fails_only_its_callers_and_the_worker_survives():
+    rec = Recorder(fail_on={3})
+    b = MicroBatcher(rec, max_batch_size=2, max_wait_s=0.05)
+    try:
+        futures = b.submit_many("k", [0, 1, 2, 3, 4, 5])
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result(timeout=10))
+            except ValueError as exc:
+                outcomes.append(str(exc))
+        failed_batch = next(items for _, items in rec.batches if 3 in items)
+        for i, out in enumerate(outcomes):
+            if i in failed_batch:
+                assert out == "boom on [3]"
+            else:
+                assert out == ("k", i * 10)
+        assert b.submit("k", 7).result(timeout=10) == ("k", 70)  # worker still alive
+    finally:
+        b.close()
+
+
+def test_wrong_number_of_results_is_an_error_for_every_caller():
+    b = MicroBatcher(lambda key, items: items[:-1], max_batch_size=4, max_wait_s=0.05)
+    try:
+        futures = b.submit_many("k", [1, 2, 3])
+        for f in futures:
+            with pytest.raises(RuntimeError, match="returned"):
+                f.result(timeout=10)
+    finally:
+        b.close()
+
+
+def test_cancelled_futures_are_skipped():
+    started = threading.Event()
+    release = threading.Event()
+    seen: list[list[int]] = []
+
+    def fn(key, items):
+        seen.append(list(items))
+        if items == [0]:
+            started.set()
+            release.wait(10)
+        return items
+
+    b = MicroBatcher(fn, max_batch_size=4, max_wait_s=0.0)
+    try:
+        first = b.submit("k", 0)
+        assert started.wait(10)
+        queued = [b.submit("k", i) for i in (1, 2, 3)]
+        assert queued[1].cancel()
+        release.set()
+        assert first.result(timeout=10) == 0
+        assert [queued[0].result(timeout=10), queued[2].result(timeout=10)] == [1, 3]
+        assert 2 not in [i for items in seen for i in items]
+    finally:
+        b.close()
+
+
+def test_close_stops_the_worker_and_submit_restarts_it():
+    b = MicroBatcher(lambda key, items: items, max_batch_size=4)
+    assert b.submit("k", 1).result(timeout=10) == 1
+    worker = b._thread
+    assert worker is not None and worker.is_alive()
+    b.close()
+    assert not worker.is_alive()
+    assert b.submit("k", 2).result(timeout=10) == 2
+    b.close()

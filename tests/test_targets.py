@@ -1,0 +1,373 @@
+"""Frozen targets: local transformers batching, caching, callables, and a real OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from alignpro_plugins.targets import (
+    CachedTarget,
+    CallableTarget,
+    FrozenTarget,
+    OpenAICompatibleTarget,
+    TransformersTarget,
+    as_target,
+)
+from tests.openai_server import OpenAIServer, transformers_responder
+from tests.test_prompter import varied_lm
+
+# Different lengths, so the length-sorted batches differ from the input order.
+PROMPTS = [
+    f"{'long ' * (i * 7 % 10)}request {i} about {'tea sea code json list math'.split()[i % 6]}?"
+    for i in range(10)
+]
+
+
+@pytest.fixture(scope="module")
+def varied():
+    return varied_lm()
+
+
+def spy_generate(monkeypatch, model, fail_on_call: int | None = None) -> list[int]:
+    sizes: list[int] = []
+    real = model.generate
+
+    def generate(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if fail_on_call is not None and len(sizes) == fail_on_call:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+def test_transformers_target_batches_and_keeps_order(varied, monkeypatch):
+    model, tok = varied
+    target = TransformersTarget(model, tok, max_new_tokens=8, batch_size=3, name="varied")
+    singles = [target.generate([p])[0] for p in PROMPTS]
+    assert len(set(singles)) >= 5  # answers really depend on the prompt
+    sizes = spy_generate(monkeypatch, model)
+    assert target.generate(PROMPTS) == singles
+    assert sizes == [3, 3, 3, 1]
+    assert target.stats.calls == 2 * len(PROMPTS) and target.stats.failures == 0
+    assert target.identity == "transformers:varied"
+    assert target.settings == {"max_new_tokens": 8, "temperature": 0.0, "system": None}
+
+
+def test_transformers_target_counts_a_failed_batch_and_keeps_going(varied, monkeypatch, caplog):
+    model, tok = varied
+    target = TransformersTarget(model, tok, max_new_tokens=8, batch_size=3, name="varied")
+    singles = [target.generate([p])[0] for p in PROMPTS]
+    spy_generate(monkeypatch, model, fail_on_call=2)
+    answers = target.generate(PROMPTS)
+    failed = [i for i, a in enumerate(answers) if a != singles[i]]
+    assert len(failed) == 3 and all(answers[i] == "" for i in failed)
+    assert target.stats.failures == 3
+    assert target.stats.last_error == "RuntimeError: out of memory"
+    assert "failed on a prompt" in caplog.text
+
+
+async def test_transformers_target_async_matches_sync(varied):
+    model, tok = varied
+    target = TransformersTarget(model, tok, max_new_tokens=6, batch_size=4, system_prompt="Be brief.")
+    assert await target.agenerate(PROMPTS[:5]) == target.generate(PROMPTS[:5])
+    assert target.format("hi").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_transformers_target_from_a_folder(tiny_lm_dir):
+    target = as_target(tiny_lm_dir, max_new_tokens=4, device="cpu")
+    assert isinstance(target, TransformersTarget)
+    assert target.identity == f"transformers:{tiny_lm_dir}"
+    answers = target(["hello", "world"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_transformers_target_needs_a_tokenizer_with_a_model(varied):
+    with pytest.raises(TypeError, match="tokenizer"):
+        TransformersTarget(varied[0])
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class Counting(FrozenTarget):
+    """Answers ``<name>:<prompt>`` and records every prompt it is asked."""
+
+    def __init__(self, name: str = "a", temperature: float = 0.0) -> None:
+        super().__init__()
+        self.name = name
+        self.temperature = temperature
+        self.asked: list[str] = []
+
+    @property
+    def identity(self) -> str:
+        return f"counting:{self.name}"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        self.asked += prompts
+        return [f"{self.name}:{p}:{self.temperature}" for p in prompts]
+
+
+def test_cache_hits_by_target_settings_and_prompt():
+    inner = Counting()
+    cached = CachedTarget(inner)
+    assert cached.generate(["x", "y", "x"]) == ["a:x:0.0", "a:y:0.0", "a:x:0.0"]
+    assert inner.asked == ["x", "y"]  # duplicates inside one call are asked once
+    assert cached.generate(["y", "x"]) == ["a:y:0.0", "a:x:0.0"]
+    assert inner.asked == ["x", "y"]
+    assert cached.stats.cache_hits == 2
+    inner.temperature = 0.7  # other settings, other answers
+    assert cached.generate(["x"]) == ["a:x:0.7"]
+    assert inner.asked == ["x", "y", "x"]
+    assert cached.identity == inner.identity and cached.settings == inner.settings
+
+
+def test_cache_persists_as_jsonl_per_target(tmp_path):
+    path = tmp_path / "cache" / "answers.jsonl"
+    first = CachedTarget(Counting("a"), path)
+    first.generate(["x", "y"])
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["a:x:0.0", "a:y:0.0"]
+    assert all(len(r["key"]) == 64 for r in rows)
+
+    again = Counting("a")
+    assert CachedTarget(again, path).generate(["y", "x"]) == ["a:y:0.0", "a:x:0.0"]
+    assert again.asked == []  # served from disk
+    other = Counting("b")  # a different target never sees another target's answers
+    assert CachedTarget(other, path).generate(["x"]) == ["b:x:0.0"]
+    assert other.asked == ["x"]
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_failed_answers_are_not_cached():
+    calls = {"n": 0}
+
+    def flaky(prompt: str) -> str:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("reset")
+        return prompt.upper()
+
+    cached = CachedTarget(CallableTarget(flaky))
+    assert cached.generate(["abc"]) == [""]
+    assert cached.generate(["abc"]) == ["ABC"]
+    assert cached.generate(["abc"]) == ["ABC"]
+    assert calls["n"] == 2 and cached.stats.failures == 1
+
+
+async def test_cache_async():
+    inner = Counting()
+    cached = CachedTarget(inner)
+    assert await cached.agenerate(["p", "q"]) == ["a:p:0.0", "a:q:0.0"]
+    assert await cached.agenerate(["q"]) == ["a:q:0.0"]
+    assert inner.asked == ["p", "q"]
+
+
+# ---------------------------------------------------------------------------------------------- callables
+def test_callable_failures_are_counted_not_raised(caplog):
+    def fn(prompt: str) -> str:
+        if "bad" in prompt:
+            raise ValueError(f"cannot answer {prompt}")
+        return prompt[::-1]
+
+    target = CallableTarget(fn, name="reverse")
+    assert target.generate(["abc", "bad one", "xyz", "bad two"]) == ["cba", "", "zyx", ""]
+    assert target.stats.failures == 2 and target.stats.calls == 4
+    assert target.stats.last_error == "ValueError: cannot answer bad two"
+    assert target.identity == "callable:reverse"
+    assert caplog.text.count("failed on a prompt") == 2
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda ps: [p.upper() for p in ps][:-1], lambda ps: 1 / 0],
+    ids=["wrong-length", "raises"],
+)
+def test_batched_callable_failures(fn):
+    target = CallableTarget(fn, batched=True)
+    assert target.generate(["a", "b", "c"]) == ["", "", ""]
+    assert target.stats.failures == 3
+
+
+def test_batched_callable_and_coercion():
+    target = as_target(lambda ps: [p * 2 for p in ps], batched=True)
+    assert isinstance(target, CallableTarget)
+    assert target(["ab", "c"]) == ["abab", "cc"]
+    assert as_target(target) is target
+    with pytest.raises(TypeError, match="frozen target"):
+        as_target(42)
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI-compatible
+KEY = "sk-test-7f3a9c1e5b2d4f60"
+
+
+def openai_target(server: OpenAIServer, **kw) -> OpenAICompatibleTarget:
+    kw.setdefault("backoff", 0.01)
+    return OpenAICompatibleTarget(server.base_url, "tiny", **kw)
+
+
+@pytest.mark.server
+def test_openai_target_answers_in_order_and_sends_the_request():
+    with OpenAIServer(api_key=KEY) as server:
+        target = openai_target(server, api_key=KEY, max_tokens=17, temperature=0.3, system_prompt="Be brief.")
+        prompts = [f"prompt {i}" for i in range(6)]
+        assert target.generate(prompts) == [f"echo: prompt {i}" for i in range(6)]
+    assert target.stats.calls == 6 and target.stats.failures == 0
+    assert server.statuses() == [200] * 6
+    req = next(r for r in server.requests if r.body["messages"][-1]["content"] == "prompt 3")
+    assert req.path == "/v1/chat/completions"
+    assert req.headers["authorization"] == f"Bearer {KEY}"
+    assert req.body == {
+        "model": "tiny",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "prompt 3"}],
+        "max_tokens": 17,
+        "temperature": 0.3,
+    }
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("statuses", [[500, 503], [429], [502, 429, 500]])
+def test_openai_target_retries_transient_errors(statuses):
+    with OpenAIServer(failures=statuses) as server:
+        target = openai_target(server, max_retries=3)
+        assert target.generate(["hello"]) == ["echo: hello"]
+    assert server.statuses() == [*statuses, 200]
+    assert target.stats.failures == 0
+
+
+@pytest.mark.server
+def test_openai_target_backs_off_exponentially():
+    with OpenAIServer(failures=[500, 500, 500]) as server:
+        target = openai_target(server, max_retries=3, backoff=0.1)
+        start = time.perf_counter()
+        assert target.generate(["hello"]) == ["echo: hello"]
+        elapsed = time.perf_counter() - start
+    # Sleeps of 0.1, 0.2 and 0.4 s, each scaled by a jitter in [0.5, 1.5): between 0.35 and 1.05 s.
+    assert 0.35 <= elapsed < 2.0
+
+
+@pytest.mark.server
+def test_openai_target_counts_exhausted_retries_without_raising(caplog):
+    with OpenAIServer(failures=[500] * 5) as server:
+        target = openai_target(server, max_retries=2)
+        assert target.generate(["a"]) == [""]
+        assert len(server.requests) == 3
+        # The next prompt gets a fresh budget and (after the scripted failures) succeeds.
+        target.max_retries = 10
+        assert target.generate(["b"]) == ["echo: b"]
+        base_url = server.base_url
+    assert target.stats.failures == 1
+    assert target.stats.last_error == f"RuntimeError: HTTP 500 from {base_url}"
+    assert "failed on a prompt" in caplog.text
+
+
+@pytest.mark.server
+def test_openai_target_does_not_retry_a_rejected_key():
+    with OpenAIServer(api_key=KEY) as server:
+        target = openai_target(server, api_key="sk-wrong", max_retries=3, backoff=0.5)
+        start = time.perf_counter()
+        assert target.generate(["a"]) == [""]
+        assert time.perf_counter() - start < 1.0  # retries would sleep at least 0.25 + 0.5 + 1.0 s
+    assert server.statuses() == [401]
+    assert target.stats.failures == 1 and "401" in (target.stats.last_error or "")
+
+
+@pytest.mark.server
+def test_openai_target_runs_requests_concurrently_up_to_its_limit():
+    with OpenAIServer(delay=0.2) as server:
+        target = openai_target(server, concurrency=4)
+        start = time.perf_counter()
+        answers = target.generate([f"p{i}" for i in range(12)])
+        elapsed = time.perf_counter() - start
+    assert answers == [f"echo: p{i}" for i in range(12)]
+    assert server.max_in_flight == 4
+    assert elapsed < 12 * 0.2 * 0.75  # about 3 rounds of 0.2 s, not 12
+
+
+@pytest.mark.server
+def test_openai_target_never_reveals_the_api_key(monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)  # httpx / httpcore debug logging included
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with OpenAIServer(api_key=KEY, failures=[500, 500]) as server:
+        target = openai_target(server, max_retries=0)  # key from the environment
+        assert target.generate(["x", "y", "z"]).count("") == 2
+        assert server.requests[-1].headers["authorization"] == f"Bearer {KEY}"
+        wrong = openai_target(server, api_key=KEY[::-1], max_retries=0)
+        assert wrong.generate(["x"]) == [""]
+    shown = [
+        repr(target),
+        str(target),
+        target.identity,
+        json.dumps(target.settings),
+        json.dumps(target.stats.as_dict()),
+        json.dumps(wrong.stats.as_dict()),
+        caplog.text,
+    ]
+    assert "HTTP 500" in caplog.text  # failures were logged ...
+    for text in shown:
+        assert KEY not in text and KEY[::-1] not in text  # ... but never the key
+    assert KEY not in repr(vars(target).get("stats"))
+
+
+@pytest.mark.server
+async def test_openai_target_async_and_sync_inside_a_running_loop():
+    with OpenAIServer() as server:
+        target = openai_target(server)
+        assert await target.agenerate(["a", "b"]) == ["echo: a", "echo: b"]
+        # Sync generate from inside a running event loop runs on a helper thread instead of failing.
+        assert target.generate(["c"]) == ["echo: c"]
+        cached = CachedTarget(target)
+        assert await cached.agenerate(["a", "d"]) == ["echo: a", "echo: d"]
+        assert await cached.agenerate(["d", "a"]) == ["echo: d", "echo: a"]
+        assert len(server.requests) == 5  # a, b, c, then a and d once each
+    assert target.stats.calls == 5
+
+
+@pytest.mark.server
+def test_openai_target_served_by_a_tiny_transformers_model(varied):
+    model, tok = varied
+    local = TransformersTarget(model, tok, max_new_tokens=8, system_prompt="Answer briefly.")
+    expected = local.generate(PROMPTS[:4])
+    with OpenAIServer(responder=transformers_responder(model, tok)) as server:
+        remote = openai_target(server, max_tokens=8, system_prompt="Answer briefly.", concurrency=4)
+        assert remote.generate(PROMPTS[:4]) == expected
+    assert remote.stats.failures == 0
+
+
+@pytest.mark.server
+def test_server_reports_broken_responder_as_500_and_target_survives():
+    def broken(messages, body):
+        raise RuntimeError("model crashed")
+
+    with OpenAIServer(responder=broken) as server:
+        target = openai_target(server, max_retries=1)
+        answers = asyncio.run(target.agenerate(["a"]))
+    assert answers == [""] and server.statuses() == [500, 500] and target.stats.failures == 1
+
+
+@pytest.mark.server
+def test_concurrent_callers_share_one_target_safely():
+    with OpenAIServer(delay=0.02) as server:
+        target = openai_target(server, concurrency=2)
+        results: dict[int, list[str]] = {}
+
+        def call(i: int) -> None:
+            results[i] = target.generate([f"t{i}-a", f"t{i}-b"])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == {i: [f"echo: t{i}-a", f"echo: t{i}-b"] for i in range(6)}
