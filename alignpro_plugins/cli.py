@@ -128,33 +128,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     unknown = set(recipe) - {"reward", "sft", "rl"}
     if unknown:
         raise SystemExit(f"{args.config}: unknown sections {sorted(unknown)}; use reward, sft, rl")
-    reward_dir = None
-    if "reward" in recipe:
-        sec = {"output_dir": str(root / "reward"), **recipe["reward"]}
-        if args.resume:
-            sec["resume"] = True
-        reward_dir = sec["output_dir"]
-        if not (args.skip_done and (Path(reward_dir) / "alignpro_reward.json").exists()):
-            run_stage("reward", [], sec)
-    sft_dir = None
-    if "sft" in recipe:
-        sec = {"output_dir": str(root / "sft"), **recipe["sft"]}
-        if reward_dir and not sec.get("pairs_data"):
-            sec.setdefault("reward_model", reward_dir)
-        if args.resume:
-            sec["resume"] = True
-        sft_dir = sec["output_dir"]
-        if not (args.skip_done and (Path(sft_dir) / "alignpro.json").exists()):
-            run_stage("sft", [], sec)
-    if "rl" in recipe:
-        sec = {"output_dir": str(root / "rl"), **recipe["rl"]}
+    sections: dict[str, dict[str, Any]] = {}
+    for stage in ("reward", "sft", "rl"):
+        if stage in recipe:
+            sections[stage] = {"output_dir": str(root / stage), **(recipe[stage] or {})}
+            if args.resume:
+                sections[stage]["resume"] = True
+    reward_dir = sections.get("reward", {}).get("output_dir")
+    sft_dir = sections.get("sft", {}).get("output_dir")
+    if "sft" in sections and reward_dir and not sections["sft"].get("pairs_data"):
+        sections["sft"].setdefault("reward_model", reward_dir)
+    if "rl" in sections:
         if sft_dir:
-            sec.setdefault("sft_prompter", sft_dir)
+            sections["rl"].setdefault("sft_prompter", sft_dir)
         if reward_dir:
-            sec.setdefault("reward_model", reward_dir)
-        if args.resume:
-            sec["resume"] = True
-        run_stage("rl", [], sec)
+            sections["rl"].setdefault("reward_model", reward_dir)
+    # Parse every section before training anything: a typo under rl: must not cost a reward + SFT run.
+    configs = {stage: parse_stage_config(stage, [], sec) for stage, sec in sections.items()}
+    done_marker = {"reward": "alignpro_reward.json", "sft": "alignpro.json", "rl": "alignpro.json"}
+    for stage, cfg in configs.items():
+        if args.skip_done and (Path(str(cfg.output_dir)) / done_marker[stage]).exists():
+            print(f"skipping {stage}: {cfg.output_dir} already holds its artifact")
+            continue
+        _load(STAGES[stage][1])(cfg)
     print(f"artifacts under {root}")
     return 0
 
@@ -181,7 +177,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = prompts[: args.limit]
     out = Path(args.out)
     if args.target_base_url:
-        inner: Any = OpenAICompatibleTarget(args.target_base_url, args.target, max_tokens=args.max_new_tokens)
+        import os
+
+        inner: Any = OpenAICompatibleTarget(
+            args.target_base_url,
+            args.target,
+            max_tokens=args.max_new_tokens,
+            concurrency=args.target_concurrency,
+            api_key=os.environ.get(args.target_api_key_env, ""),
+        )
     else:
         inner = TransformersTarget(
             args.target, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
@@ -254,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="smollm2-135m-instruct",
         help="frozen target (name/path, or model name with --target-base-url)",
     )
-    p.add_argument("--target-base-url")
+    p.add_argument("--target-base-url", help="OpenAI-compatible endpoint serving --target")
+    p.add_argument("--target-concurrency", type=int, default=8, help="concurrent requests to the endpoint")
+    p.add_argument(
+        "--target-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--judge", required=True, help="training reward model artifact")
@@ -274,11 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    if argv and argv[0] in STAGES:
-        run_stage(argv[0], argv[1:])
+    verbose = any(
+        a in ("-v", "--verbose")
+        for a in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
+    )
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    # Training stages take their (many) flags from their config dataclass: hand them the rest of the line.
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] in STAGES:
+        run_stage(argv[first], argv[first + 1 :])
         return 0
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -22,14 +22,14 @@ TRUNCATED = "truncated"
 TOO_LONG = "rewrite_too_long"
 DRIFT = "semantic_drift"
 PROTECTED_SPAN = "protected_span_lost"
-ANSWERED = "answered_instead_of_rewriting"
 PROMPTER_ERROR = "prompter_error"
 DISABLED = "disabled"
 NO_CHANGE = "no_change"
 
 _CODE_BLOCK = re.compile(r"```.*?```", re.S)
 _INLINE_CODE = re.compile(r"`[^`\n]+`")
-_URL = re.compile(r"https?://[^\s<>\"')\]]+|www\.[^\s<>\"')\]]+")
+# A URL ends before trailing sentence punctuation ("see https://x.org/a." keeps the period out).
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"')\]]*[^\s<>\"')\].,;:!?]")
 _QUOTED = re.compile(r"\"[^\"\n]{1,200}\"|“[^”\n]{1,200}”")
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,:/]\d+)*%?")
 _OPTION = re.compile(r"(?m)^\s*(?:\(?[A-Ha-h1-8][).:]|[-*•])\s+\S.*$")

@@ -300,14 +300,12 @@ def test_train_runs_reward_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_
     prompter = Prompter.from_pretrained(root / "rl", similarity=None)
     assert prompter.rewrite("Explain tides.").startswith("Explain tides.")
 
-    # --skip-done: finished reward and SFT stages are reused; the RL stage runs again.
-    before = {
-        s: _mtime(root / s / name)
-        for s, name in [("reward", "alignpro_reward.json"), ("sft", "alignpro.json")]
-    }
-    rl_before = _mtime(root / "rl" / "alignpro.json")
+    # --skip-done: every stage whose artifact exists is reused; removing the RL artifact reruns only RL.
+    artifacts = [("reward", "alignpro_reward.json"), ("sft", "alignpro.json"), ("rl", "alignpro.json")]
+    before = {s: _mtime(root / s / name) for s, name in artifacts}
     assert main(["train", "--config", cfg, "--skip-done"]) == 0
-    assert {
-        s: _mtime(root / s / n) for s, n in [("reward", "alignpro_reward.json"), ("sft", "alignpro.json")]
-    } == before
-    assert _mtime(root / "rl" / "alignpro.json") != rl_before
+    assert {s: _mtime(root / s / n) for s, n in artifacts} == before
+    (root / "rl" / "alignpro.json").unlink()
+    assert main(["train", "--config", cfg, "--skip-done"]) == 0
+    assert (root / "rl" / "alignpro.json").exists()
+    assert {s: _mtime(root / s / n) for s, n in artifacts[:2]} == {s: before[s] for s, _ in artifacts[:2]}

@@ -59,6 +59,13 @@ class TargetArguments:
     )
 
 
+def target_cache_path(output_dir: str) -> str:
+    """One answer cache per process: under `accelerate launch`, processes must not append to one file."""
+    rank = os.environ.get("RANK")
+    name = "target_cache.jsonl" if rank in (None, "0") else f"target_cache.rank{rank}.jsonl"
+    return os.path.join(output_dir, name)
+
+
 def build_target(cfg: Any, output_dir: str):
     from alignpro_plugins.targets import (
         CachedTarget,
@@ -82,7 +89,7 @@ def build_target(cfg: Any, output_dir: str):
         inner = TransformersTarget(
             cfg.target, max_new_tokens=cfg.target_max_new_tokens, batch_size=cfg.target_batch_size
         )
-    return CachedTarget(inner, cfg.target_cache or os.path.join(output_dir, "target_cache.jsonl"))
+    return CachedTarget(inner, cfg.target_cache or target_cache_path(output_dir))
 
 
 def wrap_target(target: Any, cache_path: str | None, max_new_tokens: int | None = None):

@@ -12,12 +12,16 @@ class RLHFOracleConfig(GRPOConfig):
     """The paper's RLHF configuration (iii): the TARGET itself fine-tuned by RL (LoRA) on the same reward model,
     prompts and step budget as the prompter — an upper reference that Align-Pro cannot use in production."""
 
-    target: str = field(default="smollm2-135m-instruct", metadata={"help": "Model to fine-tune (the frozen target)."})
+    target: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "Model to fine-tune (the frozen target)."}
+    )
     prompts_data: str | None = field(default=None, metadata={"help": "Training prompts: file or hub id."})
     prompt_field: str = field(default="prompt", metadata={"help": "Prompt column."})
     context_field: str | None = field(default=None, metadata={"help": "Optional context column."})
     max_prompts: int | None = field(default=None, metadata={"help": "Cap on training prompts."})
-    reward_model: str | None = field(default=None, metadata={"help": "Reward artifact (from `alignpro reward`)."})
+    reward_model: str | None = field(
+        default=None, metadata={"help": "Reward artifact (from `alignpro reward`)."}
+    )
     beta: float = field(default=0.05, metadata={"help": "KL coefficient to the untuned target (> 0)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -26,7 +30,9 @@ class RLHFOracleConfig(GRPOConfig):
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Completions per device per step."})
     max_completion_length: int | None = field(default=96, metadata={"help": "Answer length cap during RL."})
     temperature: float = field(default=0.9, metadata={"help": "Sampling temperature."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Off: slower on CPU for small models."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Off: slower on CPU for small models."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=10, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})

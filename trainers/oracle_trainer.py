@@ -16,19 +16,25 @@ from trainers.oracle_config import RLHFOracleConfig
 
 
 class RLHFOracleTrainer:
-    def __init__(self, config: RLHFOracleConfig, *, prompts: Sequence[str] | None = None, reward: Any | None = None):
+    def __init__(
+        self, config: RLHFOracleConfig, *, prompts: Sequence[str] | None = None, reward: Any | None = None
+    ):
         self.config = config
         if prompts is None:
             if not config.prompts_data:
                 raise ValueError("the oracle needs training prompts: set prompts_data or pass prompts=...")
-            prompts = load_prompts(config.prompts_data, field=config.prompt_field, context_field=config.context_field)
+            prompts = load_prompts(
+                config.prompts_data, field=config.prompt_field, context_field=config.context_field
+            )
         prompts = list(dict.fromkeys(prompts))
         self.prompts = prompts[: config.max_prompts] if config.max_prompts else prompts
         self.reward = as_reward(reward if reward is not None else config.reward_model)
         self.model, self.tokenizer, _ = load_causal_lm(config.target)
         self.tokenizer.padding_side = "left"
 
-    def reward_fn(self, prompts: list[str], completions: list[str], original: list[str], **_: Any) -> list[float]:
+    def reward_fn(
+        self, prompts: list[str], completions: list[str], original: list[str], **_: Any
+    ) -> list[float]:
         # Conversational data: each completion is a list of messages.
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return self.reward(original, [t.strip() for t in texts])
@@ -39,23 +45,41 @@ class RLHFOracleTrainer:
 
         cfg = self.config
         # Conversational prompts: GRPO applies the target's own chat template, exactly as at inference.
-        data = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": x}] for x in self.prompts],
-                                           "original": self.prompts})
+        data = datasets.Dataset.from_dict(
+            {"prompt": [[{"role": "user", "content": x}] for x in self.prompts], "original": self.prompts}
+        )
 
-        def alignpro_reward(prompts, completions, original, **kw) -> list[float | None]:  # name shows in TRL logs
+        def alignpro_reward(
+            prompts, completions, original, **kw
+        ) -> list[float | None]:  # name shows in TRL logs
             return list(self.reward_fn(prompts, completions, original, **kw))
 
         trainer = GRPOTrainer(
-            model=self.model, reward_funcs=[alignpro_reward], args=cfg, train_dataset=data,
+            model=self.model,
+            reward_funcs=[alignpro_reward],
+            args=cfg,
+            train_dataset=data,
             processing_class=self.tokenizer,
-            peft_config=lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+            peft_config=lora_config(
+                cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]
+            ),
             callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "oracle")],
         )
         trainer.train(resume_from_checkpoint=latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None)
         trainer.save_model(str(cfg.output_dir))
-        (Path(str(cfg.output_dir)) / "alignpro_oracle.json").write_text(json.dumps({
-            "kind": "rlhf-oracle-adapter", "target": cfg.target, "reward_model": cfg.reward_model,
-            "steps": trainer.state.global_step, "prompts": len(self.prompts), "beta": cfg.beta}, indent=1))
+        (Path(str(cfg.output_dir)) / "alignpro_oracle.json").write_text(
+            json.dumps(
+                {
+                    "kind": "rlhf-oracle-adapter",
+                    "target": cfg.target,
+                    "reward_model": cfg.reward_model,
+                    "steps": trainer.state.global_step,
+                    "prompts": len(self.prompts),
+                    "beta": cfg.beta,
+                },
+                indent=1,
+            )
+        )
         return str(cfg.output_dir)
 
 

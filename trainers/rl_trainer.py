@@ -19,6 +19,7 @@ from trainers.common import (
     count_trainable,
     latest_checkpoint,
     lora_config,
+    target_cache_path,
     wrap_target,
 )
 from trainers.rl_config import AlignProRLConfig
@@ -87,7 +88,7 @@ class AlignProRLTrainer:
             )
         prompts = list(dict.fromkeys(prompts))
         self.prompts = prompts[: config.max_prompts] if config.max_prompts else prompts
-        cache = os.path.join(str(config.output_dir), "target_cache.jsonl")
+        cache = target_cache_path(str(config.output_dir))
         self.target = (
             wrap_target(target, cache) if target is not None else build_target(config, str(config.output_dir))
         )
@@ -141,7 +142,9 @@ class AlignProRLTrainer:
         model, peft_config = self._policy()
         self.prompter.tokenizer.padding_side = "left"
 
-        def alignpro_reward(prompts, completions, original, **kw) -> list[float | None]:  # name shows in TRL logs
+        def alignpro_reward(
+            prompts, completions, original, **kw
+        ) -> list[float | None]:  # name shows in TRL logs
             return list(self.reward_fn(prompts, completions, original, **kw))
 
         self.trainer = _timed_grpo_class()(
@@ -151,7 +154,10 @@ class AlignProRLTrainer:
             train_dataset=self.dataset(),
             processing_class=self.prompter.tokenizer,
             peft_config=peft_config,
-            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "rl"), *self.callbacks],
+            callbacks=[
+                JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "rl"),
+                *self.callbacks,
+            ],
         )
         self.trainer._alignpro_times = dict.fromkeys(("prompter_generation_s", "target_s", "reward_s"), 0.0)
         resume = latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None
@@ -182,7 +188,8 @@ class AlignProRLTrainer:
             },
         ]
         self.prompter.manifest = replace(self.prompter.manifest, provenance=prov)
-        self.prompter.save_pretrained(str(cfg.output_dir))
+        if self.trainer.is_world_process_zero():  # one writer under `accelerate launch`
+            self.prompter.save_pretrained(str(cfg.output_dir))
         return self.prompter
 
 

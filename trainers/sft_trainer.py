@@ -28,6 +28,7 @@ from trainers.common import (
     count_trainable,
     latest_checkpoint,
     lora_config,
+    target_cache_path,
     wrap_target,
 )
 from trainers.scoring import RewriteScorer
@@ -111,7 +112,7 @@ class AlignProSFTTrainer:
     def bootstrap(self, prompts: Sequence[str]) -> list[tuple[str, str]]:
         cfg = self.config
         target = (
-            wrap_target(self._target, os.path.join(str(cfg.output_dir), "target_cache.jsonl"))
+            wrap_target(self._target, target_cache_path(str(cfg.output_dir)))
             if self._target is not None
             else build_target(cfg, str(cfg.output_dir))
         )
