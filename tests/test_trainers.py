@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -280,3 +281,37 @@ def test_oracle_tunes_the_target_itself(tiny_lm_dir, tmp_path):
     assert meta["steps"] == 2
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out)
     assert any(torch.any(p != 0) for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_kl_optimum_weights_and_kl():
+    from trainers.kl_optimum import kl_to_proposal, sir_weights
+
+    w = sir_weights([0.0, 1.0, 2.0], lam=1.0)
+    assert w[2] > w[1] > w[0] and abs(sum(w) - 1) < 1e-9
+    assert sir_weights([1.0, 1.0], lam=0.1) == [0.5, 0.5]  # no signal: the proposal itself
+    assert kl_to_proposal([0.5, 0.5]) == pytest.approx(0.0)
+    sharp = sir_weights([0.0, 1.0, 2.0], lam=0.01)
+    assert sharp[2] == pytest.approx(1.0) and kl_to_proposal(sharp) == pytest.approx(math.log(3), rel=1e-3)
+
+
+def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, num_generations=3, beta=0.5,
+                     per_device_train_batch_size=3,
+                     learning_rate=1e-2)
+    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+    sft_weights = _lora_weights(trainer.prompter.model)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["samples"] == 9 and r["reward_resampled"] >= r["reward"] - 1e-9  # resampling favours high r
+        assert math.isfinite(r["loss"]) and r["kl"] >= 0
+    moved = _lora_weights(trainer.prompter.model)
+    assert any(not torch.equal(sft_weights[n], moved[n]) for n in sft_weights)
+    p = Prompter.from_pretrained(tmp_path / "rl", similarity=None)
+    assert p.manifest.provenance["stages"][-1]["algorithm"] == "kl-optimum"
+    # resume: both rounds done, nothing left to run
+    again = AlignProRLTrainer(_rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, resume=True,
+                                          num_generations=3, per_device_train_batch_size=3),
+                              prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+    assert again._resume_rounds(tmp_path / "rl") == 2

@@ -22,6 +22,22 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
     base_model: str = field(
         default="smollm2-135m-instruct", metadata={"help": "Prompter base when no sft_prompter is given."}
     )
+    algorithm: str = field(
+        default="grpo",
+        metadata={
+            "help": "'grpo' (TRL GRPO, KL penalty beta) or 'kl-optimum': sample num_generations rewrites per "
+            "prompt from the SFT prompter, resample them with weights softmax(z/beta) (z = rewards "
+            "standardised per prompt), i.e. draws from rho* ∝ rho_sft·exp(r/λ), and distil them. Every "
+            "generation is used and the target answers in large batches: far more signal per CPU-minute."
+        },
+    )
+    kl_rounds: int = field(
+        default=1,
+        metadata={
+            "help": "kl-optimum: sample-resample-distil rounds (each round "
+            "re-anchors on the current policy, so λ compounds)."
+        },
+    )
     mode: str | None = field(
         default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."}
     )
@@ -55,6 +71,8 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
 
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
+        if self.algorithm not in ("grpo", "kl-optimum"):
+            raise ValueError(f"algorithm must be 'grpo' or 'kl-optimum', got {self.algorithm!r}")
         if self.beta <= 0:
             raise ValueError(
                 "beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter"

@@ -138,6 +138,104 @@ class AlignProRLTrainer:
         return model, peft_config
 
     def train(self) -> Prompter:
+        if self.config.algorithm == "kl-optimum":
+            return self._train_kl_optimum()
+        return self._train_grpo()
+
+    def _train_kl_optimum(self) -> Prompter:
+        """Sample from ρ_sft, resample by exp(r/λ), distil (see trainers/kl_optimum.py); one round per checkpoint."""
+        import random
+
+        from alignpro_plugins.manifest import GenerationDefaults
+        from trainers import kl_optimum
+
+        cfg = self.config
+        out = Path(str(cfg.output_dir))
+        model, peft_config = self._policy()
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            self.prompter.model = get_peft_model(model, peft_config)
+        settings = GenerationDefaults(
+            max_new_tokens=int(cfg.max_completion_length or 48),
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            repetition_penalty=1.0,
+        )
+        rng = random.Random(cfg.seed)
+        start = 0
+        if cfg.resume:
+            start = self._resume_rounds(out)
+        history = []
+        for r in range(start, cfg.kl_rounds):
+            pairs, stats = kl_optimum.run_round(
+                self.scorer,
+                self.prompts,
+                k=int(cfg.num_generations or 4),
+                lam=cfg.beta,
+                settings=settings,
+                mode=self.mode,
+                rng=rng,
+            )
+            stats.update(kl_optimum.distil(self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode))
+            stats["time/step_s"] = sum(v for k, v in stats.items() if k.startswith("time/"))
+            row = {"stage": "rl", "step": r + 1, "time": time.time(), **stats}
+            kl_optimum.log_row(out / "metrics.jsonl", row)
+            logger.info("kl-optimum round %d: %s", r + 1, {k: round(v, 4) for k, v in stats.items()})
+            history.append(row)
+            self.prompter.save_pretrained(out / f"round-{r + 1}")
+        self._finish(
+            out,
+            "kl-optimum",
+            len(history) + start,
+            history[0]["reward"] if history else None,
+            history[-1]["reward"] if history else None,
+        )
+        return self.prompter
+
+    def _resume_rounds(self, out: Path) -> int:
+        rounds = sorted(
+            (int(p.name.split("-")[1]), p) for p in out.glob("round-*") if (p / "alignpro.json").exists()
+        )
+        if not rounds:
+            return 0
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        done, folder = rounds[-1]
+        set_peft_model_state_dict(self.prompter.model, load_file(str(folder / "adapter_model.safetensors")))
+        logger.info("resuming after round %d from %s", done, folder)
+        return done
+
+    def _finish(self, out: Path, algorithm: str, steps: int, first: float | None, last: float | None) -> None:
+        cfg = self.config
+        prov = dict(self.prompter.manifest.provenance)
+        prov["stages"] = [
+            *prov.get("stages", []),
+            {
+                "stage": "rl",
+                "algorithm": algorithm,
+                "beta": cfg.beta,
+                "steps": steps,
+                "prompts": len(self.prompts),
+                "num_generations": cfg.num_generations,
+                "reward_model": cfg.reward_model,
+                "target": self.target.identity,
+                "reward_first": first,
+                "reward_last": last,
+                "target_calls": self.target.stats.calls,
+                "target_cache_hits": self.target.stats.cache_hits,
+                "target_failures": self.target.stats.failures,
+            },
+        ]
+        self.prompter.manifest = replace(self.prompter.manifest, provenance=prov)
+        if (
+            self.trainer is None or self.trainer.is_world_process_zero()
+        ):  # one writer under `accelerate launch`
+            self.prompter.save_pretrained(out)
+
+    def _train_grpo(self) -> Prompter:
         cfg = self.config
         model, peft_config = self._policy()
         self.prompter.tokenizer.padding_side = "left"
@@ -168,28 +266,13 @@ class AlignProRLTrainer:
         policy.eval()
         self.prompter.model = policy
         history = [h for h in self.trainer.state.log_history if "reward" in h]
-        prov = dict(self.prompter.manifest.provenance)
-        prov["stages"] = [
-            *prov.get("stages", []),
-            {
-                "stage": "rl",
-                "algorithm": "grpo",
-                "beta": cfg.beta,
-                "steps": self.trainer.state.global_step,
-                "prompts": len(self.prompts),
-                "num_generations": cfg.num_generations,
-                "reward_model": cfg.reward_model,
-                "target": self.target.identity,
-                "reward_first": history[0]["reward"] if history else None,
-                "reward_last": history[-1]["reward"] if history else None,
-                "target_calls": self.target.stats.calls,
-                "target_cache_hits": self.target.stats.cache_hits,
-                "target_failures": self.target.stats.failures,
-            },
-        ]
-        self.prompter.manifest = replace(self.prompter.manifest, provenance=prov)
-        if self.trainer.is_world_process_zero():  # one writer under `accelerate launch`
-            self.prompter.save_pretrained(str(cfg.output_dir))
+        self._finish(
+            Path(str(cfg.output_dir)),
+            "grpo",
+            self.trainer.state.global_step,
+            history[0]["reward"] if history else None,
+            history[-1]["reward"] if history else None,
+        )
         return self.prompter
 
 

@@ -1,0 +1,160 @@
+"""The KL-regularised optimum, sampled and distilled: Align-Pro's RL objective without policy gradients.
+
+For max_ρ E[r(x, y)] − λ·KL(ρ‖ρ_sft) the optimum is ρ*(x'|x) ∝ ρ_sft(x'|x)·exp(r(x, x')/λ). Sampling K rewrites
+from ρ_sft and resampling them with self-normalised weights softmax(r/λ) draws (approximately) from ρ*
+(sampling-importance-resampling); fitting the prompter to those draws by maximum likelihood is the M-projection
+of ρ* onto the adapter family. Every generation is scored once, in large target batches, and reused by the
+weights — the cheap route to RL signal on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from alignpro_plugins.manifest import GenerationDefaults
+from trainers.scoring import RewriteScorer
+
+
+def sir_weights(rewards: Sequence[float], lam: float) -> list[float]:
+    """softmax(z/λ) with z the rewards standardised within the group (uniform when they are all equal)."""
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    if std < 1e-8:
+        return [1.0 / len(rewards)] * len(rewards)
+    logits = [(r - mean) / std / lam for r in rewards]
+    top = max(logits)
+    exp = [math.exp(v - top) for v in logits]
+    total = sum(exp)
+    return [e / total for e in exp]
+
+
+def kl_to_proposal(weights: Sequence[float]) -> float:
+    """KL(ρ* ‖ ρ_sft) estimated from the self-normalised weights of K proposal samples: Σ w log(K w)."""
+    k = len(weights)
+    return sum(w * math.log(k * w) for w in weights if w > 0)
+
+
+def run_round(
+    scorer: RewriteScorer,
+    prompts: Sequence[str],
+    *,
+    k: int,
+    lam: float,
+    settings: GenerationDefaults,
+    mode: str,
+    rng: random.Random,
+    gen_batch: int = 8,
+    score_batch: int = 64,
+) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Sample K rewrites per prompt, score r(x, target(x')), resample K draws from ρ*; return (x, x') targets."""
+    prompter = scorer.prompter
+    t0 = time.perf_counter()
+    samples: list[tuple[str, str, bool]] = []
+    for s in tqdm(range(0, len(prompts), gen_batch), desc="kl-optimum: sampling rewrites"):
+        chunk = prompts[s : s + gen_batch]
+        rows = prompter.generate_raw([prompter.format_query(x, mode) for x in chunk], settings, k)
+        samples += [(x, g, h) for x, row in zip(chunk, rows, strict=True) for g, h in row]
+    t1 = time.perf_counter()
+    rewards: list[float] = []
+    results = []
+    timings = {"target_s": 0.0, "reward_s": 0.0}
+    for s in tqdm(range(0, len(samples), score_batch), desc="kl-optimum: scoring r(x, target(x'))"):
+        chunk = samples[s : s + score_batch]
+        batch = scorer.score([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk], mode)
+        rewards += batch.rewards
+        results += batch.results
+        for key in timings:
+            timings[key] += batch.timings[key]
+    targets: list[tuple[str, str]] = []
+    kls, chosen_rewards, ess = [], [], []
+    for i, x in enumerate(prompts):
+        rs = rewards[i * k : (i + 1) * k]
+        res = results[i * k : (i + 1) * k]
+        w = sir_weights(rs, lam)
+        kls.append(kl_to_proposal(w))
+        ess.append(1.0 / sum(v * v for v in w))
+        for j in rng.choices(range(k), weights=w, k=k):
+            # A rejected rewrite reached the target as x itself: its target is "no change" (augment) .
+            text = (res[j].generated or "") if res[j].rewritten else ""
+            if text or mode == "augment":
+                targets.append((x, text))
+            chosen_rewards.append(rs[j])
+    stats = {
+        "reward": sum(rewards) / len(rewards),
+        "reward_std": _std(rewards),
+        "reward_resampled": sum(chosen_rewards) / max(len(chosen_rewards), 1),
+        "kl": sum(kls) / len(kls),
+        "effective_sample_size": sum(ess) / len(ess),
+        "alignpro/fallback_rate": sum(not r.rewritten for r in results) / len(results),
+        "alignpro/rewrite_chars": sum(len(r.generated or "") for r in results) / len(results),
+        "time/prompter_generation_s": t1 - t0,
+        "time/target_s": timings["target_s"],
+        "time/reward_s": timings["reward_s"],
+        "samples": len(samples),
+    }
+    return targets, stats
+
+
+def _std(values: Sequence[float]) -> float:
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def distil(
+    prompter: Any, pairs: Sequence[tuple[str, str]], cfg: Any, output_dir: Path, mode: str
+) -> dict[str, Any]:
+    """One maximum-likelihood pass of the (trainable) adapter on the resampled draws, with TRL's SFTTrainer."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [{"prompt": prompter.format_query(x, mode), "completion": y} for x, y in pairs]
+    random.Random(cfg.seed).shuffle(rows)
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=1,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=5,
+        save_strategy="no",
+        max_length=512,
+        seed=cfg.seed,
+        disable_tqdm=cfg.disable_tqdm,
+        use_cpu=cfg.use_cpu,
+    )
+    prompter.tokenizer.padding_side = "right"
+    prompter.model.train()
+    t0 = time.perf_counter()
+    trainer = SFTTrainer(
+        model=prompter.model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=prompter.tokenizer,
+    )
+    out = trainer.train()
+    prompter.tokenizer.padding_side = "left"
+    prompter.model = trainer.model
+    prompter.model.eval()
+    return {
+        "loss": out.training_loss,
+        "time/update_s": time.perf_counter() - t0,
+        "distil_steps": out.global_step,
+    }
+
+
+def log_row(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row, default=float) + "\n")
