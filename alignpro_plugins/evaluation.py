@@ -9,6 +9,7 @@ written incrementally, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -47,6 +48,16 @@ class Configuration:
     def inputs(self, prompts: Sequence[str]) -> list[list[TargetInput]]:
         """Per prompt, one input (or k candidates for best-of-k)."""
         raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """What makes this configuration's records reusable on resume (same name + same setup)."""
+        parts = [type(self).__name__, self.name, self.description, str(self.k), getattr(self, "template", "")]
+        prompter = getattr(self, "prompter", None)
+        if prompter is not None:
+            parts.append(prompter.manifest.to_json())
+        if self.target is not None:
+            parts += [self.target.identity, json.dumps(self.target.settings, sort_keys=True, default=str)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -182,19 +193,23 @@ class Evaluator:
     def _records_path(self) -> Path | None:
         return self.out_dir / "records.jsonl" if self.out_dir else None
 
-    def _load_done(self) -> dict[tuple[str, int], dict]:
+    def _load_done(self, fingerprints: dict[str, str]) -> dict[tuple[str, int], dict]:
+        """Records of an interrupted run that still apply: same configuration setup, same prompt, same judges."""
         path = self._records_path()
         done: dict[tuple[str, int], dict] = {}
         if path and path.exists():
             for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    if (
-                        row.get("prompt") == self.prompts[row["idx"]]
-                        if row["idx"] < len(self.prompts)
-                        else False
-                    ):
-                        done[(row["config"], row["idx"])] = row
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                i = row["idx"]
+                if (
+                    i < len(self.prompts)
+                    and row.get("prompt") == self.prompts[i]
+                    and row.get("fingerprint") == fingerprints.get(row["config"])
+                    and set(row["rewards"]) == set(self.judges)
+                ):
+                    done[(row["config"], i)] = row
         return done
 
     def _append(self, rows: list[dict]) -> None:
@@ -205,6 +220,7 @@ class Evaluator:
                 fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
     def _run_config(self, cfg: Configuration, done: dict) -> list[dict]:
+        fingerprint = cfg.fingerprint()
         todo = [i for i in range(len(self.prompts)) if (cfg.name, i) not in done]
         target = cfg.target or self.target
         rows = [done[(cfg.name, i)] for i in range(len(self.prompts)) if (cfg.name, i) in done]
@@ -234,6 +250,7 @@ class Evaluator:
                         "answer": answers[best],
                         "rewards": {name: s[best] for name, s in scores.items()},
                         "k": len(members),
+                        "fingerprint": fingerprint,
                     }
                 )
             self._append(new)
@@ -247,7 +264,7 @@ class Evaluator:
             raise ValueError(f"configuration names must be unique, got {names}")
         if self.reference not in names:
             raise ValueError(f"the reference configuration {self.reference!r} is not among {names}")
-        done = self._load_done()
+        done = self._load_done({c.name: c.fingerprint() for c in configs})
         by_config = {c.name: self._run_config(c, done) for c in configs}
         summary = self.summarize(by_config, {c.name: c for c in configs})
         if self.pairwise_judge is not None:

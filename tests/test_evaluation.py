@@ -129,3 +129,19 @@ def test_pairwise_llm_judge_runs_both_orders():
 def test_unknown_reference_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="reference"):
         Evaluator(PROMPTS, echo_target(), {"r": length_judge()}).run([FixedTemplate()])
+
+
+def test_resume_ignores_records_of_a_changed_configuration(tmp_path):
+    calls = []
+
+    def target(x):
+        calls.append(x)
+        return x
+
+    Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
+        [FrozenAlone(), FixedTemplate(template="Be brief.")])
+    n = len(calls)
+    report = Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
+        [FrozenAlone(), FixedTemplate(template="Be thorough.")])
+    assert len(calls) == n + len(PROMPTS)  # frozen reused, the changed template re-run
+    assert all(r["input"].endswith("Be thorough.") for r in report.records if r["config"] == "template")
