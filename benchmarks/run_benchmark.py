@@ -44,6 +44,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small budget (about an hour on 2 CPU cores)")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--rl-algorithm",
+        choices=["kl-optimum", "grpo"],
+        default="kl-optimum",
+        help="which RL stage's prompter is reported as align-pro (both are trained)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -54,6 +60,8 @@ def main() -> None:
         boot_prompts=96 if q else 300,
         k=2 if q else 4,
         rl_steps=12 if q else 100,
+        kl_prompts=96 if q else 400,
+        kl_rounds=1 if q else 2,
         eval_per_set=24 if q else None,
         best_of_k=4,
     )
@@ -127,19 +135,54 @@ def main() -> None:
             ),
             prompts=rl_prompts[:400],
         )
-        times["rl stage"] = time.time() - t
+        times["rl stage (grpo)"] = time.time() - t
+
+    if not (out / "rl-kl" / "alignpro.json").exists():
+        t = time.time()
+        rl_prompts = list(
+            dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
+        )
+        # Same prompt pool; kl-optimum answers num_generations rewrites per prompt in big target batches.
+        train_rl(
+            AlignProRLConfig(
+                output_dir=str(out / "rl-kl"),
+                sft_prompter=str(out / "sft"),
+                reward_model=str(out / "reward"),
+                algorithm="kl-optimum",
+                kl_rounds=budget["kl_rounds"],
+                beta=0.5,
+                learning_rate=1e-4,
+                num_generations=4,
+                per_device_train_batch_size=8,
+                max_completion_length=48,
+                **target_kw,
+            ),
+            prompts=rl_prompts[400 : 400 + budget["kl_prompts"]],
+        )
+        times["rl stage (kl-optimum)"] = time.time() - t
 
     from trainers.oracle_config import RLHFOracleConfig
     from trainers.oracle_trainer import train_oracle
 
     if not (out / "oracle" / "alignpro_oracle.json").exists():
         t = time.time()
-        rl_prompts = list(dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt")))
+        rl_prompts = list(
+            dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
+        )
         # Same reward model, prompts and step budget as the prompter's RL stage.
-        train_oracle(RLHFOracleConfig(
-            output_dir=str(out / "oracle"), target="smollm2-135m-instruct", reward_model=str(out / "reward"),
-            max_steps=budget["rl_steps"], per_device_train_batch_size=8, num_generations=4, save_steps=5,
-            max_completion_length=96), prompts=rl_prompts[:400])
+        train_oracle(
+            RLHFOracleConfig(
+                output_dir=str(out / "oracle"),
+                target="smollm2-135m-instruct",
+                reward_model=str(out / "reward"),
+                max_steps=budget["rl_steps"],
+                per_device_train_batch_size=8,
+                num_generations=4,
+                save_steps=5,
+                max_completion_length=96,
+            ),
+            prompts=rl_prompts[:400],
+        )
         times["rlhf oracle"] = time.time() - t
 
     from peft import PeftModel
@@ -168,18 +211,23 @@ def main() -> None:
         out / "eval" / "target_cache.jsonl",
     )
     judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
-    trained = Prompter.from_pretrained(out / "rl")
+    grpo = Prompter.from_pretrained(out / "rl")
+    trained = Prompter.from_pretrained(out / "rl-kl") if args.rl_algorithm == "kl-optimum" else grpo
     zero = Prompter.from_base("smollm2-135m-instruct", mode=trained.manifest.mode)
     configs = [
         FrozenAlone(),
         FixedTemplate(),
         WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter, same template"),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
-        WithPrompter(prompter=trained),
+        WithPrompter(prompter=trained, description=f"(ii) Align-Pro prompter (RL: {args.rl_algorithm})"),
         BestOfK(prompter=trained, k=budget["best_of_k"]),
     ]
-    oracle = TransformersTarget("smollm2-135m-instruct", max_new_tokens=128, batch_size=32, name="smollm2+rlhf-oracle")
+    oracle = TransformersTarget(
+        "smollm2-135m-instruct", max_new_tokens=128, batch_size=32, name="smollm2+rlhf-oracle"
+    )
     oracle.model = PeftModel.from_pretrained(oracle.model, str(out / "oracle")).eval()
+    if args.rl_algorithm == "kl-optimum":
+        configs.insert(4, WithPrompter(prompter=grpo, name="align-pro-grpo", description="RL stage by GRPO"))
     configs.append(Oracle(target=CachedTarget(oracle, out / "eval" / "oracle_cache.jsonl")))
     report = Evaluator(prompts, target, judges, out_dir=out / "eval").run(configs)
     times["evaluation"] = time.time() - t
@@ -187,6 +235,7 @@ def main() -> None:
 
     try:
         plot_training_curve(out / "rl" / "metrics.jsonl", out / "eval" / "rl_reward_curve.png")
+        plot_training_curve(out / "rl-kl" / "metrics.jsonl", out / "eval" / "rl_kl_reward_curve.png")
     except Exception as exc:
         logging.warning("no RL curve: %s", exc)
     meta = {n: json.loads((out / n / "alignpro_reward.json").read_text()) for n in ("reward", "judge")}
