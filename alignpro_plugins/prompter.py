@@ -128,6 +128,8 @@ class Prompter:
         """An untrained (zero-shot) prompter: the base model asked to rewrite with the default template."""
         dev = _select_device(device)
         model, tokenizer, path = load_causal_lm(base_model, device=dev, dtype=_select_dtype(dtype, dev))
+        if Path(base_model).is_dir():  # a relative folder must still resolve from another working directory
+            base_model = str(Path(base_model).resolve())
         manifest = Manifest(base_model=base_model, base_model_hash=_hash_or_none(path), mode=mode)
         manifest.provenance.setdefault("stages", [])
         return cls(model, tokenizer, manifest, **kwargs)
