@@ -331,13 +331,24 @@ class DSPyTarget(FrozenTarget):
             if isinstance(v, (int, float, str))
         }
 
+    def _ask(self, prompt: str) -> str:
+        # DSPy 3.4+: an explicit lm15 Request (the legacy messages= call is deprecated and goes away in 3.5).
+        try:
+            from dspy.lm15 import Message, Request
+        except ImportError:  # older DSPy
+            Request = None  # type: ignore[assignment,misc]
+        if Request is not None and isinstance(getattr(self.lm, "model", None), str) and hasattr(self.lm, "engine"):
+            response = self.lm(Request(model=self.lm.model, messages=(Message.user(prompt),)))
+            return str(response.text or "").strip()
+        out = self.lm(prompt)  # plain-string calls stay supported and return a list of outputs
+        first = out[0] if isinstance(out, list) and out else out
+        return str(first.get("text", "") if isinstance(first, dict) else first).strip()
+
     def _generate(self, prompts: list[str]) -> list[str]:
         answers = []
         for p in prompts:
             try:
-                out = self.lm(messages=[{"role": "user", "content": p}])
-                first = out[0] if isinstance(out, list) and out else out
-                answers.append(str(first.get("text", "") if isinstance(first, dict) else first).strip())
+                answers.append(self._ask(p))
             except Exception as exc:
                 answers.append(self._failed(exc, p))
         return answers

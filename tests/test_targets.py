@@ -371,3 +371,19 @@ def test_concurrent_callers_share_one_target_safely():
         for t in threads:
             t.join()
     assert results == {i: [f"echo: t{i}-a", f"echo: t{i}-b"] for i in range(6)}
+
+
+def test_dspy_target_uses_supported_call_paths(tiny_lm_dir, recwarn):
+    """DSPy 3.4 deprecates messages= calls (gone in 3.5): a DSPy target must not make them."""
+    import alignpro_plugins.dspy as adspy
+    from dspy.utils import DummyLM
+
+    from alignpro_plugins.targets import DSPyTarget, as_target
+
+    dummy = DSPyTarget(DummyLM([{"answer": "forty-two"}]))
+    assert "forty-two" in dummy.generate(["what is six times seven?"])[0]
+    local = as_target(adspy.LocalTransformersLM(tiny_lm_dir, max_tokens=4))
+    assert isinstance(local, DSPyTarget)
+    assert len(local.generate(["a", "b"])) == 2 and local.stats.failures == 0
+    assert dummy.stats.failures == 0
+    assert not [w for w in recwarn if "deprecated" in str(w.message).lower() and "messages" in str(w.message)]
