@@ -6,7 +6,7 @@ into one batched ``generate`` call (the script checks this). It reports prompts/
 p50/p95 per-request latency, and writes the "Prompter rewrite throughput" section of ``docs/benchmarks.md``
 (other sections are left as they are).
 
-    .venv/bin/python benchmarks/bench_rewrite.py                      # batch 1/8/32, about 2 minutes on 2 idle cores
+    .venv/bin/python benchmarks/bench_rewrite.py                      # batch 1/8/32, about 1 minute on 2 idle cores
     .venv/bin/python benchmarks/bench_rewrite.py --batch-sizes 1 8 --waves 4 --no-docs   # more samples, no docs
 """
 
@@ -166,6 +166,16 @@ def render_section(meta: dict, rows: list[dict]) -> str:
             for r in rows[1:]
         )
         lines += ["", f"Throughput relative to batch {base['batch']}: {speedups}."]
+    best = max(rows, key=lambda r: r["prompts_per_s"])
+    lines.append(
+        f"Best throughput in this run: batch {best['batch']} ({best['prompts_per_s']:.2f} prompts/s)."
+    )
+    single_wave = [str(r["batch"]) for r in rows if r["batch"] > 1 and r["requests"] == r["batch"]]
+    if single_wave:
+        lines.append(
+            f"Batch {', '.join(single_wave)} ran one wave each, so p50 and p95 there are one measurement "
+            "(every request of a wave finishes with the batch); use `--waves N` for more samples."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +196,7 @@ def write_section(path: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--waves", type=int, default=2, help="waves per batch size (batch 1 runs 4x as many)")
+    ap.add_argument("--waves", type=int, default=1, help="waves per batch size (batch 1 runs 4x as many)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--mode", choices=["augment", "rewrite"], default="augment")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
