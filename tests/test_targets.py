@@ -375,9 +375,9 @@ def test_concurrent_callers_share_one_target_safely():
 
 def test_dspy_target_uses_supported_call_paths(tiny_lm_dir, recwarn):
     """DSPy 3.4 deprecates messages= calls (gone in 3.5): a DSPy target must not make them."""
-    import alignpro_plugins.dspy as adspy
     from dspy.utils import DummyLM
 
+    import alignpro_plugins.dspy as adspy
     from alignpro_plugins.targets import DSPyTarget, as_target
 
     dummy = DSPyTarget(DummyLM([{"answer": "forty-two"}]))
