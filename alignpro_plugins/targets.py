@@ -109,7 +109,7 @@ class TransformersTarget(FrozenTarget):
             if tokenizer is None:
                 raise TypeError("TransformersTarget(model=<PreTrainedModel>) also needs tokenizer=...")
             self.model, self.tokenizer = model, tokenizer
-            self._name = name or getattr(model.config, "_name_or_path", type(model).__name__)
+            self._name = name or str(getattr(model.config, "_name_or_path", None) or type(model).__name__)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

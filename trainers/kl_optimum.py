@@ -67,8 +67,8 @@ def run_round(
     results = []
     timings = {"target_s": 0.0, "reward_s": 0.0}
     for s in tqdm(range(0, len(samples), score_batch), desc="kl-optimum: scoring r(x, target(x'))"):
-        chunk = samples[s : s + score_batch]
-        batch = scorer.score([c[0] for c in chunk], [c[1] for c in chunk], [c[2] for c in chunk], mode)
+        part = samples[s : s + score_batch]
+        batch = scorer.score([c[0] for c in part], [c[1] for c in part], [c[2] for c in part], mode)
         rewards += batch.rewards
         results += batch.results
         for key in timings:

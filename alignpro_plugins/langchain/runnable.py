@@ -57,7 +57,9 @@ def _load_prompter(path: str | None, base_model: str | None, mode: str | None, k
             if path is not None:
                 prompter = Prompter.from_pretrained(path, **kwargs)
             else:
-                prompter = Prompter.from_base(base_model or "smollm2-135m-instruct", mode=load_mode, **kwargs)
+                prompter = Prompter.from_base(
+                    base_model or "smollm2-135m-instruct", mode=load_mode or "augment", **kwargs
+                )
             _PROMPTERS[key] = prompter
         if prompter not in _RECENT:
             _RECENT.append(prompter)
