@@ -39,6 +39,18 @@ def machine() -> str:
     )
 
 
+def write_section(path: Path, key: str, body: str) -> None:
+    """Replace (or append) the marked section of docs/benchmarks.md, keeping every other section."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small budget (about an hour on 2 CPU cores)")
@@ -256,7 +268,9 @@ def main() -> None:
         "",
         report.to_markdown(),
     ]
-    (out / "eval" / "benchmark_section.md").write_text("\n".join(md))
+    section = "\n".join(md)
+    (out / "eval" / "benchmark_section.md").write_text(section)
+    write_section(ROOT / "docs" / "benchmarks.md", "align-pro-comparison", section)
     print("\n".join(md))
 
 
