@@ -39,6 +39,46 @@ def machine() -> str:
     )
 
 
+def targets_table(summary: dict) -> str:
+    """The issues' targets, each with the measured value and whether it is met (independent judge first)."""
+    c, h = summary["configs"], summary["head_to_head"]
+    rows = []
+
+    def add(name: str, value: float, ok: bool, fmt: str = "{:.1%}") -> None:
+        rows.append(f"| {name} | {fmt.format(value)} | {'met' if ok else 'NOT met'} |")
+
+    for judge in ("independent", "reward"):
+        wr = c["align-pro"][judge]["vs_reference"]
+        add(
+            f"align-pro vs frozen win rate ≥ 75% and CI low > 50% ({judge})",
+            wr["win_rate"],
+            wr["win_rate"] >= 0.75 and wr["ci_low"] > 0.5,
+        )
+        for other, goal in (("template", 0.60), ("zero-shot", 0.75)):
+            if other in h:
+                w = h[other][judge]
+                add(
+                    f"align-pro vs {other} ≥ {goal:.0%} and CI low > 50% ({judge})",
+                    w["win_rate"],
+                    w["win_rate"] >= goal and w["ci_low"] > 0.5,
+                )
+        add(f"align-pro vs frozen ≥ 65% (paper-level, {judge})", wr["win_rate"], wr["win_rate"] >= 0.65)
+        v_a, v_f = c["align-pro"][judge]["variance"], c["frozen"][judge]["variance"]
+        add(
+            f"reward variance below frozen ({judge}): align-pro / frozen",
+            v_a / v_f if v_f else float("nan"),
+            v_a < v_f,
+            "{:.2f}",
+        )
+        if judge in summary.get("gap_closed", {}):
+            g = summary["gap_closed"][judge]
+            add(f"share of frozen → RLHF-oracle gap closed ≥ 70% ({judge})", g, g >= 0.7)
+    gain = {j: c["align-pro"][j]["mean"] - c["frozen"][j]["mean"] for j in ("independent", "reward")}
+    ratio = gain["independent"] / gain["reward"] if gain["reward"] else float("nan")
+    add("independent-judge gain ≥ half the training-reward gain", ratio, ratio >= 0.5, "{:.2f}")
+    return "| target | measured | |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
 def write_section(path: Path, key: str, body: str) -> None:
     """Replace (or append) the marked section of docs/benchmarks.md, keeping every other section."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
@@ -267,6 +307,9 @@ def main() -> None:
         "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
         "",
         report.to_markdown(),
+        "### Targets",
+        "",
+        targets_table(report.summary),
     ]
     section = "\n".join(md)
     (out / "eval" / "benchmark_section.md").write_text(section)
