@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import dspy
@@ -197,7 +196,6 @@ def test_smollm2_end_to_end(tmp_path):
     from alignpro_plugins.dspy import LocalTransformersLM
     from alignpro_plugins.prompter import Prompter
 
-    start = time.perf_counter()
     calls = []
 
     def contains(example, pred, trace=None):
@@ -232,4 +230,3 @@ def test_smollm2_end_to_end(tmp_path):
     assert rec.original == "What is the capital of Italy?" and rec.rewritten.startswith(rec.original)
     assert Manifest.load(tmp_path / "rl").provenance["stages"][-1]["stage"] == "rl"
     assert Path(program.prompter_path, "adapter_model.safetensors").exists()
-    assert time.perf_counter() - start < 90

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -222,9 +221,7 @@ def test_second_resolve_does_not_touch_the_gguf(converted_cache, monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
     folder = cache / SMOL
     before = _snapshot(folder)
-    start = time.perf_counter()
     assert resolve_model(SMOL) == str(folder)
-    assert time.perf_counter() - start < 0.5
     assert _snapshot(folder) == before
 
 
