@@ -370,11 +370,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         for name, per_judge in summary["head_to_head"].items():
             lines.append(f"| {name} | " + " | ".join(_fmt_wr(per_judge[j]) for j in judges) + " |")
     if summary["gap_closed"]:
-        lines += [
-            "",
-            "Share of the frozen → RLHF-oracle gap closed: "
-            + ", ".join(f"{j}: {100 * v:.0f}%" for j, v in summary["gap_closed"].items()),
+        parts = [
+            f"{j}: {100 * v:.0f}%" if v == v else f"{j}: undefined (the oracle is not above frozen)"
+            for j, v in summary["gap_closed"].items()
         ]
+        lines += ["", "Share of the frozen → RLHF-oracle gap closed: " + ", ".join(parts)]
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,9 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def gap_closed(frozen: float, aligned: float, oracle: float) -> float:
-    """Share of the frozen→oracle gap in mean reward that the aligned configuration closes."""
+    """Share of the frozen→oracle gap in mean reward that the aligned configuration closes.
+
+    Undefined (nan) when the oracle does not beat the frozen model: there is no gap to close.
+    """
     gap = oracle - frozen
-    return float("nan") if abs(gap) < 1e-12 else (aligned - frozen) / gap
+    return float("nan") if gap <= 1e-12 else (aligned - frozen) / gap

@@ -44,8 +44,11 @@ def targets_table(summary: dict) -> str:
     c, h = summary["configs"], summary["head_to_head"]
     rows = []
 
-    def add(name: str, value: float, ok: bool, fmt: str = "{:.1%}") -> None:
-        rows.append(f"| {name} | {fmt.format(value)} | {'met' if ok else 'NOT met'} |")
+    def add(name: str, value: float, ok: bool, fmt: str = "{:.1%}", why_nan: str = "") -> None:
+        if value != value:  # nan: the statistic has no meaning for this run
+            rows.append(f"| {name} | undefined | NOT met: {why_nan} |")
+        else:
+            rows.append(f"| {name} | {fmt.format(value)} | {'met' if ok else 'NOT met'} |")
 
     for judge in ("independent", "reward"):
         wr = c["align-pro"][judge]["vs_reference"]
@@ -72,10 +75,21 @@ def targets_table(summary: dict) -> str:
         )
         if judge in summary.get("gap_closed", {}):
             g = summary["gap_closed"][judge]
-            add(f"share of frozen → RLHF-oracle gap closed ≥ 70% ({judge})", g, g >= 0.7)
+            add(
+                f"share of frozen → RLHF-oracle gap closed ≥ 70% ({judge})",
+                g,
+                g >= 0.7,
+                why_nan="the RLHF oracle did not beat the frozen model",
+            )
     gain = {j: c["align-pro"][j]["mean"] - c["frozen"][j]["mean"] for j in ("independent", "reward")}
-    ratio = gain["independent"] / gain["reward"] if gain["reward"] else float("nan")
-    add("independent-judge gain ≥ half the training-reward gain", ratio, ratio >= 0.5, "{:.2f}")
+    ratio = gain["independent"] / gain["reward"] if gain["reward"] > 0 else float("nan")
+    add(
+        "independent-judge gain ≥ half the training-reward gain",
+        ratio,
+        ratio >= 0.5,
+        "{:.2f}",
+        why_nan=f"no mean-reward gain under the training reward ({gain['reward']:+.3f})",
+    )
     return "| target | measured | |\n|---|---|---|\n" + "\n".join(rows) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -88,6 +89,7 @@ def test_win_rate_pairs_by_prompt_and_counts_ties_half():
     with pytest.raises(ValueError):
         stats.win_indicators([1.0], [1.0, 2.0])
     assert stats.gap_closed(1.0, 2.0, 3.0) == pytest.approx(0.5)
+    assert math.isnan(stats.gap_closed(1.0, 0.5, 0.9))  # an oracle below frozen leaves no gap to close
 
 
 def test_interrupted_run_resumes_without_regenerating(tmp_path):
