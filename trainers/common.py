@@ -92,7 +92,8 @@ def build_target(cfg: Any, output_dir: str):
     return CachedTarget(inner, cfg.target_cache or target_cache_path(output_dir))
 
 
-def wrap_target(target: Any, cache_path: str | None, max_new_tokens: int | None = None):
+def wrap_target(target: Any, cache_path: str | None):
+    """Any target object (LangChain, DSPy, callable, ...) behind the answer cache."""
     from alignpro_plugins.targets import CachedTarget, as_target
 
     t = as_target(target)

@@ -89,7 +89,5 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
         super().__post_init__()
         if self.mode not in ("augment", "rewrite"):
             raise ValueError(f"mode must be 'augment' or 'rewrite', got {self.mode!r}")
-        if self.pairs_data is None and self.prompts_data is None:
-            pass  # pairs or prompts may be passed to the trainer directly
         if self.num_candidates < 0:
             raise ValueError("num_candidates must be >= 0")
