@@ -32,7 +32,12 @@ def tiny_byte_tokenizer():
     return fast
 
 
-def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> str:
+def tiny_causal_lm(seed: int = 0, *, varied: bool = False):
+    """(model, tokenizer): a tiny random Llama with the byte tokenizer.
+
+    ``varied=True`` unties the head and widens the init so greedy output depends on the prompt (the default
+    model repeats its last input token, which cannot show a result reaching the wrong caller).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -48,9 +53,15 @@ def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> str:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=not varied,
+        **({"initializer_range": 0.2} if varied else {}),
     )
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config), tok
+
+
+def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> str:
+    """Save :func:`tiny_causal_lm` as a local model folder and return its path."""
+    model, tok = tiny_causal_lm(seed)
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return str(folder)

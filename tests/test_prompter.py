@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -27,37 +26,16 @@ from alignpro_plugins.manifest import (
     weights_hash,
 )
 from alignpro_plugins.prompter import BaseModelMismatchError, Prompter, RewriteResult, compose
-from tests.tiny_models import tiny_byte_tokenizer
+from alignpro_plugins.testing import tiny_causal_lm
 
 # Distinct prompts; the tiny "varied" model gives different outputs for many of them, some passing the guard.
 PROMPTS = [f"question {i}: " + "why " * (i % 5) + f"is {i * 7} blue" for i in range(32)]
 
 
 def varied_lm(seed: int = 0):
-    """A tiny random Llama whose greedy output depends on its input (untied head, larger init).
-
-    The shared fixture model (tied, small init) repeats its last input token whatever the prompt, which cannot
-    show results landing with the wrong caller.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tiny_byte_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval(), tok
+    """A tiny model whose greedy output depends on its input (see alignpro_plugins.testing.tiny_causal_lm)."""
+    model, tok = tiny_causal_lm(seed, varied=True)
+    return model.eval(), tok
 
 
 def make_prompter(model, tok, *, max_new_tokens: int = 12, mode: str = "augment", **kwargs) -> Prompter:
