@@ -54,7 +54,7 @@ def tiny_causal_lm(seed: int = 0, *, varied: bool = False):
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         tie_word_embeddings=not varied,
-        **({"initializer_range": 0.2} if varied else {}),
+        initializer_range=0.2 if varied else 0.02,  # 0.02 is LlamaConfig's default
     )
     return LlamaForCausalLM(config), tok
 
