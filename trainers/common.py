@@ -132,3 +132,15 @@ def lora_config(
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(ckpts[-1]) if ckpts else None
+
+
+def training_prompts(cfg: Any, prompts: Any, stage: str) -> list[str]:
+    """Prompts passed in, or read from ``cfg.prompts_data``; de-duplicated (order kept) and capped."""
+    from alignpro_plugins.data import load_prompts
+
+    if prompts is None:
+        if not cfg.prompts_data:
+            raise ValueError(f"{stage} needs training prompts: set prompts_data or pass prompts=...")
+        prompts = load_prompts(cfg.prompts_data, field=cfg.prompt_field, context_field=cfg.context_field)
+    unique = list(dict.fromkeys(prompts))
+    return unique[: cfg.max_prompts] if cfg.max_prompts else unique

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignpro_plugins.data import load_prompts
 from alignpro_plugins.prompter import load_causal_lm
 from alignpro_plugins.rewards import as_reward
-from trainers.common import JsonlMetricsCallback, latest_checkpoint, lora_config
+from trainers.common import JsonlMetricsCallback, latest_checkpoint, lora_config, training_prompts
 from trainers.oracle_config import RLHFOracleConfig
 
 
@@ -20,14 +19,7 @@ class RLHFOracleTrainer:
         self, config: RLHFOracleConfig, *, prompts: Sequence[str] | None = None, reward: Any | None = None
     ):
         self.config = config
-        if prompts is None:
-            if not config.prompts_data:
-                raise ValueError("the oracle needs training prompts: set prompts_data or pass prompts=...")
-            prompts = load_prompts(
-                config.prompts_data, field=config.prompt_field, context_field=config.context_field
-            )
-        prompts = list(dict.fromkeys(prompts))
-        self.prompts = prompts[: config.max_prompts] if config.max_prompts else prompts
+        self.prompts = training_prompts(config, prompts, "the RLHF oracle")
         self.reward = as_reward(reward if reward is not None else config.reward_model)
         self.model, self.tokenizer, _ = load_causal_lm(config.target)
         self.tokenizer.padding_side = "left"

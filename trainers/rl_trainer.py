@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from alignpro_plugins.data import load_prompts
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import as_reward
 from trainers.common import (
@@ -20,6 +19,7 @@ from trainers.common import (
     latest_checkpoint,
     lora_config,
     target_cache_path,
+    training_prompts,
     wrap_target,
 )
 from trainers.rl_config import AlignProRLConfig
@@ -80,14 +80,7 @@ class AlignProRLTrainer:
         if config.mode:
             self.prompter.manifest.mode = config.mode
         self.mode = self.prompter.manifest.mode
-        if prompts is None:
-            if not config.prompts_data:
-                raise ValueError("RL needs training prompts: set prompts_data or pass prompts=...")
-            prompts = load_prompts(
-                config.prompts_data, field=config.prompt_field, context_field=config.context_field
-            )
-        prompts = list(dict.fromkeys(prompts))
-        self.prompts = prompts[: config.max_prompts] if config.max_prompts else prompts
+        self.prompts = training_prompts(config, prompts, "RL")
         cache = target_cache_path(str(config.output_dir))
         self.target = (
             wrap_target(target, cache) if target is not None else build_target(config, str(config.output_dir))
