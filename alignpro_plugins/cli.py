@@ -166,6 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         PairwiseLLMJudge,
         WithPrompter,
     )
+    from alignpro_plugins.manifest import weights_hash
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.rewards import RewardFunction, RewardModel
     from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
@@ -211,7 +212,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from peft import PeftModel
 
         base.model = PeftModel.from_pretrained(base.model, args.oracle).eval()
-        base._name = f"{args.target}+{args.oracle}"
+        # The adapter's weights hash is part of the identity: a retrained oracle must not reuse cached answers.
+        base._name = f"{args.target}+{args.oracle}@{weights_hash(args.oracle)[7:19]}"
         configs.append(Oracle(target=CachedTarget(base, out / "oracle_cache.jsonl")))
     pairwise = (
         PairwiseLLMJudge(TransformersTarget(args.llm_judge, max_new_tokens=4)) if args.llm_judge else None

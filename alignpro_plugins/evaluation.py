@@ -21,13 +21,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignpro_plugins import stats
+from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import RewardFunction
 from alignpro_plugins.targets import FrozenTarget
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TEMPLATE = "Please give a thorough, well-organized and helpful answer."
 
 
 @dataclass

@@ -283,6 +283,40 @@ def test_oracle_tunes_the_target_itself(tiny_lm_dir, tmp_path):
     assert any(torch.any(p != 0) for n, p in tuned.named_parameters() if "lora_B" in n)
 
 
+def test_oracle_kl_optimum_distils_its_best_answers(tiny_lm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_trainer import train_oracle
+
+    seen: list[list[str]] = []
+
+    def reward(prompts, answers):
+        seen.append(list(prompts))
+        return length_reward(prompts, answers)
+
+    out = train_oracle(RLHFOracleConfig(
+        output_dir=str(tmp_path / "oracle"), target=tiny_lm_dir, algorithm="kl-optimum", kl_rounds=2,
+        num_generations=3, max_completion_length=6, per_device_train_batch_size=3, learning_rate=1e-2,
+        beta=0.5, report_to="none", disable_tqdm=True), prompts=PROMPTS[:3], reward=reward)
+    meta = json.loads((tmp_path / "oracle" / "alignpro_oracle.json").read_text())
+    assert meta["algorithm"] == "kl-optimum" and meta["steps"] == 2 * 3  # 9 draws / batch 3, two rounds
+    # Each round scores K answers per prompt against the prompt itself (the target answers x, no rewrite).
+    assert seen == [[x for x in PROMPTS[:3] for _ in range(3)]] * 2
+    rows = [json.loads(line) for line in (tmp_path / "oracle" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out)
+    assert any(torch.any(p != 0) for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_oracle_rejects_unknown_algorithm(tmp_path):
+    from trainers.oracle_config import RLHFOracleConfig
+
+    with pytest.raises(ValueError, match="'grpo' or 'kl-optimum'"):
+        RLHFOracleConfig(output_dir=str(tmp_path), algorithm="ppo")
+
+
 def test_kl_optimum_weights_and_kl():
     from trainers.kl_optimum import kl_to_proposal, sir_weights
 
@@ -315,3 +349,28 @@ def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
                                           num_generations=3, per_device_train_batch_size=3),
                               prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
     assert again._resume_rounds(tmp_path / "rl") == 2
+
+
+def test_kl_optimum_anchors_join_every_group(sft_dir, tmp_path):
+    long_guidance = ("Please answer with many concrete details and examples, explain the reasoning behind "
+                     "each point, compare the main options, and finish with a short summary of the key ideas.")
+    seen: list[str] = []
+
+    def target(x):  # a callable target answers one prompt
+        seen.append(x)
+        return x
+
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=2, beta=0.05,
+                     per_device_train_batch_size=2, kl_anchors=["", long_guidance])
+    AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=target, reward=length_reward).train()
+    row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["samples"] == 3 * (2 + 2)  # K samples + 2 anchors per prompt
+    for x in PROMPTS[:3]:  # each anchor reached the target composed with x; "" is x unchanged
+        assert f"{x}\n\n{long_guidance}" in seen and x in seen
+    assert row["anchor_share"] > 0.5  # the longest answer wins under a length reward at small λ
+
+
+def test_kl_optimum_anchors_need_augment_mode(sft_dir, tmp_path):
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_anchors=["Be thorough."], mode="rewrite")
+    with pytest.raises(ValueError, match="kl_anchors .* mode='augment'"):
+        AlignProRLTrainer(cfg, prompts=PROMPTS[:2], target=lambda x: x, reward=length_reward).train()

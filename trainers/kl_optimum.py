@@ -53,15 +53,26 @@ def run_round(
     rng: random.Random,
     gen_batch: int = 8,
     score_batch: int = 64,
+    anchors: Sequence[str] = (),
 ) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    """Sample K rewrites per prompt, score r(x, target(x')), resample K draws from ρ*; return (x, x') targets."""
+    """Sample K rewrites per prompt, score r(x, target(x')), resample K draws from ρ*; return (x, x') targets.
+
+    ``anchors`` (augment mode) are fixed guidance texts scored beside the K samples of every prompt, "" meaning
+    "no change": the proposal becomes a mixture of ρ_sft and those points, so a round can always fall back on
+    what a user would try first, and the anchors' answers are cached across rounds.
+    """
     prompter = scorer.prompter
     t0 = time.perf_counter()
     samples: list[tuple[str, str, bool]] = []
     for s in tqdm(range(0, len(prompts), gen_batch), desc="kl-optimum: sampling rewrites"):
         chunk = prompts[s : s + gen_batch]
         rows = prompter.generate_raw([prompter.format_query(x, mode) for x in chunk], settings, k)
-        samples += [(x, g, h) for x, row in zip(chunk, rows, strict=True) for g, h in row]
+        samples += [
+            (x, g, h)
+            for x, row in zip(chunk, rows, strict=True)
+            for g, h in [*row, *((a, False) for a in anchors)]
+        ]
+    group = k + len(anchors)
     t1 = time.perf_counter()
     rewards: list[float] = []
     results = []
@@ -75,18 +86,20 @@ def run_round(
             timings[key] += batch.timings[key]
     targets: list[tuple[str, str]] = []
     kls, chosen_rewards, ess = [], [], []
+    chosen_idx: list[int] = []
     for i, x in enumerate(prompts):
-        rs = rewards[i * k : (i + 1) * k]
-        res = results[i * k : (i + 1) * k]
+        rs = rewards[i * group : (i + 1) * group]
+        res = results[i * group : (i + 1) * group]
         w = sir_weights(rs, lam)
         kls.append(kl_to_proposal(w))
         ess.append(1.0 / sum(v * v for v in w))
-        for j in rng.choices(range(k), weights=w, k=k):
+        for j in rng.choices(range(group), weights=w, k=k):
             # A rejected rewrite reached the target as x itself: its target is "no change" (augment) .
             text = (res[j].generated or "") if res[j].rewritten else ""
             if text or mode == "augment":
                 targets.append((x, text))
             chosen_rewards.append(rs[j])
+            chosen_idx.append(j)
     stats = {
         "reward": sum(rewards) / len(rewards),
         "reward_std": _std(rewards),
@@ -99,6 +112,9 @@ def run_round(
         "time/target_s": timings["target_s"],
         "time/reward_s": timings["reward_s"],
         "samples": len(samples),
+        "anchor_share": (
+            sum(j >= k for j in chosen_idx) / max(len(chosen_idx), 1) if anchors else 0.0
+        ),
     }
     return targets, stats
 
@@ -111,11 +127,23 @@ def _std(values: Sequence[float]) -> float:
 def distil(
     prompter: Any, pairs: Sequence[tuple[str, str]], cfg: Any, output_dir: Path, mode: str
 ) -> dict[str, Any]:
-    """One maximum-likelihood pass of the (trainable) adapter on the resampled draws, with TRL's SFTTrainer."""
+    """One maximum-likelihood pass of the prompter's (trainable) adapter on the resampled draws."""
+    rows = [{"prompt": prompter.format_query(x, mode), "completion": y} for x, y in pairs]
+    prompter.model, stats = distil_rows(prompter.model, prompter.tokenizer, rows, cfg, output_dir)
+    return stats
+
+
+def distil_rows(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: Any, output_dir: Path
+) -> tuple[Any, dict[str, Any]]:
+    """Fit a PEFT model to prompt/completion rows for one epoch with TRL's SFTTrainer; returns it in eval mode.
+
+    Shared by the prompter's kl-optimum RL and the RLHF oracle's (same algorithm on the target itself).
+    """
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    rows = [{"prompt": prompter.format_query(x, mode), "completion": y} for x, y in pairs]
+    rows = list(rows)
     random.Random(cfg.seed).shuffle(rows)
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -134,20 +162,20 @@ def distil(
         disable_tqdm=cfg.disable_tqdm,
         use_cpu=cfg.use_cpu,
     )
-    prompter.tokenizer.padding_side = "right"
-    prompter.model.train()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    model.train()
     t0 = time.perf_counter()
-    trainer = SFTTrainer(
-        model=prompter.model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=prompter.tokenizer,
-    )
-    out = trainer.train()
-    prompter.tokenizer.padding_side = "left"
-    prompter.model = trainer.model
-    prompter.model.eval()
-    return {
+    try:
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+        )
+        out = trainer.train()
+    finally:
+        tokenizer.padding_side = side
+    model = trainer.model
+    model.eval()
+    return model, {
         "loss": out.training_loss,
         "time/update_s": time.perf_counter() - t0,
         "distil_steps": out.global_step,

@@ -15,6 +15,15 @@ class RLHFOracleConfig(GRPOConfig):
     target: str = field(
         default="smollm2-135m-instruct", metadata={"help": "Model to fine-tune (the frozen target)."}
     )
+    algorithm: str = field(
+        default="grpo",
+        metadata={
+            "help": "'grpo' (TRL GRPO on the target) or 'kl-optimum' (sample num_generations answers per "
+            "prompt from the target, resample by softmax(z/beta), distil into its LoRA): use the same "
+            "algorithm as the prompter's RL stage for a like-for-like oracle."
+        },
+    )
+    kl_rounds: int = field(default=1, metadata={"help": "kl-optimum: sample-resample-distil rounds."})
     prompts_data: str | None = field(default=None, metadata={"help": "Training prompts: file or hub id."})
     prompt_field: str = field(default="prompt", metadata={"help": "Prompt column."})
     context_field: str | None = field(default=None, metadata={"help": "Optional context column."})
@@ -39,6 +48,8 @@ class RLHFOracleConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
+        if self.algorithm not in ("grpo", "kl-optimum"):
+            raise ValueError(f"algorithm must be 'grpo' or 'kl-optimum', got {self.algorithm!r}")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         super().__post_init__()

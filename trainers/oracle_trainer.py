@@ -1,9 +1,12 @@
-"""RLHF oracle (configuration iii): GRPO on the target model itself, rewarded by r(x, y), LoRA adapter output."""
+"""RLHF oracle (configuration iii): the target itself fine-tuned by RL (GRPO or kl-optimum) on r(x, y), as LoRA."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,8 @@ from alignpro_plugins.prompter import load_causal_lm
 from alignpro_plugins.rewards import as_reward
 from trainers.common import JsonlMetricsCallback, latest_checkpoint, lora_config, training_prompts
 from trainers.oracle_config import RLHFOracleConfig
+
+logger = logging.getLogger(__name__)
 
 
 class RLHFOracleTrainer:
@@ -32,6 +37,83 @@ class RLHFOracleTrainer:
         return self.reward(original, [t.strip() for t in texts])
 
     def train(self) -> str:
+        steps = self._train_kl_optimum() if self.config.algorithm == "kl-optimum" else self._train_grpo()
+        cfg = self.config
+        (Path(str(cfg.output_dir)) / "alignpro_oracle.json").write_text(
+            json.dumps(
+                {
+                    "kind": "rlhf-oracle-adapter",
+                    "target": cfg.target,
+                    "reward_model": cfg.reward_model,
+                    "algorithm": cfg.algorithm,
+                    "steps": steps,
+                    "prompts": len(self.prompts),
+                    "beta": cfg.beta,
+                },
+                indent=1,
+            )
+        )
+        return str(cfg.output_dir)
+
+    def _train_kl_optimum(self) -> int:
+        """K sampled answers per prompt, resampled by softmax(z/λ) and distilled: the prompter's RL, on the target."""
+        from peft import get_peft_model
+
+        from alignpro_plugins.targets import TransformersTarget
+        from trainers import kl_optimum
+
+        cfg = self.config
+        out = Path(str(cfg.output_dir))
+        k = int(cfg.num_generations or 4)
+        model = get_peft_model(
+            self.model, lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+        )
+        rng = random.Random(cfg.seed)
+        steps = 0
+        for r in range(cfg.kl_rounds):
+            model.eval()
+            sampler = TransformersTarget(
+                model,
+                self.tokenizer,
+                max_new_tokens=int(cfg.max_completion_length or 96),
+                temperature=cfg.temperature,
+                batch_size=32,
+            )
+            t0 = time.perf_counter()
+            xs = [x for x in self.prompts for _ in range(k)]
+            answers = sampler.generate(xs)
+            t1 = time.perf_counter()
+            rewards = self.reward(xs, answers)
+            t2 = time.perf_counter()
+            rows, kls = [], []
+            for i, x in enumerate(self.prompts):
+                w = kl_optimum.sir_weights(rewards[i * k : (i + 1) * k], cfg.beta)
+                kls.append(kl_optimum.kl_to_proposal(w))
+                rows += [
+                    {
+                        "prompt": [{"role": "user", "content": x}],
+                        "completion": [{"role": "assistant", "content": answers[i * k + j]}],
+                    }
+                    for j in rng.choices(range(k), weights=w, k=k)
+                ]
+            model, stats = kl_optimum.distil_rows(
+                model, self.tokenizer, rows, cfg, out / f"round-{r + 1}-sft"
+            )
+            steps += stats["distil_steps"]
+            stats.update(
+                {
+                    "reward": sum(rewards) / len(rewards),
+                    "kl": sum(kls) / len(kls),
+                    "time/target_s": t1 - t0,
+                    "time/reward_s": t2 - t1,
+                }
+            )
+            kl_optimum.log_row(out / "metrics.jsonl", {"stage": "oracle", "step": r + 1, **stats})
+            logger.info("oracle kl-optimum round %d: %s", r + 1, stats)
+        model.save_pretrained(str(out))
+        return steps
+
+    def _train_grpo(self) -> int:
         import datasets
         from trl import GRPOTrainer
 
@@ -59,20 +141,7 @@ class RLHFOracleTrainer:
         )
         trainer.train(resume_from_checkpoint=latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None)
         trainer.save_model(str(cfg.output_dir))
-        (Path(str(cfg.output_dir)) / "alignpro_oracle.json").write_text(
-            json.dumps(
-                {
-                    "kind": "rlhf-oracle-adapter",
-                    "target": cfg.target,
-                    "reward_model": cfg.reward_model,
-                    "steps": trainer.state.global_step,
-                    "prompts": len(self.prompts),
-                    "beta": cfg.beta,
-                },
-                indent=1,
-            )
-        )
-        return str(cfg.output_dir)
+        return int(trainer.state.global_step)
 
 
 def train_oracle(config: RLHFOracleConfig, **kwargs: Any) -> str:

@@ -38,6 +38,13 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             "re-anchors on the current policy, so λ compounds)."
         },
     )
+    kl_anchors: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "kl-optimum, augment mode: fixed guidance texts scored beside the samples of every prompt "
+            "('' = no change), e.g. the guidance library; the resampling may pick them. Empty: samples only."
+        },
+    )
     mode: str | None = field(
         default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."}
     )

@@ -144,6 +144,11 @@ class AlignProRLTrainer:
 
         cfg = self.config
         out = Path(str(cfg.output_dir))
+        if cfg.kl_anchors and self.mode != "augment":
+            raise ValueError(
+                f"kl_anchors are guidance appended to x, so they need mode='augment' (this prompter: "
+                f"{self.mode!r}); drop kl_anchors or set mode='augment'"
+            )
         model, peft_config = self._policy()
         if peft_config is not None:
             from peft import get_peft_model
@@ -170,6 +175,7 @@ class AlignProRLTrainer:
                 settings=settings,
                 mode=self.mode,
                 rng=rng,
+                anchors=cfg.kl_anchors,
             )
             stats.update(kl_optimum.distil(self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode))
             stats["time/step_s"] = sum(v for k, v in stats.items() if k.startswith("time/"))

@@ -4,16 +4,12 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from alignpro_plugins.guidance import GUIDANCE_LIBRARY
 from trainers.common import TargetArguments, apply_hardware_defaults
 
 # Candidate guidance the bootstrap scores beside the prompter's own samples (augment mode). Starting from
 # what a user would try first means the SFT prompter begins at least where the fixed-instruction baseline is.
-DEFAULT_GUIDANCE_TEMPLATES = [
-    "Please give a thorough, well-organized and helpful answer.",
-    "Answer step by step with concrete examples, and end with a short summary.",
-    "Be specific and accurate: cover the key points, explain the reasoning, and use a clear structure.",
-    "Give a complete answer in clear paragraphs, with relevant details and any important caveats.",
-]
+DEFAULT_GUIDANCE_TEMPLATES = list(GUIDANCE_LIBRARY)
 
 
 @dataclass
