@@ -147,3 +147,11 @@ def test_resume_ignores_records_of_a_changed_configuration(tmp_path):
         [FrozenAlone(), FixedTemplate(template="Be thorough.")])
     assert len(calls) == n + len(PROMPTS)  # frozen reused, the changed template re-run
     assert all(r["input"].endswith("Be thorough.") for r in report.records if r["config"] == "template")
+
+
+def test_bootstrap_library_contains_the_template_baseline():
+    # Training starts where the `template` baseline is: its instruction is one of the bootstrap's candidates.
+    from trainers.sft_config import AlignProSFTConfig
+
+    assert DEFAULT_TEMPLATE in AlignProSFTConfig(output_dir="unused").templates
+    assert FixedTemplate().template == DEFAULT_TEMPLATE
