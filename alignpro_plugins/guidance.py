@@ -10,9 +10,10 @@ from __future__ import annotations
 # The `template` baseline of every evaluation: one fixed instruction appended to x.
 DEFAULT_TEMPLATE = "Please give a thorough, well-organized and helpful answer."
 
-# Measured on 40 AlpacaEval training prompts with the packaged SmolLM2 target (docs/benchmarks.md): each of
-# these wins 61-72% against the bare prompt, and picking the best one per prompt wins 80% against
-# DEFAULT_TEMPLATE — the headroom a prompter that chooses well can reach.
+# Chosen on 40 AlpacaEval training prompts (never evaluation prompts) with the packaged SmolLM2 target: five of
+# these win 61-72% against the bare prompt under the independent judge (the numbered list ties it overall but
+# wins where a list fits); none beats DEFAULT_TEMPLATE on more than 59% of prompts, yet the best text per
+# prompt wins 80% against it — the headroom a prompter that learns which guidance suits which prompt can reach.
 GUIDANCE_LIBRARY = [
     DEFAULT_TEMPLATE,
     "Answer in detail: explain the key points step by step, give concrete examples, and end with a short "
