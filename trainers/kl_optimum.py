@@ -36,6 +36,12 @@ def sir_weights(rewards: Sequence[float], lam: float) -> list[float]:
     return [e / total for e in exp]
 
 
+def resample(rewards: Sequence[float], lam: float, k: int, rng: random.Random) -> tuple[list[int], list[float]]:
+    """K draws (indices into the group) from softmax(z/λ), and the weights they were drawn with."""
+    w = sir_weights(rewards, lam)
+    return rng.choices(range(len(rewards)), weights=w, k=k), w
+
+
 def kl_to_proposal(weights: Sequence[float]) -> float:
     """KL(ρ* ‖ ρ_sft) estimated from the self-normalised weights of K proposal samples: Σ w log(K w)."""
     k = len(weights)
@@ -86,35 +92,35 @@ def run_round(
             timings[key] += batch.timings[key]
     targets: list[tuple[str, str]] = []
     kls, chosen_rewards, ess = [], [], []
-    chosen_idx: list[int] = []
+    anchor_draws = 0
     for i, x in enumerate(prompts):
         rs = rewards[i * group : (i + 1) * group]
         res = results[i * group : (i + 1) * group]
-        w = sir_weights(rs, lam)
+        draws, w = resample(rs, lam, k, rng)
         kls.append(kl_to_proposal(w))
         ess.append(1.0 / sum(v * v for v in w))
-        for j in rng.choices(range(group), weights=w, k=k):
+        anchor_draws += sum(j >= k for j in draws)
+        for j in draws:
             # A rejected rewrite reached the target as x itself: its target is "no change" (augment) .
             text = (res[j].generated or "") if res[j].rewritten else ""
             if text or mode == "augment":
                 targets.append((x, text))
             chosen_rewards.append(rs[j])
-            chosen_idx.append(j)
+    # Fallback rate and length describe the prompter's own samples; "" anchors would count as fallbacks.
+    own = [r for j, r in enumerate(results) if j % group < k]
     stats = {
         "reward": sum(rewards) / len(rewards),
         "reward_std": _std(rewards),
         "reward_resampled": sum(chosen_rewards) / max(len(chosen_rewards), 1),
         "kl": sum(kls) / len(kls),
         "effective_sample_size": sum(ess) / len(ess),
-        "alignpro/fallback_rate": sum(not r.rewritten for r in results) / len(results),
-        "alignpro/rewrite_chars": sum(len(r.generated or "") for r in results) / len(results),
+        "alignpro/fallback_rate": sum(not r.rewritten for r in own) / len(own),
+        "alignpro/rewrite_chars": sum(len(r.generated or "") for r in own) / len(own),
         "time/prompter_generation_s": t1 - t0,
         "time/target_s": timings["target_s"],
         "time/reward_s": timings["reward_s"],
         "samples": len(samples),
-        "anchor_share": (
-            sum(j >= k for j in chosen_idx) / max(len(chosen_idx), 1) if anchors else 0.0
-        ),
+        "anchor_share": anchor_draws / max(len(chosen_rewards), 1),
     }
     return targets, stats
 

@@ -87,14 +87,14 @@ class RLHFOracleTrainer:
             t2 = time.perf_counter()
             rows, kls = [], []
             for i, x in enumerate(self.prompts):
-                w = kl_optimum.sir_weights(rewards[i * k : (i + 1) * k], cfg.beta)
+                draws, w = kl_optimum.resample(rewards[i * k : (i + 1) * k], cfg.beta, k, rng)
                 kls.append(kl_optimum.kl_to_proposal(w))
                 rows += [
                     {
                         "prompt": [{"role": "user", "content": x}],
                         "completion": [{"role": "assistant", "content": answers[i * k + j]}],
                     }
-                    for j in rng.choices(range(k), weights=w, k=k)
+                    for j in draws
                 ]
             model, stats = kl_optimum.distil_rows(
                 model, self.tokenizer, rows, cfg, out / f"round-{r + 1}-sft"
