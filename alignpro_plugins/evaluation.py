@@ -193,22 +193,26 @@ class Evaluator:
         return self.out_dir / "records.jsonl" if self.out_dir else None
 
     def _load_done(self, fingerprints: dict[str, str]) -> dict[tuple[str, int], dict]:
-        """Records of an interrupted run that still apply: same configuration setup, same prompt, same judges."""
+        """Records of an earlier run that still apply: same configuration setup, same prompt, same judges.
+
+        Matched by prompt text, not position, so a grown or reordered prompt set reuses every record it can.
+        """
         path = self._records_path()
         done: dict[tuple[str, int], dict] = {}
+        positions: dict[str, list[int]] = {}
+        for i, x in enumerate(self.prompts):
+            positions.setdefault(x, []).append(i)
         if path and path.exists():
             for line in path.read_text().splitlines():
                 if not line.strip():
                     continue
                 row = json.loads(line)
-                i = row["idx"]
-                if (
-                    i < len(self.prompts)
-                    and row.get("prompt") == self.prompts[i]
-                    and row.get("fingerprint") == fingerprints.get(row["config"])
-                    and set(row["rewards"]) == set(self.judges)
+                if row.get("fingerprint") != fingerprints.get(row["config"]) or set(row["rewards"]) != set(
+                    self.judges
                 ):
-                    done[(row["config"], i)] = row
+                    continue
+                for i in positions.get(row.get("prompt"), []):
+                    done[(row["config"], i)] = {**row, "idx": i}
         return done
 
     def _append(self, rows: list[dict]) -> None:

@@ -117,12 +117,12 @@ BUDGETS = {
         k=2,
         templates=None,  # the whole guidance library
         sft_epochs=3,
-        kl_prompts=96,
+        kl_prompts=96,  # per round: every round samples fresh AlpacaEval prompts
         kl_k=4,
         kl_anchors=True,
-        kl_rounds=1,
+        kl_rounds=3,
         grpo_steps=12,
-        eval_per_set=36,
+        eval_per_set=50,
         best_of_k=4,
         target_tokens=96,
         eval_tokens=128,
@@ -134,22 +134,30 @@ BUDGETS = {
         k=1,
         templates=3,
         sft_epochs=2,
-        kl_prompts=24,
-        kl_k=4,  # TRL's GRPOConfig validation (inherited) wants batch 8 divisible by it
+        kl_prompts=16,
+        kl_k=3,
         kl_anchors=True,
         kl_rounds=1,
         grpo_steps=4,
-        eval_per_set=10,
+        eval_per_set=8,
         best_of_k=2,
         target_tokens=64,
-        eval_tokens=96,
+        eval_tokens=64,
     ),
 }
 
 
+def rounds_done(stage_dir: Path, artifact: str) -> int:
+    """kl-optimum rounds a finished stage ran (its metrics log), 0 when it has no artifact yet."""
+    log = stage_dir / "metrics.jsonl"
+    if not (stage_dir / artifact).exists() or not log.exists():
+        return 0
+    return max((json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()), default=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="every stage at smoke size (about 20 minutes here)")
+    ap.add_argument("--quick", action="store_true", help="every stage at smoke size (under 15 minutes here)")
     ap.add_argument("--out", default=None, help="artifact folder (default runs/bench or runs/bench-quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -175,8 +183,9 @@ def main() -> None:
     times_path = out / "stage_times.json"
     times: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
 
-    def timed(name: str, t: float) -> None:
-        times[name] = time.time() - t
+    def timed(name: str, t: float, resumed: bool = False) -> None:
+        # A resumed kl stage adds its new rounds to the time of the rounds already done.
+        times[name] = (times.get(name, 0.0) if resumed else 0.0) + time.time() - t
         times_path.write_text(json.dumps(times, indent=1))
 
     from trainers.reward_config import AlignProRewardConfig
@@ -254,8 +263,9 @@ def main() -> None:
         )
         timed("rl stage (grpo)", t)
 
-    kl_prompts = rl_prompts[400 : 400 + budget["kl_prompts"]]
-    if not (out / "rl-kl" / "alignpro.json").exists():
+    kl_prompts = rl_prompts[400 : 400 + budget["kl_prompts"] * budget["kl_rounds"]]
+    rl_done = rounds_done(out / "rl-kl", "alignpro.json")
+    if rl_done < budget["kl_rounds"]:
         t = time.time()
         # kl-optimum answers num_generations rewrites per prompt in big target batches.
         train_rl(
@@ -265,6 +275,8 @@ def main() -> None:
                 reward_model=str(out / "reward"),
                 algorithm="kl-optimum",
                 kl_rounds=budget["kl_rounds"],
+                kl_prompts_per_round=budget["kl_prompts"],
+                resume=True,  # a longer budget continues after the rounds already done
                 beta=0.5,
                 learning_rate=1e-4,
                 num_generations=budget["kl_k"],
@@ -276,12 +288,13 @@ def main() -> None:
             ),
             prompts=kl_prompts,
         )
-        timed("rl stage (kl-optimum)", t)
+        timed("rl stage (kl-optimum)", t, resumed=rl_done > 0)
 
     from trainers.oracle_config import RLHFOracleConfig
     from trainers.oracle_trainer import train_oracle
 
-    if not (out / "oracle" / "alignpro_oracle.json").exists():
+    oracle_done = rounds_done(out / "oracle", "alignpro_oracle.json")
+    if oracle_done < budget["kl_rounds"]:
         t = time.time()
         # Same reward model, prompts, algorithm and sample budget as the prompter's RL stage.
         train_oracle(
@@ -291,6 +304,8 @@ def main() -> None:
                 reward_model=str(out / "reward"),
                 algorithm="kl-optimum",
                 kl_rounds=budget["kl_rounds"],
+                kl_prompts_per_round=budget["kl_prompts"],
+                resume=True,
                 beta=0.5,
                 learning_rate=1e-4,
                 num_generations=budget["kl_k"],
@@ -299,7 +314,7 @@ def main() -> None:
             ),
             prompts=kl_prompts,
         )
-        timed("rlhf oracle (kl-optimum)", t)
+        timed("rlhf oracle (kl-optimum)", t, resumed=oracle_done > 0)
 
     from peft import PeftModel
 

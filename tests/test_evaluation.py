@@ -155,3 +155,20 @@ def test_bootstrap_library_contains_the_template_baseline():
 
     assert DEFAULT_TEMPLATE in AlignProSFTConfig(output_dir="unused").templates
     assert FixedTemplate().template == DEFAULT_TEMPLATE
+
+
+def test_grown_prompt_set_reuses_records_by_prompt(tmp_path):
+    calls = []
+
+    def target(x):
+        calls.append(x)
+        return x
+
+    Evaluator(PROMPTS[1:], CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
+        [FrozenAlone()])
+    calls.clear()
+    # One new prompt in front shifts every position; the old records still apply to their prompts.
+    report = Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
+        [FrozenAlone()])
+    assert calls == [PROMPTS[0]]
+    assert [r["prompt"] for r in sorted(report.records, key=lambda r: r["idx"])] == PROMPTS

@@ -374,3 +374,54 @@ def test_kl_optimum_anchors_need_augment_mode(sft_dir, tmp_path):
     cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_anchors=["Be thorough."], mode="rewrite")
     with pytest.raises(ValueError, match="kl_anchors .* mode='augment'"):
         AlignProRLTrainer(cfg, prompts=PROMPTS[:2], target=lambda x: x, reward=length_reward).train()
+
+
+def test_kl_optimum_rounds_take_fresh_prompts(sft_dir, tmp_path):
+    originals: list[str] = []
+
+    def reward(prompts, answers):
+        originals.extend(prompts)
+        return length_reward(prompts, answers)
+
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, kl_prompts_per_round=2,
+                     num_generations=2, beta=0.5, per_device_train_batch_size=2)
+    AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=reward).train()
+    # Round 1 scored prompts 0-1 and round 2 prompts 2-3, each K times, against the original prompt.
+    assert originals == [x for x in PROMPTS[:4] for _ in range(2)]
+
+
+def test_kl_optimum_too_few_prompts_for_fresh_rounds(sft_dir, tmp_path):
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=3, kl_prompts_per_round=2)
+    with pytest.raises(ValueError, match=r"kl_prompts_per_round=2 x kl_rounds=3 needs 6 .* got 4"):
+        AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=length_reward)
+
+
+def test_kl_optimum_accepts_any_group_size_grpo_does_not(sft_dir, tmp_path):
+    # GRPO needs the generation batch divisible by its group; kl-optimum samples K in its own batches.
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=3, per_device_train_batch_size=8)
+    assert cfg.num_generations == 3
+    with pytest.raises(ValueError, match="divisible by num_generations"):
+        _rl_config(tmp_path, sft_dir, algorithm="grpo", num_generations=3, per_device_train_batch_size=8)
+
+
+def test_oracle_kl_optimum_resumes_after_its_last_round(tiny_lm_dir, tmp_path):
+    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_trainer import train_oracle
+
+    seen: list[str] = []
+
+    def reward(prompts, answers):
+        seen.extend(prompts)
+        return length_reward(prompts, answers)
+
+    def cfg(rounds, resume):
+        return RLHFOracleConfig(
+            output_dir=str(tmp_path / "oracle"), target=tiny_lm_dir, algorithm="kl-optimum", kl_rounds=rounds,
+            kl_prompts_per_round=2, num_generations=2, max_completion_length=4, per_device_train_batch_size=2,
+            beta=0.5, resume=resume, report_to="none", disable_tqdm=True)
+
+    train_oracle(cfg(1, False), prompts=PROMPTS[:4], reward=reward)
+    assert (tmp_path / "oracle" / "round-1" / "adapter_model.safetensors").exists()
+    seen.clear()
+    train_oracle(cfg(2, True), prompts=PROMPTS[:4], reward=reward)
+    assert seen == [x for x in PROMPTS[2:4] for _ in range(2)]  # only round 2 ran, on fresh prompts

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,46 @@ def apply_hardware_defaults(cfg: Any) -> None:
         cfg.fp16 = False
     if getattr(cfg, "report_to", None) in (None, "all", ["all"]):
         cfg.report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+
+
+def check_kl_rounds(cfg: Any) -> None:
+    if cfg.kl_rounds < 1:
+        raise ValueError(f"kl_rounds must be >= 1, got {cfg.kl_rounds}")
+    n = cfg.kl_prompts_per_round
+    if n is not None and n < 1:
+        raise ValueError(f"kl_prompts_per_round must be >= 1 or None (all prompts every round), got {n}")
+    if cfg.algorithm == "kl-optimum" and (cfg.num_generations or 0) < 1:
+        raise ValueError(f"num_generations (samples per prompt) must be >= 1, got {cfg.num_generations}")
+
+
+@contextmanager
+def grpo_checks_relaxed(cfg: Any) -> Iterator[None]:
+    """Run GRPOConfig's validation without its GRPO-only rule (generation batch divisible by num_generations).
+
+    kl-optimum samples K per prompt in its own batches, so any K is valid there (K=3 with batch 8 included).
+    """
+    k = cfg.num_generations
+    cfg.num_generations = 2 if cfg.per_device_train_batch_size % 2 == 0 else cfg.per_device_train_batch_size
+    try:
+        yield
+    finally:
+        cfg.num_generations = k
+
+
+def round_prompts(prompts: Sequence[str], per_round: int | None, r: int) -> list[str]:
+    """The prompts of kl-optimum round r (0-based): all of them, or the r-th fresh slice of ``per_round``."""
+    if per_round is None:
+        return list(prompts)
+    return list(prompts[r * per_round : (r + 1) * per_round])
+
+
+def check_round_prompts(prompts: Sequence[str], per_round: int | None, rounds: int, stage: str) -> None:
+    if per_round is not None and len(prompts) < per_round * rounds:
+        raise ValueError(
+            f"{stage}: kl_prompts_per_round={per_round} x kl_rounds={rounds} needs {per_round * rounds} "
+            f"distinct training prompts, got {len(prompts)}; give more prompts, lower kl_rounds, or set "
+            "kl_prompts_per_round=None to reuse all prompts every round"
+        )
 
 
 @dataclass

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from trainers.common import apply_hardware_defaults
+from trainers.common import apply_hardware_defaults, check_kl_rounds, grpo_checks_relaxed
 
 
 @dataclass
@@ -24,6 +24,13 @@ class RLHFOracleConfig(GRPOConfig):
         },
     )
     kl_rounds: int = field(default=1, metadata={"help": "kl-optimum: sample-resample-distil rounds."})
+    kl_prompts_per_round: int | None = field(
+        default=None,
+        metadata={
+            "help": "kl-optimum: fresh prompts for every round (round r trains on prompts [r·n, (r+1)·n)); "
+            "None: every round uses all prompts. Match the prompter's RL stage for a like-for-like oracle."
+        },
+    )
     prompts_data: str | None = field(default=None, metadata={"help": "Training prompts: file or hub id."})
     prompt_field: str = field(default="prompt", metadata={"help": "Prompt column."})
     context_field: str | None = field(default=None, metadata={"help": "Optional context column."})
@@ -52,4 +59,9 @@ class RLHFOracleConfig(GRPOConfig):
             raise ValueError(f"algorithm must be 'grpo' or 'kl-optimum', got {self.algorithm!r}")
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
-        super().__post_init__()
+        check_kl_rounds(self)
+        if self.algorithm == "kl-optimum":
+            with grpo_checks_relaxed(self):
+                super().__post_init__()
+        else:
+            super().__post_init__()

@@ -13,7 +13,14 @@ from typing import Any
 
 from alignpro_plugins.prompter import load_causal_lm
 from alignpro_plugins.rewards import as_reward
-from trainers.common import JsonlMetricsCallback, latest_checkpoint, lora_config, training_prompts
+from trainers.common import (
+    JsonlMetricsCallback,
+    check_round_prompts,
+    latest_checkpoint,
+    lora_config,
+    round_prompts,
+    training_prompts,
+)
 from trainers.oracle_config import RLHFOracleConfig
 
 logger = logging.getLogger(__name__)
@@ -25,6 +32,8 @@ class RLHFOracleTrainer:
     ):
         self.config = config
         self.prompts = training_prompts(config, prompts, "the RLHF oracle")
+        if config.algorithm == "kl-optimum":
+            check_round_prompts(self.prompts, config.kl_prompts_per_round, config.kl_rounds, "the RLHF oracle")
         self.reward = as_reward(reward if reward is not None else config.reward_model)
         self.model, self.tokenizer, _ = load_causal_lm(config.target)
         self.tokenizer.padding_side = "left"
@@ -70,7 +79,9 @@ class RLHFOracleTrainer:
         )
         rng = random.Random(cfg.seed)
         steps = 0
-        for r in range(cfg.kl_rounds):
+        start = self._resume_rounds(model, out) if cfg.resume else 0
+        for r in range(start, cfg.kl_rounds):
+            prompts = round_prompts(self.prompts, cfg.kl_prompts_per_round, r)
             model.eval()
             sampler = TransformersTarget(
                 model,
@@ -80,13 +91,13 @@ class RLHFOracleTrainer:
                 batch_size=32,
             )
             t0 = time.perf_counter()
-            xs = [x for x in self.prompts for _ in range(k)]
+            xs = [x for x in prompts for _ in range(k)]
             answers = sampler.generate(xs)
             t1 = time.perf_counter()
             rewards = self.reward(xs, answers)
             t2 = time.perf_counter()
             rows, kls = [], []
-            for i, x in enumerate(self.prompts):
+            for i, x in enumerate(prompts):
                 draws, w = kl_optimum.resample(rewards[i * k : (i + 1) * k], cfg.beta, k, rng)
                 kls.append(kl_optimum.kl_to_proposal(w))
                 rows += [
@@ -110,8 +121,26 @@ class RLHFOracleTrainer:
             )
             kl_optimum.log_row(out / "metrics.jsonl", {"stage": "oracle", "step": r + 1, **stats})
             logger.info("oracle kl-optimum round %d: %s", r + 1, stats)
+            model.save_pretrained(str(out / f"round-{r + 1}"))  # what --resume continues from
         model.save_pretrained(str(out))
         return steps
+
+    @staticmethod
+    def _resume_rounds(model: Any, out: Path) -> int:
+        rounds = sorted(
+            (int(p.name.split("-")[1]), p)
+            for p in out.glob("round-*")
+            if p.name.split("-")[1].isdigit() and (p / "adapter_model.safetensors").exists()
+        )
+        if not rounds:
+            return 0
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        done, folder = rounds[-1]
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        logger.info("resuming the oracle after round %d from %s", done, folder)
+        return done
 
     def _train_grpo(self) -> int:
         import datasets

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from trainers.common import TargetArguments, apply_hardware_defaults
+from trainers.common import TargetArguments, apply_hardware_defaults, check_kl_rounds, grpo_checks_relaxed
 
 
 @dataclass
@@ -36,6 +36,14 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
         metadata={
             "help": "kl-optimum: sample-resample-distil rounds (each round "
             "re-anchors on the current policy, so λ compounds)."
+        },
+    )
+    kl_prompts_per_round: int | None = field(
+        default=None,
+        metadata={
+            "help": "kl-optimum: fresh prompts for every round — round r trains on prompts "
+            "[r·n, (r+1)·n) — so each round adds signal instead of re-fitting the same prompts. "
+            "None: every round uses all prompts."
         },
     )
     kl_anchors: list[str] = field(
@@ -84,4 +92,9 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             raise ValueError(
                 "beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter"
             )
-        super().__post_init__()
+        check_kl_rounds(self)
+        if self.algorithm == "kl-optimum":
+            with grpo_checks_relaxed(self):
+                super().__post_init__()
+        else:
+            super().__post_init__()

@@ -15,9 +15,11 @@ from alignpro_plugins.rewards import as_reward
 from trainers.common import (
     JsonlMetricsCallback,
     build_target,
+    check_round_prompts,
     count_trainable,
     latest_checkpoint,
     lora_config,
+    round_prompts,
     target_cache_path,
     training_prompts,
     wrap_target,
@@ -81,6 +83,8 @@ class AlignProRLTrainer:
             self.prompter.manifest.mode = config.mode
         self.mode = self.prompter.manifest.mode
         self.prompts = training_prompts(config, prompts, "RL")
+        if config.algorithm == "kl-optimum":
+            check_round_prompts(self.prompts, config.kl_prompts_per_round, config.kl_rounds, "RL")
         cache = target_cache_path(str(config.output_dir))
         self.target = (
             wrap_target(target, cache) if target is not None else build_target(config, str(config.output_dir))
@@ -169,7 +173,7 @@ class AlignProRLTrainer:
         for r in range(start, cfg.kl_rounds):
             pairs, stats = kl_optimum.run_round(
                 self.scorer,
-                self.prompts,
+                round_prompts(self.prompts, cfg.kl_prompts_per_round, r),
                 k=int(cfg.num_generations or 4),
                 lam=cfg.beta,
                 settings=settings,
