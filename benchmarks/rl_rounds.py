@@ -1,0 +1,134 @@
+"""What each kl-optimum round of the benchmark's RL stage bought, on the benchmark's held-out prompts.
+
+Evaluates the SFT prompter and the prompter after every round (``rl-kl/round-N/``) with the same frozen target,
+judges and prompts as ``run_benchmark.py``, and writes one table into docs/benchmarks.md: mean reward and win
+rate against the frozen model and against SFT under both judges, plus how concentrated the rewrites are (the
+share of prompts that receive the single most common rewrite). Run it after ``run_benchmark.py``; the
+benchmark's records and answer cache are reused, so only the round prompters' rewrites cost anything.
+
+    python benchmarks/rl_rounds.py [--out runs/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_benchmark import BUDGETS, DATA, machine, write_section  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder")
+    ap.add_argument("--quick", action="store_true", help="the quick budget's prompt count")
+    args = ap.parse_args()
+    out = Path(args.out)
+    rounds = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in (out / "rl-kl").glob("round-*")
+        if p.name.split("-")[1].isdigit() and (p / "alignpro.json").exists()
+    )
+    if not rounds:
+        raise SystemExit(f"no {out}/rl-kl/round-N/ prompters: run benchmarks/run_benchmark.py first")
+
+    from alignpro_plugins.data import load_prompts
+    from alignpro_plugins.evaluation import Evaluator, FrozenAlone, WithPrompter
+    from alignpro_plugins.manifest import weights_hash
+    from alignpro_plugins.prompter import Prompter
+    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.stats import win_rate
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    budget = BUDGETS["quick" if args.quick else "standard"]
+    n = budget["eval_per_set"]
+    prompts = load_prompts(
+        str(DATA / "dolly_eval.json"), field="instruction", context_field="context", limit=n
+    ) + load_prompts(
+        str(DATA / "self_instruct_eval.json"), field="instruction", context_field="context", limit=n
+    )
+    ev_dir = out / "eval-rounds"
+    ev_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("records.jsonl", "target_cache.jsonl"):  # reuse the benchmark's answers and records
+        if (out / "eval" / name).exists() and not (ev_dir / name).exists():
+            shutil.copy(out / "eval" / name, ev_dir / name)
+    target = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
+        ev_dir / "target_cache.jsonl",
+    )
+    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    labels = {"sft": "sft"}
+    configs = [
+        FrozenAlone(),
+        WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
+    ]
+    for r, folder in rounds:
+        if weights_hash(folder) == weights_hash(out / "rl-kl"):
+            # The final round is the benchmark's align-pro prompter: same name and setup reuse its records.
+            final = Prompter.from_pretrained(out / "rl-kl")
+            configs.append(
+                WithPrompter(prompter=final, description="(ii) Align-Pro prompter (RL: kl-optimum)")
+            )
+            labels["align-pro"] = f"rl round {r} (= align-pro)"
+        else:
+            configs.append(
+                WithPrompter(
+                    prompter=Prompter.from_pretrained(folder),
+                    name=f"rl-round-{r}",
+                    description=f"RL after round {r}",
+                )
+            )
+            labels[f"rl-round-{r}"] = f"rl round {r}"
+    t = time.time()
+    report = Evaluator(prompts, target, judges, out_dir=ev_dir, focus="sft").run(configs)
+    by: dict[str, list[dict]] = collections.defaultdict(list)
+    for rec in sorted(report.records, key=lambda r: r["idx"]):
+        by[rec["config"]].append(rec)
+
+    def cell(a: str, b: str, judge: str) -> str:
+        w = win_rate([r["rewards"][judge] for r in by[a]], [r["rewards"][judge] for r in by[b]])
+        return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
+
+    rows = []
+    for c in [c.name for c in configs[1:]]:
+        rewrites = collections.Counter(r["rewrite"] or "" for r in by[c])
+        top, count = rewrites.most_common(1)[0]
+        means = [sum(r["rewards"][j] for r in by[c]) / len(by[c]) for j in judges]
+        rows.append(
+            f"| {labels[c]} | {means[0]:.3f} | {means[1]:.3f} | {cell(c, 'frozen', 'reward')} | "
+            f"{cell(c, 'frozen', 'independent')} | "
+            + (
+                "— | — | "
+                if c == "sft"
+                else f"{cell(c, 'sft', 'reward')} | {cell(c, 'sft', 'independent')} | "
+            )
+            + f"{len(rewrites)} | {count / len(by[c]):.0%} ({top[:48]}…) |"
+        )
+    md = [
+        "## What each RL round bought",
+        "",
+        f"- command: `python benchmarks/rl_rounds.py{' --quick' if args.quick else ''}` (after run_benchmark.py)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
+        f"{time.time() - t:.0f} s",
+        f"- {len(prompts)} held-out prompts, the benchmark's target and judges; each round trained on "
+        f"{budget['kl_prompts']} fresh AlpacaEval prompts from the previous round's prompter",
+        "",
+        "| prompter | mean (reward) | mean (independent) | vs frozen (reward) | vs frozen (independent) "
+        "| vs SFT (reward) | vs SFT (independent) | distinct rewrites | most common rewrite |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    section = "\n".join(md)
+    (ev_dir / "rounds_section.md").write_text(section)
+    write_section(ROOT / "docs" / "benchmarks.md", "align-pro-rl-rounds", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
