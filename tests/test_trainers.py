@@ -400,6 +400,9 @@ def test_kl_optimum_accepts_any_group_size_grpo_does_not(sft_dir, tmp_path):
     # GRPO needs the generation batch divisible by its group; kl-optimum samples K in its own batches.
     cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=3, per_device_train_batch_size=8)
     assert cfg.num_generations == 3
+    for batch in (1, 3):  # odd batches, batch 1 included
+        cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=4, per_device_train_batch_size=batch)
+        assert (cfg.num_generations, cfg.per_device_train_batch_size) == (4, batch)
     with pytest.raises(ValueError, match="divisible by num_generations"):
         _rl_config(tmp_path, sft_dir, algorithm="grpo", num_generations=3, per_device_train_batch_size=8)
 

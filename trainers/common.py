@@ -47,12 +47,15 @@ def grpo_checks_relaxed(cfg: Any) -> Iterator[None]:
 
     kl-optimum samples K per prompt in its own batches, so any K is valid there (K=3 with batch 8 included).
     """
-    k = cfg.num_generations
+    k, batch = cfg.num_generations, cfg.per_device_train_batch_size
+    # Any group size of at least 2 that divides the generation batch satisfies GRPO; batch 1 has none, so
+    # validate with batch 2 (kl-optimum uses the batch only for distillation, restored below).
+    cfg.per_device_train_batch_size = max(batch, 2)
     cfg.num_generations = 2 if cfg.per_device_train_batch_size % 2 == 0 else cfg.per_device_train_batch_size
     try:
         yield
     finally:
-        cfg.num_generations = k
+        cfg.num_generations, cfg.per_device_train_batch_size = k, batch
 
 
 def round_prompts(prompts: Sequence[str], per_round: int | None, r: int) -> list[str]:
