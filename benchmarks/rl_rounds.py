@@ -30,11 +30,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick budget's prompt count")
     args = ap.parse_args()
     out = Path(args.out)
-    rounds = sorted(
-        (int(p.name.split("-")[1]), p)
-        for p in (out / "rl-kl").glob("round-*")
-        if p.name.split("-")[1].isdigit() and (p / "alignpro.json").exists()
-    )
+    from trainers.kl_optimum import round_dirs
+
+    rounds = round_dirs(out / "rl-kl")
     if not rounds:
         raise SystemExit(f"no {out}/rl-kl/round-N/ prompters: run benchmarks/run_benchmark.py first")
 

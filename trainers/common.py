@@ -45,8 +45,12 @@ def check_kl_rounds(cfg: Any) -> None:
 def grpo_checks_relaxed(cfg: Any) -> Iterator[None]:
     """Run GRPOConfig's validation without its GRPO-only rule (generation batch divisible by num_generations).
 
-    kl-optimum samples K per prompt in its own batches, so any K is valid there (K=3 with batch 8 included).
+    kl-optimum samples K per prompt in its own batches, so any K is valid there (K=3 with batch 8 included);
+    GRPO keeps every check.
     """
+    if cfg.algorithm != "kl-optimum":
+        yield
+        return
     k, batch = cfg.num_generations, cfg.per_device_train_batch_size
     # Any group size of at least 2 that divides the generation batch satisfies GRPO; batch 1 has none, so
     # validate with batch 2 (kl-optimum uses the batch only for distillation, restored below).

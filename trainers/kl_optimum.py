@@ -10,8 +10,10 @@ weights — the cheap route to RL signal on a CPU.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,8 @@ from tqdm.auto import tqdm
 
 from alignpro_plugins.manifest import GenerationDefaults
 from trainers.scoring import RewriteScorer
+
+logger = logging.getLogger(__name__)
 
 
 def sir_weights(rewards: Sequence[float], lam: float) -> list[float]:
@@ -192,3 +196,27 @@ def log_row(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fh.write(json.dumps(row, default=float) + "\n")
+
+
+def round_dirs(out: Path) -> list[tuple[int, Path]]:
+    """Finished rounds in ``out``: (N, ``round-N/``) holding the adapter after round N, in round order."""
+    found = []
+    for p in out.glob("round-*"):
+        m = re.fullmatch(r"round-(\d+)", p.name)
+        if m and (p / "adapter_model.safetensors").exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resume_last_round(model: Any, out: Path) -> int:
+    """Load the adapter of the last finished round into ``model``; the number of rounds done (0: none)."""
+    rounds = round_dirs(out)
+    if not rounds:
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    done, folder = rounds[-1]
+    set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    logger.info("resuming after round %d from %s", done, folder)
+    return done

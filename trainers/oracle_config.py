@@ -60,8 +60,5 @@ class RLHFOracleConfig(GRPOConfig):
         if self.beta <= 0:
             raise ValueError("beta must be > 0")
         check_kl_rounds(self)
-        if self.algorithm == "kl-optimum":
-            with grpo_checks_relaxed(self):
-                super().__post_init__()
-        else:
+        with grpo_checks_relaxed(self):
             super().__post_init__()

@@ -79,7 +79,7 @@ class RLHFOracleTrainer:
         )
         rng = random.Random(cfg.seed)
         steps = 0
-        start = self._resume_rounds(model, out) if cfg.resume else 0
+        start = kl_optimum.resume_last_round(model, out) if cfg.resume else 0
         for r in range(start, cfg.kl_rounds):
             prompts = round_prompts(self.prompts, cfg.kl_prompts_per_round, r)
             model.eval()
@@ -124,23 +124,6 @@ class RLHFOracleTrainer:
             model.save_pretrained(str(out / f"round-{r + 1}"))  # what --resume continues from
         model.save_pretrained(str(out))
         return steps
-
-    @staticmethod
-    def _resume_rounds(model: Any, out: Path) -> int:
-        rounds = sorted(
-            (int(p.name.split("-")[1]), p)
-            for p in out.glob("round-*")
-            if p.name.split("-")[1].isdigit() and (p / "adapter_model.safetensors").exists()
-        )
-        if not rounds:
-            return 0
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        done, folder = rounds[-1]
-        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-        logger.info("resuming the oracle after round %d from %s", done, folder)
-        return done
 
     def _train_grpo(self) -> int:
         import datasets

@@ -93,8 +93,5 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
                 "beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter"
             )
         check_kl_rounds(self)
-        if self.algorithm == "kl-optimum":
-            with grpo_checks_relaxed(self):
-                super().__post_init__()
-        else:
+        with grpo_checks_relaxed(self):
             super().__post_init__()

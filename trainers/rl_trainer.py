@@ -198,18 +198,9 @@ class AlignProRLTrainer:
         return self.prompter
 
     def _resume_rounds(self, out: Path) -> int:
-        rounds = sorted(
-            (int(p.name.split("-")[1]), p) for p in out.glob("round-*") if (p / "alignpro.json").exists()
-        )
-        if not rounds:
-            return 0
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        from trainers import kl_optimum
 
-        done, folder = rounds[-1]
-        set_peft_model_state_dict(self.prompter.model, load_file(str(folder / "adapter_model.safetensors")))
-        logger.info("resuming after round %d from %s", done, folder)
-        return done
+        return kl_optimum.resume_last_round(self.prompter.model, out)
 
     def _finish(self, out: Path, algorithm: str, steps: int, first: float | None, last: float | None) -> None:
         cfg = self.config
