@@ -118,9 +118,9 @@ BUDGETS = {
         k=2,
         templates=None,  # the whole guidance library
         sft_epochs=3,
-        kl_prompts=96,  # per round: every round samples fresh AlpacaEval prompts
+        kl_prompts=96,  # per round: every round samples fresh prompts (half BPO, half AlpacaEval)
         kl_k=4,
-        kl_anchors=True,
+        kl_anchors=False,  # measured: anchors weighted as ρ_sft samples took 70% of draws and collapsed RL
         kl_rounds=3,
         grpo_steps=12,
         eval_per_set=50,
@@ -137,7 +137,7 @@ BUDGETS = {
         sft_epochs=2,
         kl_prompts=12,
         kl_k=3,
-        kl_anchors=True,
+        kl_anchors=False,
         kl_rounds=1,
         grpo_steps=4,
         eval_per_set=5,
@@ -222,9 +222,10 @@ def main() -> None:
     )
     library = AlignProSFTConfig().templates
     sft_templates = library[: budget["templates"]] if budget["templates"] else library
+    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+    boot = bpo[: budget["boot_prompts"]]
     if not (out / "sft" / "alignpro.json").exists():
         t = time.time()
-        boot = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
         train_sft(
             AlignProSFTConfig(
                 output_dir=str(out / "sft"),
@@ -243,8 +244,11 @@ def main() -> None:
     from trainers.rl_config import AlignProRLConfig
     from trainers.rl_trainer import train_rl
 
-    # RL prompts: AlpacaEval instructions (the preference data's prompts), disjoint from every eval prompt.
+    # RL prompts, disjoint from every eval prompt: AlpacaEval instructions (the preference data's prompts) and,
+    # for kl-optimum, the BPO prompts the bootstrap did not use, interleaved — BPO's task instructions with
+    # context are closer to what users send than AlpacaEval's open questions alone.
     rl_prompts = list(dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt")))
+    mixed = [x for pair in zip(bpo[len(boot) :], rl_prompts[400:], strict=False) for x in pair]
     with_grpo = args.rl_algorithm == "grpo" or args.with_grpo
     if with_grpo and not (out / "rl" / "alignpro.json").exists():
         t = time.time()
@@ -264,7 +268,7 @@ def main() -> None:
         )
         timed("rl stage (grpo)", t)
 
-    kl_prompts = rl_prompts[400 : 400 + budget["kl_prompts"] * budget["kl_rounds"]]
+    kl_prompts = mixed[: budget["kl_prompts"] * budget["kl_rounds"]]
     rl_done = rounds_done(out / "rl-kl", "alignpro.json")
     if rl_done < budget["kl_rounds"]:
         t = time.time()

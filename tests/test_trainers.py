@@ -302,8 +302,8 @@ def test_oracle_kl_optimum_distils_its_best_answers(tiny_lm_dir, tmp_path):
         beta=0.5, report_to="none", disable_tqdm=True), prompts=PROMPTS[:3], reward=reward)
     meta = json.loads((tmp_path / "oracle" / "alignpro_oracle.json").read_text())
     assert meta["algorithm"] == "kl-optimum" and meta["steps"] == 2 * 3  # 9 draws / batch 3, two rounds
-    # Each round scores K answers per prompt against the prompt itself (the target answers x, no rewrite).
-    assert seen == [[x for x in PROMPTS[:3] for _ in range(3)]] * 2
+    # Each round scores K sampled answers + the greedy answer per prompt against the prompt itself.
+    assert seen == [[x for x in PROMPTS[:3] for _ in range(3 + 1)]] * 2
     rows = [json.loads(line) for line in (tmp_path / "oracle" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out)
@@ -338,7 +338,8 @@ def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        assert r["samples"] == 9 and r["reward_resampled"] >= r["reward"] - 1e-9  # resampling favours high r
+        assert r["samples"] == 3 * (3 + 1)  # K samples + the deployed rewrite per prompt
+        assert r["reward_resampled"] >= r["reward"] - 1e-9  # resampling favours high r
         assert math.isfinite(r["loss"]) and r["kl"] >= 0
     moved = _lora_weights(trainer.prompter.model)
     assert any(not torch.equal(sft_weights[n], moved[n]) for n in sft_weights)
@@ -364,10 +365,39 @@ def test_kl_optimum_anchors_join_every_group(sft_dir, tmp_path):
                      per_device_train_batch_size=2, kl_anchors=["", long_guidance])
     AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=target, reward=length_reward).train()
     row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["samples"] == 3 * (2 + 2)  # K samples + 2 anchors per prompt
+    assert row["samples"] == 3 * (2 + 1 + 2)  # K samples + the deployed rewrite + 2 anchors per prompt
     for x in PROMPTS[:3]:  # each anchor reached the target composed with x; "" is x unchanged
         assert f"{x}\n\n{long_guidance}" in seen and x in seen
     assert row["anchor_share"] > 0.5  # the longest answer wins under a length reward at small λ
+
+
+def test_kl_optimum_scores_the_deployed_rewrite_beside_the_samples(sft_dir, tmp_path, monkeypatch):
+    import random
+
+    from alignpro_plugins.manifest import GenerationDefaults
+    from trainers import kl_optimum
+
+    deployed = "Explain each point in detail with concrete examples and a short summary at the end."
+
+    def generate_raw(queries, settings=None, num_return_sequences=1):  # sampled: short; deployed: long
+        texts = ["Be brief.", "Short."] if settings.do_sample else [deployed]
+        return [[(t, False) for t in texts[:num_return_sequences]] for _ in queries]
+
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=2, beta=0.5,
+                     per_device_train_batch_size=2)
+    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+    monkeypatch.setattr(trainer.prompter, "generate_raw", generate_raw)
+    sampled = GenerationDefaults(max_new_tokens=6, do_sample=True)
+    kw = dict(k=2, lam=0.05, settings=sampled, mode="augment", rng=random.Random(0))
+    pairs, stats = kl_optimum.run_round(trainer.scorer, PROMPTS[:3], greedy=GenerationDefaults(), **kw)
+    # The deployed rewrite was scored beside the 2 samples and, longest under a length reward, is what is distilled.
+    assert stats["samples"] == 3 * (2 + 1) and stats["greedy_share"] > 0.9
+    assert [y for _, y in pairs].count(deployed) == len(pairs) == 3 * 2
+    assert stats["reward_greedy"] > stats["reward"]
+    pairs, stats = kl_optimum.run_round(trainer.scorer, PROMPTS[:3], **kw)  # off: samples only
+    assert stats["samples"] == 3 * 2 and "greedy_share" not in stats and deployed not in [y for _, y in pairs]
+    cfg_off = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_include_greedy=False)
+    assert cfg_off.kl_include_greedy is False and cfg.kl_include_greedy is True  # on by default
 
 
 def test_kl_optimum_anchors_need_augment_mode(sft_dir, tmp_path):
@@ -386,8 +416,8 @@ def test_kl_optimum_rounds_take_fresh_prompts(sft_dir, tmp_path):
     cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, kl_prompts_per_round=2,
                      num_generations=2, beta=0.5, per_device_train_batch_size=2)
     AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=reward).train()
-    # Round 1 scored prompts 0-1 and round 2 prompts 2-3, each K times, against the original prompt.
-    assert originals == [x for x in PROMPTS[:4] for _ in range(2)]
+    # Round 1 scored prompts 0-1 and round 2 prompts 2-3, each K + 1 times, against the original prompt.
+    assert originals == [x for x in PROMPTS[:4] for _ in range(2 + 1)]
 
 
 def test_kl_optimum_too_few_prompts_for_fresh_rounds(sft_dir, tmp_path):
@@ -427,4 +457,4 @@ def test_oracle_kl_optimum_resumes_after_its_last_round(tiny_lm_dir, tmp_path):
     assert (tmp_path / "oracle" / "round-1" / "adapter_model.safetensors").exists()
     seen.clear()
     train_oracle(cfg(2, True), prompts=PROMPTS[:4], reward=reward)
-    assert seen == [x for x in PROMPTS[2:4] for _ in range(2)]  # only round 2 ran, on fresh prompts
+    assert seen == [x for x in PROMPTS[2:4] for _ in range(2 + 1)]  # only round 2 ran, on fresh prompts

@@ -64,25 +64,34 @@ def run_round(
     gen_batch: int = 8,
     score_batch: int = 64,
     anchors: Sequence[str] = (),
+    greedy: GenerationDefaults | None = None,
 ) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     """Sample K rewrites per prompt, score r(x, target(x')), resample K draws from ρ*; return (x, x') targets.
 
     ``anchors`` (augment mode) are fixed guidance texts scored beside the K samples of every prompt, "" meaning
     "no change": the proposal becomes a mixture of ρ_sft and those points, so a round can always fall back on
     what a user would try first, and the anchors' answers are cached across rounds.
+
+    ``greedy`` (decoding settings) adds the prompter's own deterministic rewrite of every prompt — what it
+    produces when deployed — to its group: a sample is then distilled only where it beats what the prompter
+    already does, and where none does the draws re-fit that rewrite instead of drifting toward sampling noise.
     """
     prompter = scorer.prompter
     t0 = time.perf_counter()
     samples: list[tuple[str, str, bool]] = []
     for s in tqdm(range(0, len(prompts), gen_batch), desc="kl-optimum: sampling rewrites"):
         chunk = prompts[s : s + gen_batch]
-        rows = prompter.generate_raw([prompter.format_query(x, mode) for x in chunk], settings, k)
+        queries = [prompter.format_query(x, mode) for x in chunk]
+        rows = prompter.generate_raw(queries, settings, k)
+        if greedy is not None:
+            rows = [[*row, *g] for row, g in zip(rows, prompter.generate_raw(queries, greedy, 1), strict=True)]
         samples += [
             (x, g, h)
             for x, row in zip(chunk, rows, strict=True)
             for g, h in [*row, *((a, False) for a in anchors)]
         ]
-    group = k + len(anchors)
+    own_k = k + (greedy is not None)  # the prompter's own candidates come first in every group
+    group = own_k + len(anchors)
     t1 = time.perf_counter()
     rewards: list[float] = []
     results = []
@@ -96,14 +105,15 @@ def run_round(
             timings[key] += batch.timings[key]
     targets: list[tuple[str, str]] = []
     kls, chosen_rewards, ess = [], [], []
-    anchor_draws = 0
+    anchor_draws = greedy_draws = 0
     for i, x in enumerate(prompts):
         rs = rewards[i * group : (i + 1) * group]
         res = results[i * group : (i + 1) * group]
         draws, w = resample(rs, lam, k, rng)
         kls.append(kl_to_proposal(w))
         ess.append(1.0 / sum(v * v for v in w))
-        anchor_draws += sum(j >= k for j in draws)
+        anchor_draws += sum(j >= own_k for j in draws)
+        greedy_draws += sum(j == k for j in draws) if greedy is not None else 0
         for j in draws:
             # A rejected rewrite reached the target as x itself: its target is "no change" (augment) .
             text = (res[j].generated or "") if res[j].rewritten else ""
@@ -126,6 +136,9 @@ def run_round(
         "samples": len(samples),
         "anchor_share": anchor_draws / max(len(chosen_rewards), 1),
     }
+    if greedy is not None:
+        stats["greedy_share"] = greedy_draws / max(len(chosen_rewards), 1)
+        stats["reward_greedy"] = sum(rewards[i * group + k] for i in range(len(prompts))) / len(prompts)
     return targets, stats
 
 

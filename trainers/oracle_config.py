@@ -31,6 +31,13 @@ class RLHFOracleConfig(GRPOConfig):
             "None: every round uses all prompts. Match the prompter's RL stage for a like-for-like oracle."
         },
     )
+    kl_include_greedy: bool = field(
+        default=True,
+        metadata={
+            "help": "kl-optimum: score the target's greedy answer beside its samples, so a round moves only "
+            "where a sample beats the answer the target gives when evaluated."
+        },
+    )
     prompts_data: str | None = field(default=None, metadata={"help": "Training prompts: file or hub id."})
     prompt_field: str = field(default="prompt", metadata={"help": "Prompt column."})
     context_field: str | None = field(default=None, metadata={"help": "Optional context column."})

@@ -92,18 +92,31 @@ class RLHFOracleTrainer:
             )
             t0 = time.perf_counter()
             xs = [x for x in prompts for _ in range(k)]
-            answers = sampler.generate(xs)
+            sampled = sampler.generate(xs)
+            # The target's greedy answer (how it is evaluated and deployed) joins each group, so a round
+            # distils a sample only where it beats that answer.
+            greedy = (
+                TransformersTarget(model, self.tokenizer, max_new_tokens=sampler.max_new_tokens, batch_size=32)
+                .generate(list(prompts))
+                if cfg.kl_include_greedy
+                else []
+            )
+            g = k + bool(greedy)
+            answers = [a for i in range(len(prompts)) for a in sampled[i * k : (i + 1) * k] + greedy[i : i + 1]]
+            xs = [x for x in prompts for _ in range(g)]
             t1 = time.perf_counter()
             rewards = self.reward(xs, answers)
             t2 = time.perf_counter()
             rows, kls = [], []
+            greedy_draws = 0
             for i, x in enumerate(prompts):
-                draws, w = kl_optimum.resample(rewards[i * k : (i + 1) * k], cfg.beta, k, rng)
+                draws, w = kl_optimum.resample(rewards[i * g : (i + 1) * g], cfg.beta, k, rng)
                 kls.append(kl_optimum.kl_to_proposal(w))
+                greedy_draws += sum(j == k for j in draws) if greedy else 0
                 rows += [
                     {
                         "prompt": [{"role": "user", "content": x}],
-                        "completion": [{"role": "assistant", "content": answers[i * k + j]}],
+                        "completion": [{"role": "assistant", "content": answers[i * g + j]}],
                     }
                     for j in draws
                 ]
@@ -115,6 +128,7 @@ class RLHFOracleTrainer:
                 {
                     "reward": sum(rewards) / len(rewards),
                     "kl": sum(kls) / len(kls),
+                    **({"greedy_share": greedy_draws / (k * len(prompts))} if greedy else {}),
                     "time/target_s": t1 - t0,
                     "time/reward_s": t2 - t1,
                 }

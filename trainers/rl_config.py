@@ -53,6 +53,13 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             "('' = no change), e.g. the guidance library; the resampling may pick them. Empty: samples only."
         },
     )
+    kl_include_greedy: bool = field(
+        default=True,
+        metadata={
+            "help": "kl-optimum: score the prompter's deployed (non-sampled) rewrite beside its samples, so a "
+            "round moves only where a sample beats what the prompter already does."
+        },
+    )
     mode: str | None = field(
         default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."}
     )

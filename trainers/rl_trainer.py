@@ -165,6 +165,13 @@ class AlignProRLTrainer:
             top_p=cfg.top_p,
             repetition_penalty=1.0,
         )
+        # The deployed decoding (the artifact's own settings), at the training length cap.
+        deployed = self.prompter.manifest.generation
+        greedy = (
+            replace(deployed, max_new_tokens=settings.max_new_tokens, do_sample=False)
+            if cfg.kl_include_greedy
+            else None
+        )
         rng = random.Random(cfg.seed)
         start = 0
         if cfg.resume:
@@ -180,6 +187,7 @@ class AlignProRLTrainer:
                 mode=self.mode,
                 rng=rng,
                 anchors=cfg.kl_anchors,
+                greedy=greedy,
             )
             stats.update(kl_optimum.distil(self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode))
             stats["time/step_s"] = sum(v for k, v in stats.items() if k.startswith("time/"))
