@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import shutil
 import sys
 import time
@@ -93,8 +94,18 @@ def main() -> None:
         w = win_rate([r["rewards"][judge] for r in by[a]], [r["rewards"][judge] for r in by[b]])
         return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
 
+    # The deployed (greedy) rewrite's training reward on the next round's fresh training prompts: a held-out
+    # curve the RL stage logs for free (kl_include_greedy), on training-distribution prompts.
+    log = out / "rl-kl" / "metrics.jsonl"
+    greedy = {
+        row["step"]: row["reward_greedy"]
+        for row in map(json.loads, log.read_text().splitlines() if log.exists() else [])
+        if "reward_greedy" in row
+    }
+    next_round = {"sft": 1, **{f"rl-round-{r}": r + 1 for r, _ in rounds}, "align-pro": rounds[-1][0] + 1}
     rows = []
     for c in [c.name for c in configs[1:]]:
+        g = greedy.get(next_round[c])
         rewrites = collections.Counter(r["rewrite"] or "" for r in by[c])
         top, count = rewrites.most_common(1)[0]
         means = [sum(r["rewards"][j] for r in by[c]) / len(by[c]) for j in judges]
@@ -106,7 +117,8 @@ def main() -> None:
                 if c == "sft"
                 else f"{cell(c, 'sft', 'reward')} | {cell(c, 'sft', 'independent')} | "
             )
-            + f"{len(rewrites)} | {count / len(by[c]):.0%} ({top[:48]}…) |"
+            + f"{len(rewrites)} | {count / len(by[c]):.0%} ({top[:48]}…) | "
+            + (f"{g:.3f} |" if g is not None else "— |")
         )
     md = [
         "## What each RL round bought",
@@ -115,11 +127,15 @@ def main() -> None:
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
         f"{time.time() - t:.0f} s",
         f"- {len(prompts)} held-out prompts, the benchmark's target and judges; each round trained on "
-        f"{budget['kl_prompts']} fresh AlpacaEval prompts from the previous round's prompter",
+        f"{budget['kl_prompts']} fresh training prompts (held-out BPO and AlpacaEval, interleaved) from the "
+        "previous round's prompter",
+        "- last column: the training reward of the prompter's deployed rewrites on the *next* round's fresh "
+        "training prompts, logged by the RL stage itself (`reward_greedy`; — after the last round)",
         "",
         "| prompter | mean (reward) | mean (independent) | vs frozen (reward) | vs frozen (independent) "
-        "| vs SFT (reward) | vs SFT (independent) | distinct rewrites | most common rewrite |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| vs SFT (reward) | vs SFT (independent) | distinct rewrites | most common rewrite "
+        "| deployed reward, next round's prompts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     section = "\n".join(md)
