@@ -405,12 +405,16 @@ def plot_training_curve(metrics_jsonl: str | Path, path: str | Path, stage: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("stage") == stage and "reward" in r]
+    logged = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    rows = [r for r in logged if r.get("stage") == stage and "reward" in r]
     if not rows:
         raise ValueError(f"no '{stage}' reward entries in {metrics_jsonl}")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], label="mean reward")
+    val = [r for r in logged if r.get("stage") == stage and "val_reward" in r]
+    if val:  # kl-optimum's fixed validation prompts, deployed rewrites; step 0 = the SFT prompter
+        ax.plot([r["step"] for r in val], [r["val_reward"] for r in val], marker="o", label="validation")
+        ax.legend(loc="lower right")
     if "kl" in rows[0]:
         ax2 = ax.twinx()
         ax2.plot(

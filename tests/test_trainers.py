@@ -400,6 +400,50 @@ def test_kl_optimum_scores_the_deployed_rewrite_beside_the_samples(sft_dir, tmp_
     assert cfg_off.kl_include_greedy is False and cfg.kl_include_greedy is True  # on by default
 
 
+def test_kl_optimum_validation_holds_prompts_out_and_keeps_the_best_round(sft_dir, tmp_path, monkeypatch):
+    from trainers import kl_optimum
+
+    originals: list[str] = []
+
+    def reward(prompts, answers):
+        originals.extend(prompts)
+        return length_reward(prompts, answers)
+
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, kl_prompts_per_round=2,
+                     num_generations=2, beta=0.5, per_device_train_batch_size=2, kl_validation_prompts=2,
+                     kl_keep_best=True)
+    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=reward)
+    assert trainer.prompts == PROMPTS[:4] and trainer.val_prompts == PROMPTS[4:6]  # the last n, held out
+    sft_weights = _lora_weights(trainer.prompter.model)
+    real = kl_optimum.deployed_reward
+    scores = iter([0.5, 0.1, 0.3])  # SFT, round 1, round 2: the SFT prompter validates best
+
+    def validate(scorer, prompts, settings, mode, **kw):
+        assert list(prompts) == PROMPTS[4:6] and not settings.do_sample  # deployed rewrites of held-out x
+        real(scorer, prompts, settings, mode, **kw)  # really scored, against the held-out prompts
+        return next(scores)
+
+    monkeypatch.setattr(kl_optimum, "deployed_reward", validate)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_reward"]) for r in rows] == [(0, 0.5), (1, 0.1), (2, 0.3)]
+    # Rounds trained on prompts 0-3 only (K + deployed per prompt); validation scored prompts 4-5 three times.
+    assert [x for x in originals if x not in PROMPTS[4:6]] == [x for x in PROMPTS[:4] for _ in range(3)]
+    assert originals.count(PROMPTS[4]) == 3
+    kept = _lora_weights(trainer.prompter.model)
+    assert all(torch.equal(sft_weights[n], kept[n]) for n in sft_weights)  # round 0 = the SFT adapter
+    p = Prompter.from_pretrained(tmp_path / "rl", similarity=None)
+    assert p.manifest.provenance["stages"][-1]["selected_round"] == 0
+
+
+def test_kl_optimum_validation_options_are_checked(sft_dir, tmp_path):
+    with pytest.raises(ValueError, match="set kl_validation_prompts > 0"):
+        _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_keep_best=True)
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_validation_prompts=6)
+    with pytest.raises(ValueError, match="kl_validation_prompts=6 .* only 6"):
+        AlignProRLTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=length_reward)
+
+
 def test_kl_optimum_anchors_need_augment_mode(sft_dir, tmp_path):
     cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_anchors=["Be thorough."], mode="rewrite")
     with pytest.raises(ValueError, match="kl_anchors .* mode='augment'"):

@@ -142,6 +142,37 @@ def run_round(
     return targets, stats
 
 
+def deployed_reward(
+    scorer: RewriteScorer, prompts: Sequence[str], settings: GenerationDefaults, mode: str, gen_batch: int = 8
+) -> float:
+    """Mean reward of the prompter's deployed (non-sampled) rewrites of ``prompts``: the validation metric."""
+    prompter = scorer.prompter
+    rows: list[tuple[str, bool]] = []
+    for s in range(0, len(prompts), gen_batch):
+        queries = [prompter.format_query(x, mode) for x in prompts[s : s + gen_batch]]
+        rows += [row[0] for row in prompter.generate_raw(queries, settings, 1)]
+    batch = scorer.score(list(prompts), [g for g, _ in rows], [h for _, h in rows], mode)
+    return sum(batch.rewards) / len(batch.rewards)
+
+
+def keep_best_round(model: Any, out: Path) -> int:
+    """Load the adapter of the round with the best logged ``val_reward`` (earliest on ties, 0 = the start)."""
+    log = out / "metrics.jsonl"
+    vals = {
+        row["step"]: row["val_reward"]
+        for row in map(json.loads, log.read_text().splitlines())
+        if "val_reward" in row
+    }
+    saved = dict(round_dirs(out))
+    best = max((step for step in sorted(vals) if step in saved), key=lambda step: vals[step])
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(saved[best] / "adapter_model.safetensors")))
+    logger.info("keeping round %d (val_reward %.4f; all: %s)", best, vals[best], vals)
+    return best
+
+
 def _std(values: Sequence[float]) -> float:
     m = sum(values) / len(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))

@@ -60,6 +60,22 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             "round moves only where a sample beats what the prompter already does."
         },
     )
+    kl_validation_prompts: int = field(
+        default=0,
+        metadata={
+            "help": "kl-optimum: hold out the last n training prompts as a fixed validation set; the mean "
+            "reward of the prompter's deployed rewrites on them is logged as val_reward before round 1 "
+            "(the SFT prompter, step 0) and after every round. 0: no validation."
+        },
+    )
+    kl_keep_best: bool = field(
+        default=False,
+        metadata={
+            "help": "kl-optimum, with kl_validation_prompts: the artifact is the round with the best "
+            "val_reward — the SFT prompter itself (round 0) when no round beat it (as Trainer's "
+            "load_best_model_at_end)."
+        },
+    )
     mode: str | None = field(
         default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."}
     )
@@ -100,5 +116,12 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
                 "beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter"
             )
         check_kl_rounds(self)
+        if self.kl_validation_prompts < 0:
+            raise ValueError(f"kl_validation_prompts must be >= 0, got {self.kl_validation_prompts}")
+        if self.kl_keep_best and not self.kl_validation_prompts:
+            raise ValueError(
+                "kl_keep_best picks the round with the best validation reward: set kl_validation_prompts > 0 "
+                "(e.g. 48) or drop kl_keep_best"
+            )
         with grpo_checks_relaxed(self):
             super().__post_init__()

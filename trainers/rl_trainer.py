@@ -83,7 +83,16 @@ class AlignProRLTrainer:
             self.prompter.manifest.mode = config.mode
         self.mode = self.prompter.manifest.mode
         self.prompts = training_prompts(config, prompts, "RL")
+        self.val_prompts: list[str] = []
         if config.algorithm == "kl-optimum":
+            n_val = config.kl_validation_prompts
+            if n_val:
+                if n_val >= len(self.prompts):
+                    raise ValueError(
+                        f"RL: kl_validation_prompts={n_val} holds out the last {n_val} training prompts, but "
+                        f"there are only {len(self.prompts)}; lower it or give more prompts"
+                    )
+                self.prompts, self.val_prompts = self.prompts[:-n_val], self.prompts[-n_val:]
             check_round_prompts(self.prompts, config.kl_prompts_per_round, config.kl_rounds, "RL")
         cache = target_cache_path(str(config.output_dir))
         self.target = (
@@ -165,18 +174,20 @@ class AlignProRLTrainer:
             top_p=cfg.top_p,
             repetition_penalty=1.0,
         )
-        # The deployed decoding (the artifact's own settings), at the training length cap.
-        deployed = self.prompter.manifest.generation
-        greedy = (
-            replace(deployed, max_new_tokens=settings.max_new_tokens, do_sample=False)
-            if cfg.kl_include_greedy
-            else None
-        )
+        # The deployed decoding (the artifact's own settings, sampling off), at the training length cap.
+        deployed = replace(self.prompter.manifest.generation, do_sample=False)
+        greedy = replace(deployed, max_new_tokens=settings.max_new_tokens) if cfg.kl_include_greedy else None
         rng = random.Random(cfg.seed)
         start = 0
         if cfg.resume:
             start = self._resume_rounds(out)
         history = []
+        if self.val_prompts and start == 0:
+            # Round 0 is the SFT prompter: the point every round is measured against (and kept if none beats it).
+            v0 = kl_optimum.deployed_reward(self.scorer, self.val_prompts, deployed, self.mode)
+            kl_optimum.log_row(out / "metrics.jsonl", {"stage": "rl", "step": 0, "time": time.time(), "val_reward": v0})
+            logger.info("kl-optimum validation before round 1 (SFT prompter): %.4f", v0)
+            self.prompter.save_pretrained(out / "round-0")
         for r in range(start, cfg.kl_rounds):
             pairs, stats = kl_optimum.run_round(
                 self.scorer,
@@ -190,18 +201,24 @@ class AlignProRLTrainer:
                 greedy=greedy,
             )
             stats.update(kl_optimum.distil(self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode))
+            if self.val_prompts:
+                stats["val_reward"] = kl_optimum.deployed_reward(self.scorer, self.val_prompts, deployed, self.mode)
             stats["time/step_s"] = sum(v for k, v in stats.items() if k.startswith("time/"))
             row = {"stage": "rl", "step": r + 1, "time": time.time(), **stats}
             kl_optimum.log_row(out / "metrics.jsonl", row)
             logger.info("kl-optimum round %d: %s", r + 1, {k: round(v, 4) for k, v in stats.items()})
             history.append(row)
             self.prompter.save_pretrained(out / f"round-{r + 1}")
+        selected = None
+        if cfg.kl_keep_best and self.val_prompts:
+            selected = kl_optimum.keep_best_round(self.prompter.model, out)
         self._finish(
             out,
             "kl-optimum",
             len(history) + start,
             history[0]["reward"] if history else None,
             history[-1]["reward"] if history else None,
+            extra={"selected_round": selected} if selected is not None else None,
         )
         return self.prompter
 
@@ -210,7 +227,15 @@ class AlignProRLTrainer:
 
         return kl_optimum.resume_last_round(self.prompter.model, out)
 
-    def _finish(self, out: Path, algorithm: str, steps: int, first: float | None, last: float | None) -> None:
+    def _finish(
+        self,
+        out: Path,
+        algorithm: str,
+        steps: int,
+        first: float | None,
+        last: float | None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         cfg = self.config
         prov = dict(self.prompter.manifest.provenance)
         prov["stages"] = [
@@ -229,6 +254,7 @@ class AlignProRLTrainer:
                 "target_calls": self.target.stats.calls,
                 "target_cache_hits": self.target.stats.cache_hits,
                 "target_failures": self.target.stats.failures,
+                **(extra or {}),
             },
         ]
         self.prompter.manifest = replace(self.prompter.manifest, provenance=prov)
