@@ -316,12 +316,16 @@ class Evaluator:
             for name, rows in by_config.items():
                 if name == self.focus:
                     continue
-                out["head_to_head"][name] = {
-                    judge: stats.win_rate(
-                        [r["rewards"][judge] for r in focus_rows], [r["rewards"][judge] for r in rows]
-                    )
-                    for judge in self.judges
-                }
+                out["head_to_head"][name] = {}
+                for judge in self.judges:
+                    a = [r["rewards"][judge] for r in focus_rows]
+                    b = [r["rewards"][judge] for r in rows]
+                    d = stats.mean_difference(a, b)
+                    out["head_to_head"][name][judge] = {
+                        **stats.win_rate(a, b),
+                        "mean_diff": d["mean_diff"],
+                        "mean_diff_ci": [d["ci_low"], d["ci_high"]],
+                    }
         oracle = next((n for n, c in configs.items() if isinstance(c, Oracle)), None)
         if oracle and self.focus in by_config:
             for judge in self.judges:
@@ -346,6 +350,13 @@ def _fmt_wr(w: dict[str, float]) -> str:
     return f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}]"
 
 
+def _fmt_diff(w: dict[str, Any]) -> str:
+    if "mean_diff" not in w:  # results.json written before the paired mean difference was reported
+        return "—"
+    lo, hi = w["mean_diff_ci"]
+    return f"{w['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     judges = summary["judges"]
     ref = summary["reference"]
@@ -367,11 +378,17 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "",
             f"Head to head: {summary['focus']} against each configuration",
             "",
-            "| against | " + " | ".join(f"win rate ({j})" for j in judges) + " |",
-            "|---|" + "---|" * len(judges),
+            "| against | "
+            + " | ".join(f"win rate ({j}) | mean difference ({j})" for j in judges)
+            + " |",
+            "|---|" + "---|---|" * len(judges),
         ]
         for name, per_judge in summary["head_to_head"].items():
-            lines.append(f"| {name} | " + " | ".join(_fmt_wr(per_judge[j]) for j in judges) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{_fmt_wr(per_judge[j])} | {_fmt_diff(per_judge[j])}" for j in judges)
+                + " |"
+            )
     if summary["gap_closed"]:
         parts = [
             f"{j}: {100 * v:.0f}%" if v == v else f"{j}: undefined (the oracle is not above frozen)"

@@ -34,6 +34,15 @@ def win_rate(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> dict[s
     return {"win_rate": fmean(w) if w else float("nan"), "ci_low": lo, "ci_high": hi, "n": len(w)}
 
 
+def mean_difference(a: Sequence[float], b: Sequence[float], *, seed: int = 0) -> dict[str, float]:
+    """Paired mean of a − b over prompts, with a bootstrap 95% interval (resampling prompts)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired statistics need equal lengths, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    lo, hi = bootstrap_ci(d, seed=seed)
+    return {"mean_diff": fmean(d) if d else float("nan"), "ci_low": lo, "ci_high": hi, "n": len(d)}
+
+
 def summary(values: Sequence[float]) -> dict[str, float]:
     return {
         "mean": fmean(values) if values else float("nan"),

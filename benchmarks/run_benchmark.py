@@ -68,6 +68,15 @@ def targets_table(summary: dict) -> str:
                     w["win_rate"] >= goal and w["ci_low"] > 0.5,
                 )
         add(f"align-pro vs frozen ≥ 65% (paper-level, {judge})", wr["win_rate"], wr["win_rate"] >= 0.65)
+        for other in ("frozen", "sft"):  # the RL stage must raise the mean above both (issue #4)
+            d = h.get(other, {}).get(judge, {})
+            if "mean_diff" in d:
+                lo, hi = d["mean_diff_ci"]
+                rows.append(
+                    f"| align-pro mean reward above {other} ({judge}): paired difference [95% CI] | "
+                    f"{d['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                    f"{'met' if d['mean_diff'] > 0 else 'NOT met'}{' (CI includes 0)' if lo <= 0 < d['mean_diff'] else ''} |"
+                )
         v_a, v_f = c["align-pro"][judge]["variance"], c["frozen"][judge]["variance"]
         add(
             f"reward variance below frozen ({judge}): align-pro / frozen",

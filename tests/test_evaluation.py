@@ -75,6 +75,11 @@ def test_paired_statistics_and_report(tmp_path):
     assert s["configs"]["template"]["reward"]["vs_reference"]["win_rate"] == 1.0  # appended text is longer
     h2h = s["head_to_head"]["frozen"]["independent"]
     assert h2h["win_rate"] == 1.0 and h2h["n"] == len(PROMPTS)
+    # Paired mean difference = the appended template's length, on every prompt.
+    added = [len(inp[0].text) - len(x) for x, inp in zip(PROMPTS, FixedTemplate().inputs(PROMPTS), strict=True)]
+    assert h2h["mean_diff"] == pytest.approx(sum(added) / len(added)) and min(added) > 0
+    assert h2h["mean_diff_ci"][0] <= h2h["mean_diff"] <= h2h["mean_diff_ci"][1]
+    assert "mean difference (independent)" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.md").read_text().count("| template |") == 1
     assert (tmp_path / "reward_distributions.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -88,6 +93,8 @@ def test_win_rate_pairs_by_prompt_and_counts_ties_half():
     assert wr["win_rate"] == pytest.approx(0.625) and wr["ci_low"] <= 0.625 <= wr["ci_high"]
     with pytest.raises(ValueError):
         stats.win_indicators([1.0], [1.0, 2.0])
+    d = stats.mean_difference(a, b)
+    assert d["mean_diff"] == pytest.approx(1.0) and d["n"] == 4 and d["ci_low"] <= 1.0 <= d["ci_high"]
     assert stats.gap_closed(1.0, 2.0, 3.0) == pytest.approx(0.5)
     assert math.isnan(stats.gap_closed(1.0, 0.5, 0.9))  # an oracle below frozen leaves no gap to close
 
