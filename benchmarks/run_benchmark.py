@@ -7,8 +7,8 @@ prompts -> RLHF oracle: the same RL on the target itself -> evaluation on dolly_
 frozen / template / zero-shot / SFT / Align-Pro / best-of-K / RLHF oracle, under both judges. Stages whose
 artifacts exist are reused, so an interrupted run resumes.
 
-    python benchmarks/run_benchmark.py            # standard budget, about 80 minutes on 2 CPU cores
-    python benchmarks/run_benchmark.py --quick    # every stage at smoke size, about 20 minutes
+    python benchmarks/run_benchmark.py            # standard budget, about 2.5 hours of stages on 2 CPU cores (resumable)
+    python benchmarks/run_benchmark.py --quick    # every stage at smoke size, about 11 minutes
 """
 
 from __future__ import annotations
@@ -116,9 +116,9 @@ def write_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
-# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 140 min of stages on 2 CPU
+# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 150 min of stages on 2 CPU
 # cores, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
-# result (10.3 min measured here; 16.3 min with 8+8 eval prompts).
+# result (11.3 min measured here; 16.3 min with 8+8 eval prompts).
 BUDGETS = {
     "standard": dict(
         rm_steps=80,
@@ -167,7 +167,7 @@ def rounds_done(stage_dir: Path, artifact: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="every stage at smoke size (about 10 minutes here)")
+    ap.add_argument("--quick", action="store_true", help="every stage at smoke size (about 11 minutes here)")
     ap.add_argument("--out", default=None, help="artifact folder (default runs/bench or runs/bench-quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
