@@ -165,10 +165,7 @@ def keep_best_round(model: Any, out: Path) -> int:
     }
     saved = dict(round_dirs(out))
     best = max((step for step in sorted(vals) if step in saved), key=lambda step: vals[step])
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(str(saved[best] / "adapter_model.safetensors")))
+    _load_adapter(model, saved[best])
     logger.info("keeping round %d (val_reward %.4f; all: %s)", best, vals[best], vals)
     return best
 
@@ -257,10 +254,15 @@ def resume_last_round(model: Any, out: Path) -> int:
     rounds = round_dirs(out)
     if not rounds:
         return 0
+    done, folder = rounds[-1]
+    _load_adapter(model, folder)
+    logger.info("resuming after round %d from %s", done, folder)
+    return done
+
+
+def _load_adapter(model: Any, folder: Path) -> None:
+    """Put the adapter weights saved in ``folder`` (a ``round-N/``) into the PEFT ``model``, in place."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    done, folder = rounds[-1]
     set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-    logger.info("resuming after round %d from %s", done, folder)
-    return done
