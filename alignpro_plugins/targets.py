@@ -140,12 +140,37 @@ class TransformersTarget(FrozenTarget):
         return f"User: {prompt}\nAssistant:"
 
     def _generate(self, prompts: list[str]) -> list[str]:
+        return [answer for answer, _ in self._generate_ended(prompts)]
+
+    def generate_ended(self, prompts: Sequence[str]) -> list[tuple[str, bool]]:
+        """(answer, ended): ``ended`` is False where generation stopped at ``max_new_tokens``, not at EOS.
+
+        Training on an answer that was cut off must not teach the model to stop there (see kl-optimum
+        distillation), so trainers that fit the model to its own answers need to know which ones were cut.
+        """
+        start = time.perf_counter()
+        try:
+            rows = self._generate_ended(list(prompts))
+        finally:
+            self.stats.seconds += time.perf_counter() - start
+        self.stats.calls += len(prompts)
+        return rows
+
+    def _eos_ids(self) -> set[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            found.add(self.tokenizer.eos_token_id)
+        return found
+
+    def _generate_ended(self, prompts: list[str]) -> list[tuple[str, bool]]:
         import torch
 
         texts = [self.format(p) for p in prompts]
+        eos = self._eos_ids()
         # Sort by length so each batch pads little; restore order at the end.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        answers: list[str] = [""] * len(texts)
+        answers: list[tuple[str, bool]] = [("", True)] * len(texts)
         sample = self.temperature > 0
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
@@ -167,10 +192,11 @@ class TransformersTarget(FrozenTarget):
                     )
                 new = out[:, enc["input_ids"].shape[1] :]
                 for i, ids in zip(idx, new, strict=True):
-                    answers[i] = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    ended = any(int(t) in eos for t in ids)  # a cut answer holds no EOS (nor EOS padding)
+                    answers[i] = (self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ended)
             except Exception as exc:  # e.g. out of memory: count it, keep going
                 for i in idx:
-                    answers[i] = self._failed(exc, prompts[i])
+                    answers[i] = (self._failed(exc, prompts[i]), True)
         return answers
 
 

@@ -89,6 +89,32 @@ def test_transformers_target_from_a_folder(tiny_lm_dir):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_transformers_target_says_which_answers_were_cut_at_the_cap(varied):
+    model, tok = varied
+    target = TransformersTarget(model, tok, max_new_tokens=4, batch_size=4, name="varied")
+
+    def generated_ids(prompt: str) -> list[int]:
+        enc = tok(target.format(prompt), return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        return out[0, enc["input_ids"].shape[1] :].tolist()
+
+    plain = target.generate(PROMPTS[:6])
+    rows = target.generate_ended(PROMPTS[:6])
+    assert [a for a, _ in rows] == plain
+    assert not any(ended for _, ended in rows)  # this model emits no EOS in 4 tokens: every answer is cut
+    # Declare the first token of prompt 0's answer an EOS: that answer now ends on its own, in a batch with others.
+    first = generated_ids(PROMPTS[0])[0]
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [first]
+    try:
+        expected = [first in generated_ids(p) for p in PROMPTS[:6]]
+        rows = target.generate_ended(PROMPTS[:6])
+    finally:
+        model.generation_config.eos_token_id = old
+    assert expected[0] and not all(expected) and [ended for _, ended in rows] == expected
+    assert target.stats.calls == 18
+
+
 def test_transformers_target_needs_a_tokenizer_with_a_model(varied):
     with pytest.raises(TypeError, match="tokenizer"):
         TransformersTarget(varied[0])

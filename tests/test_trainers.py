@@ -306,8 +306,34 @@ def test_oracle_kl_optimum_distils_its_best_answers(tiny_lm_dir, tmp_path):
     assert seen == [[x for x in PROMPTS[:3] for _ in range(3 + 1)]] * 2
     rows = [json.loads(line) for line in (tmp_path / "oracle" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    # A random tiny model runs into the 6-token cap: those answers are distilled without EOS.
+    assert all(r["cut_share"] > 0.5 for r in rows)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out)
     assert any(torch.any(p != 0) for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_distillation_rows_end_in_eos_only_where_the_answer_ended(tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    from trainers.kl_optimum import tokenize_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    chat = [{"role": "user", "content": "Name a fruit."}]
+    rows = tokenize_rows(tok, [
+        {"prompt": chat, "completion": [{"role": "assistant", "content": "A pear."}], "ended": True},
+        {"prompt": chat, "completion": [{"role": "assistant", "content": "A pear, and"}], "ended": False},
+        {"prompt": "Rewrite: tea", "completion": "Explain tea."},  # no flag: a finished completion
+    ])
+    prompt_ids = tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+    for row, answer, ends in zip(rows, ["A pear.", "A pear, and", "Explain tea."], [True, False, True], strict=True):
+        completion = [i for i, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
+        assert tok.decode(completion, skip_special_tokens=True) == answer
+        assert (completion[-1] == tok.eos_token_id) is ends
+        assert row["completion_mask"] == sorted(row["completion_mask"])  # prompt first, then only completion
+    assert rows[0]["input_ids"][: len(prompt_ids)] == prompt_ids and rows[0]["completion_mask"].index(1) == len(
+        prompt_ids
+    )
 
 
 def test_oracle_rejects_unknown_algorithm(tmp_path):

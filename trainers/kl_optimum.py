@@ -189,12 +189,14 @@ def distil_rows(
 ) -> tuple[Any, dict[str, Any]]:
     """Fit a PEFT model to prompt/completion rows for one epoch with TRL's SFTTrainer; returns it in eval mode.
 
-    Shared by the prompter's kl-optimum RL and the RLHF oracle's (same algorithm on the target itself).
+    Shared by the prompter's kl-optimum RL and the RLHF oracle's (same algorithm on the target itself). A row
+    with ``"ended": False`` (its completion was cut at the generation cap) is fitted without EOS: the model
+    learns the text, not to stop where the cap happened to fall.
     """
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    rows = list(rows)
+    rows = tokenize_rows(tokenizer, rows)
     random.Random(cfg.seed).shuffle(rows)
     args = SFTConfig(
         output_dir=str(output_dir),
@@ -209,6 +211,7 @@ def distil_rows(
         logging_steps=5,
         save_strategy="no",
         max_length=512,
+        completion_only_loss=True,  # the rows are pre-tokenized: TRL can no longer infer it
         seed=cfg.seed,
         disable_tqdm=cfg.disable_tqdm,
         use_cpu=cfg.use_cpu,
@@ -231,6 +234,28 @@ def distil_rows(
         "time/update_s": time.perf_counter() - t0,
         "distil_steps": out.global_step,
     }
+
+
+def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``input_ids`` and ``completion_mask`` of prompt/completion rows, as generation sees them.
+
+    A prompt is a string (already formatted) or chat messages (rendered with the generation prompt); the
+    completion is a string or a one-message list. The completion is tokenized on its own after the prompt, as
+    it was generated, and ends in EOS unless the row says ``"ended": False``.
+    """
+    out = []
+    for row in rows:
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list):
+            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        if isinstance(completion, list):
+            completion = completion[-1]["content"]
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if row.get("ended", True):
+            c = [*c, tokenizer.eos_token_id]
+        out.append({"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)})
+    return out
 
 
 def log_row(path: Path, row: dict[str, Any]) -> None:

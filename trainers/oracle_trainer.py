@@ -92,17 +92,20 @@ class RLHFOracleTrainer:
             )
             t0 = time.perf_counter()
             xs = [x for x in prompts for _ in range(k)]
-            sampled = sampler.generate(xs)
+            sampled = sampler.generate_ended(xs)
             # The target's greedy answer (how it is evaluated and deployed) joins each group, so a round
             # distils a sample only where it beats that answer.
             greedy = (
                 TransformersTarget(model, self.tokenizer, max_new_tokens=sampler.max_new_tokens, batch_size=32)
-                .generate(list(prompts))
+                .generate_ended(list(prompts))
                 if cfg.kl_include_greedy
                 else []
             )
             g = k + bool(greedy)
-            answers = [a for i in range(len(prompts)) for a in sampled[i * k : (i + 1) * k] + greedy[i : i + 1]]
+            # (answer, ended): an answer cut at the cap is distilled without EOS, so the oracle does not
+            # learn to stop where the training cap fell (measured: it then answered shorter than the frozen model).
+            group = [a for i in range(len(prompts)) for a in sampled[i * k : (i + 1) * k] + greedy[i : i + 1]]
+            answers = [a for a, _ in group]
             xs = [x for x in prompts for _ in range(g)]
             t1 = time.perf_counter()
             rewards = self.reward(xs, answers)
@@ -117,6 +120,7 @@ class RLHFOracleTrainer:
                     {
                         "prompt": [{"role": "user", "content": x}],
                         "completion": [{"role": "assistant", "content": answers[i * g + j]}],
+                        "ended": group[i * g + j][1],
                     }
                     for j in draws
                 ]
@@ -128,6 +132,7 @@ class RLHFOracleTrainer:
                 {
                     "reward": sum(rewards) / len(rewards),
                     "kl": sum(kls) / len(kls),
+                    "cut_share": sum(not row["ended"] for row in rows) / len(rows),
                     **({"greedy_share": greedy_draws / (k * len(prompts))} if greedy else {}),
                     "time/target_s": t1 - t0,
                     "time/reward_s": t2 - t1,
