@@ -305,11 +305,18 @@ class Evaluator:
             rewrites = [r["rewrite"] for r in rows if r["rewrite"] and not r["fallback_reason"]]
             entry["fallback_rate"] = sum(bool(r["fallback_reason"]) for r in rows) / max(len(rows), 1)
             entry["mean_rewrite_chars"] = sum(map(len, rewrites)) / len(rewrites) if rewrites else 0.0
+            words = [answer_words(r["answer"]) for r in rows]
+            entry["mean_answer_words"] = sum(words) / max(len(words), 1)
             for judge in self.judges:
                 vals = [r["rewards"][judge] for r in rows]
                 entry[judge] = stats.summary(vals)
                 if name != self.reference:
-                    entry[judge]["vs_reference"] = stats.win_rate(vals, [r["rewards"][judge] for r in ref])
+                    ref_vals = [r["rewards"][judge] for r in ref]
+                    entry[judge]["vs_reference"] = stats.win_rate(vals, ref_vals)
+                    # Judges favour longer answers: the win rate at equal length shows what is left.
+                    entry[judge]["vs_reference_length_controlled"] = stats.length_controlled_win_rate(
+                        vals, ref_vals, words, [answer_words(r["answer"]) for r in ref]
+                    )
             out["configs"][name] = entry
         if self.focus in by_config:
             focus_rows = by_config[self.focus]
@@ -346,6 +353,11 @@ class Evaluator:
             logger.warning("could not draw plots: %s", exc)
 
 
+def answer_words(answer: str) -> int:
+    """Answer length in whitespace-separated words: the same unit for every target and tokenizer."""
+    return len(answer.split())
+
+
 def _fmt_wr(w: dict[str, float]) -> str:
     return f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}]"
 
@@ -373,6 +385,34 @@ def render_markdown(summary: dict[str, Any]) -> str:
             wr = _fmt_wr(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
             row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f} | {wr} |"
         lines.append(row)
+    lc = [
+        (name, e) for name, e in summary["configs"].items() if "vs_reference_length_controlled" in e[judges[0]]
+    ]
+    if lc:
+        lines += [
+            "",
+            f"Answer length and the win rate vs {ref} at equal length (length-controlled, as in AlpacaEval: "
+            "logistic fit on the length difference; length coefficient > 0 means the judge favours longer "
+            "answers)",
+            "",
+            "| configuration | answer words | "
+            + " | ".join(f"length-controlled win ({j}) | length coef. ({j})" for j in judges)
+            + " |",
+            "|---|---|" + "---|---|" * len(judges),
+        ]
+        ref_words = summary["configs"][ref].get("mean_answer_words")
+        if ref_words is not None:
+            lines.append(f"| {ref} | {ref_words:.0f} | " + " | ".join("— | —" for _ in judges) + " |")
+        for name, e in lc:
+            lines.append(
+                f"| {name} | {e['mean_answer_words']:.0f} | "
+                + " | ".join(
+                    f"{_fmt_wr(e[j]['vs_reference_length_controlled'])} | "
+                    f"{e[j]['vs_reference_length_controlled']['length_coef']:+.2f}"
+                    for j in judges
+                )
+                + " |"
+            )
     if summary["head_to_head"]:
         lines += [
             "",

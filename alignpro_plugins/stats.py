@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
-from statistics import fmean, pvariance
+from statistics import fmean, pstdev, pvariance
 
 
 def win_indicators(a: Sequence[float], b: Sequence[float], tie_tol: float = 1e-9) -> list[float]:
@@ -41,6 +42,78 @@ def mean_difference(a: Sequence[float], b: Sequence[float], *, seed: int = 0) ->
     d = [x - y for x, y in zip(a, b, strict=True)]
     lo, hi = bootstrap_ci(d, seed=seed)
     return {"mean_diff": fmean(d) if d else float("nan"), "ci_low": lo, "ci_high": hi, "n": len(d)}
+
+
+def length_controlled_win_rate(
+    a: Sequence[float],
+    b: Sequence[float],
+    len_a: Sequence[float],
+    len_b: Sequence[float],
+    *,
+    n_boot: int = 500,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Win rate of a over b at equal answer length, in the manner of AlpacaEval's length-controlled win rate.
+
+    Reward models and LLM judges both favour longer answers; a prompter can "win" by asking for length alone.
+    Fits P(a wins) = σ(θ + φ·tanh(Δ/s)) on the per-prompt win indicators (ties half), with Δ the length
+    difference a − b and s its standard deviation, and reports σ(θ): the predicted win rate where the two
+    answers are equally long. ``length_coef`` is φ (> 0: the judge prefers the longer answer). Interval:
+    percentile bootstrap over prompts.
+    """
+    w = win_indicators(a, b)
+    if len({len(w), len(len_a), len(len_b)}) != 1:
+        raise ValueError("paired statistics need equal lengths for scores and answer lengths")
+    d = [x - y for x, y in zip(len_a, len_b, strict=True)]
+    scale = pstdev(d) if len(d) > 1 and pstdev(d) > 0 else 1.0
+    z = [math.tanh(v / scale) for v in d]
+    theta, phi = _logistic_fit(w, z)
+    rng = random.Random(seed)
+    n = len(w)
+    boots = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        boots.append(_sigmoid(_logistic_fit([w[i] for i in idx], [z[i] for i in idx])[0]))
+    boots.sort()
+    return {
+        "win_rate": _sigmoid(theta),
+        "ci_low": boots[int(0.025 * n_boot)],
+        "ci_high": boots[min(int(0.975 * n_boot), n_boot - 1)],
+        "length_coef": phi,
+        "n": n,
+    }
+
+
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+def _logistic_fit(y: Sequence[float], z: Sequence[float], ridge: float = 0.1) -> tuple[float, float]:
+    """(θ, φ) maximising Σ y·log σ(θ+φz) + (1−y)·log(1−σ(θ+φz)) − ridge·φ²/2, by Newton's method.
+
+    The small ridge on φ keeps the fit finite when length alone separates wins from losses.
+    """
+    theta = phi = 0.0
+    for _ in range(50):
+        g0 = g1 = h00 = h01 = 0.0
+        h11 = ridge
+        g1 = -ridge * phi
+        for yi, zi in zip(y, z, strict=True):
+            p = _sigmoid(theta + phi * zi)
+            r, v = yi - p, p * (1 - p)
+            g0 += r
+            g1 += r * zi
+            h00 += v
+            h01 += v * zi
+            h11 += v * zi * zi
+        h00 += 1e-9
+        det = h00 * h11 - h01 * h01
+        step0 = (h11 * g0 - h01 * g1) / det
+        step1 = (h00 * g1 - h01 * g0) / det
+        theta, phi = theta + step0, phi + step1
+        if abs(step0) + abs(step1) < 1e-8:
+            break
+    return theta, phi
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

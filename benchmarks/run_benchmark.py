@@ -68,6 +68,12 @@ def targets_table(summary: dict) -> str:
                     w["win_rate"] >= goal and w["ci_low"] > 0.5,
                 )
         add(f"align-pro vs frozen ≥ 65% (paper-level, {judge})", wr["win_rate"], wr["win_rate"] >= 0.65)
+        lc = c["align-pro"][judge].get("vs_reference_length_controlled")
+        if lc:  # not an issue target: how much of the win is the judges' preference for longer answers
+            rows.append(
+                f"| (context) align-pro vs frozen at equal answer length, length-controlled ({judge}) | "
+                f"{lc['win_rate']:.1%} [{lc['ci_low']:.0%}–{lc['ci_high']:.0%}] | — |"
+            )
         for other in ("frozen", "sft"):  # the RL stage must raise the mean above both (issue #4)
             d = h.get(other, {}).get(judge, {})
             if "mean_diff" in d:

@@ -80,7 +80,8 @@ def test_paired_statistics_and_report(tmp_path):
     assert h2h["mean_diff"] == pytest.approx(sum(added) / len(added)) and min(added) > 0
     assert h2h["mean_diff_ci"][0] <= h2h["mean_diff"] <= h2h["mean_diff_ci"][1]
     assert "mean difference (independent)" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "results.md").read_text().count("| template |") == 1
+    # The focus is not compared with itself.
+    assert "| template |" not in (tmp_path / "results.md").read_text().split("Head to head")[1]
     assert (tmp_path / "reward_distributions.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["records"]) == 2 * len(PROMPTS)
@@ -97,6 +98,35 @@ def test_win_rate_pairs_by_prompt_and_counts_ties_half():
     assert d["mean_diff"] == pytest.approx(1.0) and d["n"] == 4 and d["ci_low"] <= 1.0 <= d["ci_high"]
     assert stats.gap_closed(1.0, 2.0, 3.0) == pytest.approx(0.5)
     assert math.isnan(stats.gap_closed(1.0, 0.5, 0.9))  # an oracle below frozen leaves no gap to close
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_preference():
+    import random
+
+    rng = random.Random(1)
+    len_a = [rng.randint(60, 130) for _ in range(120)]  # a answers longer on average
+    len_b = [rng.randint(20, 100) for _ in range(120)]
+    # A judge that only counts words: raw win rate well above half, at equal length no preference.
+    raw = stats.win_rate(len_a, len_b)["win_rate"]
+    lc = stats.length_controlled_win_rate(len_a, len_b, len_a, len_b)
+    assert raw > 0.7 and abs(lc["win_rate"] - 0.5) < 0.1 and lc["length_coef"] > 1
+    assert lc["ci_low"] < 0.5 < lc["ci_high"]
+    # A judge blind to length that prefers a on 3 prompts in 4: the win rate survives length control.
+    quality = [float(i % 4 != 0) for i in range(120)]
+    lc = stats.length_controlled_win_rate(quality, [0.5] * 120, len_a, len_b)
+    assert lc["win_rate"] == pytest.approx(0.75, abs=0.05) and abs(lc["length_coef"]) < 0.5
+    with pytest.raises(ValueError, match="answer lengths"):
+        stats.length_controlled_win_rate([1.0], [0.0], [1, 2], [1])
+
+
+def test_report_shows_answer_length_and_the_length_controlled_win_rate(tmp_path):
+    ev = Evaluator(PROMPTS, echo_target(), {"reward": length_judge()}, out_dir=tmp_path)
+    s = ev.run([FrozenAlone(), FixedTemplate()]).summary
+    t = s["configs"]["template"]
+    extra = len(DEFAULT_TEMPLATE.split())
+    assert t["mean_answer_words"] == pytest.approx(s["configs"]["frozen"]["mean_answer_words"] + extra)
+    assert 0 <= t["reward"]["vs_reference_length_controlled"]["win_rate"] <= 1
+    assert "length-controlled win (reward)" in (tmp_path / "results.md").read_text()
 
 
 def test_interrupted_run_resumes_without_regenerating(tmp_path):
