@@ -163,6 +163,71 @@ BUDGETS = {
 }
 
 
+def target_args(budget: dict) -> dict:
+    """The frozen target as every training stage sees it (the packaged SmolLM2, short answers, big batches)."""
+    return dict(
+        target="smollm2-135m-instruct", target_max_new_tokens=budget["target_tokens"], target_batch_size=32
+    )
+
+
+def sft_library(budget: dict) -> list[str]:
+    from trainers.sft_config import AlignProSFTConfig
+
+    library = AlignProSFTConfig().templates
+    return library[: budget["templates"]] if budget["templates"] else library
+
+
+def rl_prompt_pools(budget: dict) -> tuple[list[str], list[str]]:
+    """(AlpacaEval instructions, kl-optimum's RL prompts), both disjoint from every evaluation prompt.
+
+    kl-optimum takes the BPO prompts the bootstrap did not use interleaved with AlpacaEval instructions: BPO's
+    task instructions with context are closer to what users send than AlpacaEval's open questions alone.
+    """
+    from alignpro_plugins.data import load_prompts
+
+    alpaca = list(dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt")))
+    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+    mixed = [x for pair in zip(bpo[budget["boot_prompts"] :], alpaca[400:], strict=False) for x in pair]
+    return alpaca, mixed
+
+
+def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str], **overrides: object):
+    """The benchmark's kl-optimum RL stage; experiments pass overrides to vary one setting."""
+    from trainers.rl_config import AlignProRLConfig
+
+    kw: dict = dict(
+        output_dir=str(output_dir),
+        sft_prompter=str(out / "sft"),
+        reward_model=str(out / "reward"),
+        algorithm="kl-optimum",
+        kl_rounds=budget["kl_rounds"],
+        kl_prompts_per_round=budget["kl_prompts"],
+        resume=True,  # a longer budget continues after the rounds already done
+        beta=0.5,
+        learning_rate=1e-4,
+        num_generations=budget["kl_k"],
+        # The SFT bootstrap's fixed candidates (its guidance library and "no change") join every group.
+        kl_anchors=[*templates, ""] if budget["kl_anchors"] else [],
+        per_device_train_batch_size=8,
+        max_completion_length=48,
+        **target_args(budget),
+    )
+    kw.update(overrides)
+    return AlignProRLConfig(**kw)
+
+
+def eval_prompts(budget: dict) -> list[str]:
+    """The held-out evaluation prompts: the first n of dolly_eval and of self_instruct_eval (never trained on)."""
+    from alignpro_plugins.data import load_prompts
+
+    n = budget["eval_per_set"]
+    return [
+        x
+        for name in ("dolly_eval.json", "self_instruct_eval.json")
+        for x in load_prompts(str(DATA / name), field="instruction", context_field="context", limit=n)
+    ]
+
+
 def rounds_done(stage_dir: Path, artifact: str) -> int:
     """kl-optimum rounds a finished stage ran (its metrics log), 0 when it has no artifact yet."""
     log = stage_dir / "metrics.jsonl"
@@ -232,11 +297,8 @@ def main() -> None:
     from trainers.sft_config import AlignProSFTConfig
     from trainers.sft_trainer import train_sft
 
-    target_kw = dict(
-        target="smollm2-135m-instruct", target_max_new_tokens=budget["target_tokens"], target_batch_size=32
-    )
-    library = AlignProSFTConfig().templates
-    sft_templates = library[: budget["templates"]] if budget["templates"] else library
+    target_kw = target_args(budget)
+    sft_templates = sft_library(budget)
     bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
     boot = bpo[: budget["boot_prompts"]]
     if not (out / "sft" / "alignpro.json").exists():
@@ -259,11 +321,7 @@ def main() -> None:
     from trainers.rl_config import AlignProRLConfig
     from trainers.rl_trainer import train_rl
 
-    # RL prompts, disjoint from every eval prompt: AlpacaEval instructions (the preference data's prompts) and,
-    # for kl-optimum, the BPO prompts the bootstrap did not use, interleaved — BPO's task instructions with
-    # context are closer to what users send than AlpacaEval's open questions alone.
-    rl_prompts = list(dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt")))
-    mixed = [x for pair in zip(bpo[len(boot) :], rl_prompts[400:], strict=False) for x in pair]
+    rl_prompts, mixed = rl_prompt_pools(budget)
     with_grpo = args.rl_algorithm == "grpo" or args.with_grpo
     if with_grpo and not (out / "rl" / "alignpro.json").exists():
         t = time.time()
@@ -287,27 +345,7 @@ def main() -> None:
     rl_done = rounds_done(out / "rl-kl", "alignpro.json")
     if rl_done < budget["kl_rounds"]:
         t = time.time()
-        # kl-optimum answers num_generations rewrites per prompt in big target batches.
-        train_rl(
-            AlignProRLConfig(
-                output_dir=str(out / "rl-kl"),
-                sft_prompter=str(out / "sft"),
-                reward_model=str(out / "reward"),
-                algorithm="kl-optimum",
-                kl_rounds=budget["kl_rounds"],
-                kl_prompts_per_round=budget["kl_prompts"],
-                resume=True,  # a longer budget continues after the rounds already done
-                beta=0.5,
-                learning_rate=1e-4,
-                num_generations=budget["kl_k"],
-                # The SFT bootstrap's fixed candidates (its guidance library and "no change") join every group.
-                kl_anchors=[*sft_templates, ""] if budget["kl_anchors"] else [],
-                per_device_train_batch_size=8,
-                max_completion_length=48,
-                **target_kw,
-            ),
-            prompts=kl_prompts,
-        )
+        train_rl(kl_rl_config(out, out / "rl-kl", budget, sft_templates), prompts=kl_prompts)
         timed("rl stage (kl-optimum)", t, resumed=rl_done > 0)
 
     from trainers.oracle_config import RLHFOracleConfig
@@ -351,11 +389,7 @@ def main() -> None:
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     n = budget["eval_per_set"]
-    prompts = load_prompts(
-        str(DATA / "dolly_eval.json"), field="instruction", context_field="context", limit=n
-    ) + load_prompts(
-        str(DATA / "self_instruct_eval.json"), field="instruction", context_field="context", limit=n
-    )
+    prompts = eval_prompts(budget)
     t = time.time()
     tokens = budget["eval_tokens"]
     target = CachedTarget(

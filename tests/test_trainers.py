@@ -426,6 +426,39 @@ def test_kl_optimum_scores_the_deployed_rewrite_beside_the_samples(sft_dir, tmp_
     assert cfg_off.kl_include_greedy is False and cfg.kl_include_greedy is True  # on by default
 
 
+def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir, tmp_path, monkeypatch):
+    import random
+
+    from alignpro_plugins.manifest import GenerationDefaults
+    from trainers import kl_optimum
+
+    padded = "Please write at length, with many words, covering every side of it in turn, at great length."
+    exact = "Be exact."
+    samples = ["Add detail and more detail.", "Go.", "Expand on this a lot, please."]
+
+    def generate_raw(queries, settings=None, num_return_sequences=1):
+        return [[(t, False) for t in (samples + [exact, padded])[:num_return_sequences]] for _ in queries]
+
+    def reward(prompts, answers):  # a judge that counts words, plus a real bonus for exactness
+        return [len(a.split()) + 8.0 * ("exact" in a) for a in answers]
+
+    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=5, beta=0.5,
+                     per_device_train_batch_size=2)
+    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=reward)
+    monkeypatch.setattr(trainer.prompter, "generate_raw", generate_raw)
+    kw = dict(k=5, lam=0.05, settings=GenerationDefaults(max_new_tokens=6, do_sample=True), mode="augment")
+    raw, stats = kl_optimum.run_round(trainer.scorer, PROMPTS[:3], rng=random.Random(0), **kw)
+    assert [y for _, y in raw].count(padded) > 0.8 * len(raw)  # raw reward: the longest guidance wins
+    assert stats["length_slope"] == pytest.approx(1.0, abs=0.3)
+    lc, lc_stats = kl_optimum.run_round(
+        trainer.scorer, PROMPTS[:3], rng=random.Random(0), length_control=1.0, **kw
+    )
+    assert [y for _, y in lc].count(exact) > 0.8 * len(lc)  # at equal length, the exact answer wins
+    assert lc_stats["reward"] == stats["reward"]  # the logged reward stays the raw one
+    with pytest.raises(ValueError, match="kl_length_control"):
+        _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_length_control=1.5)
+
+
 def test_kl_optimum_validation_holds_prompts_out_and_keeps_the_best_round(sft_dir, tmp_path, monkeypatch):
     from trainers import kl_optimum
 

@@ -65,6 +65,7 @@ def run_round(
     score_batch: int = 64,
     anchors: Sequence[str] = (),
     greedy: GenerationDefaults | None = None,
+    length_control: float = 0.0,
 ) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     """Sample K rewrites per prompt, score r(x, target(x')), resample K draws from ρ*; return (x, x') targets.
 
@@ -75,6 +76,10 @@ def run_round(
     ``greedy`` (decoding settings) adds the prompter's own deterministic rewrite of every prompt — what it
     produces when deployed — to its group: a sample is then distilled only where it beats what the prompter
     already does, and where none does the draws re-fit that rewrite instead of drifting toward sampling noise.
+
+    ``length_control`` (0..1) removes that share of the reward's dependence on answer length before resampling:
+    reward models favour longer answers, so without it a round can "win" by asking for length alone. The
+    slope is the round's pooled within-prompt regression of reward on answer words; logged rewards stay raw.
     """
     prompter = scorer.prompter
     t0 = time.perf_counter()
@@ -95,21 +100,25 @@ def run_round(
     t1 = time.perf_counter()
     rewards: list[float] = []
     results = []
+    words: list[int] = []
     timings = {"target_s": 0.0, "reward_s": 0.0}
     for s in tqdm(range(0, len(samples), score_batch), desc="kl-optimum: scoring r(x, target(x'))"):
         part = samples[s : s + score_batch]
         batch = scorer.score([c[0] for c in part], [c[1] for c in part], [c[2] for c in part], mode)
         rewards += batch.rewards
         results += batch.results
+        words += [len(a.split()) for a in batch.answers]
         for key in timings:
             timings[key] += batch.timings[key]
     targets: list[tuple[str, str]] = []
     kls, chosen_rewards, ess = [], [], []
     anchor_draws = greedy_draws = 0
+    slope = pooled_length_slope(rewards, words, group) if length_control else 0.0
+    selection = [r - length_control * slope * n for r, n in zip(rewards, words, strict=True)]
     for i, x in enumerate(prompts):
         rs = rewards[i * group : (i + 1) * group]
         res = results[i * group : (i + 1) * group]
-        draws, w = resample(rs, lam, k, rng)
+        draws, w = resample(selection[i * group : (i + 1) * group], lam, k, rng)
         kls.append(kl_to_proposal(w))
         ess.append(1.0 / sum(v * v for v in w))
         anchor_draws += sum(j >= own_k for j in draws)
@@ -135,11 +144,24 @@ def run_round(
         "time/reward_s": timings["reward_s"],
         "samples": len(samples),
         "anchor_share": anchor_draws / max(len(chosen_rewards), 1),
+        "answer_words": sum(words) / max(len(words), 1),
+        "length_slope": slope if length_control else pooled_length_slope(rewards, words, group),
     }
     if greedy is not None:
         stats["greedy_share"] = greedy_draws / max(len(chosen_rewards), 1)
         stats["reward_greedy"] = sum(rewards[i * group + k] for i in range(len(prompts))) / len(prompts)
     return targets, stats
+
+
+def pooled_length_slope(rewards: Sequence[float], lengths: Sequence[float], group: int) -> float:
+    """Slope of reward on answer length within prompts: Σ Δr·Δl / Σ Δl², deviations from each group's mean."""
+    num = den = 0.0
+    for s in range(0, len(rewards), group):
+        rs, ls = rewards[s : s + group], lengths[s : s + group]
+        mr, ml = sum(rs) / len(rs), sum(ls) / len(ls)
+        num += sum((r - mr) * (n - ml) for r, n in zip(rs, ls, strict=True))
+        den += sum((n - ml) ** 2 for n in ls)
+    return num / den if den > 0 else 0.0
 
 
 def deployed_reward(

@@ -60,6 +60,14 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             "round moves only where a sample beats what the prompter already does."
         },
     )
+    kl_length_control: float = field(
+        default=0.0,
+        metadata={
+            "help": "kl-optimum: share (0..1) of the reward's dependence on answer length removed before "
+            "resampling (pooled within-prompt slope of reward on answer words), so rounds distil rewrites "
+            "whose answers are better rather than only longer. 0: the raw reward."
+        },
+    )
     kl_validation_prompts: int = field(
         default=0,
         metadata={
@@ -116,6 +124,10 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
                 "beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter"
             )
         check_kl_rounds(self)
+        if not 0.0 <= self.kl_length_control <= 1.0:
+            raise ValueError(
+                f"kl_length_control is the share of the length effect removed: 0..1, got {self.kl_length_control}"
+            )
         if self.kl_validation_prompts < 0:
             raise ValueError(f"kl_validation_prompts must be >= 0, got {self.kl_validation_prompts}")
         if self.kl_keep_best and not self.kl_validation_prompts:

@@ -199,6 +199,7 @@ class AlignProRLTrainer:
                 rng=rng,
                 anchors=cfg.kl_anchors,
                 greedy=greedy,
+                length_control=cfg.kl_length_control,
             )
             stats.update(kl_optimum.distil(self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode))
             if self.val_prompts:

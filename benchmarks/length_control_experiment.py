@@ -1,0 +1,106 @@
+"""Experiment: kl-optimum RL with the answer-length effect removed from the reward (``kl_length_control=1``).
+
+Both reward models favour longer answers (docs/benchmarks.md, "length-controlled win rate"): the benchmark's
+RL prompter wins mostly by making the target answer at length. This trains the same RL stage from the same SFT
+prompter on the same prompts, with only ``kl_length_control`` changed, and evaluates frozen / SFT / align-pro /
+align-pro-lc on the benchmark's held-out prompts, target and judges (answers shared through the benchmark's
+target cache). Writes runs/bench/rl-kl-lc/, runs/bench/eval-lc/ and a section of docs/benchmarks.md.
+
+    python benchmarks/length_control_experiment.py    # after run_benchmark.py; about 60 min here
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_benchmark import (  # noqa: E402
+    BUDGETS,
+    ROOT,
+    eval_prompts,
+    kl_rl_config,
+    machine,
+    rl_prompt_pools,
+    rounds_done,
+    sft_library,
+    write_section,
+)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainers.rl_trainer import train_rl
+
+    budget = BUDGETS["standard"]
+    out = ROOT / "runs" / "bench"
+    dst = out / "rl-kl-lc"
+    started = time.time()
+    _, mixed = rl_prompt_pools(budget)
+    if rounds_done(dst, "alignpro.json") < budget["kl_rounds"]:
+        cfg = kl_rl_config(out, dst, budget, sft_library(budget), kl_length_control=1.0)
+        train_rl(cfg, prompts=mixed[: budget["kl_prompts"] * budget["kl_rounds"]])
+    rl_s = time.time() - started
+
+    from alignpro_plugins.evaluation import Evaluator, FrozenAlone, WithPrompter
+    from alignpro_plugins.prompter import Prompter
+    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    t = time.time()
+    target = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
+        out / "eval" / "target_cache.jsonl",
+    )
+    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    configs = [
+        FrozenAlone(),
+        WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
+        WithPrompter(prompter=Prompter.from_pretrained(out / "rl-kl"), description="benchmark RL (raw reward)"),
+        WithPrompter(
+            prompter=Prompter.from_pretrained(dst), name="align-pro-lc", description="RL, length-controlled"
+        ),
+    ]
+    ev = Evaluator(eval_prompts(budget), target, judges, out_dir=out / "eval-lc", focus="align-pro-lc")
+    report = ev.run(configs)
+    metrics = [json.loads(line) for line in (dst / "metrics.jsonl").read_text().splitlines()]
+    rounds = "\n".join(
+        f"| {m['step']} | {m['reward']:.3f} | {m['reward_greedy']:.3f} | {m['answer_words']:.0f} | "
+        f"{m['length_slope']:.4f} | {m['alignpro/rewrite_chars']:.0f} |"
+        for m in metrics
+        if "reward" in m
+    )
+    section = "\n".join(
+        [
+            "## Experiment: length-controlled RL reward",
+            "",
+            "- command: `python benchmarks/length_control_experiment.py`",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            f"- machine: {machine()}",
+            "- what changed: the benchmark's kl-optimum RL stage with `kl_length_control=1.0` (same SFT prompter, "
+            "prompts, K, λ, rounds); every other configuration is the benchmark's own",
+            f"- time: RL {rl_s:.0f} s (0 if reused), evaluation {time.time() - t:.0f} s",
+            "",
+            "RL rounds (training prompts; reward = raw training reward, mean of all samples / of the deployed "
+            "rewrite; answer words and the within-prompt slope of reward per answer word)",
+            "",
+            "| round | reward (samples) | reward (deployed) | answer words | length slope | rewrite chars |",
+            "|---|---|---|---|---|---|",
+            rounds,
+            "",
+            report.to_markdown(),
+        ]
+    )
+    (out / "eval-lc" / "section.md").write_text(section)
+    write_section(ROOT / "docs" / "benchmarks.md", "length-control-experiment", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
