@@ -64,8 +64,13 @@ def length_controlled_win_rate(
     w = win_indicators(a, b)
     if len({len(w), len(len_a), len(len_b)}) != 1:
         raise ValueError("paired statistics need equal lengths for scores and answer lengths")
+    nan = float("nan")
+    if not w:
+        return {"win_rate": nan, "ci_low": nan, "ci_high": nan, "length_coef": nan, "n": 0}
     d = [x - y for x, y in zip(len_a, len_b, strict=True)]
-    scale = pstdev(d) if len(d) > 1 and pstdev(d) > 0 else 1.0
+    scale = pstdev(d) if len(d) > 1 else 0.0
+    if scale == 0:  # one length difference everywhere: its effect cannot be told apart from the win rate
+        return {**win_rate(a, b), "length_coef": nan}
     z = [math.tanh(v / scale) for v in d]
     theta, phi = _logistic_fit(w, z)
     rng = random.Random(seed)
@@ -85,7 +90,10 @@ def length_controlled_win_rate(
 
 
 def _sigmoid(v: float) -> float:
-    return 1.0 / (1.0 + math.exp(-v))
+    if v >= 0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)  # no overflow for large negative v
+    return e / (1.0 + e)
 
 
 def _logistic_fit(y: Sequence[float], z: Sequence[float], ridge: float = 0.1) -> tuple[float, float]:

@@ -156,18 +156,16 @@ class TransformersTarget(FrozenTarget):
         self.stats.calls += len(prompts)
         return rows
 
-    def _eos_ids(self) -> set[int]:
+    def _stop_ids(self) -> set[int]:
+        """The token ids ``generate`` stops on (its generation config's EOS ids)."""
         ids = getattr(self.model.generation_config, "eos_token_id", None)
-        found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            found.add(self.tokenizer.eos_token_id)
-        return found
+        return set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
 
     def _generate_ended(self, prompts: list[str]) -> list[tuple[str, bool]]:
         import torch
 
         texts = [self.format(p) for p in prompts]
-        eos = self._eos_ids()
+        eos = self._stop_ids()
         # Sort by length so each batch pads little; restore order at the end.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         answers: list[tuple[str, bool]] = [("", True)] * len(texts)
@@ -195,8 +193,8 @@ class TransformersTarget(FrozenTarget):
                     ended = any(int(t) in eos for t in ids)  # a cut answer holds no EOS (nor EOS padding)
                     answers[i] = (self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ended)
             except Exception as exc:  # e.g. out of memory: count it, keep going
-                for i in idx:
-                    answers[i] = (self._failed(exc, prompts[i]), True)
+                for i in idx:  # not an answer that ended: nothing here for a trainer to learn to stop on
+                    answers[i] = (self._failed(exc, prompts[i]), False)
         return answers
 
 

@@ -4,13 +4,14 @@ Both reward models favour longer answers (docs/benchmarks.md, "length-controlled
 RL prompter wins mostly by making the target answer at length. This trains the same RL stage from the same SFT
 prompter on the same prompts, with only ``kl_length_control`` changed, and evaluates frozen / SFT / align-pro /
 align-pro-lc on the benchmark's held-out prompts, target and judges (answers shared through the benchmark's
-target cache). Writes runs/bench/rl-kl-lc/, runs/bench/eval-lc/ and a section of docs/benchmarks.md.
+target cache). Writes rl-kl-lc/ and eval-lc/ beside the benchmark's artifacts (runs/bench) and a section of docs/benchmarks.md.
 
     python benchmarks/length_control_experiment.py    # after run_benchmark.py; about 60 min here
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -34,12 +35,17 @@ from run_benchmark import (  # noqa: E402
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)")
+    args = ap.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from trainers.rl_trainer import train_rl
 
     budget = BUDGETS["standard"]
-    out = ROOT / "runs" / "bench"
+    out = Path(args.out)
+    if not (out / "sft" / "alignpro.json").exists() or not (out / "rl-kl" / "alignpro.json").exists():
+        raise SystemExit(f"{out} has no finished benchmark (sft/ and rl-kl/): run benchmarks/run_benchmark.py first")
     dst = out / "rl-kl-lc"
     started = time.time()
     _, mixed = rl_prompt_pools(budget)

@@ -117,6 +117,13 @@ def test_length_controlled_win_rate_removes_a_pure_length_preference():
     assert lc["win_rate"] == pytest.approx(0.75, abs=0.05) and abs(lc["length_coef"]) < 0.5
     with pytest.raises(ValueError, match="answer lengths"):
         stats.length_controlled_win_rate([1.0], [0.0], [1, 2], [1])
+    # One length difference everywhere (e.g. a fixed template): no length effect to separate out.
+    same = stats.length_controlled_win_rate([1.0, 0.0, 1.0], [0.0] * 3, [5, 5, 5], [2, 2, 2])
+    assert same["win_rate"] == pytest.approx(5 / 6)  # ties count half and math.isnan(same["length_coef"])
+    assert math.isnan(stats.length_controlled_win_rate([], [], [], [])["win_rate"])
+    # Length separates wins from losses completely: the fit stays finite.
+    sep = stats.length_controlled_win_rate([1.0, 0.0] * 20, [0.5] * 40, [90, 10] * 20, [50] * 40, n_boot=50)
+    assert all(math.isfinite(sep[k]) for k in ("win_rate", "ci_low", "ci_high", "length_coef"))
 
 
 def test_report_shows_answer_length_and_the_length_controlled_win_rate(tmp_path):

@@ -312,7 +312,7 @@ def test_oracle_kl_optimum_distils_its_best_answers(tiny_lm_dir, tmp_path):
     assert any(torch.any(p != 0) for n, p in tuned.named_parameters() if "lora_B" in n)
 
 
-def test_distillation_rows_end_in_eos_only_where_the_answer_ended(tiny_lm_dir):
+def test_distillation_rows_end_their_turn_only_where_the_answer_ended(tiny_lm_dir):
     from transformers import AutoTokenizer
 
     from trainers.kl_optimum import tokenize_rows
@@ -324,16 +324,25 @@ def test_distillation_rows_end_in_eos_only_where_the_answer_ended(tiny_lm_dir):
         {"prompt": chat, "completion": [{"role": "assistant", "content": "A pear, and"}], "ended": False},
         {"prompt": "Rewrite: tea", "completion": "Explain tea."},  # no flag: a finished completion
     ])
+
+    def text(ids):
+        return tok.decode(ids, skip_special_tokens=False)
+
+    def completion(row):
+        return [i for i, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
+
+    # A finished chat answer is exactly the chat template's rendering of the conversation, end of turn included.
+    reply = [{"role": "assistant", "content": "A pear."}]
+    assert text(rows[0]["input_ids"]) == tok.apply_chat_template([*chat, *reply], tokenize=False)
+    assert tok.eos_token_id in completion(rows[0])
+    # A cut answer stops where its text stops: no end of turn to learn.
+    assert text(completion(rows[1])) == "A pear, and" and tok.eos_token_id not in completion(rows[1])
+    assert completion(rows[2])[-1] == tok.eos_token_id and text(completion(rows[2])[:-1]) == "Explain tea."
     prompt_ids = tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
                      add_special_tokens=False)["input_ids"]
-    for row, answer, ends in zip(rows, ["A pear.", "A pear, and", "Explain tea."], [True, False, True], strict=True):
-        completion = [i for i, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
-        assert tok.decode(completion, skip_special_tokens=True) == answer
-        assert (completion[-1] == tok.eos_token_id) is ends
-        assert row["completion_mask"] == sorted(row["completion_mask"])  # prompt first, then only completion
-    assert rows[0]["input_ids"][: len(prompt_ids)] == prompt_ids and rows[0]["completion_mask"].index(1) == len(
-        prompt_ids
-    )
+    for row in rows[:2]:  # the loss covers the completion only
+        assert row["completion_mask"] == [0] * len(prompt_ids) + [1] * (len(row["input_ids"]) - len(prompt_ids))
+        assert row["input_ids"][: len(prompt_ids)] == prompt_ids
 
 
 def test_oracle_rejects_unknown_algorithm(tmp_path):
@@ -457,6 +466,8 @@ def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir,
     assert lc_stats["reward"] == stats["reward"]  # the logged reward stays the raw one
     with pytest.raises(ValueError, match="kl_length_control"):
         _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_length_control=1.5)
+    with pytest.raises(ValueError, match="'kl-optimum' only"):
+        _rl_config(tmp_path, sft_dir, algorithm="grpo", kl_length_control=0.5)
 
 
 def test_kl_optimum_validation_holds_prompts_out_and_keeps_the_best_round(sft_dir, tmp_path, monkeypatch):

@@ -263,20 +263,35 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> list[dict[s
 
     A prompt is a string (already formatted) or chat messages (rendered with the generation prompt); the
     completion is a string or a one-message list. The completion is tokenized on its own after the prompt, as
-    it was generated, and ends in EOS unless the row says ``"ended": False``.
+    it was generated. It ends the way the model ends a turn — the chat template's own end of turn for chat rows,
+    EOS otherwise — unless the row says ``"ended": False``: then it ends where the text ends.
     """
     out = []
     for row in rows:
         prompt, completion = row["prompt"], row["completion"]
+        ended = row.get("ended") is not False
+        ending = None
         if isinstance(prompt, list):
-            prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        if isinstance(completion, list):
+            messages = prompt
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if isinstance(completion, list):
+                full = tokenizer.apply_chat_template([*messages, *completion], tokenize=False)
+                completion = completion[-1]["content"]
+                head = f"{prompt}{completion}"
+                # The template's end of turn (e.g. "<|im_end|>\n", "<end_of_turn>\n"), when it renders the
+                # answer verbatim after the generation prompt; else the tokenizer's EOS.
+                ending = full[len(head) :] if full.startswith(head) and len(full) > len(head) else None
+        elif isinstance(completion, list):
             completion = completion[-1]["content"]
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if row.get("ended", True):
-            c = [*c, tokenizer.eos_token_id]
-        out.append({"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)})
+        if ended:
+            if ending is not None:
+                c = [*c, *tokenizer(ending, add_special_tokens=False)["input_ids"]]
+            elif tokenizer.eos_token_id is not None:
+                c = [*c, tokenizer.eos_token_id]
+        if c:  # a cut empty answer (e.g. a failed generation) has nothing to learn
+            out.append({"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)})
     return out
 
 

@@ -65,7 +65,8 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
         metadata={
             "help": "kl-optimum: share (0..1) of the reward's dependence on answer length removed before "
             "resampling (pooled within-prompt slope of reward on answer words), so rounds distil rewrites "
-            "whose answers are better rather than only longer. 0: the raw reward."
+            "whose answers are better rather than only longer. 0: the raw reward. The logged reward and "
+            "val_reward (so kl_keep_best's choice) stay raw."
         },
     )
     kl_validation_prompts: int = field(
@@ -128,6 +129,8 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             raise ValueError(
                 f"kl_length_control is the share of the length effect removed: 0..1, got {self.kl_length_control}"
             )
+        if self.kl_length_control and self.algorithm != "kl-optimum":
+            raise ValueError("kl_length_control applies to algorithm='kl-optimum' only; set it to 0 for GRPO")
         if self.kl_validation_prompts < 0:
             raise ValueError(f"kl_validation_prompts must be >= 0, got {self.kl_validation_prompts}")
         if self.kl_keep_best and not self.kl_validation_prompts:
