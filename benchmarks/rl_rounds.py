@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import BUDGETS, DATA, machine, write_section  # noqa: E402
+from benchmarks.run_benchmark import BUDGETS, eval_prompts, machine, write_section  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +37,6 @@ def main() -> None:
     if not rounds:
         raise SystemExit(f"no {out}/rl-kl/round-N/ prompters: run benchmarks/run_benchmark.py first")
 
-    from alignpro_plugins.data import load_prompts
     from alignpro_plugins.evaluation import Evaluator, FrozenAlone, WithPrompter
     from alignpro_plugins.manifest import weights_hash
     from alignpro_plugins.prompter import Prompter
@@ -46,12 +45,7 @@ def main() -> None:
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     budget = BUDGETS["quick" if args.quick else "standard"]
-    n = budget["eval_per_set"]
-    prompts = load_prompts(
-        str(DATA / "dolly_eval.json"), field="instruction", context_field="context", limit=n
-    ) + load_prompts(
-        str(DATA / "self_instruct_eval.json"), field="instruction", context_field="context", limit=n
-    )
+    prompts = eval_prompts(budget)
     ev_dir = out / "eval-rounds"
     ev_dir.mkdir(parents=True, exist_ok=True)
     for name in ("records.jsonl", "target_cache.jsonl"):  # reuse the benchmark's answers and records
