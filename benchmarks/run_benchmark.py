@@ -72,7 +72,7 @@ def targets_table(summary: dict) -> str:
         if lc:  # not an issue target: how much of the win is the judges' preference for longer answers
             rows.append(
                 f"| (context) align-pro vs frozen at equal answer length, length-controlled ({judge}) | "
-                f"{lc['win_rate']:.1%} [{lc['ci_low']:.0%}–{lc['ci_high']:.0%}] | — |"
+                f"{lc['win_rate']:.1%} [{100 * lc['ci_low']:.0f}–{100 * lc['ci_high']:.0f}] | — |"
             )
         for other in ("frozen", "sft"):  # the RL stage must raise the mean above both (issue #4)
             d = h.get(other, {}).get(judge, {})
