@@ -291,6 +291,7 @@ class Evaluator:
         self, by_config: dict[str, list[dict]], configs: dict[str, Configuration]
     ) -> dict[str, Any]:
         ref = by_config[self.reference]
+        ref_words = [answer_words(r["answer"]) for r in ref]
         out: dict[str, Any] = {
             "n_prompts": len(self.prompts),
             "judges": list(self.judges),
@@ -315,7 +316,7 @@ class Evaluator:
                     entry[judge]["vs_reference"] = stats.win_rate(vals, ref_vals)
                     # Judges favour longer answers: the win rate at equal length shows what is left.
                     entry[judge]["vs_reference_length_controlled"] = stats.length_controlled_win_rate(
-                        vals, ref_vals, words, [answer_words(r["answer"]) for r in ref]
+                        vals, ref_vals, words, ref_words
                     )
             out["configs"][name] = entry
         if self.focus in by_config:

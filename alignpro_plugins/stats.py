@@ -103,9 +103,8 @@ def _logistic_fit(y: Sequence[float], z: Sequence[float], ridge: float = 0.1) ->
     """
     theta = phi = 0.0
     for _ in range(50):
-        g0 = g1 = h00 = h01 = 0.0
-        h11 = ridge
-        g1 = -ridge * phi
+        g0 = h00 = h01 = 0.0
+        g1, h11 = -ridge * phi, ridge
         for yi, zi in zip(y, z, strict=True):
             p = _sigmoid(theta + phi * zi)
             r, v = yi - p, p * (1 - p)

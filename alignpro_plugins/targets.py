@@ -20,9 +20,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,9 +55,13 @@ class FrozenTarget(ABC):
         return {}
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
+        return self._counted(self._generate, prompts)
+
+    def _counted(self, call: Callable[[list[str]], list[T]], prompts: Sequence[str]) -> list[T]:
+        """Run ``call`` on the prompts, adding its time and the prompt count to ``stats``."""
         start = time.perf_counter()
         try:
-            answers = self._generate(list(prompts))
+            answers = call(list(prompts))
         finally:
             self.stats.seconds += time.perf_counter() - start
         self.stats.calls += len(prompts)
@@ -148,13 +153,7 @@ class TransformersTarget(FrozenTarget):
         Training on an answer that was cut off must not teach the model to stop there (see kl-optimum
         distillation), so trainers that fit the model to its own answers need to know which ones were cut.
         """
-        start = time.perf_counter()
-        try:
-            rows = self._generate_ended(list(prompts))
-        finally:
-            self.stats.seconds += time.perf_counter() - start
-        self.stats.calls += len(prompts)
-        return rows
+        return self._counted(self._generate_ended, prompts)
 
     def _stop_ids(self) -> set[int]:
         """The token ids ``generate`` stops on (its generation config's EOS ids)."""

@@ -113,7 +113,7 @@ def run_round(
     targets: list[tuple[str, str]] = []
     kls, chosen_rewards, ess = [], [], []
     anchor_draws = greedy_draws = 0
-    slope = pooled_length_slope(rewards, words, group) if length_control else 0.0
+    slope = pooled_length_slope(rewards, words, group)
     selection = [r - length_control * slope * n for r, n in zip(rewards, words, strict=True)]
     for i, x in enumerate(prompts):
         rs = rewards[i * group : (i + 1) * group]
@@ -145,7 +145,7 @@ def run_round(
         "samples": len(samples),
         "anchor_share": anchor_draws / max(len(chosen_rewards), 1),
         "answer_words": sum(words) / max(len(words), 1),
-        "length_slope": slope if length_control else pooled_length_slope(rewards, words, group),
+        "length_slope": slope,
     }
     if greedy is not None:
         stats["greedy_share"] = greedy_draws / max(len(chosen_rewards), 1)
