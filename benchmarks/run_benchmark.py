@@ -191,6 +191,45 @@ def rl_prompt_pools(budget: dict) -> tuple[list[str], list[str]]:
     return alpaca, mixed
 
 
+def reward_config(output_dir: Path, budget: dict, shard: int, **overrides: object):
+    """A reward stage on one prompt shard of the preference data (0: training reward, 1: independent judge)."""
+    from trainers.reward_config import AlignProRewardConfig
+
+    kw: dict = dict(
+        output_dir=str(output_dir),
+        preference_data=[str(DATA / "alpaca_eval_prefs.jsonl.gz"), str(DATA / "hh_rlhf_harmless.jsonl.gz")],
+        max_pairs_per_source=6000,
+        prompt_shard=shard,
+        split_seed=shard,
+        seed=shard,
+        max_steps=budget["rm_steps"],
+        max_length=budget["rm_max_length"],
+        freeze_layers=2,
+        logging_steps=10,
+        save_steps=40,
+    )
+    kw.update(overrides)
+    return AlignProRewardConfig(**kw)
+
+
+def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: object):
+    """The benchmark's SFT stage: best-of-K bootstrap over sampled rewrites and the guidance library, then LoRA SFT."""
+    from trainers.sft_config import AlignProSFTConfig
+
+    kw: dict = dict(
+        output_dir=str(output_dir),
+        reward_model=str(reward_model),
+        num_candidates=budget["k"],
+        templates=sft_library(budget),
+        max_pairs=budget["boot_prompts"],
+        num_train_epochs=budget["sft_epochs"],
+        save_steps=1000,
+        **target_args(budget),
+    )
+    kw.update(overrides)
+    return AlignProSFTConfig(**kw)
+
+
 def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str], **overrides: object):
     """The benchmark's kl-optimum RL stage; experiments pass overrides to vary one setting."""
     from trainers.rl_config import AlignProRLConfig
@@ -269,32 +308,15 @@ def main() -> None:
         times[name] = (times.get(name, 0.0) if resumed else 0.0) + time.time() - t
         times_path.write_text(json.dumps(times, indent=1))
 
-    from trainers.reward_config import AlignProRewardConfig
     from trainers.reward_trainer import train_reward
 
-    prefs = [str(DATA / "alpaca_eval_prefs.jsonl.gz"), str(DATA / "hh_rlhf_harmless.jsonl.gz")]
     for name, shard in (("reward", 0), ("judge", 1)):
         if not (out / name / "alignpro_reward.json").exists():
             t = time.time()
-            train_reward(
-                AlignProRewardConfig(
-                    output_dir=str(out / name),
-                    preference_data=prefs,
-                    max_pairs_per_source=6000,
-                    prompt_shard=shard,
-                    split_seed=shard,
-                    seed=shard,
-                    max_steps=budget["rm_steps"],
-                    max_length=budget["rm_max_length"],
-                    freeze_layers=2,
-                    logging_steps=10,
-                    save_steps=40,
-                )
-            )
+            train_reward(reward_config(out / name, budget, shard))
             timed(f"reward stage ({name})", t)
 
     from alignpro_plugins.data import load_prompts
-    from trainers.sft_config import AlignProSFTConfig
     from trainers.sft_trainer import train_sft
 
     target_kw = target_args(budget)
@@ -303,19 +325,7 @@ def main() -> None:
     boot = bpo[: budget["boot_prompts"]]
     if not (out / "sft" / "alignpro.json").exists():
         t = time.time()
-        train_sft(
-            AlignProSFTConfig(
-                output_dir=str(out / "sft"),
-                reward_model=str(out / "reward"),
-                num_candidates=budget["k"],
-                templates=sft_templates,
-                max_pairs=budget["boot_prompts"],
-                num_train_epochs=budget["sft_epochs"],
-                save_steps=1000,
-                **target_kw,
-            ),
-            prompts=boot,
-        )
+        train_sft(sft_config(out / "sft", out / "reward", budget), prompts=boot)
         timed("sft stage (bootstrap + SFT)", t)
 
     from trainers.rl_config import AlignProRLConfig
