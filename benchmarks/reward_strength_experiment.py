@@ -30,6 +30,8 @@ from run_benchmark import (  # noqa: E402
     eval_prompts,
     kl_rl_config,
     machine,
+    oracle_config,
+    oracle_target,
     reward_config,
     rl_prompt_pools,
     rounds_done,
@@ -43,6 +45,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)")
     ap.add_argument("--rm-steps", type=int, default=240, help="training steps of the stronger reward model")
+    ap.add_argument(
+        "--with-oracle",
+        action="store_true",
+        help="also train the RLHF oracle against the stronger reward (about 35 min more) and evaluate it",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -50,7 +57,7 @@ def main() -> None:
     out = Path(args.out)
     if not (out / "judge" / "alignpro_reward.json").exists() or not (out / "rl-kl" / "alignpro.json").exists():
         raise SystemExit(f"{out} has no finished benchmark (judge/, rl-kl/): run benchmarks/run_benchmark.py first")
-    reward, sft, rl = out / "reward-long", out / "sft-rm2", out / "rl-kl-rm2"
+    reward, sft, rl, oracle = out / "reward-long", out / "sft-rm2", out / "rl-kl-rm2", out / "oracle-rm2"
     times: dict[str, float] = {}
 
     t = time.time()
@@ -80,7 +87,14 @@ def main() -> None:
         train_rl(cfg, prompts=mixed[: budget["kl_prompts"] * budget["kl_rounds"]])
         times["rl"] = time.time() - t
 
-    from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
+    t = time.time()
+    if args.with_oracle and rounds_done(oracle, "alignpro_oracle.json") < budget["kl_rounds"]:
+        from trainers.oracle_trainer import train_oracle
+
+        train_oracle(oracle_config(oracle, reward, budget), prompts=mixed[: budget["kl_prompts"] * budget["kl_rounds"]])
+        times["oracle"] = time.time() - t
+
+    from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, Oracle, WithPrompter
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.rewards import RewardModel
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
@@ -108,6 +122,9 @@ def main() -> None:
         WithPrompter(prompter=Prompter.from_pretrained(sft), name="sft-rm2", description="SFT, stronger reward"),
         WithPrompter(prompter=trained, name="align-pro-rm2", description="RL, stronger reward"),
     ]
+    if args.with_oracle:
+        cache = out / "eval-rm2" / "oracle_cache.jsonl"
+        configs.append(Oracle(target=oracle_target(oracle, cache, budget["eval_tokens"])))
     ev = Evaluator(eval_prompts(budget), target, judges, out_dir=out / "eval-rm2", focus="align-pro-rm2")
     report = ev.run(configs)
     times["evaluation"] = time.time() - t
@@ -123,12 +140,13 @@ def main() -> None:
         [
             "## Experiment: a stronger training reward model",
             "",
-            f"- command: `python benchmarks/reward_strength_experiment.py --rm-steps {args.rm_steps}`",
+            f"- command: `python benchmarks/reward_strength_experiment.py --rm-steps {args.rm_steps}"
+            f"{' --with-oracle' if args.with_oracle else ''}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             f"- machine: {machine()}",
             f"- what changed: the training reward model trains {args.rm_steps} steps instead of "
             f"{budget['rm_steps']} (same shard, split, seed, data and recipe); the SFT and RL stages are the "
-            "benchmark's, retrained against it. The independent judge is the benchmark's, unchanged; in the "
+            "benchmark's, retrained against it (and, with --with-oracle, the RLHF oracle). The independent judge is the benchmark's, unchanged; in the "
             "tables below \"reward\" is the stronger reward",
             "- held-out pairwise accuracy of the training reward: "
             + ", ".join(

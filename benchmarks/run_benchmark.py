@@ -255,6 +255,46 @@ def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str]
     return AlignProRLConfig(**kw)
 
 
+def oracle_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: object):
+    """The RLHF oracle: the same reward, prompts, algorithm and sample budget as the prompter's RL stage."""
+    from trainers.oracle_config import RLHFOracleConfig
+
+    kw: dict = dict(
+        output_dir=str(output_dir),
+        target="smollm2-135m-instruct",
+        reward_model=str(reward_model),
+        algorithm="kl-optimum",
+        kl_rounds=budget["kl_rounds"],
+        kl_prompts_per_round=budget["kl_prompts"],
+        resume=True,
+        beta=0.5,
+        learning_rate=1e-4,
+        num_generations=budget["kl_k"],
+        per_device_train_batch_size=8,
+        max_completion_length=budget["target_tokens"],
+    )
+    kw.update(overrides)
+    return RLHFOracleConfig(**kw)
+
+
+def oracle_target(adapter: Path, cache: Path, max_new_tokens: int):
+    """The oracle's LoRA on the target, for evaluation, with its own answer cache."""
+    from peft import PeftModel
+
+    from alignpro_plugins.manifest import weights_hash
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    # The adapter's hash in the name keeps a retrained oracle from reusing cached answers and records.
+    oracle = TransformersTarget(
+        "smollm2-135m-instruct",
+        max_new_tokens=max_new_tokens,
+        batch_size=32,
+        name=f"smollm2+rlhf-oracle@{weights_hash(adapter)[7:19]}",
+    )
+    oracle.model = PeftModel.from_pretrained(oracle.model, str(adapter)).eval()
+    return CachedTarget(oracle, cache)
+
+
 def eval_prompts(budget: dict) -> list[str]:
     """The held-out evaluation prompts: the first n of dolly_eval and of self_instruct_eval (never trained on)."""
     from alignpro_plugins.data import load_prompts
@@ -358,33 +398,14 @@ def main() -> None:
         train_rl(kl_rl_config(out, out / "rl-kl", budget, sft_templates), prompts=kl_prompts)
         timed("rl stage (kl-optimum)", t, resumed=rl_done > 0)
 
-    from trainers.oracle_config import RLHFOracleConfig
     from trainers.oracle_trainer import train_oracle
 
     oracle_done = rounds_done(out / "oracle", "alignpro_oracle.json")
     if oracle_done < budget["kl_rounds"]:
         t = time.time()
         # Same reward model, prompts, algorithm and sample budget as the prompter's RL stage.
-        train_oracle(
-            RLHFOracleConfig(
-                output_dir=str(out / "oracle"),
-                target="smollm2-135m-instruct",
-                reward_model=str(out / "reward"),
-                algorithm="kl-optimum",
-                kl_rounds=budget["kl_rounds"],
-                kl_prompts_per_round=budget["kl_prompts"],
-                resume=True,
-                beta=0.5,
-                learning_rate=1e-4,
-                num_generations=budget["kl_k"],
-                per_device_train_batch_size=8,
-                max_completion_length=budget["target_tokens"],
-            ),
-            prompts=kl_prompts,
-        )
+        train_oracle(oracle_config(out / "oracle", out / "reward", budget), prompts=kl_prompts)
         timed("rlhf oracle (kl-optimum)", t, resumed=oracle_done > 0)
-
-    from peft import PeftModel
 
     from alignpro_plugins.evaluation import (
         BestOfK,
@@ -420,19 +441,9 @@ def main() -> None:
         WithPrompter(prompter=trained, description=f"(ii) Align-Pro prompter (RL: {args.rl_algorithm})"),
         BestOfK(prompter=trained, k=budget["best_of_k"]),
     ]
-    from alignpro_plugins.manifest import weights_hash
-
-    # The adapter's hash in the name keeps a retrained oracle from reusing cached answers and records.
-    oracle = TransformersTarget(
-        "smollm2-135m-instruct",
-        max_new_tokens=tokens,
-        batch_size=32,
-        name=f"smollm2+rlhf-oracle@{weights_hash(out / 'oracle')[7:19]}",
-    )
-    oracle.model = PeftModel.from_pretrained(oracle.model, str(out / "oracle")).eval()
     if args.rl_algorithm == "kl-optimum" and grpo is not None:
         configs.insert(4, WithPrompter(prompter=grpo, name="align-pro-grpo", description="RL stage by GRPO"))
-    configs.append(Oracle(target=CachedTarget(oracle, out / "eval" / "oracle_cache.jsonl")))
+    configs.append(Oracle(target=oracle_target(out / "oracle", out / "eval" / "oracle_cache.jsonl", tokens)))
     report = Evaluator(prompts, target, judges, out_dir=out / "eval").run(configs)
     timed("evaluation", t)
     from alignpro_plugins.evaluation import plot_training_curve
