@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from alignpro_plugins import stats
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
-from alignpro_plugins.rewards import RewardFunction
+from alignpro_plugins.rewards import RewardFunction, prompts_trained_on
 from alignpro_plugins.targets import FrozenTarget
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,18 @@ class Evaluator:
         self.focus = focus
         self.pairwise_judge = pairwise_judge
         self.chunk_size = chunk_size
+        # A judge that trained on preference pairs for an evaluation prompt has seen it: count and say so.
+        seen = {name: prompts_trained_on(judge, self.prompts) for name, judge in judges.items()}
+        self.judge_trained_on_prompts = {name: n for name, n in seen.items() if n is not None}
+        for name, n in self.judge_trained_on_prompts.items():
+            if n:
+                logger.warning(
+                    "judge %r trained on preference pairs for %d of the %d evaluation prompts; exclude them when "
+                    "training it (reward stage: exclude_prompt_files)",
+                    name,
+                    n,
+                    len(self.prompts),
+                )
 
     # ------------------------------------------------------------------ records
     def _records_path(self) -> Path | None:
@@ -300,6 +312,7 @@ class Evaluator:
             "configs": {},
             "head_to_head": {},
             "gap_closed": {},
+            "judge_trained_on_prompts": dict(self.judge_trained_on_prompts),
         }
         for name, rows in by_config.items():
             entry: dict[str, Any] = {"description": configs[name].description, "k": configs[name].k}
@@ -374,6 +387,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
     judges = summary["judges"]
     ref = summary["reference"]
     lines = [f"Prompts: {summary['n_prompts']}. Win rates: ties count half; [95% bootstrap interval].", ""]
+    seen = {j: n for j, n in summary.get("judge_trained_on_prompts", {}).items() if n}
+    if seen:
+        lines[-1:] = [
+            "Judges that trained on preference pairs for some of these prompts: "
+            + ", ".join(f"{j} ({n} of {summary['n_prompts']})" for j, n in seen.items()),
+            "",
+        ]
     head = "| configuration | K | fallback | rewrite chars |"
     sep = "|---|---|---|---|"
     for j in judges:

@@ -6,6 +6,7 @@ reward stage's output, or any sequence-classification model), and a plain Python
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -18,6 +19,20 @@ import torch
 from alignpro_plugins.models import resolve_model
 
 REWARD_MANIFEST = "alignpro_reward.json"
+
+
+def prompt_digest(prompt: str) -> str:
+    """What a reward model's manifest records of each training prompt (``train_prompt_digests``)."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def prompts_trained_on(reward: Any, prompts: Sequence[str]) -> int | None:
+    """How many of ``prompts`` a reward-model artifact trained on; None when it records no digests."""
+    digests = (getattr(reward, "meta", None) or {}).get("train_prompt_digests")
+    if digests is None:
+        return None
+    seen = set(digests)
+    return sum(prompt_digest(x) in seen for x in prompts)
 
 
 class RewardFunction(ABC):

@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("ALIGNPRO_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# Held out everywhere: no reward pair, bootstrap or RL prompt is ever one of these.
+EVAL_SETS = ("dolly_eval.json", "self_instruct_eval.json")
 
 
 def machine() -> str:
@@ -185,8 +187,19 @@ def rl_prompt_pools(budget: dict) -> tuple[list[str], list[str]]:
     """
     from alignpro_plugins.data import load_prompts
 
-    alpaca = list(dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt")))
-    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+    held_out = {  # every evaluation prompt, not only the ones a budget evaluates on
+        x for name in EVAL_SETS for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
+    }
+    alpaca = [
+        x
+        for x in dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
+        if x not in held_out
+    ]
+    bpo = [
+        x
+        for x in load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+        if x not in held_out
+    ]
     mixed = [x for pair in zip(bpo[budget["boot_prompts"] :], alpaca[400:], strict=False) for x in pair]
     return alpaca, mixed
 
@@ -199,6 +212,7 @@ def reward_config(output_dir: Path, budget: dict, shard: int, **overrides: objec
         output_dir=str(output_dir),
         preference_data=[str(DATA / "alpaca_eval_prefs.jsonl.gz"), str(DATA / "hh_rlhf_harmless.jsonl.gz")],
         max_pairs_per_source=6000,
+        exclude_prompt_files=[str(DATA / name) for name in EVAL_SETS],
         prompt_shard=shard,
         split_seed=shard,
         seed=shard,
@@ -302,9 +316,18 @@ def eval_prompts(budget: dict) -> list[str]:
     n = budget["eval_per_set"]
     return [
         x
-        for name in ("dolly_eval.json", "self_instruct_eval.json")
+        for name in EVAL_SETS
         for x in load_prompts(str(DATA / name), field="instruction", context_field="context", limit=n)
     ]
+
+
+def training_prompts(budget: dict) -> list[str]:
+    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage train on."""
+    from alignpro_plugins.data import load_prompts
+
+    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+    _, mixed = rl_prompt_pools(budget)
+    return bpo[: budget["boot_prompts"]] + mixed[: budget["kl_prompts"] * budget["kl_rounds"]]
 
 
 def rounds_done(stage_dir: Path, artifact: str) -> int:

@@ -216,3 +216,19 @@ def test_grown_prompt_set_reuses_records_by_prompt(tmp_path):
         [FrozenAlone()])
     assert calls == [PROMPTS[0]]
     assert [r["prompt"] for r in sorted(report.records, key=lambda r: r["idx"])] == PROMPTS
+
+
+def test_judge_trained_on_evaluation_prompts_is_reported(tmp_path, caplog):
+    from alignpro_plugins.rewards import prompt_digest
+
+    seen_judge = length_judge()
+    seen_judge.meta = {"train_prompt_digests": [prompt_digest(PROMPTS[1]), prompt_digest("not evaluated")]}
+    clean_judge = length_judge()
+    clean_judge.meta = {"train_prompt_digests": [prompt_digest("not evaluated")]}
+    judges = {"reward": seen_judge, "independent": clean_judge, "plain": length_judge()}
+    with caplog.at_level("WARNING"):
+        report = Evaluator(PROMPTS, echo_target(), judges, out_dir=tmp_path).run([FrozenAlone(), FixedTemplate()])
+    # a judge without digests is not claimed clean: it is left out
+    assert report.summary["judge_trained_on_prompts"] == {"reward": 1, "independent": 0}
+    assert "reward (1 of 4)" in report.to_markdown() and "independent (" not in report.to_markdown()
+    assert "'reward' trained on preference pairs for 1 of the 4" in caplog.text

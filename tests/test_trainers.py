@@ -127,6 +127,36 @@ def test_reward_shards_are_disjoint(tiny_encoder_dir, tmp_path):
     assert all(prompt_shard_of(p, 2) == 0 for p in pa)
 
 
+def test_reward_stage_never_trains_on_excluded_evaluation_prompts(tiny_encoder_dir, tmp_path):
+    from alignpro_plugins.data import PreferencePair
+
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(
+        json.dumps(
+            [
+                {"instruction": "Summarise the text.", "context": "The  cat sat."},  # spacing differs
+                {"instruction": "prompt 3", "context": ""},
+            ]
+        )
+    )
+    pairs = [PreferencePair(f"prompt {i}", "good", "bad") for i in range(10)]
+    pairs.append(PreferencePair("Summarise the text.\n\nThe cat sat.", "good", "bad"))
+    common = dict(base_model=tiny_encoder_dir, report_to="none", eval_fraction=0.2)
+    trainer = AlignProRewardTrainer(
+        AlignProRewardConfig(output_dir=str(tmp_path / "rm"), exclude_prompt_files=[str(evaluation)], **common),
+        pairs=pairs,
+    )
+    kept = {p.prompt for p in trainer.train_pairs + trainer.eval_pairs}
+    assert trainer.n_excluded_pairs == 2
+    assert kept == {f"prompt {i}" for i in range(10)} - {"prompt 3"}
+
+    with pytest.raises(ValueError, match="exclude_prompt_files"):
+        AlignProRewardTrainer(
+            AlignProRewardConfig(output_dir=str(tmp_path / "x"), exclude_prompt_files=[str(evaluation)], **common),
+            pairs=[PreferencePair("prompt 3", "good", "bad")],
+        )
+
+
 def test_hh_dialogues_and_bad_rows(tmp_path):
     from alignpro_plugins.data import load_preferences
 

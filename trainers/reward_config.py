@@ -47,6 +47,20 @@ class AlignProRewardConfig(RewardConfig):
         },
     )
     num_prompt_shards: int = field(default=2, metadata={"help": "Number of prompt shards."})
+    exclude_prompt_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Prompt files or hub ids whose prompts are never trained on: pass your evaluation sets "
+            "(AlpacaEval's preference pairs hold every Self-Instruct evaluation prompt, for one)."
+        },
+    )
+    exclude_prompt_field: str = field(
+        default="instruction", metadata={"help": "Prompt column of exclude_prompt_files."}
+    )
+    exclude_context_field: str | None = field(
+        default="context",
+        metadata={"help": "Optional context column of exclude_prompt_files, appended as in evaluation."},
+    )
     max_prompt_length: int = field(default=96, metadata={"help": "Prompt tokens kept (truncated first)."})
     freeze_layers: int = field(
         default=0,

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignpro_plugins.data import PreferencePair, load_preferences, split_by_prompt
+from alignpro_plugins.data import PreferencePair, load_preferences, load_prompts, split_by_prompt
 from alignpro_plugins.models import resolve_model
-from alignpro_plugins.rewards import REWARD_MANIFEST, RewardModel, encode_pairs
+from alignpro_plugins.rewards import REWARD_MANIFEST, RewardModel, encode_pairs, prompt_digest
 from trainers.common import JsonlMetricsCallback, count_trainable, latest_checkpoint
 from trainers.reward_config import AlignProRewardConfig
 
@@ -23,8 +23,8 @@ def prompt_shard_of(prompt: str, num_shards: int) -> int:
     return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % num_shards
 
 
-def prompt_digest(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+def _normalized(prompt: str) -> str:
+    return " ".join(prompt.split())
 
 
 def pairwise_accuracy(reward: RewardModel, pairs: Sequence[PreferencePair]) -> float:
@@ -46,6 +46,7 @@ class AlignProRewardTrainer:
         self.pairs = list(pairs) if pairs is not None else self._load_pairs()
         if not self.pairs:
             raise ValueError("no preference pairs: set preference_data (files or hub ids) or pass pairs=...")
+        self.n_excluded_pairs = self._exclude(config)
         if config.prompt_shard is not None:
             self.pairs = [
                 p
@@ -55,6 +56,24 @@ class AlignProRewardTrainer:
         self.train_pairs, self.eval_pairs = split_by_prompt(
             self.pairs, lambda p: p.prompt, eval_fraction=config.eval_fraction, seed=config.split_seed
         )
+
+    def _exclude(self, config: AlignProRewardConfig) -> int:
+        """Drop every pair whose prompt is in exclude_prompt_files (whitespace-insensitive); returns how many."""
+        if not config.exclude_prompt_files:
+            return 0
+        excluded = {
+            _normalized(x)
+            for source in config.exclude_prompt_files
+            for x in load_prompts(
+                source, field=config.exclude_prompt_field, context_field=config.exclude_context_field
+            )
+        }
+        before = len(self.pairs)
+        self.pairs = [p for p in self.pairs if _normalized(p.prompt) not in excluded]
+        logger.info("reward stage: %d pairs dropped (prompt in exclude_prompt_files)", before - len(self.pairs))
+        if not self.pairs:
+            raise ValueError("every preference pair's prompt is in exclude_prompt_files: nothing left to train on")
+        return before - len(self.pairs)
 
     def _load_pairs(self) -> list[PreferencePair]:
         cfg = self.config
@@ -123,6 +142,8 @@ class AlignProRewardTrainer:
             "prompt_shard": cfg.prompt_shard,
             "num_prompt_shards": cfg.num_prompt_shards,
             "split_seed": cfg.split_seed,
+            "exclude_prompt_files": list(cfg.exclude_prompt_files),
+            "n_excluded_pairs": self.n_excluded_pairs,
             "n_train_pairs": len(self.train_pairs),
             "n_eval_pairs": len(self.eval_pairs),
             "heldout_pairwise_accuracy": accuracy,

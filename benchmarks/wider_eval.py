@@ -1,0 +1,85 @@
+"""The benchmark's trained prompter and the baselines a user would try first, on more held-out prompts.
+
+The standard benchmark evaluates on 100 prompts (the first 50 of dolly_eval and of self_instruct_eval), where a
+win-rate interval is about ±9 points. This evaluates frozen / template / zero-shot / align-pro from the same
+artifacts, target and judges on the first ``--per-set`` prompts of each set (none of them trained on), reusing
+the benchmark's cached target answers, and writes eval-wide/ and a section of docs/benchmarks.md.
+
+    python benchmarks/wider_eval.py --per-set 150    # after run_benchmark.py; about 35 min here
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_benchmark import BUDGETS, ROOT, eval_prompts, machine, training_prompts, write_section  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)")
+    ap.add_argument("--per-set", type=int, default=150, help="prompts from each evaluation set")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    if not (out / "rl-kl" / "alignpro.json").exists():
+        raise SystemExit(f"{out} has no finished benchmark (rl-kl/): run benchmarks/run_benchmark.py first")
+
+    from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
+    from alignpro_plugins.prompter import Prompter
+    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    budget = dict(BUDGETS["standard"], eval_per_set=args.per_set)
+    # Past the benchmark's first 50 per set, self_instruct_eval reaches AlpacaEval prompts the RL stage trained on.
+    seen = set(training_prompts(budget))
+    every = eval_prompts(budget)
+    prompts = [x for x in every if x not in seen]
+    t = time.time()
+    target = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
+        out / "eval" / "target_cache.jsonl",
+    )
+    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    trained = Prompter.from_pretrained(out / "rl-kl")
+    configs = [
+        FrozenAlone(),
+        FixedTemplate(),
+        WithPrompter(
+            prompter=Prompter.from_base("smollm2-135m-instruct", mode=trained.manifest.mode),
+            name="zero-shot",
+            description="untrained base prompter, same template",
+        ),
+        WithPrompter(prompter=trained, description="(ii) Align-Pro prompter (RL: kl-optimum)"),
+    ]
+    report = Evaluator(prompts, target, judges, out_dir=out / "eval-wide").run(configs)
+    section = "\n".join(
+        [
+            f"## Wider evaluation: {len(prompts)} held-out prompts",
+            "",
+            f"- command: `python benchmarks/wider_eval.py --per-set {args.per_set}`",
+            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            f"- machine: {machine()}",
+            f"- what: the standard benchmark's prompter, reward and judge (runs/bench) on the first {args.per_set} "
+            "prompts of dolly_eval and of self_instruct_eval (the benchmark's 100 are the first 50 of each), less "
+            f"the {len(every) - len(prompts)} the SFT or RL stage trained on; "
+            f"target calls {target.stats.calls}, cache hits {target.stats.cache_hits}; {time.time() - t:.0f} s",
+            "",
+            report.to_markdown(),
+        ]
+    )
+    (out / "eval-wide" / "section.md").write_text(section)
+    write_section(ROOT / "docs" / "benchmarks.md", "wider-evaluation", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
