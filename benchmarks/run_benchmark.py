@@ -179,17 +179,18 @@ def sft_library(budget: dict) -> list[str]:
     return library[: budget["templates"]] if budget["templates"] else library
 
 
-def rl_prompt_pools(budget: dict) -> tuple[list[str], list[str]]:
+def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[str], list[str]]:
     """(AlpacaEval instructions, kl-optimum's RL prompts), both disjoint from every evaluation prompt.
 
     kl-optimum takes the BPO prompts the bootstrap did not use interleaved with AlpacaEval instructions: BPO's
     task instructions with context are closer to what users send than AlpacaEval's open questions alone.
+    ``exclude_held_out=False`` gives the pools of runs before 2026-11-24, which only kept the evaluated prompts out.
     """
     from alignpro_plugins.data import load_prompts
 
     held_out = {  # every evaluation prompt, not only the ones a budget evaluates on
         x for name in EVAL_SETS for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
-    }
+    } if exclude_held_out else set()
     alpaca = [
         x
         for x in dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
@@ -322,12 +323,13 @@ def eval_prompts(budget: dict) -> list[str]:
 
 
 def training_prompts(budget: dict) -> list[str]:
-    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage train on."""
+    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage train on, or did before 2026-11-24."""
     from alignpro_plugins.data import load_prompts
 
     bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
-    _, mixed = rl_prompt_pools(budget)
-    return bpo[: budget["boot_prompts"]] + mixed[: budget["kl_prompts"] * budget["kl_rounds"]]
+    n = budget["kl_prompts"] * budget["kl_rounds"]
+    rl = [x for exclude in (True, False) for x in rl_prompt_pools(budget, exclude)[1][:n]]
+    return list(dict.fromkeys(bpo[: budget["boot_prompts"]] + rl))
 
 
 def rounds_done(stage_dir: Path, artifact: str) -> int:

@@ -39,7 +39,7 @@ def main() -> None:
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     budget = dict(BUDGETS["standard"], eval_per_set=args.per_set)
-    # Past the benchmark's first 50 per set, self_instruct_eval reaches AlpacaEval prompts the RL stage trained on.
+    # Runs before 2026-11-24 trained RL on AlpacaEval prompts further down self_instruct_eval: all stay out.
     seen = set(training_prompts(budget))
     every = eval_prompts(budget)
     prompts = [x for x in every if x not in seen]
@@ -70,7 +70,7 @@ def main() -> None:
             f"- machine: {machine()}",
             f"- what: the standard benchmark's prompter, reward and judge (runs/bench) on the first {args.per_set} "
             "prompts of dolly_eval and of self_instruct_eval (the benchmark's 100 are the first 50 of each), less "
-            f"the {len(every) - len(prompts)} the SFT or RL stage trained on; "
+            f"the {len(every) - len(prompts)} in the SFT or RL prompt pools (the RL pool of runs/bench held them); "
             f"target calls {target.stats.calls}, cache hits {target.stats.cache_hits}; {time.time() - t:.0f} s",
             "",
             report.to_markdown(),
