@@ -23,14 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_benchmark import (  # noqa: E402
     BUDGETS,
-    ROOT,
     eval_prompts,
+    eval_target,
     kl_rl_config,
     machine,
+    publish,
     rl_prompt_pools,
     rounds_done,
     sft_library,
-    write_section,
 )
 
 
@@ -57,13 +57,9 @@ def main() -> None:
     from alignpro_plugins.evaluation import Evaluator, FrozenAlone, WithPrompter
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.rewards import RewardModel
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     t = time.time()
-    target = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
-        out / "eval" / "target_cache.jsonl",
-    )
+    target = eval_target(out, budget)
     judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
     configs = [
         FrozenAlone(),
@@ -103,9 +99,7 @@ def main() -> None:
             report.to_markdown(),
         ]
     )
-    (out / "eval-lc" / "section.md").write_text(section)
-    write_section(ROOT / "docs" / "benchmarks.md", "length-control-experiment", section)
-    print(section)
+    publish(section, out / "eval-lc" / "section.md", "length-control-experiment")
 
 
 if __name__ == "__main__":

@@ -26,18 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_benchmark import (  # noqa: E402
     BUDGETS,
     DATA,
-    ROOT,
     eval_prompts,
+    eval_target,
+    first_tries,
     kl_rl_config,
     machine,
     oracle_config,
     oracle_target,
+    publish,
     reward_config,
     rl_prompt_pools,
     rounds_done,
     sft_config,
     sft_library,
-    write_section,
 )
 
 
@@ -94,27 +95,17 @@ def main() -> None:
         train_oracle(oracle_config(oracle, reward, budget), prompts=mixed[: budget["kl_prompts"] * budget["kl_rounds"]])
         times["oracle"] = time.time() - t
 
-    from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, Oracle, WithPrompter
+    from alignpro_plugins.evaluation import Evaluator, Oracle, WithPrompter
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.rewards import RewardModel
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     t = time.time()
-    target = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
-        out / "eval" / "target_cache.jsonl",
-    )
+    target = eval_target(out, budget)
     # "reward" is this run's training reward; the independent judge is the benchmark's, unchanged.
     judges = {"reward": RewardModel(str(reward)), "independent": RewardModel(str(out / "judge"))}
     trained = Prompter.from_pretrained(rl)
     configs = [
-        FrozenAlone(),
-        FixedTemplate(),
-        WithPrompter(
-            prompter=Prompter.from_base("smollm2-135m-instruct", mode=trained.manifest.mode),
-            name="zero-shot",
-            description="untrained base prompter, same template",
-        ),
+        *first_tries(trained.manifest.mode),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="benchmark SFT"),
         WithPrompter(
             prompter=Prompter.from_pretrained(out / "rl-kl"), name="align-pro-rm80", description="benchmark RL"
@@ -165,9 +156,7 @@ def main() -> None:
             report.to_markdown(),
         ]
     )
-    (out / "eval-rm2" / "section.md").write_text(section)
-    write_section(ROOT / "docs" / "benchmarks.md", "reward-strength-experiment", section)
-    print(section)
+    publish(section, out / "eval-rm2" / "section.md", "reward-strength-experiment")
 
 
 if __name__ == "__main__":

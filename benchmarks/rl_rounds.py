@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import BUDGETS, eval_prompts, machine, write_section  # noqa: E402
+from benchmarks.run_benchmark import BUDGETS, eval_prompts, machine, publish  # noqa: E402
 
 
 def main() -> None:
@@ -133,9 +133,7 @@ def main() -> None:
         *rows,
     ]
     section = "\n".join(md)
-    (ev_dir / "rounds_section.md").write_text(section)
-    write_section(ROOT / "docs" / "benchmarks.md", "align-pro-rl-rounds", section)
-    print(section)
+    publish(section, ev_dir / "rounds_section.md", "align-pro-rl-rounds")
 
 
 if __name__ == "__main__":

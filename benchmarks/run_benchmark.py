@@ -310,6 +310,37 @@ def oracle_target(adapter: Path, cache: Path, max_new_tokens: int):
     return CachedTarget(oracle, cache)
 
 
+def eval_target(out: Path, budget: dict):
+    """The frozen target as evaluation sees it; every script shares the answers cached under out/eval/."""
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    return CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
+        out / "eval" / "target_cache.jsonl",
+    )
+
+
+def publish(section: str, copy: Path, key: str) -> None:
+    """A result section: saved beside its artifacts, written into docs/benchmarks.md under key, printed."""
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_text(section)
+    write_section(ROOT / "docs" / "benchmarks.md", key, section)
+    print(section)
+
+
+def first_tries(mode: str) -> list:
+    """frozen, template and zero-shot: the model alone and what a user tries before training anything."""
+    from alignpro_plugins.evaluation import FixedTemplate, FrozenAlone, WithPrompter
+    from alignpro_plugins.prompter import Prompter
+
+    zero = Prompter.from_base("smollm2-135m-instruct", mode=mode)
+    return [
+        FrozenAlone(),
+        FixedTemplate(),
+        WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter, same template"),
+    ]
+
+
 def eval_prompts(budget: dict) -> list[str]:
     """The held-out evaluation prompts: the first n of dolly_eval and of self_instruct_eval (never trained on)."""
     from alignpro_plugins.data import load_prompts
@@ -435,33 +466,24 @@ def main() -> None:
     from alignpro_plugins.evaluation import (
         BestOfK,
         Evaluator,
-        FixedTemplate,
-        FrozenAlone,
         Oracle,
         WithPrompter,
     )
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.rewards import RewardModel
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     n = budget["eval_per_set"]
     prompts = eval_prompts(budget)
     t = time.time()
     tokens = budget["eval_tokens"]
-    target = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=tokens, batch_size=32),
-        out / "eval" / "target_cache.jsonl",
-    )
+    target = eval_target(out, budget)
     judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
     kl = Prompter.from_pretrained(out / "rl-kl")
     grpo = Prompter.from_pretrained(out / "rl") if with_grpo else None
     trained = kl if args.rl_algorithm == "kl-optimum" else grpo
     assert trained is not None
-    zero = Prompter.from_base("smollm2-135m-instruct", mode=trained.manifest.mode)
     configs = [
-        FrozenAlone(),
-        FixedTemplate(),
-        WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter, same template"),
+        *first_tries(trained.manifest.mode),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
         WithPrompter(prompter=trained, description=f"(ii) Align-Pro prompter (RL: {args.rl_algorithm})"),
         BestOfK(prompter=trained, k=budget["best_of_k"]),
@@ -503,10 +525,8 @@ def main() -> None:
         targets_table(report.summary),
     ]
     section = "\n".join(md)
-    (out / "eval" / "benchmark_section.md").write_text(section)
     key = "align-pro-comparison-quick" if q else "align-pro-comparison"  # quick never overwrites the result
-    write_section(ROOT / "docs" / "benchmarks.md", key, section)
-    print("\n".join(md))
+    publish(section, out / "eval" / "benchmark_section.md", key)
 
 
 if __name__ == "__main__":

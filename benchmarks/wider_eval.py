@@ -19,7 +19,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_benchmark import BUDGETS, ROOT, eval_prompts, machine, training_prompts, write_section  # noqa: E402
+from run_benchmark import (  # noqa: E402
+    BUDGETS,
+    eval_prompts,
+    eval_target,
+    first_tries,
+    machine,
+    publish,
+    training_prompts,
+)
 
 
 def main() -> None:
@@ -33,10 +41,9 @@ def main() -> None:
     if not (out / "rl-kl" / "alignpro.json").exists():
         raise SystemExit(f"{out} has no finished benchmark (rl-kl/): run benchmarks/run_benchmark.py first")
 
-    from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
+    from alignpro_plugins.evaluation import Evaluator, WithPrompter
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.rewards import RewardModel
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     budget = dict(BUDGETS["standard"], eval_per_set=args.per_set)
     # Runs before 2026-11-24 trained RL on AlpacaEval prompts further down self_instruct_eval: all stay out.
@@ -44,20 +51,11 @@ def main() -> None:
     every = eval_prompts(budget)
     prompts = [x for x in every if x not in seen]
     t = time.time()
-    target = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
-        out / "eval" / "target_cache.jsonl",
-    )
+    target = eval_target(out, budget)
     judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
     trained = Prompter.from_pretrained(out / "rl-kl")
     configs = [
-        FrozenAlone(),
-        FixedTemplate(),
-        WithPrompter(
-            prompter=Prompter.from_base("smollm2-135m-instruct", mode=trained.manifest.mode),
-            name="zero-shot",
-            description="untrained base prompter, same template",
-        ),
+        *first_tries(trained.manifest.mode),
         WithPrompter(prompter=trained, description="(ii) Align-Pro prompter (RL: kl-optimum)"),
     ]
     report = Evaluator(prompts, target, judges, out_dir=out / "eval-wide").run(configs)
@@ -76,9 +74,7 @@ def main() -> None:
             report.to_markdown(),
         ]
     )
-    (out / "eval-wide" / "section.md").write_text(section)
-    write_section(ROOT / "docs" / "benchmarks.md", "wider-evaluation", section)
-    print(section)
+    publish(section, out / "eval-wide" / "section.md", "wider-evaluation")
 
 
 if __name__ == "__main__":
