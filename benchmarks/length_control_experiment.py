@@ -25,6 +25,7 @@ from run_benchmark import (  # noqa: E402
     BUDGETS,
     eval_prompts,
     eval_target,
+    judges,
     kl_rl_config,
     machine,
     publish,
@@ -56,11 +57,10 @@ def main() -> None:
 
     from alignpro_plugins.evaluation import Evaluator, FrozenAlone, WithPrompter
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.rewards import RewardModel
 
     t = time.time()
     target = eval_target(out, budget)
-    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    scorers = judges(out)
     configs = [
         FrozenAlone(),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
@@ -69,7 +69,7 @@ def main() -> None:
             prompter=Prompter.from_pretrained(dst), name="align-pro-lc", description="RL, length-controlled"
         ),
     ]
-    ev = Evaluator(eval_prompts(budget), target, judges, out_dir=out / "eval-lc", focus="align-pro-lc")
+    ev = Evaluator(eval_prompts(budget), target, scorers, out_dir=out / "eval-lc", focus="align-pro-lc")
     report = ev.run(configs)
     metrics = [json.loads(line) for line in (dst / "metrics.jsonl").read_text().splitlines()]
     rounds = "\n".join(

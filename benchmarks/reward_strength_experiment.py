@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_benchmark import (  # noqa: E402
     BUDGETS,
-    DATA,
+    bootstrap_prompts,
     eval_prompts,
     eval_target,
     first_tries,
+    judges,
     kl_rl_config,
     machine,
     oracle_config,
@@ -70,11 +71,9 @@ def main() -> None:
 
     t = time.time()
     if not (sft / "alignpro.json").exists():
-        from alignpro_plugins.data import load_prompts
         from trainers.sft_trainer import train_sft
 
-        bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
-        train_sft(sft_config(sft, reward, budget), prompts=bpo[: budget["boot_prompts"]])
+        train_sft(sft_config(sft, reward, budget), prompts=bootstrap_prompts(budget))
         times["sft"] = time.time() - t
 
     t = time.time()
@@ -97,12 +96,11 @@ def main() -> None:
 
     from alignpro_plugins.evaluation import Evaluator, Oracle, WithPrompter
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.rewards import RewardModel
 
     t = time.time()
     target = eval_target(out, budget)
     # "reward" is this run's training reward; the independent judge is the benchmark's, unchanged.
-    judges = {"reward": RewardModel(str(reward)), "independent": RewardModel(str(out / "judge"))}
+    scorers = judges(out, reward)
     trained = Prompter.from_pretrained(rl)
     configs = [
         *first_tries(trained.manifest.mode),
@@ -116,7 +114,7 @@ def main() -> None:
     if args.with_oracle:
         cache = out / "eval-rm2" / "oracle_cache.jsonl"
         configs.append(Oracle(target=oracle_target(oracle, cache, budget["eval_tokens"])))
-    ev = Evaluator(eval_prompts(budget), target, judges, out_dir=out / "eval-rm2", focus="align-pro-rm2")
+    ev = Evaluator(eval_prompts(budget), target, scorers, out_dir=out / "eval-rm2", focus="align-pro-rm2")
     report = ev.run(configs)
     times["evaluation"] = time.time() - t
 

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import BUDGETS, eval_prompts, machine, publish  # noqa: E402
+from benchmarks.run_benchmark import BUDGETS, eval_prompts, judges, machine, publish  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +40,6 @@ def main() -> None:
     from alignpro_plugins.evaluation import Evaluator, FrozenAlone, WithPrompter
     from alignpro_plugins.manifest import weights_hash
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.rewards import RewardModel
     from alignpro_plugins.stats import win_rate
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
@@ -55,7 +54,7 @@ def main() -> None:
         TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
         ev_dir / "target_cache.jsonl",
     )
-    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    scorers = judges(out)
     labels = {"sft": "sft"}
     configs = [
         FrozenAlone(),
@@ -79,7 +78,7 @@ def main() -> None:
             )
             labels[f"rl-round-{r}"] = f"rl round {r}"
     t = time.time()
-    report = Evaluator(prompts, target, judges, out_dir=ev_dir, focus="sft").run(configs)
+    report = Evaluator(prompts, target, scorers, out_dir=ev_dir, focus="sft").run(configs)
     by: dict[str, list[dict]] = collections.defaultdict(list)
     for rec in sorted(report.records, key=lambda r: r["idx"]):
         by[rec["config"]].append(rec)
@@ -102,7 +101,7 @@ def main() -> None:
         g = greedy.get(next_round[c])
         rewrites = collections.Counter(r["rewrite"] or "" for r in by[c])
         top, count = rewrites.most_common(1)[0]
-        means = [sum(r["rewards"][j] for r in by[c]) / len(by[c]) for j in judges]
+        means = [sum(r["rewards"][j] for r in by[c]) / len(by[c]) for j in scorers]
         rows.append(
             f"| {labels[c]} | {means[0]:.3f} | {means[1]:.3f} | {cell(c, 'frozen', 'reward')} | "
             f"{cell(c, 'frozen', 'independent')} | "

@@ -179,6 +179,14 @@ def sft_library(budget: dict) -> list[str]:
     return library[: budget["templates"]] if budget["templates"] else library
 
 
+def bootstrap_prompts(budget: dict) -> list[str]:
+    """The BPO instructions the SFT stage's best-of-K bootstrap trains on (no evaluation prompt among them)."""
+    from alignpro_plugins.data import load_prompts
+
+    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+    return bpo[: budget["boot_prompts"]]
+
+
 def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[str], list[str]]:
     """(AlpacaEval instructions, kl-optimum's RL prompts), both disjoint from every evaluation prompt.
 
@@ -245,6 +253,20 @@ def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: 
     return AlignProSFTConfig(**kw)
 
 
+def kl_budget(budget: dict) -> dict:
+    """kl-optimum settings shared by the prompter's RL stage and the RLHF oracle: same rounds, prompts, samples."""
+    return dict(
+        algorithm="kl-optimum",
+        kl_rounds=budget["kl_rounds"],
+        kl_prompts_per_round=budget["kl_prompts"],
+        resume=True,  # a longer budget continues after the rounds already done
+        beta=0.5,
+        learning_rate=1e-4,
+        num_generations=budget["kl_k"],
+        per_device_train_batch_size=8,
+    )
+
+
 def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str], **overrides: object):
     """The benchmark's kl-optimum RL stage; experiments pass overrides to vary one setting."""
     from trainers.rl_config import AlignProRLConfig
@@ -253,16 +275,9 @@ def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str]
         output_dir=str(output_dir),
         sft_prompter=str(out / "sft"),
         reward_model=str(out / "reward"),
-        algorithm="kl-optimum",
-        kl_rounds=budget["kl_rounds"],
-        kl_prompts_per_round=budget["kl_prompts"],
-        resume=True,  # a longer budget continues after the rounds already done
-        beta=0.5,
-        learning_rate=1e-4,
-        num_generations=budget["kl_k"],
+        **kl_budget(budget),
         # The SFT bootstrap's fixed candidates (its guidance library and "no change") join every group.
         kl_anchors=[*templates, ""] if budget["kl_anchors"] else [],
-        per_device_train_batch_size=8,
         max_completion_length=48,
         **target_args(budget),
     )
@@ -278,14 +293,7 @@ def oracle_config(output_dir: Path, reward_model: Path, budget: dict, **override
         output_dir=str(output_dir),
         target="smollm2-135m-instruct",
         reward_model=str(reward_model),
-        algorithm="kl-optimum",
-        kl_rounds=budget["kl_rounds"],
-        kl_prompts_per_round=budget["kl_prompts"],
-        resume=True,
-        beta=0.5,
-        learning_rate=1e-4,
-        num_generations=budget["kl_k"],
-        per_device_train_batch_size=8,
+        **kl_budget(budget),
         max_completion_length=budget["target_tokens"],
     )
     kw.update(overrides)
@@ -341,6 +349,13 @@ def first_tries(mode: str) -> list:
     ]
 
 
+def judges(out: Path, reward: Path | None = None) -> dict:
+    """The training reward (out/reward unless given) and the independent judge, as every evaluation names them."""
+    from alignpro_plugins.rewards import RewardModel
+
+    return {"reward": RewardModel(str(reward or out / "reward")), "independent": RewardModel(str(out / "judge"))}
+
+
 def eval_prompts(budget: dict) -> list[str]:
     """The held-out evaluation prompts: the first n of dolly_eval and of self_instruct_eval (never trained on)."""
     from alignpro_plugins.data import load_prompts
@@ -355,12 +370,9 @@ def eval_prompts(budget: dict) -> list[str]:
 
 def training_prompts(budget: dict) -> list[str]:
     """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage train on, or did before 2026-11-24."""
-    from alignpro_plugins.data import load_prompts
-
-    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
     n = budget["kl_prompts"] * budget["kl_rounds"]
     rl = [x for exclude in (True, False) for x in rl_prompt_pools(budget, exclude)[1][:n]]
-    return list(dict.fromkeys(bpo[: budget["boot_prompts"]] + rl))
+    return list(dict.fromkeys(bootstrap_prompts(budget) + rl))
 
 
 def rounds_done(stage_dir: Path, artifact: str) -> int:
@@ -412,16 +424,13 @@ def main() -> None:
             train_reward(reward_config(out / name, budget, shard))
             timed(f"reward stage ({name})", t)
 
-    from alignpro_plugins.data import load_prompts
     from trainers.sft_trainer import train_sft
 
     target_kw = target_args(budget)
     sft_templates = sft_library(budget)
-    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
-    boot = bpo[: budget["boot_prompts"]]
     if not (out / "sft" / "alignpro.json").exists():
         t = time.time()
-        train_sft(sft_config(out / "sft", out / "reward", budget), prompts=boot)
+        train_sft(sft_config(out / "sft", out / "reward", budget), prompts=bootstrap_prompts(budget))
         timed("sft stage (bootstrap + SFT)", t)
 
     from trainers.rl_config import AlignProRLConfig
@@ -470,14 +479,13 @@ def main() -> None:
         WithPrompter,
     )
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.rewards import RewardModel
 
     n = budget["eval_per_set"]
     prompts = eval_prompts(budget)
     t = time.time()
     tokens = budget["eval_tokens"]
     target = eval_target(out, budget)
-    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    scorers = judges(out)
     kl = Prompter.from_pretrained(out / "rl-kl")
     grpo = Prompter.from_pretrained(out / "rl") if with_grpo else None
     trained = kl if args.rl_algorithm == "kl-optimum" else grpo
@@ -491,7 +499,7 @@ def main() -> None:
     if args.rl_algorithm == "kl-optimum" and grpo is not None:
         configs.insert(4, WithPrompter(prompter=grpo, name="align-pro-grpo", description="RL stage by GRPO"))
     configs.append(Oracle(target=oracle_target(out / "oracle", out / "eval" / "oracle_cache.jsonl", tokens)))
-    report = Evaluator(prompts, target, judges, out_dir=out / "eval").run(configs)
+    report = Evaluator(prompts, target, scorers, out_dir=out / "eval").run(configs)
     timed("evaluation", t)
     from alignpro_plugins.evaluation import plot_training_curve
 

@@ -24,6 +24,7 @@ from run_benchmark import (  # noqa: E402
     eval_prompts,
     eval_target,
     first_tries,
+    judges,
     machine,
     publish,
     training_prompts,
@@ -43,7 +44,6 @@ def main() -> None:
 
     from alignpro_plugins.evaluation import Evaluator, WithPrompter
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.rewards import RewardModel
 
     budget = dict(BUDGETS["standard"], eval_per_set=args.per_set)
     # Runs before 2026-11-24 trained RL on AlpacaEval prompts further down self_instruct_eval: all stay out.
@@ -52,13 +52,13 @@ def main() -> None:
     prompts = [x for x in every if x not in seen]
     t = time.time()
     target = eval_target(out, budget)
-    judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    scorers = judges(out)
     trained = Prompter.from_pretrained(out / "rl-kl")
     configs = [
         *first_tries(trained.manifest.mode),
         WithPrompter(prompter=trained, description="(ii) Align-Pro prompter (RL: kl-optimum)"),
     ]
-    report = Evaluator(prompts, target, judges, out_dir=out / "eval-wide").run(configs)
+    report = Evaluator(prompts, target, scorers, out_dir=out / "eval-wide").run(configs)
     section = "\n".join(
         [
             f"## Wider evaluation: {len(prompts)} held-out prompts",
