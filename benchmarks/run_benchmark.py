@@ -210,7 +210,8 @@ def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[s
         if x not in held_out
     ]
     mixed = [x for pair in zip(bpo[budget["boot_prompts"] :], alpaca[400:], strict=False) for x in pair]
-    return alpaca, mixed
+    # Some instructions are in both sets ("Hello there Obi One Kenobi"); each RL prompt counts once.
+    return alpaca, list(dict.fromkeys(mixed))
 
 
 def reward_config(output_dir: Path, budget: dict, shard: int, **overrides: object):
