@@ -153,6 +153,31 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path):
     assert len(calls) == n_first + 2 and len(report.records) == len(PROMPTS)
 
 
+def test_run_killed_mid_write_resumes(tmp_path, caplog):
+    calls = []
+
+    def target(x):
+        calls.append(x)
+        return x
+
+    def run():
+        return Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path,
+                         chunk_size=2).run([FrozenAlone()])
+
+    run()
+    records = tmp_path / "records.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # the third row cut off mid-write
+    calls.clear()
+    report = run()  # used to raise a bare JSONDecodeError
+    assert f"{records}:3: skipping a malformed line" in caplog.text
+    assert calls == PROMPTS[2:] and len(report.records) == len(PROMPTS)
+    # The rows written after the cut-off line are on lines of their own: a third run reuses all of them.
+    calls.clear()
+    again = run()
+    assert calls == [] and again.summary == report.summary
+
+
 def test_oracle_uses_its_own_target_and_gap_closed(tmp_path):
     oracle = CallableTarget(lambda x: x + " with a much longer answer", name="oracle")
     ev = Evaluator(PROMPTS, echo_target(), {"reward": length_judge()}, out_dir=tmp_path, focus="template")
