@@ -227,7 +227,7 @@ class Evaluator:
                     self.judges
                 ):
                     continue
-                for i in positions.get(row.get("prompt"), []):
+                for i in positions.get(row["prompt"], []):
                     done[(row["config"], i)] = {**row, "idx": i}
         return done
 
