@@ -224,14 +224,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = prompts[: args.limit]
     out = Path(args.out)
     if args.target_base_url:
-        import os
-
         inner: Any = OpenAICompatibleTarget(
             args.target_base_url,
             args.target,
             max_tokens=args.max_new_tokens,
             concurrency=args.target_concurrency,
-            api_key=os.environ.get(args.target_api_key_env, ""),
+            api_key_env=args.target_api_key_env,
         )
     else:
         inner = TransformersTarget(
@@ -310,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-base-url", help="OpenAI-compatible endpoint serving --target")
     p.add_argument("--target-concurrency", type=int, default=8, help="concurrent requests to the endpoint")
     p.add_argument(
-        "--target-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key"
+        "--target-api-key-env",
+        default=None,
+        help="environment variable holding the API key (unset: $OPENAI_API_KEY, sent only to api.openai.com)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)

@@ -719,3 +719,24 @@ def test_freeze_layers_refuses_a_model_it_cannot_freeze():
 
     with pytest.raises(ValueError, match="freeze_layers=1 left nothing trainable"):
         AlignProRewardTrainer._freeze(AllLayers(), 1)
+
+
+def test_lora_all_linear_from_the_cli_is_the_peft_keyword():
+    from trainers.common import lora_config
+
+    # The CLI turns `--lora_target_modules all-linear` into a one-item list; peft only expands the plain string.
+    assert lora_config(8, 16, 0.0, ["all-linear"]).target_modules == "all-linear"
+    assert set(lora_config(8, 16, 0.0, ["q_proj", "v_proj"]).target_modules) == {"q_proj", "v_proj"}
+
+
+def test_training_target_sends_no_openai_key_to_another_host(monkeypatch, tmp_path):
+    from trainers.common import build_target
+    from trainers.rl_config import AlignProRLConfig
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-a-local-server")
+    monkeypatch.setenv("MY_ENDPOINT_KEY", "local-key")
+    base = dict(output_dir=str(tmp_path), target_base_url="http://127.0.0.1:9/v1", target_model_name="m")
+    default = build_target(AlignProRLConfig(**base), str(tmp_path))
+    named = build_target(AlignProRLConfig(**base, target_api_key_env="MY_ENDPOINT_KEY"), str(tmp_path))
+    assert default.target._api_key == ""
+    assert named.target._api_key == "local-key"

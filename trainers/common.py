@@ -136,8 +136,12 @@ class TargetArguments:
     target_model_name: str | None = field(
         default=None, metadata={"help": "Model name to send to target_base_url."}
     )
-    target_api_key_env: str = field(
-        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
+    target_api_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "Environment variable holding the endpoint's API key. Unset: $OPENAI_API_KEY, sent only to "
+            "api.openai.com, so an OpenAI key never reaches another host."
+        },
     )
     target_max_new_tokens: int = field(default=96, metadata={"help": "Answer length cap during training."})
     target_batch_size: int = field(
@@ -177,7 +181,7 @@ def build_target(cfg: Any, output_dir: str):
         inner = OpenAICompatibleTarget(
             cfg.target_base_url,
             cfg.target_model_name,  # set: TargetArguments.__post_init__ checks it
-            api_key=os.environ.get(cfg.target_api_key_env, ""),
+            api_key_env=cfg.target_api_key_env,
             max_tokens=cfg.target_max_new_tokens,
             concurrency=cfg.target_concurrency,
         )
@@ -220,6 +224,9 @@ def lora_config(
 ):
     from peft import LoraConfig
 
+    # `--lora_target_modules all-linear` arrives as ["all-linear"]; peft expands the keyword only as a plain string.
+    if isinstance(target_modules, list) and len(target_modules) == 1 and target_modules[0] == "all-linear":
+        target_modules = "all-linear"
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
     )
