@@ -114,7 +114,11 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
             if not isinstance(row, dict) or not isinstance(row.get(args.field), str):
                 raise DataError(args.input, i, None, f"expected an object with a text field {args.field!r}")
     # Input is checked before the prompter loads.
-    prompter = Prompter.from_pretrained(args.prompter) if args.prompter else Prompter.from_base(args.base)
+    prompter = (
+        Prompter.from_pretrained(args.prompter, base_model=args.prompter_base)
+        if args.prompter
+        else Prompter.from_base(args.base)
+    )
     if args.input:
         results = prompter.rewrite_results([r[args.field] for r in rows], mode=args.mode)
         out = open(args.output, "w") if args.output else sys.stdout
@@ -240,13 +244,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.independent_judge:
         judges["independent"] = RewardModel(args.independent_judge)
     configs: list[Any] = [FrozenAlone(), FixedTemplate(template=args.template)]
-    trained = Prompter.from_pretrained(args.prompter) if args.prompter else None
+    trained = Prompter.from_pretrained(args.prompter, base_model=args.prompter_base) if args.prompter else None
     if trained is not None:
-        zero = Prompter.from_base(trained.manifest.base_model, mode=trained.manifest.mode)
+        zero = Prompter.from_base(args.prompter_base or trained.manifest.base_model, mode=trained.manifest.mode)
         zero.manifest.instructions = dict(trained.manifest.instructions)
         configs.append(WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter"))
         for name, path in extras:
-            configs.append(WithPrompter(prompter=Prompter.from_pretrained(path), name=name, description=path))
+            configs.append(
+                WithPrompter(
+                    prompter=Prompter.from_pretrained(path, base_model=args.prompter_base),
+                    name=name,
+                    description=path,
+                )
+            )
         configs.append(WithPrompter(prompter=trained))
         if args.best_of_k:
             configs.append(BestOfK(prompter=trained, k=args.best_of_k))
@@ -284,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*")
     p.add_argument("--prompter", help="prompter artifact folder (default: zero-shot base prompter)")
     p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument(
+        "--prompter-base",
+        help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
+        "(the recorded weights hash is still checked)",
+    )
     p.add_argument("--mode", choices=["augment", "rewrite"], default=None)
     p.add_argument("--input", help="jsonl file of prompts")
     p.add_argument("--output", help="jsonl output (default stdout)")
@@ -314,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--prompter-base",
+        help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
+        "(the recorded weights hash is still checked)",
+    )
     p.add_argument("--judge", required=True, help="training reward model artifact")
     p.add_argument("--independent-judge", help="a reward model trained on disjoint prompts")
     p.add_argument("--llm-judge", help="pairwise LLM judge model (both orders)")

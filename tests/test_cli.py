@@ -447,3 +447,22 @@ def test_train_runs_reward_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_
     assert main(["train", "--config", cfg, "--skip-done"]) == 0
     assert (root / "rl" / "alignpro.json").exists()
     assert {s: _mtime(root / s / n) for s, n in artifacts[:2]} == {s: before[s] for s, _ in artifacts[:2]}
+
+
+def test_rewrite_takes_the_base_of_a_moved_artifact(tiny_lm_dir, tmp_path, capsys):
+    import shutil
+
+    from alignpro_plugins.prompter import Prompter
+
+    base = Path(shutil.copytree(tiny_lm_dir, tmp_path / "base"))
+    prompter = Prompter.from_base(str(base), similarity=None)
+    prompter.manifest.generation.max_new_tokens = 8
+    folder = str(prompter.save_pretrained(tmp_path / "prompter"))
+    prompter.close()
+    moved = base.rename(tmp_path / "base-elsewhere")  # as if the artifact came from another machine
+    assert main(["rewrite", "--prompter", folder, "--json", "Explain tides."]) == 2
+    err = capsys.readouterr().err
+    assert str(base) in err and "base_model=" in err
+    assert main(["rewrite", "--prompter", folder, "--prompter-base", str(moved), "--json", "Explain tides."]) == 0
+    (result,) = _json_lines(capsys.readouterr().out)
+    assert result["original"] == "Explain tides."
