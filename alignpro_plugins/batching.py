@@ -7,6 +7,7 @@ still get the throughput of batched generation.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -26,6 +27,16 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float = 0.005,
         name: str = "alignpro-batcher",
     ) -> None:
+        # Checked here: a bad value would otherwise hang callers (an empty batch slice) or kill the worker.
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if (
+            isinstance(max_wait_s, bool)
+            or not isinstance(max_wait_s, (int, float))
+            or not math.isfinite(max_wait_s)
+            or max_wait_s < 0
+        ):
+            raise ValueError(f"max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
         self._fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s

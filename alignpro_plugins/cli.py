@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,15 @@ DESCRIPTIONS = {
 }
 
 
+class UsageError(ValueError):
+    """Bad command-line or recipe input; ``main`` prints ``alignpro <command>: error: <message>`` and exits 2."""
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _load(ref: str) -> Any:
     import importlib
 
@@ -42,15 +53,20 @@ def parse_stage_config(stage: str, argv: Sequence[str], yaml_defaults: dict[str,
     cls = _load(STAGES[stage][0])
     parser = HfArgumentParser(cls, prog=f"alignpro {stage}", description=DESCRIPTIONS[stage])
     parser.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
-    ns, _ = parser.parse_known_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        # Checked before the config is built, so a mistyped flag is reported as itself.
+        flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        hints = "".join(_did_you_mean(a.split("=")[0], flags) for a in extra if a.startswith("--"))
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}{hints}; see `alignpro {stage} --help`")
     defaults = dict(yaml_defaults or {})
     if ns.config:
         defaults.update(_read_yaml(ns.config))
-    unknown = set(defaults) - {f for f in cls.__dataclass_fields__} - {"config"}
+    fields = list(cls.__dataclass_fields__)
+    unknown = sorted(set(defaults) - set(fields) - {"config"})
     if unknown:
-        raise SystemExit(
-            f"alignpro {stage}: unknown config keys {sorted(unknown)}; see `alignpro {stage} --help`"
-        )
+        hints = "".join(_did_you_mean(k, fields) for k in unknown)
+        raise UsageError(f"unknown config keys {unknown}{hints}; see `alignpro {stage} --help`")
     parser.set_defaults(**defaults)
     # output_dir may come from YAML: relax "required" flags that have YAML defaults.
     for action in parser._actions:
@@ -63,9 +79,14 @@ def parse_stage_config(stage: str, argv: Sequence[str], yaml_defaults: dict[str,
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: invalid YAML ({exc})") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a mapping of option names to values")
+        raise UsageError(f"{path}: expected a mapping of option names to values")
     return data
 
 
@@ -79,16 +100,26 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
+    from alignpro_plugins.data import DataError, read_records
     from alignpro_plugins.prompter import Prompter
 
-    prompter = Prompter.from_pretrained(args.prompter) if args.prompter else Prompter.from_base(args.base)
+    if not args.input and not args.text:
+        raise UsageError("give prompt text arguments or --input FILE.jsonl")
+    rows: list[Any] = []
     if args.input:
-        rows = [json.loads(line) for line in Path(args.input).read_text().splitlines() if line.strip()]
+        if not Path(args.input).is_file():
+            raise UsageError(f"--input {args.input}: file not found")
+        rows = read_records(args.input)  # invalid JSON: DataError with the row number
         for i, row in enumerate(rows):
             if not isinstance(row, dict) or not isinstance(row.get(args.field), str):
-                raise SystemExit(
-                    f"{args.input}, row {i}: expected an object with a text field {args.field!r}"
-                )
+                raise DataError(args.input, i, None, f"expected an object with a text field {args.field!r}")
+    # Input is checked before the prompter loads.
+    prompter = (
+        Prompter.from_pretrained(args.prompter, base_model=args.prompter_base)
+        if args.prompter
+        else Prompter.from_base(args.base)
+    )
+    if args.input:
         results = prompter.rewrite_results([r[args.field] for r in rows], mode=args.mode)
         out = open(args.output, "w") if args.output else sys.stdout
         for row, res in zip(rows, results, strict=True):
@@ -107,8 +138,6 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         if args.output:
             out.close()
         return 0
-    if not args.text:
-        raise SystemExit("alignpro rewrite: give prompt text arguments or --input FILE.jsonl")
     for res in prompter.rewrite_results(args.text, mode=args.mode):
         print(res.text if not args.json else json.dumps(res.to_dict(), ensure_ascii=False))
         if res.fallback_reason and not args.json:
@@ -127,10 +156,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     root = Path(recipe.pop("output_dir", "runs/recipe"))
     unknown = set(recipe) - {"reward", "sft", "rl"}
     if unknown:
-        raise SystemExit(f"{args.config}: unknown sections {sorted(unknown)}; use reward, sft, rl")
+        raise UsageError(f"{args.config}: unknown sections {sorted(unknown)}; use reward, sft, rl")
     sections: dict[str, dict[str, Any]] = {}
     for stage in ("reward", "sft", "rl"):
         if stage in recipe:
+            if not isinstance(recipe[stage] or {}, dict):
+                raise UsageError(f"{args.config}, section {stage}: expected a mapping of option names to values")
             sections[stage] = {"output_dir": str(root / stage), **(recipe[stage] or {})}
             if args.resume:
                 sections[stage]["resume"] = True
@@ -143,8 +174,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             sections["rl"].setdefault("sft_prompter", sft_dir)
         if reward_dir:
             sections["rl"].setdefault("reward_model", reward_dir)
-    # Parse every section before training anything: a typo under rl: must not cost a reward + SFT run.
-    configs = {stage: parse_stage_config(stage, [], sec) for stage, sec in sections.items()}
+    # Parse and check every section before training anything: a typo under rl: must not cost a reward + SFT run.
+    configs = {}
+    for stage, sec in sections.items():
+        try:
+            configs[stage] = parse_stage_config(stage, [], sec)
+        except ValueError as exc:
+            raise UsageError(f"{args.config}, section {stage}: {exc}") from exc
+        needs_reward = stage == "rl" or (stage == "sft" and not configs[stage].pairs_data)
+        if needs_reward and not configs[stage].reward_model:
+            raise UsageError(
+                f"{args.config}, section {stage}: no reward model; add a reward: section (its output is wired in) "
+                f"or set `reward_model` under {stage}: to a folder written by `alignpro reward`"
+            )
     done_marker = {"reward": "alignpro_reward.json", "sft": "alignpro.json", "rl": "alignpro.json"}
     for stage, cfg in configs.items():
         if args.skip_done and (Path(str(cfg.output_dir)) / done_marker[stage]).exists():
@@ -171,6 +213,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from alignpro_plugins.rewards import RewardFunction, RewardModel
     from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
 
+    extras = []
+    for extra in args.extra_prompter or []:
+        name, sep, path = extra.partition("=")
+        if not (sep and name.strip() and path.strip()):
+            raise UsageError(f"--extra-prompter {extra!r}: expected NAME=DIR, e.g. sft=runs/sft")
+        extras.append((name.strip(), path.strip()))
+    if extras and not args.prompter:
+        raise UsageError("--extra-prompter is compared beside the trained prompter: give --prompter DIR too")
     prompts: list[str] = []
     for source in args.prompts:
         prompts += load_prompts(source, field=args.field, context_field=args.context_field)
@@ -178,14 +228,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts = prompts[: args.limit]
     out = Path(args.out)
     if args.target_base_url:
-        import os
-
         inner: Any = OpenAICompatibleTarget(
             args.target_base_url,
             args.target,
             max_tokens=args.max_new_tokens,
             concurrency=args.target_concurrency,
-            api_key=os.environ.get(args.target_api_key_env, ""),
+            api_key_env=args.target_api_key_env,
         )
     else:
         inner = TransformersTarget(
@@ -196,14 +244,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.independent_judge:
         judges["independent"] = RewardModel(args.independent_judge)
     configs: list[Any] = [FrozenAlone(), FixedTemplate(template=args.template)]
-    trained = Prompter.from_pretrained(args.prompter) if args.prompter else None
+    trained = Prompter.from_pretrained(args.prompter, base_model=args.prompter_base) if args.prompter else None
     if trained is not None:
-        zero = Prompter.from_base(trained.manifest.base_model, mode=trained.manifest.mode)
+        zero = Prompter.from_base(args.prompter_base or trained.manifest.base_model, mode=trained.manifest.mode)
         zero.manifest.instructions = dict(trained.manifest.instructions)
         configs.append(WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter"))
-        for extra in args.extra_prompter or []:
-            name, _, path = extra.partition("=")
-            configs.append(WithPrompter(prompter=Prompter.from_pretrained(path), name=name, description=path))
+        for name, path in extras:
+            configs.append(
+                WithPrompter(
+                    prompter=Prompter.from_pretrained(path, base_model=args.prompter_base),
+                    name=name,
+                    description=path,
+                )
+            )
         configs.append(WithPrompter(prompter=trained))
         if args.best_of_k:
             configs.append(BestOfK(prompter=trained, k=args.best_of_k))
@@ -232,13 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignpro", description="Align a frozen LLM by learning to rewrite its prompts."
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="INFO logging, and a traceback with every error (before COMMAND)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("models", help=DESCRIPTIONS["models"])
     p = sub.add_parser("rewrite", help=DESCRIPTIONS["rewrite"])
     p.add_argument("text", nargs="*")
     p.add_argument("--prompter", help="prompter artifact folder (default: zero-shot base prompter)")
     p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument(
+        "--prompter-base",
+        help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
+        "(the recorded weights hash is still checked)",
+    )
     p.add_argument("--mode", choices=["augment", "rewrite"], default=None)
     p.add_argument("--input", help="jsonl file of prompts")
     p.add_argument("--output", help="jsonl output (default stdout)")
@@ -263,10 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-base-url", help="OpenAI-compatible endpoint serving --target")
     p.add_argument("--target-concurrency", type=int, default=8, help="concurrent requests to the endpoint")
     p.add_argument(
-        "--target-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key"
+        "--target-api-key-env",
+        default=None,
+        help="environment variable holding the API key (unset: $OPENAI_API_KEY, sent only to api.openai.com)",
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--prompter-base",
+        help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
+        "(the recorded weights hash is still checked)",
+    )
     p.add_argument("--judge", required=True, help="training reward model artifact")
     p.add_argument("--independent-judge", help="a reward model trained on disjoint prompts")
     p.add_argument("--llm-judge", help="pairwise LLM judge model (both orders)")
@@ -284,26 +351,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = any(
-        a in ("-v", "--verbose")
-        for a in argv[: next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))]
-    )
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    verbose = any(a in ("-v", "--verbose") for a in argv[: len(argv) if first is None else first])
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    # Training stages take their (many) flags from their config dataclass: hand them the rest of the line.
-    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if first is not None and argv[first] in STAGES:
-        run_stage(argv[first], argv[first + 1 :])
-        return 0
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return {"models": cmd_models, "rewrite": cmd_rewrite, "train": cmd_train, "eval": cmd_eval}[args.command](
-        args
-    )
+    from alignpro_plugins.models import ModelNotAvailableError
+
+    command = argv[first] if first is not None else None
+    try:
+        # Training stages take their (many) flags from their config dataclass: hand them the rest of the line.
+        if first is not None and argv[first] in STAGES:
+            run_stage(argv[first], argv[first + 1 :])
+            return 0
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        run = {"models": cmd_models, "rewrite": cmd_rewrite, "train": cmd_train, "eval": cmd_eval}[args.command]
+        return run(args)
+    # Bad input (config values, data rows, paths, models): one line naming the problem, as argparse does;
+    # -v adds the traceback. Other exception types are bugs and keep theirs.
+    except (ValueError, OSError, ModelNotAvailableError) as exc:
+        if verbose:
+            traceback.print_exc()
+        prog = f"alignpro {command}" if command else "alignpro"
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

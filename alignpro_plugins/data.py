@@ -59,10 +59,10 @@ def read_records(
                     data = json.load(fh)
                 except json.JSONDecodeError as exc:
                     raise DataError(
-                        src, None, None, f"invalid JSON ({exc.msg} at line {exc.lineno})"
+                        src, None, None, f"invalid JSON ({exc.msg}: line {exc.lineno})"
                     ) from None
-            if isinstance(data, dict):  # {"data": [...]} or column-oriented
-                data = next((v for v in data.values() if isinstance(v, list)), [data])
+            if isinstance(data, dict):
+                data = _object_rows(src, data)
             if not isinstance(data, list):
                 raise DataError(src, None, None, "expected a list of objects")
             return data
@@ -77,6 +77,35 @@ def read_records(
     import datasets
 
     return list(datasets.load_dataset(src, data_dir=data_dir, split=split))
+
+
+def _object_rows(src: str, data: dict[str, Any]) -> list[Any]:
+    """The rows of a .json file holding one object: ``{"data": [{...}, ...]}`` (the first list of objects),
+    columns of equal length (``{"prompt": [...], "context": [...]}``, as pandas ``to_json(orient="list")``
+    writes), or a single row."""
+    lists = {k: v for k, v in data.items() if isinstance(v, list)}
+    if not lists:
+        return [data]
+    wrapped = next((v for v in lists.values() if v and isinstance(v[0], dict)), None)
+    if wrapped is not None:
+        return wrapped
+    if len(lists) == len(data):
+        lengths = {k: len(v) for k, v in lists.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(
+                src, None, None, f"column-oriented JSON needs columns of equal length, got {lengths}"
+            )
+        return [dict(zip(lists, values, strict=True)) for values in zip(*lists.values(), strict=True)]
+    if not any(lists.values()):
+        return []  # an empty {"data": []} with other keys beside it
+    raise DataError(
+        src,
+        None,
+        None,
+        "expected a list of objects, an object holding one (such as {\"data\": [...]}) or columns of "
+        "equal length (such as {\"prompt\": [...], \"context\": [...]})",
+        f"This object mixes lists and other values: {sorted(data)}",
+    )
 
 
 def _text(source: str, i: int, row: Any, field: str, *, allow_empty: bool = False) -> str:

@@ -24,7 +24,7 @@ from alignpro_plugins import stats
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import RewardFunction, prompts_trained_on
-from alignpro_plugins.targets import FrozenTarget
+from alignpro_plugins.targets import FrozenTarget, append_jsonl, read_jsonl_rows
 
 logger = logging.getLogger(__name__)
 
@@ -215,24 +215,26 @@ class Evaluator:
         for i, x in enumerate(self.prompts):
             positions.setdefault(x, []).append(i)
         if path and path.exists():
-            for line in path.read_text().splitlines():
-                if not line.strip():
-                    continue
-                row = json.loads(line)
+            # A line cut off by an interrupted run is skipped (with a warning); its cell is computed again.
+            for row in read_jsonl_rows(path, required=("config", "prompt", "rewards", "answer")):
+                if not (
+                    isinstance(row["config"], str)
+                    and isinstance(row["prompt"], str)
+                    and isinstance(row["rewards"], dict)
+                ):
+                    continue  # not a record this harness wrote
                 if row.get("fingerprint") != fingerprints.get(row["config"]) or set(row["rewards"]) != set(
                     self.judges
                 ):
                     continue
-                for i in positions.get(row.get("prompt"), []):
+                for i in positions.get(row["prompt"], []):
                     done[(row["config"], i)] = {**row, "idx": i}
         return done
 
     def _append(self, rows: list[dict]) -> None:
         path = self._records_path()
         if path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as fh:
-                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            append_jsonl(path, [json.dumps(r, ensure_ascii=False) for r in rows])
 
     def _run_config(self, cfg: Configuration, done: dict) -> list[dict]:
         fingerprint = cfg.fingerprint()

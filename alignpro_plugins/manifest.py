@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from alignpro_plugins.guard import GuardConfig
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "alignpro.json"
@@ -40,6 +43,27 @@ class GenerationDefaults:
     repetition_penalty: float = 1.05
 
 
+def _check_keys(what: str, given: Mapping[str, Any], accepted: list[str]) -> None:
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        raise ValueError(
+            f"unknown {what} {', '.join(repr(k) for k in unknown)}; accepted keys: {', '.join(accepted)}"
+        )
+
+
+def check_generation_kwargs(kwargs: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming every key that is not a ``GenerationDefaults`` field, and the accepted keys.
+
+    ``Prompter`` calls it on per-call overrides and on a manifest's ``generation`` object.
+    """
+    _check_keys("generation setting(s)", kwargs, [f.name for f in fields(GenerationDefaults)])
+
+
+def available_modes(instructions: Mapping[str, str]) -> list[str]:
+    """The modes a manifest can run: known modes that have an instruction template."""
+    return [m for m in MODES if m in instructions]
+
+
 @dataclass
 class Manifest:
     base_model: str
@@ -57,23 +81,47 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.instructions, dict):
+            raise ValueError(
+                f"instructions must map a mode to its template, got {type(self.instructions).__name__}"
+            )
         for mode, text in self.instructions.items():
-            if "{prompt}" not in text:
+            if not isinstance(text, str) or "{prompt}" not in text:
                 raise ValueError(f"instruction template for mode {mode!r} must contain '{{prompt}}'")
+        # Caught here, not per prompt: without a template every prompt would fall back with a bare KeyError.
+        if self.mode not in self.instructions:
+            raise ValueError(
+                f"mode {self.mode!r} has no instruction template; instructions has templates for modes: "
+                f"{available_modes(self.instructions)}"
+            )
+        if not isinstance(self.guard, dict):
+            raise ValueError(f"guard must be an object of guard settings, got {type(self.guard).__name__}")
+        _check_keys("guard setting(s)", self.guard, [f.name for f in fields(GuardConfig)])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """From parsed JSON; a ValueError says what is wrong. Unknown top-level keys are ignored."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"format_version must be an integer, got {version!r}")
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"{MANIFEST_NAME} has format_version {version}; this alignpro-plugins reads up to "
                 f"{FORMAT_VERSION}. Upgrade with: pip install -U alignpro-plugins"
             )
+        if "base_model" not in data:
+            raise ValueError("missing required key 'base_model' (the base model's name, hub id or folder)")
+        generation = data.get("generation", {})
+        if not isinstance(generation, dict):
+            raise ValueError(f"generation must be an object, got {type(generation).__name__}")
+        check_generation_kwargs(generation)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["generation"] = GenerationDefaults(**data.get("generation", {}))
+        known["generation"] = GenerationDefaults(**generation)
         return cls(**known)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -91,7 +139,18 @@ class Manifest:
                 f"{folder} is not a prompter artifact: {MANIFEST_NAME} is missing. Create one with "
                 "Prompter.from_base(...).save_pretrained(dir) or any `alignpro sft|rl` run."
             )
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}: invalid JSON ({exc.msg}: line {exc.lineno} column {exc.colno})"
+            ) from exc
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:  # name the file: a user may have several artifacts
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 def weights_hash(model_dir: str | os.PathLike[str]) -> str:

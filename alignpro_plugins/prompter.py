@@ -19,7 +19,14 @@ import torch
 
 from alignpro_plugins import guard
 from alignpro_plugins.batching import MicroBatcher
-from alignpro_plugins.manifest import MODES, GenerationDefaults, Manifest, weights_hash
+from alignpro_plugins.manifest import (
+    MODES,
+    GenerationDefaults,
+    Manifest,
+    available_modes,
+    check_generation_kwargs,
+    weights_hash,
+)
 from alignpro_plugins.models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -150,6 +157,15 @@ class Prompter:
         folder = Path(path)
         manifest = Manifest.load(folder)
         base = base_model or manifest.base_model
+        recorded = Path(manifest.base_model)
+        if base_model is None and recorded.is_absolute() and not recorded.exists():
+            # A base folder recorded on another machine; transformers would misread it as a hub id.
+            raise FileNotFoundError(
+                f"The prompter in {folder} needs its base model folder {manifest.base_model}, which does not "
+                "exist here (was the artifact copied from another machine?). Pass the same base model with "
+                "Prompter.from_pretrained(path, base_model=<name, hub id or folder>); its weights are still "
+                "checked against the recorded hash."
+            )
         dev = _select_device(device)
         model, tokenizer, resolved = load_causal_lm(base, device=dev, dtype=_select_dtype(dtype, dev))
         if verify_base and manifest.base_model_hash:
@@ -187,7 +203,7 @@ class Prompter:
     # ------------------------------------------------------------------ formatting
     def format_query(self, prompt: str, mode: str | None = None) -> str:
         """The exact text the prompter model sees for ``prompt`` (trainers use this too)."""
-        mode = mode or self.manifest.mode
+        mode = self._check_mode(mode)
         user = self.manifest.instructions[mode].replace("{prompt}", prompt)
         messages = [
             {"role": "system", "content": self.manifest.system_prompt},
@@ -265,11 +281,19 @@ class Prompter:
                 self._similarity = Embedder(spec).similarity
         return self._similarity
 
-    def _precheck(self, prompt: Any, mode: str) -> RewriteResult | None:
-        if not isinstance(prompt, str):
-            raise TypeError(f"Prompter accepts a str prompt, got {type(prompt).__name__}")
+    def _check_mode(self, mode: str | None) -> str:
+        """The mode to use; a ValueError (the caller's bug, not a per-prompt failure) when it cannot run."""
+        mode = mode or self.manifest.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in self.manifest.instructions:
+            raise ValueError(
+                f"mode {mode!r} has no instruction template in this prompter's manifest; available modes: "
+                f"{available_modes(self.manifest.instructions)}"
+            )
+        return mode
+
+    def _precheck(self, prompt: str, mode: str) -> RewriteResult | None:
         if not prompt.strip():
             return RewriteResult(prompt, prompt, mode, None, guard.EMPTY_INPUT)
         try:
@@ -305,19 +329,33 @@ class Prompter:
 
     # ------------------------------------------------------------------ public API
     def _settings_key(self, **overrides: Any) -> tuple:
+        check_generation_kwargs(overrides)
         settings = replace(self.manifest.generation, **{k: v for k, v in overrides.items() if v is not None})
         return tuple(sorted(asdict(settings).items()))
 
     def _submit(self, prompts: Sequence[Any], mode: str | None, overrides: dict[str, Any]):
-        mode = mode or self.manifest.mode
-        prechecked = [self._precheck(p, mode) for p in prompts]
+        # Bad call arguments raise before any work starts, so no prompt is half-processed or dropped.
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError(
+                f"expected a list of str prompts, got one {type(prompts).__name__}; use "
+                "rewrite_result(prompt) for a single prompt"
+            )
+        prompts = list(prompts)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(
+                    f"Prompter accepts str prompts only: prompts[{i}] is {type(p).__name__}; "
+                    "nothing was rewritten"
+                )
+        mode = self._check_mode(mode)
         key = self._settings_key(**overrides)
+        prechecked = [self._precheck(p, mode) for p in prompts]
         futures = {
             i: self._batcher.submit(key, self.format_query(p, mode))
             for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True))
             if pre is None
         }
-        return mode, prechecked, futures
+        return prompts, mode, prechecked, futures
 
     def _collect(self, prompts, mode, prechecked, raws: dict[int, Any]) -> list[RewriteResult]:
         out = []
@@ -336,8 +374,15 @@ class Prompter:
     def rewrite_results(
         self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
     ) -> list[RewriteResult]:
-        """Rewrite many prompts in real batches; never raises for generation failures."""
-        mode, prechecked, futures = self._submit(prompts, mode, overrides)
+        """Rewrite many prompts in real batches, one result per prompt, in order.
+
+        A prompt that cannot be rewritten (empty, too long, untokenizable, generation or guard failure) comes
+        back unchanged with ``fallback_reason`` set; that never raises. Bad call arguments do raise, before
+        any generation: a non-str element (``TypeError`` naming its index), an unknown ``mode`` or one
+        without an instruction template, or an unknown generation override (``ValueError`` listing the
+        accepted ones).
+        """
+        prompts, mode, prechecked, futures = self._submit(prompts, mode, overrides)
         raws: dict[int, Any] = {}
         for i, fut in futures.items():
             try:
@@ -361,7 +406,8 @@ class Prompter:
     async def arewrite_results(
         self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
     ) -> list[RewriteResult]:
-        mode, prechecked, futures = self._submit(prompts, mode, overrides)
+        """Async :meth:`rewrite_results`, with the same contract."""
+        prompts, mode, prechecked, futures = self._submit(prompts, mode, overrides)
         wrapped = [asyncio.wrap_future(f) for f in futures.values()]
         done = await asyncio.gather(*wrapped, return_exceptions=True)
         return self._collect(prompts, mode, prechecked, dict(zip(futures.keys(), done, strict=True)))

@@ -21,9 +21,69 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+OPENAI_HOST = "api.openai.com"
+# How much of a rejected request's response body goes into the error (enough for the server's message).
+ERROR_BODY_CHARS = 300
+_MAX_MALFORMED_WARNINGS = 5
+
+
+def public_url(url: str) -> str:
+    """``url`` without what may hold a secret: ``user:password@`` and the query string (``?key=...``).
+
+    A URL without either comes back unchanged, so identities (and the cache keys built on them) stay stable.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def read_jsonl_rows(path: Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The rows of a jsonl file this package appends to, skipping (with a warning naming ``path:line``) any
+    line that does not parse or lacks a ``required`` key: a run killed mid-write leaves a cut-off last line,
+    and resuming must not fail on it."""
+    rows: list[dict[str, Any]] = []
+    bad: list[tuple[int, str]] = []
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)  # bytes: a multi-byte character cut in half fails this line only
+            except ValueError as exc:
+                bad.append((lineno, f"invalid JSON: {exc}"))
+                continue
+            missing = [k for k in required if k not in row] if isinstance(row, dict) else None
+            if missing is None or missing:
+                what = f"missing {missing}" if missing else f"expected an object, got {type(row).__name__}"
+                bad.append((lineno, what))
+                continue
+            rows.append(row)
+    for lineno, why in bad[:_MAX_MALFORMED_WARNINGS]:
+        logger.warning(
+            "%s:%d: skipping a malformed line (%s); an interrupted run can leave one", path, lineno, why
+        )
+    if len(bad) > _MAX_MALFORMED_WARNINGS:
+        logger.warning("%s: skipped %d more malformed lines", path, len(bad) - _MAX_MALFORMED_WARNINGS)
+    return rows
+
+
+def append_jsonl(path: Path, lines: Sequence[str]) -> None:
+    """Append JSON lines, first ending a last line that an interrupted run left without its newline (else the
+    first new row would be glued to it and lost too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end:
+            fh.seek(end - 1)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write("".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 @dataclass
@@ -198,7 +258,13 @@ class TransformersTarget(FrozenTarget):
 
 
 class OpenAICompatibleTarget(FrozenTarget):
-    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, hosted APIs); concurrent, retried."""
+    """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, hosted APIs); concurrent, retried.
+
+    The key sent as ``Authorization: Bearer``: ``api_key`` when given, else the environment variable named by
+    ``api_key_env``, else ``$OPENAI_API_KEY`` but only for ``https://api.openai.com`` (an OpenAI key must not
+    reach a third-party or local server), else none. The key is never logged, put in a repr, an identity or an
+    error message.
+    """
 
     def __init__(
         self,
@@ -206,6 +272,7 @@ class OpenAICompatibleTarget(FrozenTarget):
         model: str,
         *,
         api_key: str | None = None,
+        api_key_env: str | None = None,
         max_tokens: int = 128,
         temperature: float = 0.0,
         system_prompt: str | None = None,
@@ -217,8 +284,15 @@ class OpenAICompatibleTarget(FrozenTarget):
         super().__init__()
         self.base_url = base_url.rstrip("/")
         self.model = model
+        # Identities, reprs and errors show the URL without credentials: they reach logs and manifests.
+        self._public_url = public_url(self.base_url)
+        parts = urlsplit(self.base_url)
+        # The path is extended before the query string (e.g. Azure's ?api-version=...), not after it.
+        self._endpoint = urlunsplit(
+            (parts.scheme, parts.netloc, parts.path.rstrip("/") + "/chat/completions", parts.query, "")
+        )
         # Kept private and never logged or put in reprs.
-        self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self._api_key = self._choose_key(api_key, api_key_env)
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.system_prompt = system_prompt
@@ -227,12 +301,46 @@ class OpenAICompatibleTarget(FrozenTarget):
         self.timeout = timeout
         self.backoff = backoff
 
+    def _choose_key(self, api_key: str | None, api_key_env: str | None) -> str:
+        if api_key is not None and api_key_env is not None:
+            raise ValueError("give api_key or api_key_env (the name of a variable holding it), not both")
+        if api_key is not None:
+            return api_key
+        if api_key_env is not None:
+            value = os.environ.get(api_key_env, "")
+            if not value:
+                logger.warning("api_key_env=%r is not set or empty: no API key is sent", api_key_env)
+            return value
+        parts = urlsplit(self.base_url)
+        if parts.scheme == "https" and parts.hostname == OPENAI_HOST:
+            return os.environ.get("OPENAI_API_KEY", "")
+        if os.environ.get("OPENAI_API_KEY"):
+            logger.info(
+                "not sending $OPENAI_API_KEY to %s (only to https://%s); pass api_key= or api_key_env= "
+                "if this endpoint needs a key",
+                self._public_url,
+                OPENAI_HOST,
+            )
+        return ""
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def _excerpt(self, text: str) -> str:
+        """The start of an error response, on one line, without our secrets (some servers echo them)."""
+        text = " ".join(text.split())
+        parts = urlsplit(self.base_url)
+        for secret in (self._api_key, parts.password, parts.query):
+            if secret:
+                text = text.replace(secret, "***")
+        return text if len(text) <= ERROR_BODY_CHARS else text[:ERROR_BODY_CHARS] + "…"
+
     def __repr__(self) -> str:
-        return f"OpenAICompatibleTarget(base_url={self.base_url!r}, model={self.model!r})"
+        return f"OpenAICompatibleTarget(base_url={self._public_url!r}, model={self.model!r})"
 
     @property
     def identity(self) -> str:
-        return f"openai:{self.base_url}:{self.model}"
+        return f"openai:{self._public_url}:{self.model}"
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -253,8 +361,7 @@ class OpenAICompatibleTarget(FrozenTarget):
         import httpx
 
         sem = asyncio.Semaphore(self.concurrency)
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        async with httpx.AsyncClient(timeout=self.timeout, headers=headers) as client:
+        async with httpx.AsyncClient(timeout=self.timeout, headers=self._headers()) as client:
 
             async def one(prompt: str) -> str:
                 messages = (
@@ -270,13 +377,16 @@ class OpenAICompatibleTarget(FrozenTarget):
                 async with sem:
                     for attempt in range(self.max_retries + 1):
                         try:
-                            resp = await client.post(f"{self.base_url}/chat/completions", json=body)
+                            resp = await client.post(self._endpoint, json=body)
                             if resp.status_code >= 500 or resp.status_code in (408, 429):
-                                raise RuntimeError(f"HTTP {resp.status_code} from {self.base_url}")
+                                raise RuntimeError(f"HTTP {resp.status_code} from {self._public_url}")
                             if resp.status_code >= 400:
-                                # A rejected key, unknown model or bad request: retrying cannot help.
+                                # A rejected key, unknown model or bad request: retrying cannot help, and
+                                # the server's message says which it was.
+                                detail = self._excerpt(resp.text)
                                 last = RuntimeError(
-                                    f"HTTP {resp.status_code} from {self.base_url} (not retried)"
+                                    f"HTTP {resp.status_code} from {self._public_url} (not retried)"
+                                    + (f": {detail}" if detail else "")
                                 )
                                 break
                             return str(resp.json()["choices"][0]["message"]["content"] or "").strip()
@@ -419,10 +529,8 @@ class CachedTarget(FrozenTarget):
         self._path = Path(path) if path else None
         self._lock = threading.Lock()
         if self._path and self._path.exists():
-            for line in self._path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self._cache[row["key"]] = row["answer"]
+            for row in read_jsonl_rows(self._path, required=("key", "answer")):
+                self._cache[row["key"]] = row["answer"]
 
     @property
     def identity(self) -> str:
@@ -452,9 +560,7 @@ class CachedTarget(FrozenTarget):
                 self._cache[k] = a
                 rows.append(json.dumps({"key": k, "answer": a}))
             if self._path and rows:
-                self._path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self._path, "a") as fh:
-                    fh.write("\n".join(rows) + "\n")
+                append_jsonl(self._path, rows)
 
     def _generate(self, prompts: list[str]) -> list[str]:
         keys, todo = self._split(prompts)

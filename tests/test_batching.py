@@ -142,3 +142,30 @@ def test_close_stops_the_worker_and_submit_restarts_it():
     assert not worker.is_alive()
     assert b.submit("k", 2).result(timeout=10) == 2
     b.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be an int >= 1, got 0"),
+        ({"max_batch_size": -3}, "max_batch_size must be an int >= 1, got -3"),
+        ({"max_batch_size": 2.5}, "max_batch_size must be an int >= 1, got 2.5"),
+        ({"max_batch_size": True}, "max_batch_size must be an int >= 1, got True"),
+        ({"max_wait_s": -0.1}, "max_wait_s must be a finite number of seconds >= 0, got -0.1"),
+        ({"max_wait_s": float("nan")}, "max_wait_s must be a finite number of seconds >= 0, got nan"),
+        ({"max_wait_s": "5"}, "max_wait_s must be a finite number of seconds >= 0, got '5'"),
+    ],
+)
+def test_bad_settings_are_rejected_up_front(kwargs, message):
+    # Before the check, max_batch_size=0 took empty batches forever and the caller's future never resolved.
+    with pytest.raises(ValueError) as err:
+        MicroBatcher(lambda key, items: items, **kwargs)
+    assert str(err.value) == message
+
+
+def test_smallest_valid_settings_still_work():
+    b = MicroBatcher(lambda key, items: [i + 1 for i in items], max_batch_size=1, max_wait_s=0)
+    try:
+        assert wait_all(b.submit_many("k", [1, 2, 3])) == [2, 3, 4]
+    finally:
+        b.close()

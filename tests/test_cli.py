@@ -175,13 +175,33 @@ def test_rewrite_jsonl_in_and_out(prompter_dir, tmp_path, capsys):
     assert _json_lines(capsys.readouterr().out) == out
 
 
-def test_rewrite_rejects_bad_input(prompter_dir, tmp_path):
+def _error(capsys) -> str:
+    """The stderr of a command stopped by bad input: no traceback, whitespace normalised."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_rewrite_rejects_bad_input(prompter_dir, tmp_path, capsys):
     src = tmp_path / "bad.jsonl"
     src.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt field"}) + "\n")
-    with pytest.raises(SystemExit, match=r"bad.jsonl, row 1: expected an object with a text field 'prompt'"):
-        main(["rewrite", "--prompter", prompter_dir, "--input", str(src)])
-    with pytest.raises(SystemExit, match="give prompt text arguments or --input FILE.jsonl"):
-        main(["rewrite", "--prompter", prompter_dir])
+    assert main(["rewrite", "--prompter", prompter_dir, "--input", str(src)]) == 2
+    assert "alignpro rewrite: error: " in (err := _error(capsys))
+    assert "bad.jsonl, row 1: expected an object with a text field 'prompt'" in err
+    assert main(["rewrite", "--prompter", prompter_dir]) == 2
+    assert "alignpro rewrite: error: give prompt text arguments or --input FILE.jsonl" in _error(capsys)
+
+
+def test_rewrite_names_the_row_of_invalid_json(tmp_path, capsys):
+    src = tmp_path / "broken.jsonl"
+    src.write_text(json.dumps({"prompt": "ok"}) + "\n" + '{"prompt": "no closing brace"\n')
+    # --prompter points nowhere: the input is checked before any prompter loads.
+    missing = str(tmp_path / "no-prompter")
+    assert main(["rewrite", "--prompter", missing, "--input", str(src)]) == 2
+    assert "alignpro rewrite: error: " in (err := _error(capsys))
+    assert "broken.jsonl, row 1: invalid JSON" in err
+    assert main(["rewrite", "--prompter", missing, "--input", str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl: file not found" in _error(capsys)
 
 
 # ---------------------------------------------------------------------------------------------- YAML / flags
@@ -191,22 +211,37 @@ def _write_yaml(path: Path, data) -> str:
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_unknown_yaml_keys_stop_with_a_clear_message(stage, tmp_path):
+def test_unknown_yaml_keys_stop_with_a_clear_message(stage, tmp_path, capsys):
     cfg = _write_yaml(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "o"), "lerning_rate": 1e-4})
-    with pytest.raises(SystemExit) as exit_info:
-        main([stage, "--config", cfg])
-    message = str(exit_info.value)
-    assert f"alignpro {stage}: unknown config keys ['lerning_rate']" in message
-    assert f"alignpro {stage} --help" in message
+    assert main([stage, "--config", cfg]) == 2
+    message = _error(capsys)
+    assert f"alignpro {stage}: error: unknown config keys ['lerning_rate'] (did you mean learning_rate?)" in message
+    assert f"see `alignpro {stage} --help`" in message
     assert not (tmp_path / "o").exists()  # nothing ran
 
 
-def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_unknown_flags_stop_with_a_clear_message(stage, tmp_path, capsys):
+    argv = [stage, "--output_dir", str(tmp_path / "o"), "--lerning_rate", "1e-4"]
+    # Reported before the config is built: an invalid beta beside the typo does not hide it.
+    assert main(argv + (["--beta", "0"] if stage in ("rl", "oracle") else [])) == 2
+    message = _error(capsys)
+    assert f"alignpro {stage}: error: unrecognized arguments: --lerning_rate 1e-4" in message
+    assert f"(did you mean --learning_rate?); see `alignpro {stage} --help`" in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_that_is_not_a_mapping_is_refused(tmp_path, capsys):
     cfg = _write_yaml(tmp_path / "c.yaml", ["output_dir", "runs/x"])
-    with pytest.raises(SystemExit, match="expected a mapping of option names to values"):
-        main(["sft", "--config", cfg])
-    with pytest.raises(SystemExit, match="expected a mapping"):
-        main(["train", "--config", cfg])
+    assert main(["sft", "--config", cfg]) == 2
+    assert f"alignpro sft: error: {cfg}: expected a mapping of option names to values" in _error(capsys)
+    assert main(["train", "--config", cfg]) == 2
+    assert "alignpro train: error: " in (err := _error(capsys)) and "expected a mapping" in err
+    (tmp_path / "bad.yaml").write_text("output_dir: [unclosed\n")
+    assert main(["rl", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "bad.yaml: invalid YAML" in _error(capsys)
+    assert main(["rl", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: config file not found" in _error(capsys)
 
 
 def test_flags_override_yaml_and_values_keep_their_types(tmp_path):
@@ -221,20 +256,123 @@ def test_flags_override_yaml_and_values_keep_their_types(tmp_path):
     assert listed.preference_data == ["a.jsonl", "b.jsonl"]
 
 
+def test_a_yaml_string_for_a_list_option_is_one_item(tmp_path):
+    """`preference_data: file.jsonl` is one file, not a list of its characters."""
+    reward = parse_stage_config(
+        "reward", [], {"output_dir": "o", "preference_data": "p.jsonl", "exclude_prompt_files": "eval.json"}
+    )
+    assert (reward.preference_data, reward.exclude_prompt_files) == (["p.jsonl"], ["eval.json"])
+    assert parse_stage_config("sft", [], {"output_dir": "o", "templates": "Be brief."}).templates == ["Be brief."]
+    rl = parse_stage_config("rl", [], {"output_dir": "o", "algorithm": "kl-optimum", "kl_anchors": "Be brief."})
+    assert rl.kl_anchors == ["Be brief."]
+    with pytest.raises(ValueError, match=r"preference_data must be a list of strings .* got \[1, 2\]"):
+        parse_stage_config("reward", [], {"output_dir": "o", "preference_data": [1, 2]})
+
+
+def test_reward_stage_trains_on_the_file_a_yaml_string_names(tiny_encoder_dir, tmp_path):
+    from alignpro_plugins.starter import write_starter_set
+
+    paths = write_starter_set(tmp_path / "data")
+    out = tmp_path / "reward"
+    cfg = _write_yaml(
+        tmp_path / "reward.yaml",
+        {
+            "output_dir": str(out),
+            "base_model": tiny_encoder_dir,
+            "preference_data": paths["preferences"],  # a scalar, not a list
+            "max_length": 32,
+            "max_steps": 1,
+            "report_to": "none",
+        },
+    )
+    assert main(["reward", "--config", cfg]) == 0
+    meta = json.loads((out / "alignpro_reward.json").read_text())
+    assert meta["data"] == [paths["preferences"]] and meta["n_train_pairs"] > 0
+
+
 def test_invalid_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"beta \(λ\) must be > 0"):
         parse_stage_config("rl", [], {"output_dir": str(tmp_path), "beta": 0})
     with pytest.raises(ValueError, match="mode must be 'augment' or 'rewrite'"):
         parse_stage_config("sft", [], {"output_dir": str(tmp_path), "mode": "paraphrase"})
+    with pytest.raises(ValueError, match=r"mode must be one of 'augment', 'rewrite', or unset .* got 'foo'"):
+        parse_stage_config("rl", [], {"output_dir": str(tmp_path), "mode": "foo"})
+    assert parse_stage_config("rl", ["--mode", "rewrite"], {"output_dir": str(tmp_path)}).mode == "rewrite"
+    for stage in ("rl", "oracle"):
+        with pytest.raises(ValueError, match="algorithm must be 'grpo' or 'kl-optimum', got 'ppo'"):
+            parse_stage_config(stage, [], {"output_dir": str(tmp_path), "algorithm": "ppo"})
+    with pytest.raises(ValueError, match="freeze_layers is a number of layers: >= 0"):
+        parse_stage_config("reward", [], {"output_dir": str(tmp_path), "freeze_layers": -1})
 
 
-def test_train_refuses_unknown_sections_and_keys(tmp_path):
+def test_config_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path, capsys):
+    argv = ["rl", "--output_dir", str(tmp_path / "o"), "--mode", "foo"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alignpro rl: error: mode must be one of 'augment', 'rewrite'") and "Traceback" not in err
+    assert main(["-v", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "rl_config.py" in err  # where it was raised ...
+    assert err.rstrip().splitlines()[-1].startswith("alignpro rl: error: mode must be one of")  # ... then the error
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    """Only input errors become one-line messages; any other exception propagates."""
+    from alignpro_plugins import models
+
+    def broken():
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(models, "describe_models", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["models"])
+
+
+def test_missing_reward_is_named_before_any_model_loads(tmp_path, capsys):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "Explain tides."}]))
+    # The prompter folder does not exist: reaching it first would be a different error.
+    base = ["--output_dir", str(tmp_path / "o"), "--prompts_data", str(prompts)]
+    assert main(["rl", *base, "--sft_prompter", str(tmp_path / "nowhere")]) == 2
+    assert "alignpro rl: error: RL needs a reward: set `reward_model` (the folder written by `alignpro reward`)" in (
+        _error(capsys)
+    )
+    assert main(["sft", *base, "--prompt_field", "prompt", "--base_model", str(tmp_path / "nowhere")]) == 2
+    assert "alignpro sft: error: The SFT bootstrap (no pairs_data) needs a reward: set `reward_model`" in (
+        _error(capsys)
+    )
+    assert main(["oracle", *base, "--target", str(tmp_path / "nowhere")]) == 2
+    assert "alignpro oracle: error: the RLHF oracle needs a reward: set `reward_model`" in _error(capsys)
+    assert main(["rl", "--output_dir", str(tmp_path / "o"), "--target_base_url", "http://127.0.0.1:9/v1"]) == 2
+    assert "target_base_url is set (http://127.0.0.1:9/v1) but target_model_name is not" in _error(capsys)
+
+
+def test_eval_checks_extra_prompters_before_loading_anything(tmp_path, capsys):
+    base = ["eval", "--prompts", str(tmp_path / "p.json"), "--judge", str(tmp_path / "j"), "--out", str(tmp_path)]
+    assert main([*base, "--prompter", str(tmp_path / "p"), "--extra-prompter", "runs/sft"]) == 2
+    assert "alignpro eval: error: --extra-prompter 'runs/sft': expected NAME=DIR, e.g. sft=runs/sft" in (
+        _error(capsys)
+    )
+    assert main([*base, "--extra-prompter", "sft=runs/sft"]) == 2
+    assert "--extra-prompter is compared beside the trained prompter: give --prompter DIR too" in _error(capsys)
+
+
+def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
     cfg = _write_yaml(tmp_path / "r.yaml", {"output_dir": str(tmp_path / "o"), "evaluation": {}})
-    with pytest.raises(SystemExit, match=r"unknown sections \['evaluation'\]; use reward, sft, rl"):
-        main(["train", "--config", cfg])
+    assert main(["train", "--config", cfg]) == 2
+    assert "alignpro train: error: " in (err := _error(capsys))
+    assert "unknown sections ['evaluation']; use reward, sft, rl" in err
     cfg = _write_yaml(tmp_path / "r2.yaml", {"output_dir": str(tmp_path / "o"), "reward": {"max_stepz": 1}})
-    with pytest.raises(SystemExit, match=r"alignpro reward: unknown config keys \['max_stepz'\]"):
-        main(["train", "--config", cfg])
+    assert main(["train", "--config", cfg]) == 2
+    assert f"{cfg}, section reward: unknown config keys ['max_stepz'] (did you mean max_steps?)" in _error(capsys)
+    # Section values are checked before any stage runs: an invalid RL option costs no reward training.
+    cfg = _write_yaml(tmp_path / "r3.yaml", {"output_dir": str(tmp_path / "o"), "reward": {}, "rl": {"beta": 0}})
+    assert main(["train", "--config", cfg]) == 2
+    assert f"{cfg}, section rl: beta (λ) must be > 0" in _error(capsys)
+    # So is the reward the RL stage needs.
+    cfg = _write_yaml(tmp_path / "r4.yaml", {"output_dir": str(tmp_path / "o"), "rl": {"prompts_data": "p.json"}})
+    assert main(["train", "--config", cfg]) == 2
+    assert f"{cfg}, section rl: no reward model; add a reward: section" in _error(capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -309,3 +447,22 @@ def test_train_runs_reward_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_
     assert main(["train", "--config", cfg, "--skip-done"]) == 0
     assert (root / "rl" / "alignpro.json").exists()
     assert {s: _mtime(root / s / n) for s, n in artifacts[:2]} == {s: before[s] for s, _ in artifacts[:2]}
+
+
+def test_rewrite_takes_the_base_of_a_moved_artifact(tiny_lm_dir, tmp_path, capsys):
+    import shutil
+
+    from alignpro_plugins.prompter import Prompter
+
+    base = Path(shutil.copytree(tiny_lm_dir, tmp_path / "base"))
+    prompter = Prompter.from_base(str(base), similarity=None)
+    prompter.manifest.generation.max_new_tokens = 8
+    folder = str(prompter.save_pretrained(tmp_path / "prompter"))
+    prompter.close()
+    moved = base.rename(tmp_path / "base-elsewhere")  # as if the artifact came from another machine
+    assert main(["rewrite", "--prompter", folder, "--json", "Explain tides."]) == 2
+    err = capsys.readouterr().err
+    assert str(base) in err and "base_model=" in err
+    assert main(["rewrite", "--prompter", folder, "--prompter-base", str(moved), "--json", "Explain tides."]) == 0
+    (result,) = _json_lines(capsys.readouterr().out)
+    assert result["original"] == "Explain tides."

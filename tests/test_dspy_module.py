@@ -167,6 +167,59 @@ def test_missing_prompter_is_a_clear_error():
         AlignProModule(dspy.Predict("question -> answer"))(question="q")
 
 
+def test_fields_that_are_not_inputs_of_the_program_are_refused():
+    # Before: fields=["questoin"] rewrote nothing and said nothing.
+    with pytest.raises(ValueError, match="questoin") as info:
+        AlignProModule(dspy.Predict("question -> answer"), AppendPrompter(), fields=["questoin"])
+    assert "'question'" in str(info.value)
+    with pytest.raises(ValueError, match="'context', 'question'"):
+        AlignProModule(dspy.ChainOfThought("context, question -> answer"), AppendPrompter(), fields="query")
+    with pytest.raises(TypeError, match="field names"):
+        AlignProModule(dspy.Predict("question -> answer"), AppendPrompter(), fields=[1])
+
+    class Renamed(dspy.Module):  # a custom forward takes its own parameter names
+        def __init__(self):
+            super().__init__()
+            self.qa = dspy.Predict("question -> answer")
+
+        def forward(self, query):
+            return self.qa(question=query)
+
+    module = AlignProModule(Renamed(), AppendPrompter(), fields=["query"])
+    with dspy.context(lm=hint_lm()):
+        assert module(query="Capital of France?").answer == "Paris"
+    with pytest.raises(ValueError, match=r"first predictor's str inputs \['question'\].*\['query'\]"):
+        AlignProModule(Renamed(), AppendPrompter())  # the inferred field is not a forward() input
+
+    class AnyInputs(dspy.Module):  # forward(**kwargs): its inputs cannot be known, nothing is refused
+        def __init__(self):
+            super().__init__()
+            self.qa = dspy.Predict("question -> answer")
+
+        def forward(self, **kwargs):
+            return self.qa(question=kwargs["q"])
+
+    assert AlignProModule(AnyInputs(), AppendPrompter(), fields=["q"]).fields == ["q"]
+
+
+def test_a_local_folder_without_a_prompter_fails_at_construction(tmp_path, monkeypatch, tiny_lm_dir):
+    # Before: it was taken as a base model name and failed inside transformers with a tokenizer error.
+    program = dspy.Predict("question -> answer")
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for spec, problem in (
+        ("runs", "has no alignpro.json"),
+        ("runs/prompter", "does not exist"),
+        ("./prompter", "does not exist"),
+        (tmp_path / "runs", "has no alignpro.json"),
+    ):
+        with pytest.raises(FileNotFoundError, match=problem) as info:
+            AlignProModule(program, spec)
+        assert "config.json" in str(info.value)  # says what a prompter (or base model) folder holds
+    zero_shot = AlignProModule(program, tiny_lm_dir)  # a model folder: a zero-shot prompter on it
+    assert zero_shot.prompter.manifest.base_model == tiny_lm_dir and zero_shot.prompter_path is None
+
+
 # ---------------------------------------------------------------------------------------------- save / load
 @pytest.fixture()
 def artifact(tiny_lm_dir, tmp_path) -> Path:

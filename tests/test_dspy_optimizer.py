@@ -114,7 +114,7 @@ def test_bridge_validates_the_trainset(caplog):
 class StubTrainOptimizer(AlignProOptimizer):
     """Replaces only the RL run: scores every prompt once through the real target and reward, returns a stub."""
 
-    def _train(self, bridge, output_dir):
+    def _train(self, bridge, config):
         target = _ProgramTarget(bridge)
         prompts = bridge.prompts()
         rewritten = [r.text for r in AppendPrompter().rewrite_results(prompts)]
@@ -153,6 +153,54 @@ def test_compile_needs_a_metric_and_a_trainset():
         AlignProOptimizer().compile(dspy.Predict("question -> answer"), trainset=TRAIN)
     with pytest.raises(ValueError, match="non-empty trainset"):
         AlignProOptimizer(exact).compile(dspy.Predict("question -> answer"), trainset=[])
+
+
+def counting_metric(calls: list):
+    def metric(example, pred, trace=None):
+        calls.append(example)
+        return 1.0
+
+    return metric
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"rl_config": {"max_step": 1}}, ValueError, "'max_step' \\(did you mean 'max_steps'\\?\\)"),
+        ({"rl_config": {"algorithm": "ppo"}}, ValueError, "algorithm must be"),
+        ({"field": "questoin"}, ValueError, "questoin"),
+    ],
+)
+def test_bad_options_fail_before_any_program_call(tmp_path, options, error, message):
+    # Before: a typo in rl_config failed only after the whole valset had been evaluated.
+    calls: list = []
+    lm = DummyLM({"": {"answer": "Paris"}})
+    opt = AlignProOptimizer(counting_metric(calls), output_dir=str(tmp_path / "run"), **options)
+    with dspy.context(lm=lm), pytest.raises(error, match=message):
+        opt.compile(dspy.Predict("question -> answer"), trainset=TRAIN, valset=VAL)
+    assert calls == [] and lm.history == []
+
+
+def test_bad_constructor_arguments_fail_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        AlignProOptimizer(exact, mode="paraphrase")
+    with pytest.raises(TypeError, match="rl_config is a dict"):
+        AlignProOptimizer(exact, rl_config=[("max_steps", 1)])
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no alignpro.json"):
+        AlignProOptimizer(exact, prompter=str(tmp_path / "sft"))  # e.g. an SFT run that did not finish
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AlignProOptimizer(exact, prompter=tmp_path / "missing")
+
+
+def test_compile_accepts_and_ignores_other_teleprompter_kwargs(tmp_path, caplog):
+    opt = StubTrainOptimizer(exact, output_dir=str(tmp_path / "run"))
+    with dspy.context(lm=DummyLM({"": {"answer": "Paris"}})), caplog.at_level(logging.WARNING):
+        program = opt.compile(
+            dspy.Predict("question -> answer"), trainset=TRAIN, requires_permission_to_run=False, seed=3
+        )
+    assert isinstance(program, AlignProModule)
+    assert "ignores requires_permission_to_run=, seed=" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------- real RL runs

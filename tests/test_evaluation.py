@@ -153,6 +153,82 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path):
     assert len(calls) == n_first + 2 and len(report.records) == len(PROMPTS)
 
 
+def test_run_killed_mid_write_resumes(tmp_path, caplog):
+    calls = []
+
+    def target(x):
+        calls.append(x)
+        return x
+
+    def run():
+        return Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path,
+                         chunk_size=2).run([FrozenAlone()])
+
+    run()
+    records = tmp_path / "records.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # the third row cut off mid-write
+    calls.clear()
+    report = run()  # used to raise a bare JSONDecodeError
+    assert f"{records}:3: skipping a malformed line" in caplog.text
+    assert calls == PROMPTS[2:] and len(report.records) == len(PROMPTS)
+    # The rows written after the cut-off line are on lines of their own: a third run reuses all of them.
+    calls.clear()
+    again = run()
+    assert calls == [] and again.summary == report.summary
+
+
+@pytest.mark.parametrize(
+    ("content", "rows"),
+    [
+        (
+            {"prompt": ["a", "b"], "context": ["x", ""]},
+            [{"prompt": "a", "context": "x"}, {"prompt": "b", "context": ""}],
+        ),
+        ({"data": [{"prompt": "a"}], "version": "2"}, [{"prompt": "a"}]),
+        ({"data": [], "version": "2"}, []),
+        ({"prompt": "a"}, [{"prompt": "a"}]),
+        ([{"prompt": "a"}], [{"prompt": "a"}]),
+    ],
+    ids=["columns", "wrapped", "wrapped-empty", "one-object", "list"],
+)
+def test_json_prompt_files_in_each_layout(tmp_path, content, rows):
+    from alignpro_plugins.data import read_records
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(content))
+    assert read_records(path) == rows
+
+
+def test_column_oriented_evaluation_prompts(tmp_path):
+    from alignpro_plugins.data import load_prompts
+
+    path = tmp_path / "eval.json"  # e.g. pandas DataFrame.to_json(orient="list")
+    path.write_text(json.dumps({"instruction": ["write a poem", "explain tea"], "context": ["", "green tea"]}))
+    # Before: the first column was taken as the rows ("row 0: expected an object, got str").
+    assert load_prompts(str(path), field="instruction", context_field="context") == [
+        "write a poem",
+        "explain tea\n\ngreen tea",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"prompt": ["a", "b"], "context": ["x"]}, "column-oriented JSON needs columns of equal length"),
+        ({"prompt": ["a", "b"], "source": "dolly"}, "expected a list of objects, an object holding one"),
+    ],
+)
+def test_unusable_json_object_names_the_file(tmp_path, content, message):
+    from alignpro_plugins.data import DataError, read_records
+
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+
+
 def test_oracle_uses_its_own_target_and_gap_closed(tmp_path):
     oracle = CallableTarget(lambda x: x + " with a much longer answer", name="oracle")
     ev = Evaluator(PROMPTS, echo_target(), {"reward": length_judge()}, out_dir=tmp_path, focus="template")

@@ -27,19 +27,21 @@ from langchain_core.messages import (
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompt_values import ChatPromptValue, StringPromptValue
 from langchain_core.prompts import ChatPromptTemplate, PromptTemplate
-from langchain_core.runnables import ConfigurableField, RunnableLambda, RunnableSequence
+from langchain_core.runnables import ConfigurableField, RunnableConfig, RunnableLambda, RunnableSequence
 from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from alignpro_plugins import guard
 from alignpro_plugins.langchain import (
     ENABLED_CONFIG_KEY,
+    GENERATION_KEYS,
     NO_HUMAN_MESSAGE,
     NO_TEXT_CONTENT,
     REWRITE_RUN_NAME,
     AlignedChatModel,
     AlignProRunnable,
     ChatLocalTransformers,
+    PrompterError,
     RewriteRecorder,
 )
 from alignpro_plugins.prompter import Prompter
@@ -191,6 +193,30 @@ def test_chat_prompt_value_message_likes_and_chat_message(rewriter):
     role_user = rewriter.invoke([ChatMessage(role="user", content="q")])
     assert role_user[0].content == augmented("q") and role_user[0].role == "user"
     assert rewriter.invoke(HumanMessage("q")) == HumanMessage(augmented("q"))
+
+
+def test_message_likes_come_back_as_messages_whether_rewritten_or_not(rewriter):
+    # The output type must not depend on whether the prompter's output was used.
+    rewritten = rewriter.invoke([("system", "s"), ("human", "q")])
+    passed = rewriter.invoke([("system", "s"), ("ai", "a")])  # nothing to rewrite
+    disabled = rewriter.invoke(
+        [{"role": "user", "content": "q"}], config={"configurable": {ENABLED_CONFIG_KEY: False}}
+    )
+    empty = rewriter.invoke([("human", "  ")])  # the prompter's own fallback (empty_input)
+    assert rewritten == [SystemMessage("s"), HumanMessage(augmented("q"))]
+    assert passed == [SystemMessage("s"), AIMessage("a")]
+    assert disabled == [HumanMessage("q")] and empty == [HumanMessage("  ")]
+    for out in (rewritten, passed, disabled, empty):
+        assert isinstance(out, list) and all(isinstance(m, BaseMessage) for m in out)
+    # A tuple of messages comes back as a list too, and so does a nested value under input_key.
+    assert rewriter.invoke((SystemMessage("s"), AIMessage("a"))) == [SystemMessage("s"), AIMessage("a")]
+    assert rewriter.invoke({"input": [("ai", "a")], "k": 1}) == {"input": [AIMessage("a")], "k": 1}
+    assert rewriter.invoke({"input": [("human", "q")], "k": 1}) == {
+        "input": [HumanMessage(augmented("q"))],
+        "k": 1,
+    }
+    messages = [SystemMessage("s"), AIMessage("a")]
+    assert rewriter.invoke(messages) is messages  # a list of messages passes through as is
 
 
 def test_dict_input_and_input_key(stub):
@@ -370,6 +396,64 @@ def test_unloadable_prompter_passes_through(tmp_path):
         AlignProRunnable.from_pretrained(tmp_path / "missing")  # eager: a bad path fails at construction
 
 
+def test_on_error_raise_lets_with_fallbacks_and_with_retry_act(stub, monkeypatch):
+    calls: list[list[str]] = []
+
+    def boom(prompts, **kwargs):
+        calls.append(list(prompts))
+        raise RuntimeError("prompter down")
+
+    monkeypatch.setattr(stub, "rewrite_results", boom)
+    strict = AlignProRunnable(stub, on_error="raise")
+    collector = RunCollectorCallbackHandler()
+    with pytest.raises(RuntimeError, match="prompter down"):  # the original exception
+        strict.invoke("q", config={"callbacks": [collector]})
+    (run,) = rewrite_runs(collector)
+    assert "prompter down" in run.error and collector.traced_runs[0].error
+    fallback = strict.with_fallbacks([RunnableLambda(lambda x: f"unrewritten: {x}")])
+    assert fallback.invoke("q") == "unrewritten: q"
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        strict.with_retry(stop_after_attempt=3, wait_exponential_jitter=False).invoke("q")
+    assert len(calls) == 3
+    outs = strict.batch(["a", "b"], return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outs)
+    # The default still passes the input through and says why.
+    assert AlignProRunnable(stub).invoke("q") == "q"
+
+
+async def test_on_error_raise_async(stub, monkeypatch):
+    async def boom(*a, **k):
+        raise ValueError("bad")
+
+    monkeypatch.setattr(stub, "arewrite_results", boom)
+    with pytest.raises(ValueError, match="bad"):
+        await AlignProRunnable(stub, on_error="raise").ainvoke("q")
+    assert await AlignProRunnable(stub).ainvoke("q") == "q"
+
+
+class FailingPrompter(StubPrompter):
+    def _generate_key(self, key: Any, queries: list[str]) -> list[tuple[str, bool]]:
+        raise RuntimeError("out of memory")
+
+
+def test_on_error_raise_covers_failures_the_prompter_reports_as_results(tiny_lm_dir):
+    # Prompter.rewrite_results never raises for a failed generation: it returns a prompter_error result.
+    stub = FailingPrompter.build(tiny_lm_dir)
+    recorder = RewriteRecorder()
+    assert AlignProRunnable(stub).invoke("q", config={"callbacks": [recorder]}) == "q"
+    assert recorder.records[0]["fallback_reason"].startswith("prompter_error")
+    strict = AlignProRunnable(stub, on_error="raise")
+    with pytest.raises(PrompterError, match="out of memory"):
+        strict.invoke("q")
+    outs = strict.batch(["a", "   "], return_exceptions=True)
+    # The empty prompt never reached generation (empty_input is a guard fallback, not a failure).
+    assert isinstance(outs[0], PrompterError) and outs[1] == "   "
+    # Guard rejections and switching off never raise.
+    assert strict.invoke("q", config={"configurable": {ENABLED_CONFIG_KEY: False}}) == "q"
+    assert AlignProRunnable.from_base(tiny_lm_dir, on_error="raise", similarity=None).on_error == "raise"
+
+
 def test_guard_rejection_passes_through(tiny_prompter):
     # The random tiny model never ends a sentence within 8 tokens: the guard rejects it as truncated.
     recorder = RewriteRecorder()
@@ -383,6 +467,20 @@ def test_constructor_validation(stub):
         AlignProRunnable()
     with pytest.raises(ValueError, match="mode"):
         AlignProRunnable(stub, mode="paraphrase")
+    with pytest.raises(ValueError, match="on_error"):
+        AlignProRunnable(stub, on_error="ignore")
+
+
+def test_unknown_generation_kwargs_fail_at_construction_naming_the_accepted_keys(stub, tiny_lm_dir):
+    # Before: every call fell back with "prompter_error: TypeError ..." and the chain never rewrote anything.
+    with pytest.raises(ValueError, match="max_new_token") as info:
+        AlignProRunnable(stub, generation_kwargs={"max_new_token": 8})
+    assert "max_new_tokens" in str(info.value) and "temperature" in str(info.value)
+    with pytest.raises(ValueError, match="top_k"):
+        AlignProRunnable.from_base(tiny_lm_dir, generation_kwargs={"top_k": 5})
+    assert set(GENERATION_KEYS) == {"max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty"}
+    r = AlignProRunnable(stub, generation_kwargs={"max_new_tokens": 8, "do_sample": False})
+    assert r.invoke("q") == augmented("q")
 
 
 # ---------------------------------------------------------------------- construction and serialization
@@ -517,6 +615,33 @@ def test_aligned_model_can_be_switched_off(stub, echo):
     assert aligned.invoke("q").content == augmented("q")
 
 
+async def test_aligned_model_passes_configurable_to_the_prompter_and_the_inner_model(stub, echo):
+    # No configurable_fields: the ENABLED_CONFIG_KEY must still reach the prompter from a direct call.
+    aligned = AlignedChatModel(llm=echo, prompter=stub)
+    off = {"configurable": {ENABLED_CONFIG_KEY: False}}
+    recorder = RewriteRecorder()
+    assert aligned.invoke("q", config={**off, "callbacks": [recorder]}).content == "q"
+    assert (await aligned.ainvoke("q", config=off)).content == "q"
+    assert "".join(c.content for c in aligned.stream("a b", config=off)) == "a b"
+    assert "".join([c.content async for c in aligned.astream("a b", config=off)]) == "a b"
+    assert [m.content for m in aligned.batch(["x", "y"], config=off)] == ["x", "y"]
+    assert [m.content for m in await aligned.abatch(["x"], config=off)] == ["x"]
+    assert recorder.records[0]["fallback_reason"] == guard.DISABLED
+    assert aligned.invoke("q").content == augmented("q")  # the next call is rewritten again
+    # A configurable inner model gets the call's configurable too; run_name stays on the aligned run only.
+    def who(messages: Any, config: RunnableConfig, **kwargs: Any) -> AIMessage:
+        return AIMessage(str(config["configurable"].get("who")))
+
+    switchable = RunnableLambda(who)
+    collector = RunCollectorCallbackHandler()
+    out = AlignedChatModel(llm=switchable, prompter=stub).invoke(
+        "q", config={"configurable": {"who": "me"}, "run_name": "mine", "callbacks": [collector]}
+    )
+    assert out.content == "me"
+    names = [name for _, name, _ in run_tree(collector.traced_runs[0])]
+    assert names[0] == "mine" and names.count("mine") == 1
+
+
 def test_aligned_model_survives_a_failing_prompter(stub, echo, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("prompter down")
@@ -536,7 +661,8 @@ def test_aligned_model_prompter_specs(stub, tmp_path, monkeypatch, tiny_lm_dir):
         AlignedChatModel(llm=llm, prompter=tiny_lm_dir).prompter.base_model == tiny_lm_dir
     )  # a model folder
     assert AlignedChatModel(llm=llm, prompter="smollm2-135m-instruct").prompter.base_model is not None
-    assert AlignedChatModel(llm=llm, prompter=str(tmp_path / "nope")).prompter_path == str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="alignpro.json"):
+        AlignedChatModel(llm=llm, prompter=str(tmp_path / "nope"))
     monkeypatch.setenv("ALIGNPRO_PROMPTER", folder)
     assert AlignedChatModel(llm=llm).prompter_path == folder
     monkeypatch.delenv("ALIGNPRO_PROMPTER")
@@ -545,6 +671,40 @@ def test_aligned_model_prompter_specs(stub, tmp_path, monkeypatch, tiny_lm_dir):
     with pytest.raises(TypeError, match="prompter must be"):
         AlignedChatModel(llm=llm, prompter=42)
     assert "echo" in AlignedChatModel(llm=EchoChatModel(), prompter=stub).model_name
+
+
+def test_local_looking_prompter_paths_without_a_prompter_fail_at_construction(tmp_path, monkeypatch):
+    # Before: a misspelt folder was taken as a hub id (or loaded lazily) and every call passed through.
+    llm = EchoChatModel()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "empty").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("x")
+    cases = {
+        "runs/prompter": "does not exist",  # runs/ is a local folder: not a hub id
+        "runs/rl/prompter": "does not exist",
+        "./prompter": "does not exist",
+        "../prompter": "does not exist",
+        str(tmp_path / "nope"): "does not exist",
+        "runs/empty": "has no alignpro.json",
+        "notes.txt": "is a file",
+    }
+    for spec, problem in cases.items():
+        with pytest.raises(FileNotFoundError) as info:
+            AlignedChatModel(llm=llm, prompter=spec)
+        message = str(info.value)
+        assert repr(spec) in message and problem in message, message
+        assert "alignpro.json" in message and "config.json" in message  # what a prompter folder holds
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AlignedChatModel(llm=llm, prompter=tmp_path / "runs" / "prompter")  # a Path is always local
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AlignProRunnable.from_spec("runs/prompter")
+    monkeypatch.setenv("ALIGNPRO_PROMPTER", "runs/prompter")
+    with pytest.raises(FileNotFoundError, match="runs/prompter"):
+        AlignedChatModel(llm=llm)
+    # A hub id is still accepted and loaded lazily (nothing is fetched here).
+    monkeypatch.setenv("ALIGNPRO_PROMPTER", "SomeOrg/some-prompter-base")
+    hub = AlignedChatModel(llm=llm)
+    assert hub.prompter.base_model == "SomeOrg/some-prompter-base" and hub.prompter.prompter is None
 
 
 # ---------------------------------------------------------------------- load: 200 concurrent calls

@@ -23,6 +23,7 @@ from alignpro_plugins.manifest import (
     MODES,
     GenerationDefaults,
     Manifest,
+    check_generation_kwargs,
     weights_hash,
 )
 from alignpro_plugins.prompter import BaseModelMismatchError, Prompter, RewriteResult, compose
@@ -281,6 +282,73 @@ def test_manifest_validation(tmp_path):
     assert m.generation.max_new_tokens == 5 and m.mode == "augment"
 
 
+def test_moved_artifact_names_the_missing_base_folder_and_takes_base_model(lora_artifact, tmp_path):
+    pr, folder, base_dir = lora_artifact
+    moved = base_dir.rename(tmp_path / "base-elsewhere")  # as if the artifact came from another machine
+    with pytest.raises(FileNotFoundError) as err:
+        Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    assert str(base_dir) in str(err.value) and "base_model=" in str(err.value)
+    loaded = Prompter.from_pretrained(folder, base_model=str(moved), device="cpu", similarity=None)
+    try:  # the override loads the same weights (the recorded hash is still checked) and rewrites the same
+        assert loaded.rewrite_results(PROMPTS[:4]) == pr.rewrite_results(PROMPTS[:4])
+    finally:
+        loaded.close()
+
+
+def test_manifest_mode_needs_an_instruction_template():
+    only_augment = {"augment": DEFAULT_INSTRUCTIONS["augment"]}
+    with pytest.raises(ValueError) as err:
+        Manifest(base_model="x", mode="rewrite", instructions=only_augment)
+    assert str(err.value) == (
+        "mode 'rewrite' has no instruction template; instructions has templates for modes: ['augment']"
+    )
+    assert Manifest(base_model="x", mode="augment", instructions=only_augment).mode == "augment"
+
+
+GEN_KEYS = "max_new_tokens, do_sample, temperature, top_p, repetition_penalty"
+GUARD_KEYS = "max_length_ratio, max_length_slack, min_similarity, check_protected_spans"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '{"base_model": "x", "mode": "augm',  # a write cut short
+            "invalid JSON (Unterminated string starting at: line 1 column 29)",
+        ),
+        ("[1, 2]", "expected a JSON object, got list"),
+        ('{"mode": "augment"}', "missing required key 'base_model'"),
+        (
+            '{"base_model": "x", "generation": {"max_tokens": 5, "top_k": 3}}',
+            f"unknown generation setting(s) 'max_tokens', 'top_k'; accepted keys: {GEN_KEYS}",
+        ),
+        ('{"base_model": "x", "generation": [5]}', "generation must be an object, got list"),
+        (
+            '{"base_model": "x", "guard": {"similarity": 0.2}}',
+            f"unknown guard setting(s) 'similarity'; accepted keys: {GUARD_KEYS}",
+        ),
+        (
+            '{"base_model": "x", "mode": "rewrite", "instructions": {"augment": "Improve: {prompt}"}}',
+            "mode 'rewrite' has no instruction template; instructions has templates for modes: ['augment']",
+        ),
+        ('{"base_model": "x", "format_version": "1"}', "format_version must be an integer, got '1'"),
+    ],
+)
+def test_bad_manifest_file_is_reported_with_its_path(tmp_path, text, problem):
+    (tmp_path / MANIFEST_NAME).write_text(text)
+    for load in (Manifest.load, Prompter.from_pretrained):
+        with pytest.raises(ValueError) as err:
+            load(tmp_path)
+        assert str(err.value).startswith(f"{tmp_path / MANIFEST_NAME}: {problem}")
+
+
+def test_check_generation_kwargs_lists_the_accepted_keys():
+    check_generation_kwargs({"max_new_tokens": 3, "do_sample": True, "top_p": None})
+    with pytest.raises(ValueError) as err:
+        check_generation_kwargs({"max_new_tokens": 3, "stop": ["\n"]})
+    assert str(err.value) == f"unknown generation setting(s) 'stop'; accepted keys: {GEN_KEYS}"
+
+
 # ---------------------------------------------------------------------------------------------- guard in context
 LONG = "Consider " + " ".join(f"aspect{i}" for i in range(80)) + "."
 
@@ -386,11 +454,36 @@ def test_untokenizable_prompt_passes_through_without_hurting_others(prompter):
 
 
 @pytest.mark.parametrize("bad", [None, 42, b"bytes", ["a list"]])
-def test_non_str_prompts_raise_type_error(tiny_prompter, bad):
+def test_non_str_prompts_raise_type_error(tiny_prompter, bad, monkeypatch):
+    calls = spy_generate(monkeypatch, tiny_prompter.model)
     with pytest.raises(TypeError, match="str"):
         tiny_prompter.rewrite(bad)
-    with pytest.raises(TypeError, match="str"):
-        tiny_prompter.rewrite_results(["fine", bad])
+    # The whole batch is refused up front, naming the bad element, rather than some prompts silently lost.
+    with pytest.raises(TypeError) as err:
+        tiny_prompter.rewrite_results(["fine", "also fine", bad])
+    assert str(err.value) == (
+        f"Prompter accepts str prompts only: prompts[2] is {type(bad).__name__}; nothing was rewritten"
+    )
+    assert calls == []
+
+
+def test_one_str_instead_of_a_list_is_refused(tiny_prompter):
+    # Iterating a str would rewrite it character by character.
+    with pytest.raises(TypeError, match=r"got one str; use rewrite_result\(prompt\)"):
+        tiny_prompter.rewrite_results("Tell me about tea")
+
+
+def test_unknown_generation_override_names_the_accepted_keys(tiny_prompter, monkeypatch):
+    calls = spy_generate(monkeypatch, tiny_prompter.model)
+    with pytest.raises(ValueError) as err:
+        tiny_prompter.rewrite_results(["Tell me about tea"], max_tokens=5)
+    assert str(err.value) == f"unknown generation setting(s) 'max_tokens'; accepted keys: {GEN_KEYS}"
+    assert calls == []
+
+
+def test_bad_max_batch_size_is_rejected(varied):
+    with pytest.raises(ValueError, match="max_batch_size must be an int >= 1, got 0"):
+        make_prompter(*varied, max_batch_size=0)
 
 
 async def test_non_str_prompts_raise_type_error_async(tiny_prompter):
@@ -401,6 +494,31 @@ async def test_non_str_prompts_raise_type_error_async(tiny_prompter):
 def test_unknown_mode_is_rejected(tiny_prompter):
     with pytest.raises(ValueError, match="mode"):
         tiny_prompter.rewrite("hello", mode="summarise")
+
+
+async def test_mode_without_a_template_is_a_call_error_not_a_fallback(tiny_lm_dir):
+    from alignpro_plugins.prompter import load_causal_lm
+
+    model, tok, _ = load_causal_lm(tiny_lm_dir)
+    manifest = Manifest(base_model="tiny", instructions={"augment": DEFAULT_INSTRUCTIONS["augment"]})
+    pr = Prompter(model, tok, manifest, similarity=None)
+    try:
+        # Before: every prompt fell back with "prompter_error: cannot tokenize: 'rewrite'".
+        expected = (
+            "mode 'rewrite' has no instruction template in this prompter's manifest; "
+            "available modes: ['augment']"
+        )
+        with pytest.raises(ValueError) as err:
+            pr.rewrite_results(["one", "two"], mode="rewrite")
+        assert str(err.value) == expected
+        with pytest.raises(ValueError, match="available modes"):
+            await pr.arewrite("one", mode="rewrite")
+        with pytest.raises(ValueError, match="available modes"):
+            pr.format_query("one", "rewrite")  # the trainers format queries directly
+        script(pr, "Cover the history.")
+        assert pr.rewrite("one") == "one\n\nCover the history."  # the mode it has still works
+    finally:
+        pr.close()
 
 
 # ---------------------------------------------------------------------------------------------- modes

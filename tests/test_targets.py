@@ -17,6 +17,7 @@ from alignpro_plugins.targets import (
     OpenAICompatibleTarget,
     TransformersTarget,
     as_target,
+    public_url,
 )
 from tests.openai_server import OpenAIServer, transformers_responder
 from tests.test_prompter import varied_lm
@@ -190,6 +191,23 @@ def test_failed_answers_are_not_cached():
     assert calls["n"] == 2 and cached.stats.failures == 1
 
 
+def test_cache_survives_a_line_cut_off_by_an_interrupted_run(tmp_path, caplog):
+    path = tmp_path / "answers.jsonl"
+    CachedTarget(Counting("a"), path).generate(["x", "y"])
+    with open(path, "ab") as fh:  # killed mid-write: half a row, cut inside a multi-byte character
+        fh.write('{"key": "0123", "answer": "caf\u00e9'.encode()[:-1])
+    again = Counting("a")
+    resumed = CachedTarget(again, path)  # used to raise a bare JSONDecodeError
+    assert f"{path}:3: skipping a malformed line" in caplog.text
+    assert resumed.generate(["y", "x", "z"]) == ["a:y:0.0", "a:x:0.0", "a:z:0.0"]
+    assert again.asked == ["z"]  # the complete rows were served from disk
+    # The new row went on a line of its own, not glued to the broken one: a third run reads it.
+    third = Counting("a")
+    assert CachedTarget(third, path).generate(["z"]) == ["a:z:0.0"] and third.asked == []
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 4 and json.loads(lines[-1])["answer"] == "a:z:0.0"
+
+
 async def test_cache_async():
     inner = Counting()
     cached = CachedTarget(inner)
@@ -314,8 +332,84 @@ def test_openai_target_does_not_retry_a_rejected_key():
     with OpenAIServer(api_key=KEY) as server:
         target = openai_target(server, api_key="sk-wrong", max_retries=3, backoff=0.5)
         assert target.generate(["a"]) == [""]
+        base_url = server.base_url
     assert server.statuses() == [401]  # one request: a rejected key is not retried
-    assert target.stats.failures == 1 and "401" in (target.stats.last_error or "")
+    assert target.stats.failures == 1
+    # The server's own message says what was wrong.
+    assert target.stats.last_error == (
+        f"RuntimeError: HTTP 401 from {base_url} (not retried): "
+        '{"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error", "code": null}}'
+    )
+
+
+@pytest.mark.server
+def test_openai_target_404_says_what_the_server_said_without_secrets(caplog):
+    with OpenAIServer() as server:
+        # A wrong path, and a key in the query string: the path is extended before the query.
+        target = OpenAICompatibleTarget(f"{server.base_url}/v2?key=SECRET123", "tiny", backoff=0.01)
+        assert target.generate(["a"]) == [""]
+        base_url = server.base_url
+    assert target.stats.last_error == (
+        f"RuntimeError: HTTP 404 from {base_url}/v2 (not retried): "
+        '{"error": {"message": "no route /v1/v2/chat/completions?***", "type": "not_found", "code": null}}'
+    )
+    assert "SECRET123" not in caplog.text + repr(target) + target.identity
+
+
+def test_openai_target_error_excerpt_is_short_and_redacted():
+    target = OpenAICompatibleTarget("http://user:pw-77@127.0.0.1:9/v1", "tiny", api_key=KEY)
+    excerpt = target._excerpt(f"bad key {KEY}\n  " + "x" * 1000)
+    assert excerpt.startswith("bad key *** xxx") and KEY not in excerpt
+    assert len(excerpt) == 300 + 1 and excerpt.endswith("…")
+    assert target._excerpt("") == ""
+    assert target._excerpt("user pw-77 rejected") == "user *** rejected"
+
+
+def test_identity_and_repr_never_hold_url_credentials():
+    plain = OpenAICompatibleTarget("http://127.0.0.1:8000/v1/", "m")
+    assert plain.identity == "openai:http://127.0.0.1:8000/v1:m"  # unchanged: cache keys stay valid
+    secret = OpenAICompatibleTarget("https://bob:hunter2@llm.example.com:8443/v1?api_key=abc123", "m")
+    assert secret.identity == "openai:https://llm.example.com:8443/v1:m"
+    assert "hunter2" not in repr(secret) and "abc123" not in repr(secret)
+    assert secret._endpoint == "https://bob:hunter2@llm.example.com:8443/v1/chat/completions?api_key=abc123"
+    assert public_url("https://LLM.example.com/v1") == "https://LLM.example.com/v1"
+    assert public_url("https://llm.example.com/v1#frag") == "https://llm.example.com/v1"
+
+
+def test_openai_api_key_from_the_environment_goes_only_to_openai(monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    assert OpenAICompatibleTarget("https://api.openai.com/v1", "m")._headers() == {
+        "Authorization": f"Bearer {KEY}"
+    }
+    for url in (
+        "http://127.0.0.1:8000/v1",
+        "https://api.together.xyz/v1",
+        "https://api.openai.com.attacker.example/v1",
+        "http://api.openai.com/v1",  # not over plain HTTP either
+    ):
+        assert OpenAICompatibleTarget(url, "m")._headers() == {}, url
+    assert "not sending $OPENAI_API_KEY to http://127.0.0.1:8000/v1" in caplog.text
+    assert KEY not in caplog.text
+    # Explicit choices still work for any host.
+    assert OpenAICompatibleTarget("http://127.0.0.1:8000/v1", "m", api_key="k1")._headers() == {
+        "Authorization": "Bearer k1"
+    }
+    monkeypatch.setenv("MY_ENDPOINT_KEY", "k2")
+    named = OpenAICompatibleTarget("http://127.0.0.1:8000/v1", "m", api_key_env="MY_ENDPOINT_KEY")
+    assert named._headers() == {"Authorization": "Bearer k2"}
+    with pytest.raises(ValueError, match="not both"):
+        OpenAICompatibleTarget("http://127.0.0.1:8000/v1", "m", api_key="k1", api_key_env="MY_ENDPOINT_KEY")
+    missing = OpenAICompatibleTarget("http://127.0.0.1:8000/v1", "m", api_key_env="NO_SUCH_ALIGNPRO_VAR")
+    assert missing._headers() == {} and "'NO_SUCH_ALIGNPRO_VAR' is not set" in caplog.text
+
+
+@pytest.mark.server
+def test_openai_target_sends_no_openai_key_to_a_local_server(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with OpenAIServer() as server:
+        assert openai_target(server).generate(["x"]) == ["echo: x"]
+    assert "authorization" not in server.requests[0].headers
 
 
 @pytest.mark.server
@@ -330,9 +424,9 @@ def test_openai_target_runs_requests_concurrently_up_to_its_limit():
 @pytest.mark.server
 def test_openai_target_never_reveals_the_api_key(monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)  # httpx / httpcore debug logging included
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("ALIGNPRO_TEST_TARGET_KEY", KEY)
     with OpenAIServer(api_key=KEY, failures=[500, 500]) as server:
-        target = openai_target(server, max_retries=0)  # key from the environment
+        target = openai_target(server, max_retries=0, api_key_env="ALIGNPRO_TEST_TARGET_KEY")  # from the env
         assert target.generate(["x", "y", "z"]).count("") == 2
         assert server.requests[-1].headers["authorization"] == f"Bearer {KEY}"
         wrong = openai_target(server, api_key=KEY[::-1], max_retries=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -602,3 +603,140 @@ def test_oracle_kl_optimum_resumes_after_its_last_round(tiny_lm_dir, tmp_path):
     seen.clear()
     train_oracle(cfg(2, True), prompts=PROMPTS[:4], reward=reward)
     assert seen == [x for x in PROMPTS[2:4] for _ in range(2 + 1)]  # only round 2 ran, on fresh prompts
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"kl_rounds": 3},
+        {"kl_prompts_per_round": 8},
+        {"kl_include_greedy": False},
+        {"kl_anchors": ["Be thorough."]},
+        {"kl_validation_prompts": 4},
+        {"kl_length_control": 0.5},
+    ],
+)
+def test_kl_options_are_refused_under_grpo(option, tmp_path):
+    """GRPO would silently ignore them: a run that looks configured for kl-optimum must not start as GRPO."""
+    from trainers.oracle_config import RLHFOracleConfig
+
+    name, value = next(iter(option.items()))
+    with pytest.raises(ValueError, match=rf"{name}=.*apply to algorithm='kl-optimum' only.*algorithm='grpo'"):
+        AlignProRLConfig(output_dir=str(tmp_path), report_to="none", **option)
+    assert getattr(AlignProRLConfig(output_dir=str(tmp_path), report_to="none", algorithm="kl-optimum",
+                                    **option), name) == value
+    if name in {f.name for f in dataclasses.fields(RLHFOracleConfig)}:
+        with pytest.raises(ValueError, match=rf"{name}=.*apply to algorithm='kl-optimum' only"):
+            RLHFOracleConfig(output_dir=str(tmp_path), report_to="none", **option)
+
+
+def test_grpo_accepts_kl_options_left_at_their_defaults(tmp_path):
+    cfg = AlignProRLConfig(output_dir=str(tmp_path), report_to="none", kl_rounds=1, kl_include_greedy=True,
+                           kl_anchors=[])
+    assert cfg.algorithm == "grpo"
+
+
+def test_oracle_beta_error_says_why_and_what_to_set(tmp_path):
+    from trainers.oracle_config import RLHFOracleConfig
+
+    with pytest.raises(ValueError, match=r"beta must be > 0, got 0.0: it is the KL penalty .* \(default 0.05\)"):
+        RLHFOracleConfig(output_dir=str(tmp_path), report_to="none", beta=0.0)
+
+
+def test_target_url_without_model_name_is_refused_by_the_config(tmp_path):
+    for cls in (AlignProRLConfig, AlignProSFTConfig):
+        with pytest.raises(ValueError, match="target_base_url is set .* set `target_model_name`"):
+            cls(output_dir=str(tmp_path), report_to="none", target_base_url="http://127.0.0.1:9/v1")
+    cfg = AlignProRLConfig(output_dir=str(tmp_path), report_to="none", target_base_url="http://127.0.0.1:9/v1",
+                           target_model_name="served")
+    assert cfg.target_model_name == "served"
+
+
+def test_trainers_name_a_missing_reward_before_loading_models(tmp_path):
+    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_trainer import RLHFOracleTrainer
+
+    nowhere = str(tmp_path / "nowhere")  # loading any model from here would fail differently
+    rl = AlignProRLConfig(output_dir=str(tmp_path / "rl"), report_to="none", sft_prompter=nowhere)
+    with pytest.raises(ValueError, match=r"RL needs a reward: set `reward_model` .* or pass reward="):
+        AlignProRLTrainer(rl, prompts=PROMPTS)
+    sft = AlignProSFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", base_model=nowhere)
+    with pytest.raises(ValueError, match=r"SFT bootstrap \(no pairs_data\) needs a reward: set `reward_model`"):
+        AlignProSFTTrainer(sft, prompts=PROMPTS)
+    with pytest.raises(ValueError, match="SFT needs pairs_data .* or prompts_data"):
+        AlignProSFTTrainer(sft)
+    oracle = RLHFOracleConfig(output_dir=str(tmp_path / "o"), report_to="none", target=nowhere)
+    with pytest.raises(ValueError, match="the RLHF oracle needs a reward: set `reward_model`"):
+        RLHFOracleTrainer(oracle, prompts=PROMPTS)
+
+
+def _trainable(module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def test_freeze_layers_freezes_the_lower_layers_of_an_encoder(tiny_encoder_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_dir, num_labels=1)
+    AlignProRewardTrainer._freeze(model, 1)
+    layers = model.bert.encoder.layer
+    assert not _trainable(model.bert.embeddings) and not _trainable(layers[0])
+    assert _trainable(layers[1]) and _trainable(model.classifier)
+
+
+def test_freeze_layers_on_a_decoder_keeps_its_upper_layers_and_head(tiny_lm_dir):
+    """A decoder has no `.embeddings`: the whole model used to be frozen, so nothing trained."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_lm_dir, num_labels=1)
+    AlignProRewardTrainer._freeze(model, 1)
+    assert not _trainable(model.get_input_embeddings()) and not _trainable(model.model.layers[0])
+    assert _trainable(model.model.layers[1]) and _trainable(model.score)
+    with pytest.raises(ValueError, match=r"freeze_layers=3, but LlamaForSequenceClassification has 2 layers: use 0..2"):
+        AlignProRewardTrainer._freeze(model, 3)
+
+
+def test_freeze_layers_refuses_a_model_it_cannot_freeze():
+    class Flat(torch.nn.Module):
+        base_model_prefix = "body"
+
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 1))
+
+        def get_input_embeddings(self):
+            return self.body[0]
+
+    with pytest.raises(ValueError, match="freeze_layers=1: found no input embeddings and layer stack .* freeze_layers=0"):
+        AlignProRewardTrainer._freeze(Flat(), 1)
+
+    class AllLayers(Flat):
+        def __init__(self):
+            super().__init__()
+            self.body.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+            self.body[1].requires_grad_(False)  # as if the head were frozen already
+
+    with pytest.raises(ValueError, match="freeze_layers=1 left nothing trainable"):
+        AlignProRewardTrainer._freeze(AllLayers(), 1)
+
+
+def test_lora_all_linear_from_the_cli_is_the_peft_keyword():
+    from trainers.common import lora_config
+
+    # The CLI turns `--lora_target_modules all-linear` into a one-item list; peft only expands the plain string.
+    assert lora_config(8, 16, 0.0, ["all-linear"]).target_modules == "all-linear"
+    assert set(lora_config(8, 16, 0.0, ["q_proj", "v_proj"]).target_modules) == {"q_proj", "v_proj"}
+
+
+def test_training_target_sends_no_openai_key_to_another_host(monkeypatch, tmp_path):
+    from trainers.common import build_target
+    from trainers.rl_config import AlignProRLConfig
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-a-local-server")
+    monkeypatch.setenv("MY_ENDPOINT_KEY", "local-key")
+    base = dict(output_dir=str(tmp_path), target_base_url="http://127.0.0.1:9/v1", target_model_name="m")
+    default = build_target(AlignProRLConfig(**base), str(tmp_path))
+    named = build_target(AlignProRLConfig(**base, target_api_key_env="MY_ENDPOINT_KEY"), str(tmp_path))
+    assert default.target._api_key == ""
+    assert named.target._api_key == "local-key"

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,47 @@ def check_kl_rounds(cfg: Any) -> None:
         raise ValueError(f"kl_prompts_per_round must be >= 1 or None (all prompts every round), got {n}")
     if cfg.algorithm == "kl-optimum" and (cfg.num_generations or 0) < 1:
         raise ValueError(f"num_generations (samples per prompt) must be >= 1, got {cfg.num_generations}")
+
+
+def check_algorithm(cfg: Any) -> None:
+    """`algorithm` is one of the two; the kl_* options are set only where they act (GRPO would ignore them)."""
+    if cfg.algorithm not in ("grpo", "kl-optimum"):
+        raise ValueError(f"algorithm must be 'grpo' or 'kl-optimum', got {cfg.algorithm!r}")
+    if cfg.algorithm == "kl-optimum":
+        return
+    changed = []
+    for f in fields(cfg):
+        if f.name.startswith("kl_"):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if getattr(cfg, f.name) != default:
+                changed.append(f"{f.name}={getattr(cfg, f.name)!r}")
+    if changed:
+        raise ValueError(
+            f"{', '.join(changed)}: the kl_* options apply to algorithm='kl-optimum' only, and "
+            f"algorithm={cfg.algorithm!r} would ignore them; set algorithm='kl-optimum' or drop them"
+        )
+
+
+def as_str_list(value: Any, name: str) -> list[str]:
+    """A list option given one string (a YAML scalar, or str in Python) means one item, not its characters."""
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [os.fspath(value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value):
+        return [os.fspath(v) for v in value]
+    raise ValueError(
+        f"{name} must be a list of strings (a YAML list, or one string for a single item), got {value!r}"
+    )
+
+
+def check_reward_source(stage: str, reward: Any, reward_model: str | None) -> None:
+    """Fail before any model loads when the stage has nothing to score with."""
+    if reward is None and not reward_model:
+        raise ValueError(
+            f"{stage} needs a reward: set `reward_model` (the folder written by `alignpro reward`) or pass "
+            "reward= to the trainer"
+        )
 
 
 @contextmanager
@@ -95,8 +136,12 @@ class TargetArguments:
     target_model_name: str | None = field(
         default=None, metadata={"help": "Model name to send to target_base_url."}
     )
-    target_api_key_env: str = field(
-        default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the endpoint's API key."}
+    target_api_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "Environment variable holding the endpoint's API key. Unset: $OPENAI_API_KEY, sent only to "
+            "api.openai.com, so an OpenAI key never reaches another host."
+        },
     )
     target_max_new_tokens: int = field(default=96, metadata={"help": "Answer length cap during training."})
     target_batch_size: int = field(
@@ -106,6 +151,14 @@ class TargetArguments:
     target_cache: str | None = field(
         default=None, metadata={"help": "jsonl answer cache; default <output_dir>/target_cache.jsonl"}
     )
+
+    def __post_init__(self) -> None:
+        # TrainingArguments.__post_init__ does not call super(): the stage configs call this explicitly.
+        if self.target_base_url and not self.target_model_name:
+            raise ValueError(
+                f"target_base_url is set ({self.target_base_url}) but target_model_name is not: set "
+                "`target_model_name` to the model name the endpoint serves (listed by <target_base_url>/models)"
+            )
 
 
 def target_cache_path(output_dir: str) -> str:
@@ -125,12 +178,10 @@ def build_target(cfg: Any, output_dir: str):
 
     inner: FrozenTarget
     if cfg.target_base_url:
-        if not cfg.target_model_name:
-            raise ValueError("target_base_url is set but target_model_name is not: name the served model")
         inner = OpenAICompatibleTarget(
             cfg.target_base_url,
-            cfg.target_model_name,
-            api_key=os.environ.get(cfg.target_api_key_env, ""),
+            cfg.target_model_name,  # set: TargetArguments.__post_init__ checks it
+            api_key_env=cfg.target_api_key_env,
             max_tokens=cfg.target_max_new_tokens,
             concurrency=cfg.target_concurrency,
         )
@@ -173,6 +224,9 @@ def lora_config(
 ):
     from peft import LoraConfig
 
+    # `--lora_target_modules all-linear` arrives as ["all-linear"]; peft expands the keyword only as a plain string.
+    if isinstance(target_modules, list) and len(target_modules) == 1 and target_modules[0] == "all-linear":
+        target_modules = "all-linear"
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
     )

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from trainers.common import apply_hardware_defaults, check_kl_rounds, grpo_checks_relaxed
+from trainers.common import apply_hardware_defaults, check_algorithm, check_kl_rounds, grpo_checks_relaxed
 
 
 @dataclass
@@ -62,10 +62,13 @@ class RLHFOracleConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
-        if self.algorithm not in ("grpo", "kl-optimum"):
-            raise ValueError(f"algorithm must be 'grpo' or 'kl-optimum', got {self.algorithm!r}")
+        check_algorithm(self)
         if self.beta <= 0:
-            raise ValueError("beta must be > 0")
+            raise ValueError(
+                f"beta must be > 0, got {self.beta}: it is the KL penalty that keeps the tuned target near the "
+                "untuned one (for kl-optimum, the λ of the resampling). Set it to the prompter's RL beta for a "
+                "like-for-like oracle (default 0.05)"
+            )
         check_kl_rounds(self)
         with grpo_checks_relaxed(self):
             super().__post_init__()

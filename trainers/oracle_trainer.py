@@ -15,6 +15,7 @@ from alignpro_plugins.prompter import load_causal_lm
 from alignpro_plugins.rewards import as_reward
 from trainers.common import (
     JsonlMetricsCallback,
+    check_reward_source,
     check_round_prompts,
     latest_checkpoint,
     lora_config,
@@ -31,6 +32,7 @@ class RLHFOracleTrainer:
         self, config: RLHFOracleConfig, *, prompts: Sequence[str] | None = None, reward: Any | None = None
     ):
         self.config = config
+        check_reward_source("the RLHF oracle", reward, config.reward_model)
         self.prompts = training_prompts(config, prompts, "the RLHF oracle")
         if config.algorithm == "kl-optimum":
             check_round_prompts(self.prompts, config.kl_prompts_per_round, config.kl_rounds, "the RLHF oracle")

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alignpro_plugins.data import PreferencePair, load_preferences, load_prompts, split_by_prompt
 from alignpro_plugins.models import resolve_model
 from alignpro_plugins.rewards import REWARD_MANIFEST, RewardModel, encode_pairs, prompt_digest
@@ -161,15 +163,37 @@ class AlignProRewardTrainer:
 
     @staticmethod
     def _freeze(model: Any, n_layers: int) -> None:
+        """Freeze the input embeddings and the lowest ``n_layers`` transformer layers."""
         if n_layers <= 0:
             return
         base = getattr(model, model.base_model_prefix, model)
-        for p in getattr(base, "embeddings", model).parameters():
-            p.requires_grad = False
-        layers = getattr(getattr(base, "encoder", None), "layer", [])
-        for layer in list(layers)[:n_layers]:
-            for p in layer.parameters():
+        # encoder.layer: BERT-style encoders (the default base); layers / h: Llama- and GPT-2-style decoders.
+        stacks = (getattr(getattr(base, "encoder", None), "layer", None), getattr(base, "layers", None),
+                  getattr(base, "h", None))
+        layers = next((s for s in stacks if isinstance(s, torch.nn.ModuleList)), None)
+        # BERT-style `embeddings` also holds the position / type embeddings; elsewhere the token embeddings.
+        embeddings = getattr(base, "embeddings", None)
+        if not isinstance(embeddings, torch.nn.Module):
+            try:
+                embeddings = model.get_input_embeddings()
+            except NotImplementedError:
+                embeddings = None
+        if layers is None or embeddings is None:
+            raise ValueError(
+                f"freeze_layers={n_layers}: found no input embeddings and layer stack to freeze in "
+                f"{type(model).__name__} (known: encoder.layer, layers, h); set freeze_layers=0 to train it whole"
+            )
+        if n_layers > len(layers):
+            raise ValueError(
+                f"freeze_layers={n_layers}, but {type(model).__name__} has {len(layers)} layers: use 0..{len(layers)}"
+            )
+        for module in (embeddings, *list(layers)[:n_layers]):
+            for p in module.parameters():
                 p.requires_grad = False
+        if count_trainable(model) == 0:
+            raise ValueError(
+                f"freeze_layers={n_layers} left nothing trainable in {type(model).__name__}; lower freeze_layers"
+            )
 
 
 def train_reward(config: AlignProRewardConfig) -> RewardModel:

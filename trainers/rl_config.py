@@ -4,7 +4,15 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from trainers.common import TargetArguments, apply_hardware_defaults, check_kl_rounds, grpo_checks_relaxed
+from alignpro_plugins.manifest import MODES
+from trainers.common import (
+    TargetArguments,
+    apply_hardware_defaults,
+    as_str_list,
+    check_algorithm,
+    check_kl_rounds,
+    grpo_checks_relaxed,
+)
 
 
 @dataclass
@@ -118,8 +126,14 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
 
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
-        if self.algorithm not in ("grpo", "kl-optimum"):
-            raise ValueError(f"algorithm must be 'grpo' or 'kl-optimum', got {self.algorithm!r}")
+        TargetArguments.__post_init__(self)
+        self.kl_anchors = as_str_list(self.kl_anchors, "kl_anchors")
+        check_algorithm(self)
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(
+                f"mode must be one of {', '.join(repr(m) for m in MODES)}, or unset to keep the SFT prompter's "
+                f"mode; got {self.mode!r}"
+            )
         if self.beta <= 0:
             raise ValueError(
                 "beta (λ) must be > 0: it is the KL penalty that keeps the prompter near the SFT prompter"
@@ -129,8 +143,6 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             raise ValueError(
                 f"kl_length_control is the share of the length effect removed: 0..1, got {self.kl_length_control}"
             )
-        if self.kl_length_control and self.algorithm != "kl-optimum":
-            raise ValueError("kl_length_control applies to algorithm='kl-optimum' only; set it to 0 for GRPO")
         if self.kl_validation_prompts < 0:
             raise ValueError(f"kl_validation_prompts must be >= 0, got {self.kl_validation_prompts}")
         if self.kl_keep_best and not self.kl_validation_prompts:

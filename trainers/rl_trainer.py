@@ -15,6 +15,7 @@ from alignpro_plugins.rewards import as_reward
 from trainers.common import (
     JsonlMetricsCallback,
     build_target,
+    check_reward_source,
     check_round_prompts,
     count_trainable,
     latest_checkpoint,
@@ -72,16 +73,8 @@ class AlignProRLTrainer:
     ) -> None:
         self.config = config
         self.callbacks = list(callbacks or [])
-        src = prompter if prompter is not None else config.sft_prompter
-        if isinstance(src, Prompter):
-            self.prompter = src
-        elif src is not None:
-            self.prompter = Prompter.from_pretrained(src, is_trainable=True, similarity=None)
-        else:
-            self.prompter = Prompter.from_base(config.base_model, similarity=None)
-        if config.mode:
-            self.prompter.manifest.mode = config.mode
-        self.mode = self.prompter.manifest.mode
+        # Input checks first: a missing reward or prompt file must not cost loading the prompter and target.
+        check_reward_source("RL", reward, config.reward_model)
         self.prompts = training_prompts(config, prompts, "RL")
         self.val_prompts: list[str] = []
         if config.algorithm == "kl-optimum":
@@ -94,6 +87,16 @@ class AlignProRLTrainer:
                     )
                 self.prompts, self.val_prompts = self.prompts[:-n_val], self.prompts[-n_val:]
             check_round_prompts(self.prompts, config.kl_prompts_per_round, config.kl_rounds, "RL")
+        src = prompter if prompter is not None else config.sft_prompter
+        if isinstance(src, Prompter):
+            self.prompter = src
+        elif src is not None:
+            self.prompter = Prompter.from_pretrained(src, is_trainable=True, similarity=None)
+        else:
+            self.prompter = Prompter.from_base(config.base_model, similarity=None)
+        if config.mode:
+            self.prompter.manifest.mode = config.mode
+        self.mode = self.prompter.manifest.mode
         cache = target_cache_path(str(config.output_dir))
         self.target = (
             wrap_target(target, cache) if target is not None else build_target(config, str(config.output_dir))

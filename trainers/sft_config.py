@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from alignpro_plugins.guidance import GUIDANCE_LIBRARY
-from trainers.common import TargetArguments, apply_hardware_defaults
+from alignpro_plugins.manifest import MODES
+from trainers.common import TargetArguments, apply_hardware_defaults, as_str_list
 
 # Candidate guidance the bootstrap scores beside the prompter's own samples (augment mode). Starting from
 # what a user would try first means the SFT prompter begins at least where the fixed-instruction baseline is.
@@ -83,7 +84,9 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
         super().__post_init__()
-        if self.mode not in ("augment", "rewrite"):
+        TargetArguments.__post_init__(self)
+        if self.mode not in MODES:
             raise ValueError(f"mode must be 'augment' or 'rewrite', got {self.mode!r}")
+        self.templates = as_str_list(self.templates, "templates")
         if self.num_candidates < 0:
             raise ValueError("num_candidates must be >= 0")

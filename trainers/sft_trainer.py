@@ -25,6 +25,7 @@ from alignpro_plugins.rewards import as_reward
 from trainers.common import (
     JsonlMetricsCallback,
     build_target,
+    check_reward_source,
     count_trainable,
     latest_checkpoint,
     lora_config,
@@ -37,6 +38,10 @@ from trainers.sft_config import AlignProSFTConfig
 logger = logging.getLogger(__name__)
 
 NO_CHANGE = ""  # augment mode: an empty completion means "leave the prompt as it is"
+SFT_NEEDS_DATA = (
+    "SFT needs pairs_data (prompt pairs) or prompts_data (bootstrap prompts, scored with reward_model), or "
+    "pairs= / prompts= passed to the trainer"
+)
 
 
 class AlignProSFTTrainer:
@@ -51,6 +56,11 @@ class AlignProSFTTrainer:
         reward: Any | None = None,
     ) -> None:
         self.config = config
+        if pairs is None and not config.pairs_data:
+            # Bootstrap: check its inputs before the prompter loads.
+            if prompts is None and not config.prompts_data:
+                raise ValueError(SFT_NEEDS_DATA)
+            check_reward_source("The SFT bootstrap (no pairs_data)", reward, config.reward_model)
         self.prompter = prompter or Prompter.from_base(config.base_model, mode=config.mode, similarity=None)
         self.prompter.manifest.mode = config.mode
         self._pairs = list(pairs) if pairs is not None else None
@@ -75,7 +85,7 @@ class AlignProSFTTrainer:
         prompts = self._prompts
         if prompts is None:
             if not cfg.prompts_data:
-                raise ValueError("SFT needs pairs_data (prompt pairs) or prompts_data (bootstrap prompts)")
+                raise ValueError(SFT_NEEDS_DATA)
             prompts = load_prompts(cfg.prompts_data, field=cfg.prompt_field, context_field=cfg.context_field)
         prompts = list(dict.fromkeys(prompts))
         if cfg.max_pairs:

@@ -22,6 +22,7 @@ from typing import Any
 import dspy
 
 from alignpro_plugins.manifest import MANIFEST_NAME
+from alignpro_plugins.specs import classify_prompter_spec
 
 STATE_KEY = "alignpro"
 STATE_FORMAT = 1
@@ -80,6 +81,41 @@ def default_fields(program: dspy.Module) -> list[str]:
     return fields
 
 
+def input_names(program: dspy.Module) -> list[str] | None:
+    """The input names a call of ``program`` can take, or None when they cannot be known.
+
+    A custom ``forward(question, ...)`` takes its parameters; DSPy's own modules (``Predict``,
+    ``ChainOfThought``, ...) take their predictors' signature input fields. A custom ``forward(**kwargs)``
+    may take anything.
+    """
+    params = list(inspect.signature(program.forward).parameters.values())
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    if not takes_any:
+        return named
+    if not type(program).__module__.startswith("dspy."):
+        return None
+    fields = {name: None for _, p in program.named_predictors() for name in p.signature.input_fields}
+    return [*named, *fields] if fields else None
+
+
+def _check_fields(program: dspy.Module, fields: list[str], *, inferred: bool = False) -> None:
+    """Raise when a field to rewrite is not an input of the program (it would silently never be rewritten)."""
+    for name in fields:
+        if not isinstance(name, str):
+            raise TypeError(f"fields must be input field names (str), got {name!r}")
+    valid = input_names(program)
+    if valid is None:
+        return
+    unknown = [f for f in fields if f not in valid]
+    if unknown:
+        origin = "the first predictor's str inputs " if inferred else ""
+        raise ValueError(
+            f"fields {origin}{unknown} are not inputs of {type(program).__name__}, so they would never be "
+            f"rewritten; its inputs are {valid}: pass fields=[...] with some of these"
+        )
+
+
 def get_rewrites(prediction: Any) -> list[RewriteRecord]:
     """The rewrite records of the call that returned ``prediction`` (``[]`` if it did not come from here)."""
     return list(getattr(prediction, "_alignpro_rewrites", None) or [])
@@ -120,9 +156,11 @@ class AlignProModule(dspy.Module):
         if not isinstance(program, dspy.Module):
             raise TypeError(f"AlignProModule wraps a dspy.Module, got {type(program).__name__}")
         self.program = program
-        self.fields = (
-            [fields] if isinstance(fields, str) else list(fields) if fields else default_fields(program)
-        )
+        if fields:
+            self.fields = [fields] if isinstance(fields, str) else list(fields)
+        else:
+            self.fields = default_fields(program)
+        _check_fields(program, self.fields, inferred=not fields)
         self.prompter_kwargs = dict(prompter_kwargs or {})
         self.max_history = max_history
         self.rewrite_history: deque[RewriteRecord] = deque(maxlen=max_history)
@@ -132,7 +170,8 @@ class AlignProModule(dspy.Module):
         if isinstance(prompter, (str, os.PathLike)):
             from alignpro_plugins.prompter import Prompter
 
-            if _is_artifact(prompter):
+            # A local-looking path without alignpro.json raises here, not as a hub error for a "model name".
+            if classify_prompter_spec(prompter) == "artifact":
                 self.prompter = Prompter.from_pretrained(prompter, **self.prompter_kwargs)
                 self.prompter_path = str(Path(prompter).resolve())
             else:

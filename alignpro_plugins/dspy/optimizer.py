@@ -15,11 +15,14 @@ The RL scorer is told which x each x' came from, so the other input fields of th
 from __future__ import annotations
 
 import contextvars
+import dataclasses
+import difflib
 import hashlib
 import inspect
 import json
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
@@ -32,7 +35,9 @@ from typing import Any
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from alignpro_plugins.dspy.module import AlignProModule, _is_artifact, default_fields
+from alignpro_plugins.dspy.module import AlignProModule, _check_fields, default_fields
+from alignpro_plugins.manifest import MODES
+from alignpro_plugins.specs import classify_prompter_spec
 from alignpro_plugins.targets import FrozenTarget
 
 logger = logging.getLogger(__name__)
@@ -243,7 +248,8 @@ class AlignProOptimizer(Teleprompter):
         output_dir: where the trained prompter artifact, metrics and ``dspy_compile.json`` go (default: a
             new temporary folder).
         rl_config: keyword arguments for :class:`trainers.rl_config.AlignProRLConfig` (``max_steps``,
-            ``per_device_train_batch_size``, ``num_generations``, ``max_completion_length``, ``beta``, ...).
+            ``per_device_train_batch_size``, ``num_generations``, ``max_completion_length``, ``beta``, ...);
+            checked when ``compile`` starts, before any program call.
         num_threads: program calls in parallel during training (useful with a remote LM).
 
     After ``compile``: :attr:`valset_score_before`, :attr:`valset_score_after` and :attr:`results`.
@@ -261,6 +267,12 @@ class AlignProOptimizer(Teleprompter):
         num_threads: int = 1,
     ) -> None:
         super().__init__()
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None (the prompter's own mode), got {mode!r}")
+        if rl_config is not None and not isinstance(rl_config, dict):
+            raise TypeError(f"rl_config is a dict of AlignProRLConfig fields, got {type(rl_config).__name__}")
+        if isinstance(prompter, (str, os.PathLike)):
+            classify_prompter_spec(prompter)  # a local-looking path without alignpro.json fails here
         self.metric = metric
         self.prompter = prompter
         self.field = field
@@ -274,24 +286,48 @@ class AlignProOptimizer(Teleprompter):
         self._target: _ProgramTarget | None = None
 
     def _prompter_source(self) -> Any:
-        if isinstance(self.prompter, str) and not _is_artifact(self.prompter):
+        if isinstance(self.prompter, (str, os.PathLike)):
+            if classify_prompter_spec(self.prompter) == "artifact":
+                return str(self.prompter)
             from alignpro_plugins.prompter import Prompter
 
             # similarity=None: the trainers score rewrites without the embedding guard (as the RL stage does).
-            return Prompter.from_base(self.prompter, mode=self.mode or "augment", similarity=None)
-        return str(self.prompter) if isinstance(self.prompter, Path) else self.prompter
+            return Prompter.from_base(str(self.prompter), mode=self.mode or "augment", similarity=None)
+        return self.prompter
 
-    def _train(self, bridge: _ProgramBridge, output_dir: Path) -> Any:
-        """One Align-Pro RL run; returns the trained Prompter (saved in ``output_dir``)."""
+    def _check_rl_config(self) -> None:
+        """Unknown rl_config keys fail before any program call (not after the whole valset evaluation)."""
         from trainers.rl_config import AlignProRLConfig
-        from trainers.rl_trainer import AlignProRLTrainer
+
+        known = {f.name for f in dataclasses.fields(AlignProRLConfig) if f.init}
+        unknown = sorted(set(self.rl_config) - known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, known, n=1)
+                hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+            raise ValueError(
+                f"rl_config has unknown keys: {', '.join(hints)}. It takes AlignProRLConfig fields, e.g. "
+                "max_steps, per_device_train_batch_size, num_generations, max_completion_length, beta, "
+                "learning_rate (the full list: `alignpro rl --help`)"
+            )
+
+    def _rl_config(self, output_dir: Path) -> Any:
+        """The RL stage's config; built when compile starts so bad values fail before any program call."""
+        from trainers.rl_config import AlignProRLConfig
 
         kwargs = {**self.rl_config, "output_dir": str(output_dir)}
         if self.mode:
             kwargs["mode"] = self.mode
+        return AlignProRLConfig(**kwargs)
+
+    def _train(self, bridge: _ProgramBridge, config: Any) -> Any:
+        """One Align-Pro RL run; returns the trained Prompter (saved in ``config.output_dir``)."""
+        from trainers.rl_trainer import AlignProRLTrainer
+
         self._target = _ProgramTarget(bridge, self.num_threads)
         trainer = AlignProRLTrainer(
-            AlignProRLConfig(**kwargs),
+            config,
             prompter=self._prompter_source(),
             prompts=bridge.prompts(),
             target=self._target,
@@ -308,7 +344,15 @@ class AlignProOptimizer(Teleprompter):
         teacher: dspy.Module | None = None,
         valset: Sequence[dspy.Example] | None = None,
         metric: Callable[..., Any] | None = None,
+        **kwargs: Any,
     ) -> AlignProModule:
+        """Train a prompter for ``student`` on ``trainset``; returns a new :class:`AlignProModule`.
+
+        Other keyword arguments that DSPy optimizers take (``Teleprompter.compile(**kwargs)``) are ignored
+        with a warning.
+        """
+        if kwargs:
+            logger.warning("AlignProOptimizer.compile ignores %s", ", ".join(f"{k}=" for k in sorted(kwargs)))
         metric = metric or self.metric
         if metric is None:
             raise ValueError(
@@ -321,15 +365,19 @@ class AlignProOptimizer(Teleprompter):
         start = time.perf_counter()
         valset = list(valset or [])
         field = self.field or default_fields(student)[0]
+        # Everything that can be wrong with the arguments fails here, before the valset evaluation.
+        _check_fields(student, [field], inferred=not self.field)
+        self._check_rl_config()
+        # Deep copies everywhere: training and evaluation must not touch the student (nor its history).
+        bridge = _ProgramBridge(student.deepcopy(), field, trainset, metric, _signature_inputs(student))
         output_dir = Path(self.output_dir or tempfile.mkdtemp(prefix="alignpro-dspy-"))
         output_dir.mkdir(parents=True, exist_ok=True)
+        rl_config = self._rl_config(output_dir)  # its own value checks (algorithm, beta, ...) run here
 
-        # Deep copies everywhere: training and evaluation must not touch the student (nor its history).
         before = evaluate(student.deepcopy(), valset, metric) if valset else None
         if valset:
             logger.info("AlignProOptimizer: valset metric before = %.4f (%d examples)", before, len(valset))
-        bridge = _ProgramBridge(student.deepcopy(), field, trainset, metric, _signature_inputs(student))
-        prompter = self._train(bridge, output_dir)
+        prompter = self._train(bridge, rl_config)
         program = AlignProModule(student.deepcopy(), prompter, fields=[field], prompter_path=output_dir)
         program._compiled = True
         after = evaluate(program.deepcopy(), valset, metric) if valset else None

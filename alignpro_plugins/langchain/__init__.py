@@ -4,6 +4,7 @@
 * :class:`AlignedChatModel` — wraps any chat model; the latest human message is rewritten before it is sent.
 * :class:`ChatLocalTransformers` — a chat model over a local transformers causal LM (e.g. SmolLM2).
 * :class:`RewriteRecorder` — a callback handler that collects what the prompter did in each call.
+* :class:`PrompterError` — raised for a prompter failure by a runnable with ``on_error="raise"``.
 
 Needs ``langchain-core`` (``pip install 'alignpro-plugins[langchain]'``); the rest of the package does not.
 """
@@ -23,16 +24,19 @@ from alignpro_plugins.langchain.local import ChatLocalTransformers, clear_model_
 from alignpro_plugins.langchain.runnable import (
     ACCEPTED_INPUTS,
     ENABLED_CONFIG_KEY,
+    GENERATION_KEYS,
     NO_HUMAN_MESSAGE,
     NO_TEXT_CONTENT,
     REWRITE_RUN_NAME,
     AlignProRunnable,
+    PrompterError,
     RewriteRecorder,
 )
 
 __all__ = [
     "ACCEPTED_INPUTS",
     "ENABLED_CONFIG_KEY",
+    "GENERATION_KEYS",
     "NO_HUMAN_MESSAGE",
     "NO_TEXT_CONTENT",
     "PROMPTER_ENV",
@@ -40,6 +44,7 @@ __all__ = [
     "AlignProRunnable",
     "AlignedChatModel",
     "ChatLocalTransformers",
+    "PrompterError",
     "RewriteRecorder",
     "clear_model_cache",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar, copy_context
-from typing import Any
+from typing import Any, cast
 from uuid import uuid4
 
 from langchain_core.callbacks import (
@@ -29,11 +29,13 @@ from alignpro_plugins.langchain.runnable import AlignProRunnable
 #: Environment variable read when no ``prompter=`` is given: an artifact folder or a base model name.
 PROMPTER_ENV = "ALIGNPRO_PROMPTER"
 
-# BaseChatModel.stream() calls _stream without its run manager; stream()/astream() below put the
-# model and its config (with a pre-assigned run id) here so _stream can still nest its child runs.
-_STREAM_PARENT: ContextVar[tuple[Any, RunnableConfig] | None] = ContextVar(
-    "alignpro_stream_parent", default=None
-)
+# The config of the current call, put here by invoke/ainvoke/stream/astream: BaseChatModel passes only
+# callbacks, tags and metadata on to _generate/_stream, so `configurable` (e.g. ENABLED_CONFIG_KEY) would be
+# lost. stream() also calls _stream without its run manager: its config carries a pre-assigned run id so
+# _stream can still nest its child runs.
+_CALL_CONFIG: ContextVar[tuple[Any, RunnableConfig] | None] = ContextVar("alignpro_call_config", default=None)
+# Config keys the rewrite and the inner call inherit (run_name and run_id name this model's own run only).
+_INHERITED_KEYS = ("configurable", "recursion_limit", "max_concurrency")
 
 
 class AlignedChatModel(BaseChatModel):
@@ -45,11 +47,14 @@ class AlignedChatModel(BaseChatModel):
     ```
 
     ``prompter`` is an :class:`AlignProRunnable`, a loaded ``Prompter``, an artifact folder or a base model
-    name (default: ``$ALIGNPRO_PROMPTER``). System, AI and tool messages reach ``llm`` unchanged; the answer,
+    name (default: ``$ALIGNPRO_PROMPTER``); a path meant as a local folder that holds no prompter raises
+    ``FileNotFoundError`` here. System, AI and tool messages reach ``llm`` unchanged; the answer,
     streaming, usage metadata and tool calls come from ``llm``. ``bind_tools`` and
     ``with_structured_output`` are delegated to ``llm``. ``temperature``, ``max_tokens`` and ``stop``, when
-    set, are passed on to ``llm`` with every call. A failing prompter never fails the call: the original
-    messages are sent and the reason is recorded in the ``alignpro_rewrite`` run.
+    set, are passed on to ``llm`` with every call, and the call's ``configurable`` reaches the prompter and
+    ``llm`` (``{"alignpro_enabled": False}`` switches the rewrite off for one call). A failing prompter never
+    fails the call (unless its runnable has ``on_error="raise"``): the original messages are sent and the
+    reason is recorded in the ``alignpro_rewrite`` run.
     """
 
     llm: Runnable
@@ -135,14 +140,20 @@ class AlignedChatModel(BaseChatModel):
         return params
 
     # ------------------------------------------------------------------ helpers
+    def _call_config(self) -> RunnableConfig | None:
+        call = _CALL_CONFIG.get()
+        return call[1] if call is not None and call[0] is self else None
+
     def _child_config(self, run_manager: Any, *, async_: bool = False) -> RunnableConfig:
-        """Config for the rewrite and the inner call: children of this model's run."""
+        """Config for the rewrite and the inner call: children of this model's run, with its configurable."""
         manager_cls = AsyncCallbackManager if async_ else CallbackManager
+        config = self._call_config()
+        values: dict[str, Any] = dict(config or {})
+        inherited = {k: values[k] for k in _INHERITED_KEYS if k in values}
         if run_manager is not None:
-            return {"callbacks": _child_manager(manager_cls, run_manager, run_manager.run_id)}
-        parent = _STREAM_PARENT.get()
-        if parent is not None and parent[0] is self:
-            config = parent[1]
+            child = _child_manager(manager_cls, run_manager, run_manager.run_id)
+            return cast(RunnableConfig, {**inherited, "callbacks": child})
+        if config is not None and config.get("run_id") is not None:
             manager = manager_cls.configure(
                 config.get("callbacks"),
                 self.callbacks,
@@ -152,7 +163,8 @@ class AlignedChatModel(BaseChatModel):
                 config.get("metadata"),
                 self.metadata,
             )
-            return {"callbacks": _child_manager(manager_cls, manager, config["run_id"])}
+            child = _child_manager(manager_cls, manager, config["run_id"])
+            return cast(RunnableConfig, {**inherited, "callbacks": child})
         return ensure_config()  # e.g. inside a chain step: attach to the enclosing run
 
     def _stop(self, stop: list[str] | None) -> list[str] | None:
@@ -263,7 +275,37 @@ class AlignedChatModel(BaseChatModel):
                 await run_manager.on_llm_new_token(gen.text, chunk=gen)
             yield gen
 
-    # ------------------------------------------------------------------ streaming entry points
+    # ------------------------------------------------------------------ entry points
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        config = ensure_config(config)
+        token = _CALL_CONFIG.set((self, config))
+        try:
+            return super().invoke(input, config, stop=stop, **kwargs)
+        finally:
+            _CALL_CONFIG.reset(token)
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        config = ensure_config(config)
+        token = _CALL_CONFIG.set((self, config))
+        try:
+            return await super().ainvoke(input, config, stop=stop, **kwargs)
+        finally:
+            _CALL_CONFIG.reset(token)
+
     def stream(
         self,
         input: LanguageModelInput,
@@ -275,7 +317,7 @@ class AlignedChatModel(BaseChatModel):
         config = ensure_config(config)
         config["run_id"] = config.get("run_id") or uuid4()  # known up front: the parent of our child runs
         ctx = copy_context()
-        ctx.run(_STREAM_PARENT.set, (self, config))
+        ctx.run(_CALL_CONFIG.set, (self, config))
         iterator = super().stream(input, config, stop=stop, **kwargs)
         try:
             while True:
@@ -298,7 +340,7 @@ class AlignedChatModel(BaseChatModel):
         config = ensure_config(config)
         config["run_id"] = config.get("run_id") or uuid4()
         ctx = copy_context()
-        ctx.run(_STREAM_PARENT.set, (self, config))
+        ctx.run(_CALL_CONFIG.set, (self, config))
         iterator = super().astream(input, config, stop=stop, **kwargs)
 
         async def step() -> AIMessageChunk:

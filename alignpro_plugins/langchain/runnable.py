@@ -9,9 +9,9 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -22,7 +22,8 @@ from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, Field, model_validator
 
 from alignpro_plugins import guard
-from alignpro_plugins.manifest import MANIFEST_NAME, MODES
+from alignpro_plugins.manifest import MODES, GenerationDefaults
+from alignpro_plugins.specs import classify_prompter_spec
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ ENABLED_CONFIG_KEY = "alignpro_enabled"
 #: Fallback reasons added by the LangChain adapter (the prompter's own codes live in ``guard``).
 NO_HUMAN_MESSAGE = "no_human_message"
 NO_TEXT_CONTENT = "no_text_content"
+#: Keys ``generation_kwargs`` may set: the fields of the prompter's generation defaults.
+GENERATION_KEYS = tuple(f.name for f in fields(GenerationDefaults))
 ACCEPTED_INPUTS = (
     "str, a PromptValue (StringPromptValue or ChatPromptValue), a list of messages, a single message, "
     "or a dict holding one of these under `input_key`"
@@ -128,18 +131,24 @@ def _error_reason(exc: BaseException) -> str:
     return f"{guard.PROMPTER_ERROR}: {type(exc).__name__}: {exc}"
 
 
+class PrompterError(RuntimeError):
+    """With ``on_error="raise"``: the prompter failed on this input (the reason is the fallback reason)."""
+
+
 class AlignProRunnable(RunnableSerializable[Any, Any]):
     """Rewrite the user's latest prompt with an Align-Pro prompter; everything else passes through unchanged.
 
     Accepts a str, a ``StringPromptValue`` / ``ChatPromptValue``, a list of messages (or message-likes), a
-    single message, or a dict (the value under ``input_key`` is rewritten) and returns the same kind. In
-    message inputs only the text of the latest human message changes; system, AI and tool messages and
-    non-text content parts are untouched.
+    single message, or a dict (the value under ``input_key`` is rewritten) and returns the same kind, whether
+    or not the text was rewritten. A list of message-likes (``("human", "...")`` tuples, role dicts, strings)
+    always comes back as a list of ``BaseMessage``. In message inputs only the text of the latest human
+    message changes; system, AI and tool messages and non-text content parts are untouched.
 
-    Never breaks a chain: when the prompter fails, is switched off, or its output is rejected by the intent
-    guard, the original input passes through. Each call records a child run named ``alignpro_rewrite``
-    whose outputs hold ``original``, ``rewritten``, ``changed``, ``fallback_reason``, ``mode`` and
-    ``generated``.
+    Never breaks a chain by default: when the prompter fails, is switched off, or its output is rejected by
+    the intent guard, the original input passes through. With ``on_error="raise"`` a prompter failure raises
+    instead (so ``with_fallbacks`` / ``with_retry`` can act on it); guard rejections still pass through.
+    Each call records a child run named ``alignpro_rewrite`` whose outputs hold ``original``, ``rewritten``,
+    ``changed``, ``fallback_reason``, ``mode`` and ``generated``.
 
     Build it with :meth:`from_pretrained` (an artifact folder), :meth:`from_base` (a zero-shot prompter),
     or from a loaded :class:`~alignpro_plugins.prompter.Prompter` (``AlignProRunnable(prompter)``).
@@ -157,7 +166,11 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
     enabled: bool = True
     """Set to False (or use ``configurable_fields``) to pass inputs through untouched."""
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Overrides of the prompter's generation defaults, e.g. ``{"max_new_tokens": 48}``."""
+    """Overrides of the prompter's generation defaults, e.g. ``{"max_new_tokens": 48}``; the keys are
+    ``GENERATION_KEYS`` (unknown keys raise ``ValueError`` here)."""
+    on_error: Literal["passthrough", "raise"] = "passthrough"
+    """``passthrough``: a failing prompter passes the input through (reason ``prompter_error: ...``);
+    ``raise``: the prompter's exception propagates, for ``with_fallbacks`` / ``with_retry``."""
     prompter_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra arguments for ``Prompter.from_pretrained`` / ``from_base`` (``similarity``, ``device``, ...)."""
     prompter: Any = Field(default=None, exclude=True)
@@ -181,6 +194,12 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             raise ValueError("give prompter_path or base_model, not both")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        # Checked here: at call time a bad key would only show as a prompter_error fallback on every call.
+        unknown = sorted(set(self.generation_kwargs) - set(GENERATION_KEYS))
+        if unknown:
+            raise ValueError(
+                f"generation_kwargs has unknown keys {unknown}; accepted keys: {', '.join(GENERATION_KEYS)}"
+            )
         return self
 
     # ------------------------------------------------------------------ construction
@@ -193,6 +212,7 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         input_key: str = "input",
         enabled: bool = True,
         generation_kwargs: dict[str, Any] | None = None,
+        on_error: Literal["passthrough", "raise"] = "passthrough",
         **prompter_kwargs: Any,
     ) -> AlignProRunnable:
         """Load a prompter artifact folder now, so a bad path fails here and not inside a running chain."""
@@ -202,6 +222,7 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             input_key=input_key,
             enabled=enabled,
             generation_kwargs=generation_kwargs or {},
+            on_error=on_error,
             prompter_kwargs=prompter_kwargs,
         )
         runnable.get_prompter()
@@ -216,6 +237,7 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         input_key: str = "input",
         enabled: bool = True,
         generation_kwargs: dict[str, Any] | None = None,
+        on_error: Literal["passthrough", "raise"] = "passthrough",
         **prompter_kwargs: Any,
     ) -> AlignProRunnable:
         """A zero-shot prompter: the base model asked to improve prompts with the default instructions."""
@@ -225,6 +247,7 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             input_key=input_key,
             enabled=enabled,
             generation_kwargs=generation_kwargs or {},
+            on_error=on_error,
             prompter_kwargs=prompter_kwargs,
         )
         runnable.get_prompter()
@@ -235,19 +258,17 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         """Coerce a runnable, a Prompter, an artifact folder, a model folder or a model name (loaded lazily).
 
         A folder with ``alignpro.json`` is an artifact; a folder with ``config.json``, a packaged name or a hub
-        id is the base of a zero-shot prompter; any other absolute or ``./`` path is taken as an artifact.
+        id is the base of a zero-shot prompter. A path meant as a local folder (it exists, is absolute, starts
+        with ``./``, ``../`` or ``~``, or its first part is a local folder) that is neither raises
+        ``FileNotFoundError`` now: loaded lazily, it would pass every prompt through unchanged.
         """
         if isinstance(spec, AlignProRunnable):
             return spec
         if isinstance(spec, (str, Path)):
-            path = Path(spec).expanduser()
-            if (path / MANIFEST_NAME).exists():
+            kind = classify_prompter_spec(spec)
+            if kind == "artifact":
                 return cls(prompter_path=str(spec), **kwargs)
-            if (path / "config.json").exists():  # a plain model folder: zero-shot prompter on it
-                return cls(base_model=str(spec), **kwargs)
-            if path.is_absolute() or str(spec).startswith((".", "~")):
-                return cls(prompter_path=str(spec), **kwargs)  # meant as a folder: fail clearly on load
-            return cls(base_model=str(spec), **kwargs)  # a packaged model name or a hub id
+            return cls(base_model=str(spec), **kwargs)  # a model folder, a packaged name or a hub id
         if hasattr(spec, "rewrite_results") and hasattr(spec, "arewrite_results"):
             return cls(spec, **kwargs)
         raise TypeError(
@@ -305,8 +326,13 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
                     "set input_key=... to the key that holds the prompt"
                 )
             inner = self._plan(value[self.input_key], nested=True)
-            return self._wrap(value, inner, lambda v: {**value, self.input_key: v})
+            # A nested list of message-likes passes through as messages too (see the list case below).
+            given = value[self.input_key]
+            original = value if inner.original is given else {**value, self.input_key: inner.original}
+            return self._wrap(original, inner, lambda v: {**value, self.input_key: v})
         if isinstance(value, (list, tuple)) and not isinstance(value, str):
+            if isinstance(value, list) and all(isinstance(m, BaseMessage) for m in value):
+                return _plan_messages(value, value)
             if all(isinstance(m, BaseMessage) for m in value):
                 messages = list(value)
             else:
@@ -316,7 +342,9 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
                     raise TypeError(
                         f"AlignProRunnable accepts {ACCEPTED_INPUTS}; got a list it cannot read as messages ({exc})"
                     ) from exc
-            return _plan_messages(messages, value)
+            # A rewrite returns list[BaseMessage]; a pass-through returns the same converted list, so the
+            # output type does not depend on whether the prompter's output was used.
+            return _plan_messages(messages, messages)
         raise TypeError(f"AlignProRunnable accepts {ACCEPTED_INPUTS}; got {type(value).__name__}")
 
     @staticmethod
@@ -343,10 +371,13 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             return self.mode
         return self.prompter.manifest.mode if self.prompter is not None else None
 
-    def _finish(self, plans, enabled, todo, results) -> tuple[list[Any], list[dict[str, Any] | None]]:
+    def _finish(
+        self, plans, enabled, todo, results
+    ) -> tuple[list[Any], list[dict[str, Any] | Exception | None]]:
+        """Outputs and, per input, the rewrite run's record (or the error that ends it, on_error="raise")."""
         by_index = dict(zip(todo, results, strict=True))
         outputs: list[Any] = []
-        records: list[dict[str, Any] | None] = []
+        records: list[dict[str, Any] | Exception | None] = []
         for i, plan in enumerate(plans):
             if isinstance(plan, Exception):
                 outputs.append(plan)
@@ -361,6 +392,7 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
                 "generated": None,
             }
             out = plan.original
+            error: Exception | None = None
             if not enabled[i]:
                 record["fallback_reason"] = guard.DISABLED
             elif i not in by_index:
@@ -374,6 +406,15 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
                         record.update(rewritten=res.text, changed=res.text != plan.text)
                     except Exception as exc:  # never lose the user's input over a rebuild problem
                         record["fallback_reason"] = _error_reason(exc)
+                        error = exc
+            reason = record["fallback_reason"]
+            failed = isinstance(reason, str) and reason.startswith(guard.PROMPTER_ERROR)
+            if self.on_error == "raise" and failed:
+                # The Prompter reports its own generation failures as results: raise those per input.
+                failure = error or PrompterError(f"the prompter failed on this input: {reason}")
+                outputs.append(failure)
+                records.append(failure)
+                continue
             outputs.append(out)
             records.append(record)
         return outputs, records
@@ -391,6 +432,8 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         try:
             return self.get_prompter().rewrite_results(texts, mode=self.mode, **self.generation_kwargs)
         except Exception as exc:
+            if self.on_error == "raise":
+                raise
             return self._error_results(texts, exc)
 
     async def _arewrite(self, texts: list[str]) -> list[Any]:
@@ -401,6 +444,8 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
                 await asyncio.to_thread(self.get_prompter)
             return await self.get_prompter().arewrite_results(texts, mode=self.mode, **self.generation_kwargs)
         except Exception as exc:
+            if self.on_error == "raise":
+                raise
             return self._error_results(texts, exc)
 
     def _process(self, inputs: list[Any], run_manager: list[Any], config: list[RunnableConfig]) -> list[Any]:
@@ -412,10 +457,20 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             for p, rm in zip(plans, run_manager, strict=True)
         ]
         # One prompter call for the whole batch: the prompter generates it as real batches.
-        results = self._rewrite([plans[i].text for i in todo])  # type: ignore[union-attr]
+        try:
+            results = self._rewrite([plans[i].text for i in todo])  # type: ignore[union-attr]
+        except Exception as exc:  # on_error="raise": close the rewrite runs, then fail the call
+            for child in children:
+                if child is not None:
+                    child.on_chain_error(exc)
+            raise
         outputs, records = self._finish(plans, enabled, todo, results)
         for child, record in zip(children, records, strict=True):
-            if child is not None:
+            if child is None:
+                continue
+            if isinstance(record, Exception):
+                child.on_chain_error(record)
+            else:
                 child.on_chain_end(record)
         return outputs
 
@@ -429,10 +484,20 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             else await rm.get_child().on_chain_start(None, {"input": p.text}, name=REWRITE_RUN_NAME)
             for p, rm in zip(plans, run_manager, strict=True)
         ]
-        results = await self._arewrite([plans[i].text for i in todo])  # type: ignore[union-attr]
+        try:
+            results = await self._arewrite([plans[i].text for i in todo])  # type: ignore[union-attr]
+        except Exception as exc:
+            for child in children:
+                if child is not None:
+                    await child.on_chain_error(exc)
+            raise
         outputs, records = self._finish(plans, enabled, todo, results)
         for child, record in zip(children, records, strict=True):
-            if child is not None:
+            if child is None:
+                continue
+            if isinstance(record, Exception):
+                await child.on_chain_error(record)
+            else:
                 await child.on_chain_end(record)
         return outputs
 
