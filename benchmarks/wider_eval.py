@@ -1,7 +1,7 @@
 """The benchmark's trained prompter and the baselines a user would try first, on more held-out prompts.
 
 The standard benchmark evaluates on 100 prompts (the first 50 of dolly_eval and of self_instruct_eval), where a
-win-rate interval is about ±9 points. This evaluates frozen / template / zero-shot / align-pro from the same
+win-rate interval is about ±9 points. This evaluates frozen / template / zero-shot / SFT / align-pro from the same
 artifacts, target and judges on the first ``--per-set`` prompts of each set (none of them trained on), reusing
 the benchmark's cached target answers, and writes eval-wide/ and a section of docs/benchmarks.md.
 
@@ -56,6 +56,8 @@ def main() -> None:
     trained = Prompter.from_pretrained(out / "rl-kl")
     configs = [
         *first_tries(trained.manifest.mode),
+        # The RL stage's starting point: whether RL added anything shows head to head on these prompts.
+        WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
         WithPrompter(prompter=trained, description="(ii) Align-Pro prompter (RL: kl-optimum)"),
     ]
     report = Evaluator(prompts, target, scorers, out_dir=out / "eval-wide").run(configs)
