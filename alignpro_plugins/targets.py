@@ -544,6 +544,10 @@ class CachedTarget(FrozenTarget):
         blob = json.dumps([self.target.identity, self.target.settings, prompt], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def cached(self, prompt: str) -> str | None:
+        """The stored answer for ``prompt`` under this target and settings, without generating one."""
+        return self._cache.get(self.key(prompt))
+
     def _split(self, prompts: Sequence[str]) -> tuple[list[str], list[str]]:
         keys = [self.key(p) for p in prompts]
         todo = list(dict.fromkeys(p for p, k in zip(prompts, keys, strict=True) if k not in self._cache))

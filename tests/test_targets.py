@@ -175,6 +175,18 @@ def test_cache_persists_as_jsonl_per_target(tmp_path):
     assert len(path.read_text().splitlines()) == 3
 
 
+def test_cached_peeks_without_generating(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    CachedTarget(Counting("a"), path).generate(["x"])
+    inner = Counting("a")
+    peek = CachedTarget(inner, path)
+    assert peek.cached("x") == "a:x:0.0"
+    assert peek.cached("y") is None
+    inner.temperature = 0.7  # other settings: not the stored answer
+    assert peek.cached("x") is None
+    assert inner.asked == [] and peek.stats.calls == 0
+
+
 def test_failed_answers_are_not_cached():
     calls = {"n": 0}
 

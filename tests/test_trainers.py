@@ -80,6 +80,10 @@ def test_sft_bootstrap_keeps_best_candidate(tiny_lm_dir, tmp_path):
         usable = [c["reward"] for c in row["candidates"] if c["fallback"] is None or c["text"] == ""]
         assert row["reward"] == max(usable)
         assert chosen == row["target"]
+        # Each candidate records what the target saw: with an echoing target and a length reward, its length.
+        for c in row["candidates"]:
+            assert c["reward"] == length_reward([x], [c["shown"]])[0]
+            assert c["shown"] == x if c["fallback"] else c["shown"].startswith(x)
     assert trainer.bootstrap_stats["candidates_per_prompt"] == 2 + len(cfg.templates) + 1
 
 

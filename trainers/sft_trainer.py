@@ -169,7 +169,8 @@ class AlignProSFTTrainer:
                     "kind": kind,
                     "reward": rs[best],
                     "candidates": [
-                        {"text": c[0], "reward": r, "fallback": q.fallback_reason}
+                        # text: the prompter's raw output; shown: what the target answered (after the guard)
+                        {"text": c[0], "shown": q.text, "reward": r, "fallback": q.fallback_reason}
                         for c, r, q in zip(row, rs, res, strict=True)
                     ],
                 }

@@ -1,0 +1,177 @@
+"""Does the SFT prompter beat the best *fixed* guidance text, chosen on training prompts?
+
+The bootstrap scores every text of the guidance library on each of its training prompts (bootstrap.jsonl), so
+a user could skip the prompter and append the one text with the best mean training reward there. This evaluates
+every library text as a fixed template on the benchmark's held-out prompts, beside the SFT and Align-Pro
+prompters, with the benchmark's target, judges and cached answers, and writes one table into docs/benchmarks.md.
+The pick is made on the bootstrap's training prompts by the training reward; the evaluation columns only report.
+
+    python benchmarks/library_templates.py [--out runs/bench]    # after run_benchmark.py; about 25 min here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_benchmark import BUDGETS, eval_prompts, judges, machine, publish  # noqa: E402
+
+
+def training_side(bootstrap: Path) -> dict[str, dict[str, float]]:
+    """Per fixed text: mean training reward and win rate against "no change" on the bootstrap's prompts."""
+    from alignpro_plugins.stats import win_rate
+
+    scores: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for row in map(json.loads, bootstrap.read_text().splitlines()):
+        unchanged = [c["reward"] for c in row["candidates"] if c["fallback"] == "no_change"]
+        if not unchanged:
+            continue
+        for c in row["candidates"]:
+            scores[c["text"]][0].append(c["reward"])
+            scores[c["text"]][1].append(unchanged[0])
+    n = max(len(a) for a, _ in scores.values())
+    # Only texts scored on every prompt are fixed texts (sampled rewrites differ per prompt).
+    return {
+        text: {"mean": sum(a) / len(a), "vs_unchanged": win_rate(a, b)["win_rate"], "n": len(a)}
+        for text, (a, b) in scores.items()
+        if text and len(a) == n
+    }
+
+
+def in_sample(out: Path, budget: dict) -> dict[str, float]:
+    """On the bootstrap's own prompts: does the independent judge agree with the training reward's per-prompt pick?
+
+    Re-scores every bootstrap candidate's answer (from the SFT stage's answer cache) with the independent judge:
+    the share of prompts where both judges pick the same candidate, and the pick's win rate against "no change"
+    under each judge. High agreement with a much lower held-out win rate means the pick is real for the answers
+    it saw but not predictable from the prompt alone.
+    """
+    from alignpro_plugins.prompter import compose
+    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.stats import win_rate
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    cache = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["target_tokens"], batch_size=32),
+        out / "sft" / "target_cache.jsonl",
+    )
+    groups = []  # per prompt: (prompt, [(training reward, answer, is "no change")])
+    for row in map(json.loads, (out / "sft" / "bootstrap.jsonl").read_text().splitlines()):
+        x, found = row["prompt"], []
+        for c in row["candidates"]:
+            # Logs before "shown" was recorded: rebuild it (a guard-cleaned sampled rewrite then misses the cache).
+            shown = c.get("shown") or (x if c["fallback"] else compose(x, c["text"], "augment"))
+            answer = cache.cached(shown)
+            if answer is not None:
+                found.append((c["reward"], answer, c["fallback"] == "no_change"))
+        if len(found) >= 3 and any(u for _, _, u in found):
+            groups.append((x, found))
+    judge = RewardModel(str(out / "judge"))
+    scores = iter(judge.score([x for x, g in groups for _ in g], [a for _, g in groups for _, a, _ in g]))
+    agree, picked, unchanged, picked_tr, unchanged_tr = 0, [], [], [], []
+    for _, g in groups:
+        ind = [next(scores) for _ in g]
+        best = max(range(len(g)), key=lambda j: g[j][0])
+        base = next(j for j, (_, _, u) in enumerate(g) if u)
+        agree += best == max(range(len(g)), key=lambda j: ind[j])
+        picked.append(ind[best])
+        unchanged.append(ind[base])
+        picked_tr.append(g[best][0])
+        unchanged_tr.append(g[base][0])
+    return {
+        "prompts": len(groups),
+        "candidates": sum(len(g) for _, g in groups) / len(groups),
+        "top1_agreement": agree / len(groups),
+        "pick_vs_unchanged_independent": win_rate(picked, unchanged)["win_rate"],
+        "pick_vs_unchanged_reward": win_rate(picked_tr, unchanged_tr)["win_rate"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not (out / "sft" / "bootstrap.jsonl").exists() or not (out / "rl-kl" / "alignpro.json").exists():
+        raise SystemExit(
+            f"{out} has no finished benchmark (sft/bootstrap.jsonl, rl-kl/): run run_benchmark.py first"
+        )
+
+    from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
+    from alignpro_plugins.prompter import Prompter
+    from alignpro_plugins.stats import win_rate
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    train = training_side(out / "sft" / "bootstrap.jsonl")
+    budget = BUDGETS["standard"]
+    sample = in_sample(out, budget)
+    texts = sorted(train, key=lambda t: -train[t]["mean"])
+    prompts = eval_prompts(budget)
+    ev_dir = out / "eval-library"
+    ev_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("records.jsonl", "target_cache.jsonl"):  # reuse the benchmark's answers and records
+        if (out / "eval" / name).exists() and not (ev_dir / name).exists():
+            shutil.copy(out / "eval" / name, ev_dir / name)
+    target = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
+        ev_dir / "target_cache.jsonl",
+    )
+    names = {text: f"library-{i + 1}" for i, text in enumerate(texts)}
+    configs = [
+        FrozenAlone(),
+        *(FixedTemplate(template=t, name=names[t], description="a library text appended") for t in texts),
+        WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
+        WithPrompter(
+            prompter=Prompter.from_pretrained(out / "rl-kl"),
+            description="(ii) Align-Pro prompter (RL: kl-optimum)",
+        ),
+    ]
+    t0 = time.time()
+    report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="sft").run(configs)
+    by: dict[str, list[float]] = defaultdict(list)
+    for rec in sorted(report.records, key=lambda r: r["idx"]):
+        by[rec["config"]].append(rec["rewards"]["independent"])
+
+    def wr(a: str, b: str) -> str:
+        w = win_rate(by[a], by[b])
+        return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
+
+    rows = [
+        f"| {names[t]}{' (picked)' if i == 0 else ''}: {t} | {train[t]['mean']:.3f} | {train[t]['vs_unchanged']:.1%} "
+        f"| {wr(names[t], 'frozen')} | {wr('sft', names[t])} | {wr('align-pro', names[t])} |"
+        for i, t in enumerate(texts)
+    ]
+    n_train = next(iter(train.values()))["n"]
+    md = [
+        "## Experiment: the best fixed guidance text against the trained prompters",
+        "",
+        "- command: `python benchmarks/library_templates.py` (after run_benchmark.py)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
+        f"{time.time() - t0:.0f} s; target calls {target.stats.calls}, cache hits {target.stats.cache_hits}",
+        f"- training side: the bootstrap's {n_train} training prompts, training reward (bootstrap.jsonl); the "
+        "text with the best mean there is the one a user would pick without a prompter ('picked')",
+        f"- in sample: on {sample['prompts']} bootstrap prompts with {sample['candidates']:.1f} answered candidates "
+        f"each, the training reward's per-prompt pick wins {sample['pick_vs_unchanged_reward']:.1%} against 'no "
+        f"change' under the training reward and {sample['pick_vs_unchanged_independent']:.1%} under the independent "
+        f"judge; both judges pick the same candidate on {sample['top1_agreement']:.0%} of the prompts",
+        f"- evaluation side: the benchmark's {len(prompts)} held-out prompts, independent judge; "
+        f"SFT vs frozen {wr('sft', 'frozen')}, align-pro vs frozen {wr('align-pro', 'frozen')}",
+        "",
+        "| fixed text | mean training reward (bootstrap prompts) | vs no change (bootstrap prompts) "
+        "| text vs frozen (held-out) | SFT vs text (held-out) | align-pro vs text (held-out) |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+    publish("\n".join(md), ev_dir / "section.md", "library-templates-experiment")
+
+
+if __name__ == "__main__":
+    main()
