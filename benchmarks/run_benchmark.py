@@ -370,9 +370,9 @@ def eval_prompts(budget: dict) -> list[str]:
 
 
 def training_prompts(budget: dict) -> list[str]:
-    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage train on, or did before 2026-11-24."""
+    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage train on (runs since 2026-11-24)."""
     n = budget["kl_prompts"] * budget["kl_rounds"]
-    rl = [x for exclude in (True, False) for x in rl_prompt_pools(budget, exclude)[1][:n]]
+    rl = rl_prompt_pools(budget)[1][:n]
     return list(dict.fromkeys(bootstrap_prompts(budget) + rl))
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     from alignpro_plugins.prompter import Prompter
 
     budget = dict(BUDGETS["standard"], eval_per_set=args.per_set)
-    # Runs before 2026-11-24 trained RL on AlpacaEval prompts further down self_instruct_eval: all stay out.
+    # The RL pools exclude every evaluation prompt since 2026-11-24; this keeps the check (0 left out).
     seen = set(training_prompts(budget))
     every = eval_prompts(budget)
     prompts = [x for x in every if x not in seen]
@@ -69,8 +69,8 @@ def main() -> None:
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             f"- machine: {machine()}",
             f"- what: the standard benchmark's prompter, reward and judge (runs/bench) on the first {args.per_set} "
-            "prompts of dolly_eval and of self_instruct_eval (the benchmark's 100 are the first 50 of each), less "
-            f"the {len(every) - len(prompts)} in the SFT or RL prompt pools (the RL pool of runs/bench held them); "
+            "prompts of dolly_eval and of self_instruct_eval (the benchmark's 100 are the first 50 of each); "
+            f"left out because the SFT or RL stage trained on them: {len(every) - len(prompts)}; "
             f"target calls {target.stats.calls}, cache hits {target.stats.cache_hits}; {time.time() - t:.0f} s",
             "",
             report.to_markdown(),
