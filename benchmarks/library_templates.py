@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import BUDGETS, eval_prompts, judges, machine, publish  # noqa: E402
+from benchmarks.run_benchmark import (  # noqa: E402
+    BUDGETS,
+    eval_prompts,
+    judges,
+    machine,
+    publish,
+    side_evaluation,
+)
 
 
 def training_side(bootstrap: Path) -> dict[str, dict[str, float]]:
@@ -108,22 +114,13 @@ def main() -> None:
     from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.stats import win_rate
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     train = training_side(out / "sft" / "bootstrap.jsonl")
     budget = BUDGETS["standard"]
     sample = in_sample(out, budget)
     texts = sorted(train, key=lambda t: -train[t]["mean"])
     prompts = eval_prompts(budget)
-    ev_dir = out / "eval-library"
-    ev_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("records.jsonl", "target_cache.jsonl"):  # reuse the benchmark's answers and records
-        if (out / "eval" / name).exists() and not (ev_dir / name).exists():
-            shutil.copy(out / "eval" / name, ev_dir / name)
-    target = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
-        ev_dir / "target_cache.jsonl",
-    )
+    ev_dir, target = side_evaluation(out, budget, "eval-library")  # reuses the benchmark's answers and records
     names = {text: f"library-{i + 1}" for i, text in enumerate(texts)}
     configs = [
         FrozenAlone(),

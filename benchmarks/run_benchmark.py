@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -327,6 +328,26 @@ def eval_target(out: Path, budget: dict):
         TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
         out / "eval" / "target_cache.jsonl",
     )
+
+
+def side_evaluation(out: Path, budget: dict, name: str):
+    """A side evaluation's folder and target, seeded with copies of the benchmark's records and answers.
+
+    Configurations the benchmark already evaluated are reused from the copies; new answers go to the copy, so the
+    benchmark's own records stay as the benchmark wrote them.
+    """
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    ev_dir = out / name
+    ev_dir.mkdir(parents=True, exist_ok=True)
+    for file in ("records.jsonl", "target_cache.jsonl"):
+        if (out / "eval" / file).exists() and not (ev_dir / file).exists():
+            shutil.copy(out / "eval" / file, ev_dir / file)
+    target = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
+        ev_dir / "target_cache.jsonl",
+    )
+    return ev_dir, target
 
 
 def publish(section: str, copy: Path, key: str) -> None:
