@@ -28,28 +28,8 @@ from benchmarks.run_benchmark import (  # noqa: E402
     machine,
     publish,
     side_evaluation,
+    training_side,
 )
-
-
-def training_side(bootstrap: Path) -> dict[str, dict[str, float]]:
-    """Per fixed text: mean training reward and win rate against "no change" on the bootstrap's prompts."""
-    from alignpro_plugins.stats import win_rate
-
-    scores: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    for row in map(json.loads, bootstrap.read_text().splitlines()):
-        unchanged = [c["reward"] for c in row["candidates"] if c["fallback"] == "no_change"]
-        if not unchanged:
-            continue
-        for c in row["candidates"]:
-            scores[c["text"]][0].append(c["reward"])
-            scores[c["text"]][1].append(unchanged[0])
-    n = max(len(a) for a, _ in scores.values())
-    # Only texts scored on every prompt are fixed texts (sampled rewrites differ per prompt).
-    return {
-        text: {"mean": sum(a) / len(a), "vs_unchanged": win_rate(a, b)["win_rate"], "n": len(a)}
-        for text, (a, b) in scores.items()
-        if text and len(a) == n
-    }
 
 
 def in_sample(out: Path, budget: dict) -> dict[str, float]:

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -71,6 +72,12 @@ def targets_table(summary: dict) -> str:
                     w["win_rate"] >= goal and w["ci_low"] > 0.5,
                 )
         add(f"align-pro vs frozen ≥ 65% (paper-level, {judge})", wr["win_rate"], wr["win_rate"] >= 0.65)
+        if "template-picked" in h:  # not an issue target: the best fixed text picked on the training prompts
+            w = h["template-picked"][judge]
+            rows.append(
+                f"| (context) align-pro vs template-picked, the best library text on the training prompts "
+                f"({judge}) | {w['win_rate']:.1%} [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}] | — |"
+            )
         lc = c["align-pro"][judge].get("vs_reference_length_controlled")
         if lc:  # not an issue target: how much of the win is the judges' preference for longer answers
             rows.append(
@@ -330,6 +337,40 @@ def eval_target(out: Path, budget: dict):
     )
 
 
+def training_side(bootstrap: Path) -> dict[str, dict[str, float]]:
+    """Per fixed text: mean training reward and win rate against "no change" on the bootstrap's prompts."""
+    from alignpro_plugins.stats import win_rate
+
+    scores: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for row in map(json.loads, bootstrap.read_text().splitlines()):
+        unchanged = [c["reward"] for c in row["candidates"] if c["fallback"] == "no_change"]
+        if not unchanged:
+            continue
+        for c in row["candidates"]:
+            scores[c["text"]][0].append(c["reward"])
+            scores[c["text"]][1].append(unchanged[0])
+    n = max(len(a) for a, _ in scores.values())
+    # Only texts scored on every prompt are fixed texts (sampled rewrites differ per prompt).
+    return {
+        text: {"mean": sum(a) / len(a), "vs_unchanged": win_rate(a, b)["win_rate"], "n": len(a)}
+        for text, (a, b) in scores.items()
+        if text and len(a) == n
+    }
+
+
+PICKED = "the library text with the best mean training reward on the SFT bootstrap's prompts, appended"
+
+
+def picked_template(out: Path) -> str | None:
+    """The guidance text a user would append without a prompter: the library text with the best mean training
+    reward on the SFT bootstrap's prompts (None when the SFT stage did not bootstrap)."""
+    log = out / "sft" / "bootstrap.jsonl"
+    if not log.exists():
+        return None
+    scores = training_side(log)
+    return max(scores, key=lambda t: scores[t]["mean"]) if scores else None
+
+
 def side_evaluation(out: Path, budget: dict, name: str):
     """A side evaluation's folder and target, seeded with copies of the benchmark's records and answers.
 
@@ -497,6 +538,7 @@ def main() -> None:
     from alignpro_plugins.evaluation import (
         BestOfK,
         Evaluator,
+        FixedTemplate,
         Oracle,
         WithPrompter,
     )
@@ -512,14 +554,18 @@ def main() -> None:
     grpo = Prompter.from_pretrained(out / "rl") if with_grpo else None
     trained = kl if args.rl_algorithm == "kl-optimum" else grpo
     assert trained is not None
+    picked = picked_template(out)
     configs = [
         *first_tries(trained.manifest.mode),
+        # The stronger first try: the library text a user would pick with the same reward and training prompts.
+        *([FixedTemplate(template=picked, name="template-picked", description=PICKED)] if picked else []),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
         WithPrompter(prompter=trained, description=f"(ii) Align-Pro prompter (RL: {args.rl_algorithm})"),
         BestOfK(prompter=trained, k=budget["best_of_k"]),
     ]
     if args.rl_algorithm == "kl-optimum" and grpo is not None:
-        configs.insert(4, WithPrompter(prompter=grpo, name="align-pro-grpo", description="RL stage by GRPO"))
+        at = next(i for i, c in enumerate(configs) if c.name == "align-pro")
+        configs.insert(at, WithPrompter(prompter=grpo, name="align-pro-grpo", description="RL stage by GRPO"))
     configs.append(Oracle(target=oracle_target(out / "oracle", out / "eval" / "oracle_cache.jsonl", tokens)))
     report = Evaluator(prompts, target, scorers, out_dir=out / "eval").run(configs)
     timed("evaluation", t)
