@@ -475,7 +475,7 @@ def main() -> None:
     times: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
 
     def timed(name: str, t: float, resumed: bool = False) -> None:
-        # A resumed kl stage adds its new rounds to the time of the rounds already done.
+        # A resumed stage (kl rounds, evaluation cells) adds its new work to the time already spent.
         times[name] = (times.get(name, 0.0) if resumed else 0.0) + time.time() - t
         times_path.write_text(json.dumps(times, indent=1))
 
@@ -567,8 +567,9 @@ def main() -> None:
         at = next(i for i, c in enumerate(configs) if c.name == "align-pro")
         configs.insert(at, WithPrompter(prompter=grpo, name="align-pro-grpo", description="RL stage by GRPO"))
     configs.append(Oracle(target=oracle_target(out / "oracle", out / "eval" / "oracle_cache.jsonl", tokens)))
+    resumed = (out / "eval" / "records.jsonl").exists()  # then only new cells cost time: add it up
     report = Evaluator(prompts, target, scorers, out_dir=out / "eval").run(configs)
-    timed("evaluation", t)
+    timed("evaluation", t, resumed=resumed)
     from alignpro_plugins.evaluation import plot_training_curve
 
     try:
