@@ -76,6 +76,14 @@ def parse_stage_config(stage: str, argv: Sequence[str], yaml_defaults: dict[str,
     return parser.parse_args_into_dataclasses(args=args)[0]
 
 
+def _add_prompter_base(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prompter-base",
+        help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
+        "(the recorded weights hash is still checked)",
+    )
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
@@ -294,11 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="*")
     p.add_argument("--prompter", help="prompter artifact folder (default: zero-shot base prompter)")
     p.add_argument("--base", default="smollm2-135m-instruct")
-    p.add_argument(
-        "--prompter-base",
-        help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
-        "(the recorded weights hash is still checked)",
-    )
+    _add_prompter_base(p)
     p.add_argument("--mode", choices=["augment", "rewrite"], default=None)
     p.add_argument("--input", help="jsonl file of prompts")
     p.add_argument("--output", help="jsonl output (default stdout)")
@@ -329,11 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--prompter-base",
-        help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
-        "(the recorded weights hash is still checked)",
-    )
+    _add_prompter_base(p)
     p.add_argument("--judge", required=True, help="training reward model artifact")
     p.add_argument("--independent-judge", help="a reward model trained on disjoint prompts")
     p.add_argument("--llm-judge", help="pairwise LLM judge model (both orders)")

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,16 +33,15 @@ from benchmarks.run_benchmark import (  # noqa: E402
 )
 
 
-def in_sample(out: Path, budget: dict) -> dict[str, float]:
+def in_sample(out: Path, budget: dict, judge: Any) -> dict[str, float]:
     """On the bootstrap's own prompts: does the independent judge agree with the training reward's per-prompt pick?
 
-    Re-scores every bootstrap candidate's answer (from the SFT stage's answer cache) with the independent judge:
+    Re-scores every bootstrap candidate's answer (from the SFT stage's answer cache) with ``judge``:
     the share of prompts where both judges pick the same candidate, and the pick's win rate against "no change"
     under each judge. High agreement with a much lower held-out win rate means the pick is real for the answers
     it saw but not predictable from the prompt alone.
     """
     from alignpro_plugins.prompter import compose
-    from alignpro_plugins.rewards import RewardModel
     from alignpro_plugins.stats import win_rate
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
@@ -60,7 +60,6 @@ def in_sample(out: Path, budget: dict) -> dict[str, float]:
                 found.append((c["reward"], answer, c["fallback"] == "no_change"))
         if len(found) >= 3 and any(u for _, _, u in found):
             groups.append((x, found))
-    judge = RewardModel(str(out / "judge"))
     scores = iter(judge.score([x for x, g in groups for _ in g], [a for _, g in groups for _, a, _ in g]))
     agree, picked, unchanged, picked_tr, unchanged_tr = 0, [], [], [], []
     for _, g in groups:
@@ -97,7 +96,8 @@ def main() -> None:
 
     train = training_side(out / "sft" / "bootstrap.jsonl")
     budget = BUDGETS["standard"]
-    sample = in_sample(out, budget)
+    scorers = judges(out)
+    sample = in_sample(out, budget, scorers["independent"])
     texts = sorted(train, key=lambda t: -train[t]["mean"])
     prompts = eval_prompts(budget)
     ev_dir, target = side_evaluation(out, budget, "eval-library")  # reuses the benchmark's answers and records
@@ -112,7 +112,7 @@ def main() -> None:
         ),
     ]
     t0 = time.time()
-    report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="sft").run(configs)
+    report = Evaluator(prompts, target, scorers, out_dir=ev_dir, focus="sft").run(configs)
     by: dict[str, list[float]] = defaultdict(list)
     for rec in sorted(report.records, key=lambda r: r["idx"]):
         by[rec["config"]].append(rec["rewards"]["independent"])

@@ -327,13 +327,13 @@ def oracle_target(adapter: Path, cache: Path, max_new_tokens: int):
     return CachedTarget(oracle, cache)
 
 
-def eval_target(out: Path, budget: dict):
-    """The frozen target as evaluation sees it; every script shares the answers cached under out/eval/."""
+def eval_target(out: Path, budget: dict, cache: Path | None = None):
+    """The frozen target as evaluation sees it; scripts share the answers cached under out/eval/ by default."""
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     return CachedTarget(
         TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
-        out / "eval" / "target_cache.jsonl",
+        cache or out / "eval" / "target_cache.jsonl",
     )
 
 
@@ -377,18 +377,12 @@ def side_evaluation(out: Path, budget: dict, name: str):
     Configurations the benchmark already evaluated are reused from the copies; new answers go to the copy, so the
     benchmark's own records stay as the benchmark wrote them.
     """
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
-
     ev_dir = out / name
     ev_dir.mkdir(parents=True, exist_ok=True)
     for file in ("records.jsonl", "target_cache.jsonl"):
         if (out / "eval" / file).exists() and not (ev_dir / file).exists():
             shutil.copy(out / "eval" / file, ev_dir / file)
-    target = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
-        ev_dir / "target_cache.jsonl",
-    )
-    return ev_dir, target
+    return ev_dir, eval_target(out, budget, ev_dir / "target_cache.jsonl")
 
 
 def publish(section: str, copy: Path, key: str) -> None:
