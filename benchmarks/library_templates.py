@@ -12,7 +12,6 @@ The pick is made on the bootstrap's training prompts by the training reward; the
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
+    bootstrap_answers,
     eval_prompts,
     judges,
     machine,
@@ -41,25 +41,13 @@ def in_sample(out: Path, budget: dict, judge: Any) -> dict[str, float]:
     under each judge. High agreement with a much lower held-out win rate means the pick is real for the answers
     it saw but not predictable from the prompt alone.
     """
-    from alignpro_plugins.prompter import compose
     from alignpro_plugins.stats import win_rate
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
-    cache = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["target_tokens"], batch_size=32),
-        out / "sft" / "target_cache.jsonl",
-    )
-    groups = []  # per prompt: (prompt, [(training reward, answer, is "no change")])
-    for row in map(json.loads, (out / "sft" / "bootstrap.jsonl").read_text().splitlines()):
-        x, found = row["prompt"], []
-        for c in row["candidates"]:
-            # Logs before "shown" was recorded: rebuild it (a guard-cleaned sampled rewrite then misses the cache).
-            shown = c.get("shown") or (x if c["fallback"] else compose(x, c["text"], "augment"))
-            answer = cache.cached(shown)
-            if answer is not None:
-                found.append((c["reward"], answer, c["fallback"] == "no_change"))
-        if len(found) >= 3 and any(u for _, _, u in found):
-            groups.append((x, found))
+    groups = [
+        (x, [(c["reward"], c["answer"], c["fallback"] == "no_change") for c in found])
+        for x, found in bootstrap_answers(out, budget)
+        if len(found) >= 3 and any(c["fallback"] == "no_change" for c in found)
+    ]
     scores = iter(judge.score([x for x, g in groups for _ in g], [a for _, g in groups for _, a, _ in g]))
     agree, picked, unchanged, picked_tr, unchanged_tr = 0, [], [], [], []
     for _, g in groups:

@@ -140,13 +140,17 @@ BUDGETS = {
         rm_steps=80,
         rm_max_length=256,
         boot_prompts=128,
-        k=2,
+        # Smoothed SFT targets (the fixed text that does best over a prompt's most similar bootstrap prompts, the
+        # neighbourhood size chosen by leave-one-out) come from the fixed candidates only, so sample none.
+        k=0,
         templates=None,  # the whole guidance library
+        boot_neighbours=-1,
         sft_epochs=3,
         kl_prompts=96,  # per round: every round samples fresh prompts (half BPO, half AlpacaEval)
         kl_k=4,
         kl_anchors=False,  # measured: anchors weighted as ρ_sft samples took 70% of draws and collapsed RL
         kl_rounds=3,
+        kl_val_prompts=64,  # held-out training prompts that pick the deployed round (SFT when none beats it)
         grpo_steps=12,
         eval_per_set=50,
         best_of_k=4,
@@ -157,13 +161,15 @@ BUDGETS = {
         rm_steps=12,
         rm_max_length=256,
         boot_prompts=16,
-        k=1,
+        k=0,
         templates=3,
+        boot_neighbours=-1,
         sft_epochs=2,
         kl_prompts=12,
         kl_k=3,
         kl_anchors=False,
         kl_rounds=1,
+        kl_val_prompts=8,
         grpo_steps=4,
         eval_per_set=5,
         best_of_k=2,
@@ -254,6 +260,7 @@ def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: 
         num_candidates=budget["k"],
         templates=sft_library(budget),
         max_pairs=budget["boot_prompts"],
+        bootstrap_neighbours=budget["boot_neighbours"],
         num_train_epochs=budget["sft_epochs"],
         save_steps=1000,
         **target_args(budget),
@@ -287,6 +294,9 @@ def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str]
         **kl_budget(budget),
         # The SFT bootstrap's fixed candidates (its guidance library and "no change") join every group.
         kl_anchors=[*templates, ""] if budget["kl_anchors"] else [],
+        # The last kl_val_prompts prompts it is given are held out to pick the deployed round (see rl_prompts).
+        kl_validation_prompts=budget["kl_val_prompts"],
+        kl_keep_best=budget["kl_val_prompts"] > 0,
         max_completion_length=48,
         **target_args(budget),
     )
@@ -358,6 +368,31 @@ def training_side(bootstrap: Path) -> dict[str, dict[str, float]]:
     }
 
 
+def bootstrap_answers(out: Path, budget: dict) -> list[tuple[str, list[dict]]]:
+    """Per bootstrap prompt: its candidates (bootstrap.jsonl rows) with the target's cached ``answer`` to each.
+
+    Candidates whose answer is not in the SFT stage's answer cache are left out.
+    """
+    from alignpro_plugins.prompter import compose
+    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+
+    cache = CachedTarget(
+        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["target_tokens"], batch_size=32),
+        out / "sft" / "target_cache.jsonl",
+    )
+    rows = []
+    for row in map(json.loads, (out / "sft" / "bootstrap.jsonl").read_text().splitlines()):
+        x, found = row["prompt"], []
+        for c in row["candidates"]:
+            # Logs before "shown" was recorded: rebuild it (a guard-cleaned sampled rewrite then misses the cache).
+            shown = c.get("shown") or (x if c["fallback"] else compose(x, c["text"], "augment"))
+            answer = cache.cached(shown)
+            if answer is not None:
+                found.append({**c, "answer": answer})
+        rows.append((x, found))
+    return rows
+
+
 PICKED = "the library text with the best mean training reward on the SFT bootstrap's prompts, appended"
 
 
@@ -425,11 +460,21 @@ def eval_prompts(budget: dict) -> list[str]:
     ]
 
 
+def rl_prompts(budget: dict) -> list[str]:
+    """The kl-optimum stage's prompts: its rounds' fresh prompts, then the validation prompts it holds out.
+
+    Validation prompts are AlpacaEval instructions the rounds never see (the head of the pool, which only the
+    optional GRPO stage uses); the rounds take the interleaved BPO + AlpacaEval pool.
+    """
+    alpaca, mixed = rl_prompt_pools(budget)
+    rounds = mixed[: budget["kl_prompts"] * budget["kl_rounds"]]
+    val = [x for x in alpaca if x not in set(rounds)][: budget["kl_val_prompts"]]
+    return rounds + val
+
+
 def training_prompts(budget: dict) -> list[str]:
-    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage train on (runs since 2026-11-24)."""
-    n = budget["kl_prompts"] * budget["kl_rounds"]
-    rl = rl_prompt_pools(budget)[1][:n]
-    return list(dict.fromkeys(bootstrap_prompts(budget) + rl))
+    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage use (runs since 2026-11-24)."""
+    return list(dict.fromkeys(bootstrap_prompts(budget) + rl_prompts(budget)))
 
 
 def rounds_done(stage_dir: Path, artifact: str) -> int:
@@ -438,6 +483,35 @@ def rounds_done(stage_dir: Path, artifact: str) -> int:
     if not (stage_dir / artifact).exists() or not log.exists():
         return 0
     return max((json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()), default=0)
+
+
+def sft_targets_line(out: Path) -> str:
+    """How the SFT stage chose its targets (from its manifest), for the benchmark's header."""
+    stage = json.loads((out / "sft" / "alignpro.json").read_text())["provenance"]["stages"][-1]
+    boot = stage.get("bootstrap") or {}
+    if "neighbours" not in boot:
+        return f"each bootstrap prompt's own best candidate (winners {boot.get('winners')})"
+    loo = ", ".join(f"{k}: {v:.3f}" for k, v in boot["leave_one_out_reward"].items())
+    return (
+        f"the fixed text with the best mean training reward over each prompt and its {boot['neighbours']} most "
+        f"similar bootstrap prompts (chosen by {boot['neighbours_chosen_by']}; mean reward of held-out picks by "
+        f"neighbourhood size {loo}); targets {boot.get('winners')}"
+    )
+
+
+def kept_round_line(rl_dir: Path) -> str:
+    """Which kl-optimum round the RL artifact is, and the validation rewards that chose it."""
+    rows = [json.loads(ln) for ln in (rl_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    val = {r["step"]: r["val_reward"] for r in rows if "val_reward" in r}
+    if not val:
+        return "the last round (no validation prompts)"
+    stage = json.loads((rl_dir / "alignpro.json").read_text())["provenance"]["stages"][-1]
+    kept = stage.get("selected_round")
+    return (
+        f"kept round {kept} ({'the SFT prompter' if kept == 0 else 'after that many rounds'}) by training reward of "
+        f"the deployed rewrites on held-out training prompts: "
+        + ", ".join(f"round {k} {v:.3f}" for k, v in sorted(val.items()))
+    )
 
 
 def main() -> None:
@@ -493,7 +567,7 @@ def main() -> None:
     from trainers.rl_config import AlignProRLConfig
     from trainers.rl_trainer import train_rl
 
-    rl_prompts, mixed = rl_prompt_pools(budget)
+    alpaca_prompts, mixed = rl_prompt_pools(budget)
     with_grpo = args.rl_algorithm == "grpo" or args.with_grpo
     if with_grpo and not (out / "rl" / "alignpro.json").exists():
         t = time.time()
@@ -509,7 +583,7 @@ def main() -> None:
                 max_completion_length=48,
                 **target_kw,
             ),
-            prompts=rl_prompts[:400],
+            prompts=alpaca_prompts[:400],
         )
         timed("rl stage (grpo)", t)
 
@@ -517,7 +591,7 @@ def main() -> None:
     rl_done = rounds_done(out / "rl-kl", "alignpro.json")
     if rl_done < budget["kl_rounds"]:
         t = time.time()
-        train_rl(kl_rl_config(out, out / "rl-kl", budget, sft_templates), prompts=kl_prompts)
+        train_rl(kl_rl_config(out, out / "rl-kl", budget, sft_templates), prompts=rl_prompts(budget))
         timed("rl stage (kl-optimum)", t, resumed=rl_done > 0)
 
     from trainers.oracle_trainer import train_oracle
@@ -586,6 +660,8 @@ def main() -> None:
         f"prompt digests shared by the two: {len(set(meta['reward']['train_prompt_digests']) & set(meta['judge']['train_prompt_digests']))}",
         f"- evaluation: {len(prompts)} prompts ({n} dolly + {n} self-instruct), frozen-model calls {target.stats.calls}, "
         f"cache hits {target.stats.cache_hits}",
+        f"- SFT targets: {sft_targets_line(out)}",
+        f"- RL: {kept_round_line(out / 'rl-kl')}",
         "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
         f"- wall time of this invocation: {(time.time() - started) / 60:.1f} min "
         f"(stages reused from an earlier invocation are not in it; all stages: {sum(times.values()) / 60:.1f} min)",

@@ -744,3 +744,82 @@ def test_training_target_sends_no_openai_key_to_another_host(monkeypatch, tmp_pa
     named = build_target(AlignProRLConfig(**base, target_api_key_env="MY_ENDPOINT_KEY"), str(tmp_path))
     assert default.target._api_key == ""
     assert named.target._api_key == "local-key"
+
+
+def test_neighbour_smoothing_recovers_what_suits_each_kind_of_prompt():
+    from trainers import bootstrap_labels
+
+    # Two kinds of prompt (embeddings along two axes); kind A is served best by candidate 0, kind B by 1. One
+    # prompt of kind A has a noisy single answer that makes candidate 1 its own argmax.
+    emb = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.1 * i] for i in range(4)] + [[0.1 * i, 1.0] for i in range(4)]), dim=-1
+    ).double()
+    rewards = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4, dtype=torch.float64)
+    rewards[2] = torch.tensor([0.0, 1.5])
+    order = bootstrap_labels.neighbour_order(emb)
+    assert sorted(order[0].tolist()) == list(range(1, 8))  # every other prompt, never itself
+    assert order[0, :3].tolist() == [1, 2, 3]  # its own kind first
+    assert bootstrap_labels.smoothed_picks(rewards, order, 3) == [0, 0, 0, 0, 1, 1, 1, 1]
+    # No smoothing keeps the noise; smoothing over everyone forgets the kinds.
+    assert bootstrap_labels.smoothed_picks(rewards, order, 0)[2] == 1
+    assert len(set(bootstrap_labels.smoothed_picks(rewards, order, 7))) == 1
+    best, scores = bootstrap_labels.choose_neighbours(rewards, order, grid=(1, 3, 7))
+    assert best == 3 and scores[3] > scores[7] and set(scores) == {1, 3, 7}
+    # Leave-one-out scores a pick with the reward of the prompt that did not make it.
+    assert scores[3] == pytest.approx((3 * 1.0 + 0.0 + 4 * 1.0) / 8)
+
+
+def test_sft_bootstrap_smoothed_targets_follow_the_neighbourhood_not_one_answer(
+    tiny_lm_dir, tiny_encoder_dir, tmp_path
+):
+    from alignpro_plugins.guidance import GUIDANCE_LIBRARY
+
+    favoured, noisy = GUIDANCE_LIBRARY[3], GUIDANCE_LIBRARY[4]
+
+    def reward(prompts, answers):
+        # The echoing target shows x + guidance: one text helps every prompt; another "wins" on one prompt only.
+        return [
+            2.0 if (noisy in a and p == PROMPTS[3]) else 1.0 if favoured in a else 0.0
+            for p, a in zip(prompts, answers, strict=True)
+        ]
+
+    def targets(neighbours: int) -> tuple[list[str], dict]:
+        cfg = AlignProSFTConfig(
+            output_dir=str(tmp_path / f"boot{neighbours}"),
+            base_model=tiny_lm_dir,
+            num_candidates=0,
+            bootstrap_neighbours=neighbours,
+            bootstrap_embedding_model=tiny_encoder_dir,
+            max_steps=1,
+            **TINY,
+        )
+        trainer = AlignProSFTTrainer(cfg, prompts=PROMPTS, target=lambda x: x, reward=reward)
+        return [y for _, y in trainer.sft_pairs()], trainer.bootstrap_stats
+
+    own, stats = targets(0)
+    assert own[3] == noisy and "neighbours" not in stats
+    smoothed, stats = targets(len(PROMPTS) - 1)
+    assert smoothed == [favoured] * len(PROMPTS)
+    assert stats["neighbours"] == len(PROMPTS) - 1 and stats["neighbours_chosen_by"] == "config"
+    chosen, stats = targets(-1)
+    assert stats["neighbours_chosen_by"] == "leave-one-out"
+    loo = stats["leave_one_out_reward"]
+    assert loo[str(stats["neighbours"])] == max(loo.values())
+    assert chosen == [favoured] * len(PROMPTS)  # only the noisy prompt's own answer pointed elsewhere
+
+
+def test_bootstrap_neighbours_are_checked(tiny_lm_dir, tmp_path):
+    with pytest.raises(ValueError, match="bootstrap_neighbours is 0 .off., a neighbourhood size N > 0, or -1"):
+        AlignProSFTConfig(output_dir=str(tmp_path / "x"), bootstrap_neighbours=-2, **TINY)
+    cfg = AlignProSFTConfig(
+        output_dir=str(tmp_path / "y"),
+        base_model=tiny_lm_dir,
+        num_candidates=0,
+        include_templates=False,
+        bootstrap_neighbours=2,
+        max_steps=1,
+        **TINY,
+    )
+    trainer = AlignProSFTTrainer(cfg, prompts=PROMPTS, target=lambda x: x, reward=length_reward)
+    with pytest.raises(ValueError, match="needs at\\s+least two"):
+        trainer.sft_pairs()

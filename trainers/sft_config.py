@@ -61,6 +61,20 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
         metadata={"help": "Score 'no change' too; if it wins, the prompter learns to leave x alone."},
     )
     prompter_max_new_tokens: int = field(default=48, metadata={"help": "Rewrite length cap while sampling."})
+    bootstrap_neighbours: int = field(
+        default=0,
+        metadata={
+            "help": "0: each prompt's target is its own best candidate. N > 0: the fixed candidate (template or "
+            "'no change') with the best reward averaged over the prompt and its N most similar bootstrap "
+            "prompts, so one noisy answer does not decide the target. -1: choose N by leave-one-out reward."
+        },
+    )
+    bootstrap_embedding_model: str = field(
+        default="all-minilm-l6-v2",
+        metadata={
+            "help": "Sentence encoder (name or local folder) that finds similar prompts for bootstrap_neighbours."
+        },
+    )
     # LoRA
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -90,3 +104,8 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
         self.templates = as_str_list(self.templates, "templates")
         if self.num_candidates < 0:
             raise ValueError("num_candidates must be >= 0")
+        if self.bootstrap_neighbours < -1:
+            raise ValueError(
+                f"bootstrap_neighbours is 0 (off), a neighbourhood size N > 0, or -1 (choose N by "
+                f"leave-one-out); got {self.bootstrap_neighbours}"
+            )

@@ -68,6 +68,7 @@ class AlignProSFTTrainer:
         self._target = target
         self._reward = reward
         self.bootstrap_stats: dict[str, Any] = {}
+        self._smoothing_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
     def sft_pairs(self) -> list[tuple[str, str]]:
@@ -142,15 +143,20 @@ class AlignProSFTTrainer:
             results += batch.results
         pairs, log_rows, wins = [], [], {"sampled": 0, "template": 0, "no_change": 0}
         gains = []
+        smoothed = self.smoothed_choices(prompts, cands, scores)
         k = 0
-        for x, row in zip(prompts, cands, strict=True):
+        for i, (x, row) in enumerate(zip(prompts, cands, strict=True)):
             n = len(row)
             rs, res = scores[k : k + n], results[k : k + n]
             k += n
             # Candidates that fell back are identical to 'no change'; only usable rewrites can be targets.
-            best = max(
-                range(n),
-                key=lambda j: rs[j] if (res[j].rewritten or row[j][0] == NO_CHANGE) else float("-inf"),
+            best = (
+                smoothed[i]
+                if smoothed is not None
+                else max(
+                    range(n),
+                    key=lambda j: rs[j] if (res[j].rewritten or row[j][0] == NO_CHANGE) else float("-inf"),
+                )
             )
             text = (
                 NO_CHANGE
@@ -185,9 +191,57 @@ class AlignProSFTTrainer:
             "mean_gain_over_no_change": sum(gains) / max(len(gains), 1),
             "target_calls": target.stats.calls,
             "target_failures": target.stats.failures,
+            **self._smoothing_stats,
         }
         logger.info("bootstrap: %s", self.bootstrap_stats)
         return pairs
+
+    def smoothed_choices(
+        self, prompts: Sequence[str], cands: Sequence[Sequence[tuple[str, bool]]], scores: Sequence[float]
+    ) -> list[int] | None:
+        """Per prompt, the index (in its candidate row) of the fixed candidate with the best reward averaged over
+        the prompt and its ``bootstrap_neighbours`` most similar bootstrap prompts; None when smoothing is off."""
+        cfg = self.config
+        self._smoothing_stats = {}
+        if not cfg.bootstrap_neighbours:
+            return None
+        # The fixed candidates (guidance texts, "no change") close every row, in the same order on every prompt.
+        n_fixed = (len(cfg.templates) if cfg.mode == "augment" and cfg.include_templates else 0) + int(
+            cfg.include_no_change
+        )
+        if n_fixed < 2:
+            raise ValueError(
+                "bootstrap_neighbours chooses among the fixed candidates (templates, 'no change'): it needs at "
+                "least two; set templates / include_no_change, or bootstrap_neighbours=0"
+            )
+        if len(prompts) < 2:
+            raise ValueError(
+                "bootstrap_neighbours needs at least 2 bootstrap prompts; set it to 0 for one prompt"
+            )
+        import torch
+
+        from alignpro_plugins.embeddings import Embedder
+        from trainers import bootstrap_labels
+
+        row_len = len(cands[0])
+        rewards = torch.tensor(scores, dtype=torch.float64).view(len(prompts), row_len)[
+            :, row_len - n_fixed :
+        ]
+        order = bootstrap_labels.neighbour_order(
+            Embedder(cfg.bootstrap_embedding_model).embed(prompts).double()
+        )
+        size, loo = bootstrap_labels.choose_neighbours(rewards, order)
+        if cfg.bootstrap_neighbours > 0:
+            size = min(cfg.bootstrap_neighbours, len(prompts) - 1)
+        picks = bootstrap_labels.smoothed_picks(rewards, order, size)
+        self._smoothing_stats = {
+            "neighbours": size,
+            "neighbours_chosen_by": "leave-one-out" if cfg.bootstrap_neighbours < 0 else "config",
+            # Mean reward each neighbourhood size's pick earns on prompts it did not see (the largest is "all").
+            "leave_one_out_reward": {str(k): round(v, 5) for k, v in loo.items()},
+        }
+        logger.info("bootstrap: targets smoothed over %d neighbours (leave-one-out: %s)", size, loo)
+        return [row_len - n_fixed + j for j in picks]
 
     # ------------------------------------------------------------------ training
     def dataset(self, pairs: Sequence[tuple[str, str]]):
