@@ -40,10 +40,10 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if (
-        not (out / "sft" / "bootstrap.jsonl").exists()
+        not (out / "sft" / "alignpro.json").exists()
         or not (out / "judge" / "alignpro_reward.json").exists()
     ):
-        raise SystemExit(f"{out} has no SFT bootstrap or judge yet: run run_benchmark.py first")
+        raise SystemExit(f"{out} has no finished SFT stage or judge yet: run run_benchmark.py first")
     import torch
 
     from alignpro_plugins.embeddings import Embedder
