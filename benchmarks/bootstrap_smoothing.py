@@ -39,10 +39,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick budget's answer length")
     args = ap.parse_args()
     out = Path(args.out)
-    if (
-        not (out / "sft" / "alignpro.json").exists()
-        or not (out / "judge" / "alignpro_reward.json").exists()
-    ):
+    if not (out / "sft" / "alignpro.json").exists() or not (out / "judge" / "alignpro_reward.json").exists():
         raise SystemExit(f"{out} has no finished SFT stage or judge yet: run run_benchmark.py first")
     import torch
 
@@ -76,7 +73,7 @@ def main() -> None:
         ind = sum(indep[i, j] for i, j in enumerate(picks)) / len(picks)
         w = win_rate([float(indep[i, j]) for i, j in enumerate(picks)], indep[:, none].tolist())
         return (
-            f"| {label} | {tr:.3f} | {ind:.3f} | {w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}] | "
+            f"| {label} | {tr:.3f} | {ind:.3f} | {w['win_rate']:.1%} [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}] | "
             f"{len(set(picks))} |"
         )
 
