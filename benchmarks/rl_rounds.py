@@ -53,18 +53,20 @@ def main() -> None:
     ev_dir, target = side_evaluation(out, budget, "eval-rounds")  # reuses the benchmark's answers and records
     scorers = judges(out)
     labels = {"sft": "sft"}
+    align_round = 0  # the round align-pro is (kl_keep_best may keep an earlier one; 0: the SFT prompter)
     configs = [
         FrozenAlone(),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
     ]
     for r, folder in rounds:
         if weights_hash(folder) == weights_hash(out / "rl-kl"):
-            # The final round is the benchmark's align-pro prompter: same name and setup reuse its records.
+            # The round the RL stage kept is the benchmark's align-pro prompter: same name and setup reuse its records.
             final = Prompter.from_pretrained(out / "rl-kl")
             configs.append(
                 WithPrompter(prompter=final, description="(ii) Align-Pro prompter (RL: kl-optimum)")
             )
             labels["align-pro"] = f"rl round {r} (= align-pro)"
+            align_round = r
         else:
             configs.append(
                 WithPrompter(
@@ -92,7 +94,7 @@ def main() -> None:
         for row in map(json.loads, log.read_text().splitlines() if log.exists() else [])
         if "reward_greedy" in row
     }
-    next_round = {"sft": 1, **{f"rl-round-{r}": r + 1 for r, _ in rounds}, "align-pro": rounds[-1][0] + 1}
+    next_round = {"sft": 1, **{f"rl-round-{r}": r + 1 for r, _ in rounds}, "align-pro": align_round + 1}
     rows = []
     for c in [c.name for c in configs[1:]]:
         g = greedy.get(next_round[c])
