@@ -15,7 +15,6 @@ learn. Nothing here trains: it reads bootstrap.jsonl and the SFT stage's answer 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     judges,
     machine,
     publish,
+    sft_bootstrap_stats,
     sft_library,
 )
 
@@ -65,8 +65,7 @@ def main() -> None:
     none = texts.index("")
     n_other = len(prompts) - 1
     sizes = sorted({min(k, n_other) for k in bootstrap_labels.NEIGHBOUR_GRID})
-    manifest = json.loads((out / "sft" / "alignpro.json").read_text())
-    boot = manifest["provenance"]["stages"][-1].get("bootstrap") or {}
+    boot = sft_bootstrap_stats(out)
 
     def row(label: str, picks: list[int]) -> str:
         tr = sum(train[i, j] for i, j in enumerate(picks)) / len(picks)

@@ -468,7 +468,8 @@ def rl_prompts(budget: dict) -> list[str]:
     """
     alpaca, mixed = rl_prompt_pools(budget)
     rounds = mixed[: budget["kl_prompts"] * budget["kl_rounds"]]
-    val = [x for x in alpaca if x not in set(rounds)][: budget["kl_val_prompts"]]
+    seen = set(rounds)
+    val = [x for x in alpaca if x not in seen][: budget["kl_val_prompts"]]
     return rounds + val
 
 
@@ -485,10 +486,15 @@ def rounds_done(stage_dir: Path, artifact: str) -> int:
     return max((json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()), default=0)
 
 
+def sft_bootstrap_stats(out: Path) -> dict:
+    """The SFT stage's bootstrap statistics, as its manifest records them ({} without a bootstrap)."""
+    stage = json.loads((out / "sft" / "alignpro.json").read_text())["provenance"]["stages"][-1]
+    return stage.get("bootstrap") or {}
+
+
 def sft_targets_line(out: Path) -> str:
     """How the SFT stage chose its targets (from its manifest), for the benchmark's header."""
-    stage = json.loads((out / "sft" / "alignpro.json").read_text())["provenance"]["stages"][-1]
-    boot = stage.get("bootstrap") or {}
+    boot = sft_bootstrap_stats(out)
     if "neighbours" not in boot:
         return f"each bootstrap prompt's own best candidate (winners {boot.get('winners')})"
     loo = ", ".join(f"{k}: {v:.3f}" for k, v in boot["leave_one_out_reward"].items())

@@ -68,7 +68,6 @@ class AlignProSFTTrainer:
         self._target = target
         self._reward = reward
         self.bootstrap_stats: dict[str, Any] = {}
-        self._smoothing_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ targets
     def sft_pairs(self) -> list[tuple[str, str]]:
@@ -143,7 +142,7 @@ class AlignProSFTTrainer:
             results += batch.results
         pairs, log_rows, wins = [], [], {"sampled": 0, "template": 0, "no_change": 0}
         gains = []
-        smoothed = self.smoothed_choices(prompts, cands, scores)
+        smoothed, smoothing_stats = self.smoothed_choices(prompts, cands, scores)
         k = 0
         for i, (x, row) in enumerate(zip(prompts, cands, strict=True)):
             n = len(row)
@@ -191,20 +190,20 @@ class AlignProSFTTrainer:
             "mean_gain_over_no_change": sum(gains) / max(len(gains), 1),
             "target_calls": target.stats.calls,
             "target_failures": target.stats.failures,
-            **self._smoothing_stats,
+            **smoothing_stats,
         }
         logger.info("bootstrap: %s", self.bootstrap_stats)
         return pairs
 
     def smoothed_choices(
         self, prompts: Sequence[str], cands: Sequence[Sequence[tuple[str, bool]]], scores: Sequence[float]
-    ) -> list[int] | None:
+    ) -> tuple[list[int] | None, dict[str, Any]]:
         """Per prompt, the index (in its candidate row) of the fixed candidate with the best reward averaged over
-        the prompt and its ``bootstrap_neighbours`` most similar bootstrap prompts; None when smoothing is off."""
+        the prompt and its ``bootstrap_neighbours`` most similar bootstrap prompts (None when smoothing is off),
+        and the statistics of that choice for ``bootstrap_stats``."""
         cfg = self.config
-        self._smoothing_stats = {}
         if not cfg.bootstrap_neighbours:
-            return None
+            return None, {}
         # The fixed candidates (guidance texts, "no change") close every row, in the same order on every prompt.
         n_fixed = (len(cfg.templates) if cfg.mode == "augment" and cfg.include_templates else 0) + int(
             cfg.include_no_change
@@ -234,14 +233,14 @@ class AlignProSFTTrainer:
         if cfg.bootstrap_neighbours > 0:
             size = min(cfg.bootstrap_neighbours, len(prompts) - 1)
         picks = bootstrap_labels.smoothed_picks(rewards, order, size)
-        self._smoothing_stats = {
+        stats = {
             "neighbours": size,
             "neighbours_chosen_by": "leave-one-out" if cfg.bootstrap_neighbours < 0 else "config",
             # Mean reward each neighbourhood size's pick earns on prompts it did not see (the largest is "all").
             "leave_one_out_reward": {str(k): round(v, 5) for k, v in loo.items()},
         }
         logger.info("bootstrap: targets smoothed over %d neighbours (leave-one-out: %s)", size, loo)
-        return [row_len - n_fixed + j for j in picks]
+        return [row_len - n_fixed + j for j in picks], stats
 
     # ------------------------------------------------------------------ training
     def dataset(self, pairs: Sequence[tuple[str, str]]):
