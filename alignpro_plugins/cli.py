@@ -1,4 +1,4 @@
-"""`alignpro` command line: models, rewrite, reward, sft, rl, train (all stages from a recipe), eval."""
+"""`alignpro` command line: models, rewrite, reward, guidance, sft, rl, train (stages from a recipe), eval."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ from typing import Any
 
 STAGES = {
     "reward": ("trainers.reward_config:AlignProRewardConfig", "trainers.reward_trainer:train_reward"),
+    "guidance": (
+        "trainers.guidance_search_config:GuidanceSearchConfig",
+        "trainers.guidance_search_trainer:search_guidance",
+    ),
     "sft": ("trainers.sft_config:AlignProSFTConfig", "trainers.sft_trainer:train_sft"),
     "rl": ("trainers.rl_config:AlignProRLConfig", "trainers.rl_trainer:train_rl"),
     "oracle": ("trainers.oracle_config:RLHFOracleConfig", "trainers.oracle_trainer:train_oracle"),
@@ -22,10 +26,11 @@ DESCRIPTIONS = {
     "models": "list the packaged models and where they resolve",
     "rewrite": "rewrite prompts with a prompter (text arguments, or jsonl in -> jsonl out)",
     "reward": "train a reward model r(x, y) on preference pairs",
+    "guidance": "search for the fixed guidance text that scores best across training prompts",
     "sft": "SFT the prompter on prompt pairs, or on best-of-K bootstrap targets",
     "rl": "Align-Pro RL of the prompter (GRPO, KL to the SFT prompter)",
     "oracle": "RLHF oracle: fine-tune the target itself by GRPO (LoRA) on the same reward, for comparison",
-    "train": "run reward -> sft -> rl from one YAML recipe",
+    "train": "run reward -> (guidance) -> sft -> rl from one YAML recipe",
     "eval": "compare frozen / template / zero-shot / prompter / best-of-K / oracle under several judges",
 }
 
@@ -159,24 +164,30 @@ def run_stage(stage: str, argv: Sequence[str], yaml_defaults: dict[str, Any] | N
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """reward -> sft -> rl; each stage's output feeds the next unless the recipe says otherwise."""
+    """reward -> guidance -> sft -> rl; each stage's output feeds the next unless the recipe says otherwise."""
     recipe = _read_yaml(args.config)
     root = Path(recipe.pop("output_dir", "runs/recipe"))
-    unknown = set(recipe) - {"reward", "sft", "rl"}
+    order = ("reward", "guidance", "sft", "rl")
+    unknown = set(recipe) - set(order)
     if unknown:
-        raise UsageError(f"{args.config}: unknown sections {sorted(unknown)}; use reward, sft, rl")
+        raise UsageError(f"{args.config}: unknown sections {sorted(unknown)}; use {', '.join(order)}")
     sections: dict[str, dict[str, Any]] = {}
-    for stage in ("reward", "sft", "rl"):
+    for stage in order:
         if stage in recipe:
             if not isinstance(recipe[stage] or {}, dict):
                 raise UsageError(f"{args.config}, section {stage}: expected a mapping of option names to values")
             sections[stage] = {"output_dir": str(root / stage), **(recipe[stage] or {})}
-            if args.resume:
+            if args.resume and stage != "guidance":  # the search resumes from its answer cache
                 sections[stage]["resume"] = True
     reward_dir = sections.get("reward", {}).get("output_dir")
     sft_dir = sections.get("sft", {}).get("output_dir")
-    if "sft" in sections and reward_dir and not sections["sft"].get("pairs_data"):
-        sections["sft"].setdefault("reward_model", reward_dir)
+    if "guidance" in sections and reward_dir:
+        sections["guidance"].setdefault("reward_model", reward_dir)
+    if "sft" in sections and not sections["sft"].get("pairs_data"):
+        if reward_dir:
+            sections["sft"].setdefault("reward_model", reward_dir)
+        if "guidance" in sections:  # the bootstrap scores the searched texts first
+            sections["sft"].setdefault("templates_from", sections["guidance"]["output_dir"])
     if "rl" in sections:
         if sft_dir:
             sections["rl"].setdefault("sft_prompter", sft_dir)
@@ -189,13 +200,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             configs[stage] = parse_stage_config(stage, [], sec)
         except ValueError as exc:
             raise UsageError(f"{args.config}, section {stage}: {exc}") from exc
-        needs_reward = stage == "rl" or (stage == "sft" and not configs[stage].pairs_data)
+        needs_reward = stage in ("guidance", "rl") or (stage == "sft" and not configs[stage].pairs_data)
         if needs_reward and not configs[stage].reward_model:
             raise UsageError(
                 f"{args.config}, section {stage}: no reward model; add a reward: section (its output is wired in) "
                 f"or set `reward_model` under {stage}: to a folder written by `alignpro reward`"
             )
-    done_marker = {"reward": "alignpro_reward.json", "sft": "alignpro.json", "rl": "alignpro.json"}
+    done_marker = {
+        "reward": "alignpro_reward.json",
+        "guidance": "guidance_search.json",
+        "sft": "alignpro.json",
+        "rl": "alignpro.json",
+    }
     for stage, cfg in configs.items():
         if args.skip_done and (Path(str(cfg.output_dir)) / done_marker[stage]).exists():
             print(f"skipping {stage}: {cfg.output_dir} already holds its artifact")
@@ -311,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub.add_parser(stage, help=DESCRIPTIONS[stage], add_help=False)
     p = sub.add_parser("train", help=DESCRIPTIONS["train"])
-    p.add_argument("--config", required=True, help="recipe YAML with reward:, sft:, rl: sections")
+    p.add_argument("--config", required=True, help="recipe YAML with reward:, guidance:, sft:, rl: sections")
     p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
     p.add_argument("--skip-done", action="store_true", help="skip stages whose artifact already exists")
     p = sub.add_parser("eval", help=DESCRIPTIONS["eval"])
@@ -362,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # Training stages take their (many) flags from their config dataclass: hand them the rest of the line.
         if first is not None and argv[first] in STAGES:
-            run_stage(argv[first], argv[first + 1 :])
+            result = run_stage(argv[first], argv[first + 1 :])
+            if argv[first] == "guidance":
+                print(json.dumps({"best": result.best, "chosen_on": result.chosen_on}, ensure_ascii=False))
             return 0
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ import yaml
 from alignpro_plugins.cli import DESCRIPTIONS, STAGES, main, parse_stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["models", "rewrite", "reward", "sft", "rl", "oracle", "train", "eval"]
+SUBCOMMANDS = ["models", "rewrite", "reward", "guidance", "sft", "rl", "oracle", "train", "eval"]
 
 
 # ---------------------------------------------------------------------------------------------- help
@@ -59,6 +59,7 @@ def test_no_subcommand_prints_help(capsys):
     [
         ("reward", ["--preference_data", "--prompt_shard", "--freeze_layers", "--max_steps"]),
         ("sft", ["--pairs_data", "--prompts_data", "--num_candidates", "--target_base_url", "--lora_r"]),
+        ("guidance", ["--seed_texts", "--min_prompts", "--validation_data", "--reward_model", "--target"]),
         ("rl", ["--beta", "--sft_prompter", "--reward_model", "--num_generations", "--target_api_key_env"]),
         ("oracle", ["--target", "--reward_model", "--beta", "--max_completion_length"]),
     ],
@@ -73,7 +74,9 @@ def test_stage_help_shows_the_config_dataclass(stage, flags, capsys):
     assert "--config CONFIG" in out and "YAML file whose keys are this command's flags" in out
     for flag in flags:
         assert flag in out, flag
-    assert "--learning_rate" in out and "--output_dir" in out  # TRL's own fields are flags too
+    assert "--output_dir" in out
+    if stage != "guidance":  # the guidance search trains nothing: its config is not a TRL one
+        assert "--learning_rate" in out  # TRL's own fields are flags too
 
 
 def test_rl_help_explains_lambda(capsys):
@@ -210,24 +213,30 @@ def _write_yaml(path: Path, data) -> str:
     return str(path)
 
 
+# A typo of one of each stage's own fields (the guidance search trains nothing, so it has no learning rate).
+TYPO = {stage: ("lerning_rate", "learning_rate") for stage in STAGES} | {"guidance": ("min_promts", "min_prompts")}
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_unknown_yaml_keys_stop_with_a_clear_message(stage, tmp_path, capsys):
-    cfg = _write_yaml(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "o"), "lerning_rate": 1e-4})
+    typo, meant = TYPO[stage]
+    cfg = _write_yaml(tmp_path / "c.yaml", {"output_dir": str(tmp_path / "o"), typo: 1})
     assert main([stage, "--config", cfg]) == 2
     message = _error(capsys)
-    assert f"alignpro {stage}: error: unknown config keys ['lerning_rate'] (did you mean learning_rate?)" in message
+    assert f"alignpro {stage}: error: unknown config keys ['{typo}'] (did you mean {meant}?)" in message
     assert f"see `alignpro {stage} --help`" in message
     assert not (tmp_path / "o").exists()  # nothing ran
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_unknown_flags_stop_with_a_clear_message(stage, tmp_path, capsys):
-    argv = [stage, "--output_dir", str(tmp_path / "o"), "--lerning_rate", "1e-4"]
+    typo, meant = TYPO[stage]
+    argv = [stage, "--output_dir", str(tmp_path / "o"), f"--{typo}", "1"]
     # Reported before the config is built: an invalid beta beside the typo does not hide it.
     assert main(argv + (["--beta", "0"] if stage in ("rl", "oracle") else [])) == 2
     message = _error(capsys)
-    assert f"alignpro {stage}: error: unrecognized arguments: --lerning_rate 1e-4" in message
-    assert f"(did you mean --learning_rate?); see `alignpro {stage} --help`" in message
+    assert f"alignpro {stage}: error: unrecognized arguments: --{typo} 1" in message
+    assert f"(did you mean --{meant}?); see `alignpro {stage} --help`" in message
     assert not (tmp_path / "o").exists()
 
 
@@ -361,7 +370,7 @@ def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
     cfg = _write_yaml(tmp_path / "r.yaml", {"output_dir": str(tmp_path / "o"), "evaluation": {}})
     assert main(["train", "--config", cfg]) == 2
     assert "alignpro train: error: " in (err := _error(capsys))
-    assert "unknown sections ['evaluation']; use reward, sft, rl" in err
+    assert "unknown sections ['evaluation']; use reward, guidance, sft, rl" in err
     cfg = _write_yaml(tmp_path / "r2.yaml", {"output_dir": str(tmp_path / "o"), "reward": {"max_stepz": 1}})
     assert main(["train", "--config", cfg]) == 2
     assert f"{cfg}, section reward: unknown config keys ['max_stepz'] (did you mean max_steps?)" in _error(capsys)
@@ -381,9 +390,10 @@ def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
-def test_train_runs_reward_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_path, capsys):
+def test_train_runs_reward_guidance_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_path, capsys):
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.starter import write_starter_set
+    from trainers.guidance_search_trainer import GuidanceSearchResult
 
     paths = write_starter_set(tmp_path / "data")
     root = tmp_path / "runs"
@@ -396,6 +406,15 @@ def test_train_runs_reward_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_
             "preference_data": [paths["preferences"]],
             "max_length": 64,
             **tiny,
+        },
+        "guidance": {
+            "prompts_data": paths["train_prompts"],
+            "prompt_field": "prompt",
+            "seed_texts": ["Answer in detail.", "Give examples. End with a summary."],
+            "max_prompts": 4,
+            "validation_prompts": 2,
+            "min_prompts": 2,
+            **target,
         },
         "sft": {
             "base_model": tiny_lm_dir,
@@ -423,7 +442,12 @@ def test_train_runs_reward_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_
 
     reward_meta = json.loads((root / "reward" / "alignpro_reward.json").read_text())
     assert reward_meta["steps"] == 1 and reward_meta["data"] == [paths["preferences"]]
-    assert (root / "sft" / "bootstrap.jsonl").exists()  # no pairs_data: the SFT stage bootstrapped ...
+    searched = GuidanceSearchResult.load(root / "guidance")  # the search scored with the recipe's reward ...
+    assert searched.provenance["reward_model"] == str(root / "reward")
+    assert searched.search_prompts == 4 and searched.validation_prompts == 2
+    boot = [json.loads(line) for line in (root / "sft" / "bootstrap.jsonl").read_text().splitlines()]
+    # ... and the bootstrap (no pairs_data) scored its best text right after the sampled candidate.
+    assert all(row["candidates"][1]["text"] == searched.ranked(1)[0] for row in boot)
     sft_stage = json.loads((root / "sft" / "alignpro.json").read_text())["provenance"]["stages"][-1]
     assert sft_stage["reward_model"] == str(root / "reward")  # ... with the recipe's reward model
     stages = json.loads((root / "rl" / "alignpro.json").read_text())["provenance"]["stages"]
@@ -439,14 +463,19 @@ def test_train_runs_reward_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_dir, tmp_
     assert prompter.rewrite("Explain tides.").startswith("Explain tides.")
 
     # --skip-done: every stage whose artifact exists is reused; removing the RL artifact reruns only RL.
-    artifacts = [("reward", "alignpro_reward.json"), ("sft", "alignpro.json"), ("rl", "alignpro.json")]
+    artifacts = [
+        ("reward", "alignpro_reward.json"),
+        ("guidance", "guidance_search.json"),
+        ("sft", "alignpro.json"),
+        ("rl", "alignpro.json"),
+    ]
     before = {s: _mtime(root / s / name) for s, name in artifacts}
     assert main(["train", "--config", cfg, "--skip-done"]) == 0
     assert {s: _mtime(root / s / n) for s, n in artifacts} == before
     (root / "rl" / "alignpro.json").unlink()
     assert main(["train", "--config", cfg, "--skip-done"]) == 0
     assert (root / "rl" / "alignpro.json").exists()
-    assert {s: _mtime(root / s / n) for s, n in artifacts[:2]} == {s: before[s] for s, _ in artifacts[:2]}
+    assert {s: _mtime(root / s / n) for s, n in artifacts[:3]} == {s: before[s] for s, _ in artifacts[:3]}
 
 
 def test_rewrite_takes_the_base_of_a_moved_artifact(tiny_lm_dir, tmp_path, capsys):

@@ -53,7 +53,7 @@ RECIPES = ROOT / "examples" / "recipes"
 SHARED = ROOT.parent / "shared"
 # Pages other engineers write; links to them are checked once they exist.
 OWNED_ELSEWHERE = {DOCS / "langchain.md", DOCS / "benchmarks.md"}
-RECIPE_KEYS = {"output_dir", "reward", "sft", "rl"}
+RECIPE_KEYS = {"output_dir", "reward", "guidance", "sft", "rl"}
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 PACKAGED_NAMES = ("smollm2-135m-instruct", "all-minilm-l6-v2")  # what the tiny models stand in for
@@ -238,7 +238,7 @@ def _validate_config(data: dict, where: str, *, flat_stage: str | None = None) -
     assert isinstance(data, dict), f"{where}: expected a mapping"
     if flat_stage is None:
         assert set(data) <= RECIPE_KEYS, f"{where}: unknown sections {sorted(set(data) - RECIPE_KEYS)}"
-        stages = [(s, data[s]) for s in ("reward", "sft", "rl") if s in data]
+        stages = [(s, data[s]) for s in ("reward", "guidance", "sft", "rl") if s in data]
     else:
         stages = [(flat_stage, data)]
     configs = []

@@ -56,6 +56,16 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
     templates: list[str] = field(
         default_factory=lambda: list(DEFAULT_GUIDANCE_TEMPLATES), metadata={"help": "Guidance templates."}
     )
+    templates_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output folder of `alignpro guidance` (read when the trainer starts, so a recipe can run the "
+            "search first): its best `templates_from_top` texts are scored before `templates`."
+        },
+    )
+    templates_from_top: int = field(
+        default=3, metadata={"help": "How many of the guidance search's texts join `templates`."}
+    )
     include_no_change: bool = field(
         default=True,
         metadata={"help": "Score 'no change' too; if it wins, the prompter learns to leave x alone."},
@@ -102,6 +112,8 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'augment' or 'rewrite', got {self.mode!r}")
         self.templates = as_str_list(self.templates, "templates")
+        if self.templates_from_top < 1:
+            raise ValueError(f"templates_from_top must be >= 1, got {self.templates_from_top}")
         if self.num_candidates < 0:
             raise ValueError("num_candidates must be >= 0")
         if self.bootstrap_neighbours < -1:

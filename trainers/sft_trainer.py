@@ -61,6 +61,11 @@ class AlignProSFTTrainer:
             if prompts is None and not config.prompts_data:
                 raise ValueError(SFT_NEEDS_DATA)
             check_reward_source("The SFT bootstrap (no pairs_data)", reward, config.reward_model)
+        if config.templates_from:
+            from trainers.guidance_search_trainer import GuidanceSearchResult
+
+            searched = GuidanceSearchResult.load(config.templates_from).ranked(config.templates_from_top)
+            config.templates = list(dict.fromkeys([*searched, *config.templates]))
         self.prompter = prompter or Prompter.from_base(config.base_model, mode=config.mode, similarity=None)
         self.prompter.manifest.mode = config.mode
         self._pairs = list(pairs) if pairs is not None else None
