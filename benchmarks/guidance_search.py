@@ -28,13 +28,13 @@ from benchmarks.run_benchmark import (  # noqa: E402
     PICKED,
     bootstrap_prompts,
     eval_prompts,
+    guidance_config,
     judges,
     machine,
     picked_template,
     publish,
-    rl_prompts,
     side_evaluation,
-    target_args,
+    validation_prompts,
 )
 
 
@@ -53,7 +53,6 @@ def main() -> None:
     from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.stats import win_rate
-    from trainers.guidance_search_config import GuidanceSearchConfig
     from trainers.guidance_search_trainer import search_guidance
 
     budget = BUDGETS["standard"]
@@ -62,15 +61,9 @@ def main() -> None:
     cache = search_dir / "target_cache.jsonl"
     if not cache.exists() and (out / "sft" / "target_cache.jsonl").exists():
         shutil.copy(out / "sft" / "target_cache.jsonl", cache)  # the library texts' answers on these prompts
-    validation = rl_prompts(budget)[-budget["kl_val_prompts"] :]
+    validation = validation_prompts(budget)
     t0 = time.time()
-    cfg = GuidanceSearchConfig(
-        output_dir=str(search_dir),
-        reward_model=str(out / "reward"),
-        min_prompts=args.min_prompts,
-        validation_prompts=len(validation),
-        **target_args(budget),
-    )
+    cfg = guidance_config(out, budget, min_prompts=args.min_prompts)
     result = search_guidance(cfg, prompts=bootstrap_prompts(budget), validation_prompts=validation)
     search_s = time.time() - t0
 

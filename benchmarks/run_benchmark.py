@@ -145,6 +145,9 @@ BUDGETS = {
         k=0,
         templates=None,  # the whole guidance library
         boot_neighbours=-1,
+        # Guidance search (library + recombined sentences, successive halving from 16 prompts) before SFT; its
+        # validated text joins the bootstrap's fixed candidates. 0 skips the stage.
+        guidance_min_prompts=16,
         sft_epochs=3,
         kl_prompts=96,  # per round: every round samples fresh prompts (half BPO, half AlpacaEval)
         kl_k=4,
@@ -164,6 +167,7 @@ BUDGETS = {
         k=0,
         templates=3,
         boot_neighbours=-1,
+        guidance_min_prompts=0,  # not run at quick size yet: the standard run is the one that measured it
         sft_epochs=2,
         kl_prompts=12,
         kl_k=3,
@@ -250,15 +254,41 @@ def reward_config(output_dir: Path, budget: dict, shard: int, **overrides: objec
     return AlignProRewardConfig(**kw)
 
 
+def validation_prompts(budget: dict) -> list[str]:
+    """Held-out training prompts (AlpacaEval) that the RL stage picks its round on and the guidance search its text."""
+    return rl_prompts(budget)[-budget["kl_val_prompts"] :]
+
+
+def guidance_config(out: Path, budget: dict, **overrides: object):
+    """The guidance search: the library and its recombinations on the bootstrap's prompts, training reward."""
+    from trainers.guidance_search_config import GuidanceSearchConfig
+
+    kw: dict = dict(
+        output_dir=str(out / "guidance"),
+        reward_model=str(out / "reward"),
+        seed_texts=sft_library(budget),
+        min_prompts=budget["guidance_min_prompts"] or 16,
+        validation_prompts=budget["kl_val_prompts"],
+        **target_args(budget),
+    )
+    kw.update(overrides)
+    return GuidanceSearchConfig(**kw)
+
+
 def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: object):
-    """The benchmark's SFT stage: best-of-K bootstrap over sampled rewrites and the guidance library, then LoRA SFT."""
+    """The benchmark's SFT stage: best-of-K bootstrap over sampled rewrites and the guidance library, then LoRA SFT.
+
+    With a guidance search in the budget, the search's validated text is scored first among the fixed candidates.
+    """
     from trainers.sft_config import AlignProSFTConfig
 
+    searched = Path(output_dir).parent / "guidance"
     kw: dict = dict(
         output_dir=str(output_dir),
         reward_model=str(reward_model),
         num_candidates=budget["k"],
         templates=sft_library(budget),
+        **(dict(templates_from=str(searched), templates_from_top=1) if budget["guidance_min_prompts"] else {}),
         max_pairs=budget["boot_prompts"],
         bootstrap_neighbours=budget["boot_neighbours"],
         num_train_epochs=budget["sft_epochs"],
@@ -393,7 +423,10 @@ def bootstrap_answers(out: Path, budget: dict) -> list[tuple[str, list[dict]]]:
     return rows
 
 
-PICKED = "the library text with the best mean training reward on the SFT bootstrap's prompts, appended"
+PICKED = (
+    "the fixed text (library, or the guidance search's) with the best mean training reward on the SFT bootstrap's "
+    "prompts, appended"
+)
 
 
 def picked_template(out: Path) -> str | None:
@@ -505,6 +538,21 @@ def sft_targets_line(out: Path) -> str:
     )
 
 
+def guidance_line(out: Path) -> str:
+    """What the guidance search chose, for the benchmark's header."""
+    if not (out / "guidance" / "guidance_search.json").exists():
+        return "not run"
+    from trainers.guidance_search_trainer import GuidanceSearchResult
+
+    r = GuidanceSearchResult.load(out / "guidance")
+    val = {c["text"]: c["validation_mean"] for c in r.candidates}
+    return (
+        f"{len(r.candidates) - 1} texts on {r.search_prompts} bootstrap prompts by successive halving, finalists on "
+        f"{r.validation_prompts} validation prompts; chose \"{r.best or '(no change)'}\" (validation reward "
+        f"{val[r.best]:.3f}, no change {val['']:.3f})"
+    )
+
+
 def kept_round_line(rl_dir: Path) -> str:
     """Which kl-optimum round the RL artifact is, and the validation rewards that chose it."""
     rows = [json.loads(ln) for ln in (rl_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
@@ -565,7 +613,19 @@ def main() -> None:
 
     target_kw = target_args(budget)
     sft_templates = sft_library(budget)
+    if budget["guidance_min_prompts"] and not (out / "guidance" / "guidance_search.json").exists():
+        from trainers.guidance_search_trainer import search_guidance
+
+        t = time.time()
+        search_guidance(
+            guidance_config(out, budget), prompts=bootstrap_prompts(budget), validation_prompts=validation_prompts(budget)
+        )
+        timed("guidance search", t)
     if not (out / "sft" / "alignpro.json").exists():
+        # The search answered the library texts on the same prompts with the same target: reuse those answers.
+        if (out / "guidance" / "target_cache.jsonl").exists() and not (out / "sft" / "target_cache.jsonl").exists():
+            (out / "sft").mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / "guidance" / "target_cache.jsonl", out / "sft" / "target_cache.jsonl")
         t = time.time()
         train_sft(sft_config(out / "sft", out / "reward", budget), prompts=bootstrap_prompts(budget))
         timed("sft stage (bootstrap + SFT)", t)
@@ -666,6 +726,7 @@ def main() -> None:
         f"prompt digests shared by the two: {len(set(meta['reward']['train_prompt_digests']) & set(meta['judge']['train_prompt_digests']))}",
         f"- evaluation: {len(prompts)} prompts ({n} dolly + {n} self-instruct), frozen-model calls {target.stats.calls}, "
         f"cache hits {target.stats.cache_hits}",
+        f"- guidance search: {guidance_line(out)}",
         f"- SFT targets: {sft_targets_line(out)}",
         f"- RL: {kept_round_line(out / 'rl-kl')}",
         "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
