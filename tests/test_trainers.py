@@ -752,21 +752,41 @@ def test_neighbour_smoothing_recovers_what_suits_each_kind_of_prompt():
     # Two kinds of prompt (embeddings along two axes); kind A is served best by candidate 0, kind B by 1. One
     # prompt of kind A has a noisy single answer that makes candidate 1 its own argmax.
     emb = torch.nn.functional.normalize(
-        torch.tensor([[1.0, 0.1 * i] for i in range(4)] + [[0.1 * i, 1.0] for i in range(4)]), dim=-1
+        torch.tensor([[1.0, 0.05 * i] for i in range(8)] + [[0.05 * i, 1.0] for i in range(8)]), dim=-1
     ).double()
-    rewards = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4, dtype=torch.float64)
+    rewards = torch.tensor([[1.0, 0.0]] * 8 + [[0.0, 1.0]] * 8, dtype=torch.float64)
     rewards[2] = torch.tensor([0.0, 1.5])
     order = bootstrap_labels.neighbour_order(emb)
-    assert sorted(order[0].tolist()) == list(range(1, 8))  # every other prompt, never itself
-    assert order[0, :3].tolist() == [1, 2, 3]  # its own kind first
-    assert bootstrap_labels.smoothed_picks(rewards, order, 3) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert sorted(order[0].tolist()) == list(range(1, 16))  # every other prompt, never itself
+    assert order[0, :7].tolist() == list(range(1, 8))  # its own kind first
+    assert bootstrap_labels.smoothed_picks(rewards, order, 3) == [0] * 8 + [1] * 8
     # No smoothing keeps the noise; smoothing over everyone forgets the kinds.
     assert bootstrap_labels.smoothed_picks(rewards, order, 0)[2] == 1
-    assert len(set(bootstrap_labels.smoothed_picks(rewards, order, 7))) == 1
-    best, scores = bootstrap_labels.choose_neighbours(rewards, order, grid=(1, 3, 7))
-    assert best == 3 and scores[3] > scores[7] and set(scores) == {1, 3, 7}
+    assert len(set(bootstrap_labels.smoothed_picks(rewards, order, 15))) == 1
+    best, scores = bootstrap_labels.choose_neighbours(rewards, order, grid=(1, 3, 7, 15))
+    # 3 and 7 tie at the top (the larger is kept); "all" loses by far more than its standard error.
+    assert best == 7 and scores[3] == scores[7] > scores[15] and set(scores) == {1, 3, 7, 15}
     # Leave-one-out scores a pick with the reward of the prompt that did not make it.
-    assert scores[3] == pytest.approx((3 * 1.0 + 0.0 + 4 * 1.0) / 8)
+    assert scores[3] == pytest.approx((7 * 1.0 + 0.0 + 8 * 1.0) / 16)
+
+
+def test_leave_one_out_prefers_the_largest_neighbourhood_within_one_standard_error():
+    from trainers import bootstrap_labels
+
+    # No kinds at all: candidate 0 is better on average, every reward is noise around that. By chance N=2 scores
+    # best by leave-one-out; its margin over "all" is inside the noise, so the larger neighbourhood is kept.
+    g = torch.Generator().manual_seed(2)
+    emb = torch.nn.functional.normalize(torch.randn(40, 8, generator=g), dim=-1).double()
+    rewards = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    rewards[:, 0] += 0.3
+    order = bootstrap_labels.neighbour_order(emb)
+    chosen, scores = bootstrap_labels.choose_neighbours(rewards, order)
+    assert max(scores, key=lambda k: scores[k]) == 2 and scores[2] > scores[39]
+    diff = bootstrap_labels.leave_one_out_rewards(rewards, order, 2) - bootstrap_labels.leave_one_out_rewards(
+        rewards, order, 39
+    )
+    assert scores[2] - scores[39] < float(diff.std()) / 40**0.5  # within one standard error
+    assert chosen == 39
 
 
 def test_sft_bootstrap_smoothed_targets_follow_the_neighbourhood_not_one_answer(

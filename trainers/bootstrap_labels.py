@@ -6,7 +6,8 @@ judges pick the same best candidate for only 61% of them. Taking the per-prompt 
 the prompter that noise. Averaging each candidate's reward over the prompt's nearest neighbours (sentence
 embeddings) keeps the part of the choice that carries to similar prompts; with every prompt as a neighbour it is
 the best text on average. The neighbourhood size is chosen by leave-one-out on the bootstrap's own rewards:
-for each prompt, the pick made from the *other* prompts' rewards is scored by this prompt's reward.
+for each prompt, the pick made from the *other* prompts' rewards is scored by this prompt's reward; the largest
+size within one standard error of the best score is kept.
 """
 
 from __future__ import annotations
@@ -38,24 +39,45 @@ def smoothed_picks(
     return picks
 
 
+def leave_one_out_rewards(
+    rewards: torch.Tensor, order: torch.Tensor, k: int, realized: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per prompt, the reward it gets from the candidate its k neighbours (not itself) pick by ``rewards``; scored
+    by ``realized`` (same shape, e.g. another judge's rewards of the same answers) when given."""
+    picks = smoothed_picks(rewards, order, k, include_self=False)
+    scored = rewards if realized is None else realized
+    return torch.stack([scored[i, j] for i, j in enumerate(picks)])
+
+
 def leave_one_out(
     rewards: torch.Tensor, order: torch.Tensor, k: int, realized: torch.Tensor | None = None
 ) -> float:
-    """Mean reward a prompt gets from the candidate its k neighbours (not itself) pick by ``rewards``; scored by
-    ``realized`` (same shape, e.g. another judge's rewards of the same answers) when given."""
-    picks = smoothed_picks(rewards, order, k, include_self=False)
-    scored = rewards if realized is None else realized
-    return float(sum(scored[i, j] for i, j in enumerate(picks)) / len(picks))
+    """Mean of :func:`leave_one_out_rewards`."""
+    return float(leave_one_out_rewards(rewards, order, k, realized).mean())
 
 
 def choose_neighbours(
     rewards: torch.Tensor, order: torch.Tensor, grid: Sequence[int] = NEIGHBOUR_GRID
 ) -> tuple[int, dict[int, float]]:
-    """The neighbourhood size with the best leave-one-out reward (the larger on ties), and every size's score."""
+    """The neighbourhood size chosen by leave-one-out, and every size's mean leave-one-out reward.
+
+    One-standard-error rule (as in cross-validation): the *largest* size whose score is within one standard
+    error of the best one's, the error taken over prompts of the paired difference to the best. Smaller
+    neighbourhoods give more varied SFT targets, which a small prompter blends into paraphrases; a size should
+    win by more than noise before it is preferred over a larger one.
+    """
     n_other = rewards.shape[0] - 1
     if n_other < 1:
         raise ValueError("choosing a neighbourhood by leave-one-out needs at least 2 bootstrap prompts")
     sizes = sorted({min(k, n_other) for k in grid if k >= 1})
-    scores = {k: leave_one_out(rewards, order, k) for k in sizes}
+    per_prompt = {k: leave_one_out_rewards(rewards, order, k).double() for k in sizes}
+    scores = {k: float(v.mean()) for k, v in per_prompt.items()}
     best = max(sizes, key=lambda k: (round(scores[k], 9), k))
-    return best, scores
+    n = rewards.shape[0]
+
+    def within_one_se(k: int) -> bool:
+        diff = per_prompt[best] - per_prompt[k]
+        se = float(diff.std(unbiased=True)) / n**0.5 if n > 1 else 0.0
+        return scores[best] - scores[k] <= se + 1e-12
+
+    return max(k for k in sizes if within_one_se(k)), scores
