@@ -75,7 +75,7 @@ def targets_table(summary: dict) -> str:
         if "template-picked" in h:  # not an issue target: the best fixed text picked on the training prompts
             w = h["template-picked"][judge]
             rows.append(
-                f"| (context) align-pro vs template-picked, the best library text on the training prompts "
+                f"| (context) align-pro vs template-picked, the best fixed text on the training prompts "
                 f"({judge}) | {w['win_rate']:.1%} [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}] | — |"
             )
         lc = c["align-pro"][judge].get("vs_reference_length_controlled")
