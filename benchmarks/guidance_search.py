@@ -7,7 +7,7 @@ seen until the chosen text is appended, as a fixed template (`template-searched`
 held-out prompts, beside frozen, the best library text (`template-picked`) and the Align-Pro prompter, under both
 judges. Answers the SFT bootstrap already has (library texts on its prompts) come from its cache.
 
-    python benchmarks/guidance_search.py [--out runs/bench]    # after run_benchmark.py; about 35 min here
+    python benchmarks/guidance_search.py [--out runs/bench]    # after run_benchmark.py; 27 min measured (first run)
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import shutil
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +25,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     PICKED,
-    bootstrap_prompts,
     eval_prompts,
-    guidance_config,
     judges,
     machine,
     picked_template,
     publish,
+    rewards_by_config,
+    run_guidance_search,
+    sft_library,
     side_evaluation,
-    validation_prompts,
+    win_cell,
 )
 
 
@@ -52,8 +52,6 @@ def main() -> None:
 
     from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.stats import win_rate
-    from trainers.guidance_search_trainer import search_guidance
 
     budget = BUDGETS["standard"]
     search_dir = out / "guidance"
@@ -61,10 +59,8 @@ def main() -> None:
     cache = search_dir / "target_cache.jsonl"
     if not cache.exists() and (out / "sft" / "target_cache.jsonl").exists():
         shutil.copy(out / "sft" / "target_cache.jsonl", cache)  # the library texts' answers on these prompts
-    validation = validation_prompts(budget)
     t0 = time.time()
-    cfg = guidance_config(out, budget, min_prompts=args.min_prompts)
-    result = search_guidance(cfg, prompts=bootstrap_prompts(budget), validation_prompts=validation)
+    result = run_guidance_search(out, budget, min_prompts=args.min_prompts)
     search_s = time.time() - t0
 
     picked = picked_template(out)
@@ -84,14 +80,10 @@ def main() -> None:
     t1 = time.time()
     report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="template-searched").run(configs)
     eval_s = time.time() - t1
-    by: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for rec in sorted(report.records, key=lambda r: r["idx"]):
-        for judge, r in rec["rewards"].items():
-            by[rec["config"], judge].append(r)
+    by = rewards_by_config(report.records)
 
     def wr(a: str, b: str, judge: str) -> str:
-        w = win_rate(by[a, judge], by[b, judge])
-        return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
+        return win_cell(by[a, judge], by[b, judge])
 
     def var_ratio(a: str, judge: str) -> str:
         return f"{statistics.pvariance(by[a, judge]) / statistics.pvariance(by['frozen', judge]):.2f}"
@@ -120,9 +112,9 @@ def main() -> None:
         "",
         "- command: `python benchmarks/guidance_search.py` (after run_benchmark.py)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
-        f"- search: {len(result.candidates) - 1} candidate texts (the {len(cfg.seed_texts)} library texts, each "
+        f"- search: {len(result.candidates) - 1} candidate texts (the {len(sft_library(budget))} library texts, each "
         "sentence alone, each text extended by a sentence of another) on the SFT bootstrap's "
-        f"{result.search_prompts} training prompts, training reward, {cfg.min_prompts} prompts in the first rung, "
+        f"{result.search_prompts} training prompts, training reward, {args.min_prompts} prompts in the first rung, "
         f"half kept per rung; {len(finalists) - 1} finalists and 'no change' compared on {result.validation_prompts} "
         f"held-out AlpacaEval training prompts; {result.target_calls} target answers generated "
         f"({search_s:.0f} s)",

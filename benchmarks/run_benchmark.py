@@ -275,6 +275,17 @@ def guidance_config(out: Path, budget: dict, **overrides: object):
     return GuidanceSearchConfig(**kw)
 
 
+def run_guidance_search(out: Path, budget: dict, **overrides: object):
+    """The guidance search on the bootstrap's prompts, its finalists compared on the validation prompts."""
+    from trainers.guidance_search_trainer import search_guidance
+
+    return search_guidance(
+        guidance_config(out, budget, **overrides),
+        prompts=bootstrap_prompts(budget),
+        validation_prompts=validation_prompts(budget),
+    )
+
+
 def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: object):
     """The benchmark's SFT stage: best-of-K bootstrap over sampled rewrites and the guidance library, then LoRA SFT.
 
@@ -453,6 +464,23 @@ def side_evaluation(out: Path, budget: dict, name: str):
     return ev_dir, eval_target(out, budget, ev_dir / "target_cache.jsonl")
 
 
+def rewards_by_config(records: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(configuration, judge) -> its rewards in prompt order, from an evaluation's per-prompt records."""
+    by: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for rec in sorted(records, key=lambda r: r["idx"]):
+        for judge, r in rec["rewards"].items():
+            by[rec["config"], judge].append(r)
+    return by
+
+
+def win_cell(a: list[float], b: list[float]) -> str:
+    """A paired win rate of a over b with its 95% interval, as a table cell."""
+    from alignpro_plugins.stats import win_rate
+
+    w = win_rate(a, b)
+    return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
+
+
 def publish(section: str, copy: Path, key: str) -> None:
     """A result section: saved beside its artifacts, written into docs/benchmarks.md under key, printed."""
     copy.parent.mkdir(parents=True, exist_ok=True)
@@ -614,12 +642,8 @@ def main() -> None:
     target_kw = target_args(budget)
     sft_templates = sft_library(budget)
     if budget["guidance_min_prompts"] and not (out / "guidance" / "guidance_search.json").exists():
-        from trainers.guidance_search_trainer import search_guidance
-
         t = time.time()
-        search_guidance(
-            guidance_config(out, budget), prompts=bootstrap_prompts(budget), validation_prompts=validation_prompts(budget)
-        )
+        run_guidance_search(out, budget)
         timed("guidance search", t)
     if not (out / "sft" / "alignpro.json").exists():
         # The search answered the library texts on the same prompts with the same target: reuse those answers.

@@ -15,7 +15,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,10 @@ from benchmarks.run_benchmark import (  # noqa: E402
     machine,
     picked_template,
     publish,
+    rewards_by_config,
     sft_config,
     side_evaluation,
+    win_cell,
 )
 
 
@@ -45,7 +47,6 @@ def main() -> None:
 
     from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.stats import win_rate
     from trainers.sft_trainer import AlignProSFTTrainer
 
     budget = BUDGETS["standard"]
@@ -74,17 +75,11 @@ def main() -> None:
     ]
     t1 = time.time()
     report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="sft-recheck").run(configs)
-    by: dict[tuple[str, str], list[float]] = defaultdict(list)
-    rewrites: Counter[str] = Counter()
-    for rec in sorted(report.records, key=lambda r: r["idx"]):
-        for judge, r in rec["rewards"].items():
-            by[rec["config"], judge].append(r)
-        if rec["config"] == "sft-recheck":
-            rewrites[rec["rewrite"] or ""] += 1
+    by = rewards_by_config(report.records)
+    rewrites = Counter(rec["rewrite"] or "" for rec in report.records if rec["config"] == "sft-recheck")
 
     def wr(a: str, b: str, judge: str = "independent") -> str:
-        w = win_rate(by[a, judge], by[b, judge])
-        return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
+        return win_cell(by[a, judge], by[b, judge])
 
     var = statistics.pvariance(by["sft-recheck", "independent"]) / statistics.pvariance(
         by["frozen", "independent"]

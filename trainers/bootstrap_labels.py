@@ -77,7 +77,7 @@ def choose_neighbours(
 
     def within_one_se(k: int) -> bool:
         diff = per_prompt[best] - per_prompt[k]
-        se = float(diff.std(unbiased=True)) / n**0.5 if n > 1 else 0.0
+        se = float(diff.std(unbiased=True)) / n**0.5  # n >= 2: checked above
         return scores[best] - scores[k] <= se + 1e-12
 
     return max(k for k in sizes if within_one_se(k)), scores

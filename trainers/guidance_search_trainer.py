@@ -18,12 +18,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from alignpro_plugins.prompter import compose
 from alignpro_plugins.rewards import as_reward
+from alignpro_plugins.stats import win_indicators
 from trainers.common import build_target, check_reward_source, target_cache_path, wrap_target
 from trainers.guidance_search_config import GuidanceSearchConfig
 
@@ -268,15 +270,14 @@ class GuidanceSearchTrainer:
     def _row(c: Candidate, reference: Candidate) -> dict[str, Any]:
         """A candidate's scores, with its paired gain and win rate against 'no change' on the same prompts."""
         n = len(c.rewards)
-        diffs = [a - b for a, b in zip(c.rewards, reference.rewards[:n], strict=True)]
-        wins = sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs)
+        paired = reference.rewards[:n]
         return {
             "text": c.text,
             "origin": c.origin,
             "prompts_scored": n,
             "mean": c.mean,
-            "gain_over_no_change": sum(diffs) / n if n else None,
-            "win_rate_over_no_change": wins / n if n else None,
+            "gain_over_no_change": fmean(c.rewards) - fmean(paired) if n else None,
+            "win_rate_over_no_change": fmean(win_indicators(c.rewards, paired)) if n else None,
             "validation_mean": c.validation_mean,
             "dropped_after_rung": c.rung_out,
         }
