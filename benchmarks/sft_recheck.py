@@ -40,6 +40,8 @@ from benchmarks.run_benchmark import (  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder")
+    ap.add_argument("--epochs", type=float, default=None, help="SFT epochs (default: the standard budget's)")
+    ap.add_argument("--name", default="sft-recheck", help="folder and configuration name of the retrained prompter")
     args = ap.parse_args()
     out = Path(args.out)
     if not (out / "sft" / "alignpro.json").exists():
@@ -49,8 +51,11 @@ def main() -> None:
     from alignpro_plugins.prompter import Prompter
     from trainers.sft_trainer import AlignProSFTTrainer
 
-    budget = BUDGETS["standard"]
-    new_dir = out / "sft-recheck"
+    budget = dict(BUDGETS["standard"])
+    if args.epochs is not None:
+        budget["sft_epochs"] = args.epochs
+    name = args.name
+    new_dir = out / name
     new_dir.mkdir(parents=True, exist_ok=True)
     if not (new_dir / "target_cache.jsonl").exists():
         shutil.copy(out / "sft" / "target_cache.jsonl", new_dir / "target_cache.jsonl")
@@ -64,31 +69,32 @@ def main() -> None:
     sft_s = time.time() - t0
 
     prompts = eval_prompts(budget)
-    ev_dir, target = side_evaluation(out, budget, "eval-sft-recheck")
+    ev_dir, target = side_evaluation(out, budget, f"eval-{name}")
     configs = [
         FrozenAlone(),
         FixedTemplate(template=picked_template(out), name="template-picked", description=PICKED),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
         WithPrompter(
-            prompter=Prompter.from_pretrained(new_dir), name="sft-recheck", description="SFT, current code"
+            prompter=Prompter.from_pretrained(new_dir), name=name, description="SFT, current code"
         ),
     ]
     t1 = time.time()
-    report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="sft-recheck").run(configs)
+    report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus=name).run(configs)
     by = rewards_by_config(report.records)
-    rewrites = Counter(rec["rewrite"] or "" for rec in report.records if rec["config"] == "sft-recheck")
+    rewrites = Counter(rec["rewrite"] or "" for rec in report.records if rec["config"] == name)
 
     def wr(a: str, b: str, judge: str = "independent") -> str:
         return win_cell(by[a, judge], by[b, judge])
 
-    var = statistics.pvariance(by["sft-recheck", "independent"]) / statistics.pvariance(
+    var = statistics.pvariance(by[name, "independent"]) / statistics.pvariance(
         by["frozen", "independent"]
     )
     top, n_top = rewrites.most_common(1)[0]
     md = [
-        "## Re-check: the SFT stage retrained with the current code (no RL)",
+        f"## Re-check: the SFT stage retrained with the current code (no RL), {budget['sft_epochs']:g} epochs",
         "",
-        "- command: `python benchmarks/sft_recheck.py` (after run_benchmark.py)",
+        f"- command: `python benchmarks/sft_recheck.py{sys.argv[1:] and ' ' + ' '.join(sys.argv[1:]) or ''}` "
+        "(after run_benchmark.py)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; SFT {sft_s:.0f} s, "
         f"evaluation {time.time() - t1:.0f} s",
         f"- bootstrap: neighbourhood {boot.get('neighbours')} (chosen by {boot.get('neighbours_chosen_by')}), "
@@ -96,15 +102,15 @@ def main() -> None:
         f"- rewrites on the {len(prompts)} held-out prompts: {len(rewrites)} distinct; the most common on "
         f"{n_top}: {top!r}",
         "",
-        "| independent judge, held-out prompts | sft-recheck | the benchmark's sft |",
+        f"| independent judge, held-out prompts | {name} | the benchmark's sft |",
         "|---|---|---|",
-        f"| vs frozen | {wr('sft-recheck', 'frozen')} | {wr('sft', 'frozen')} |",
-        f"| vs frozen (training reward) | {wr('sft-recheck', 'frozen', 'reward')} | {wr('sft', 'frozen', 'reward')} |",
-        f"| vs template-picked | {wr('sft-recheck', 'template-picked')} | {wr('sft', 'template-picked')} |",
-        f"| head to head | {wr('sft-recheck', 'sft')} | — |",
+        f"| vs frozen | {wr(name, 'frozen')} | {wr('sft', 'frozen')} |",
+        f"| vs frozen (training reward) | {wr(name, 'frozen', 'reward')} | {wr('sft', 'frozen', 'reward')} |",
+        f"| vs template-picked | {wr(name, 'template-picked')} | {wr('sft', 'template-picked')} |",
+        f"| head to head | {wr(name, 'sft')} | — |",
         f"| variance / frozen | {var:.2f} | — |",
     ]
-    publish("\n".join(md), ev_dir / "section.md", "sft-recheck")
+    publish("\n".join(md), ev_dir / "section.md", name)
 
 
 if __name__ == "__main__":
