@@ -41,7 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder")
     ap.add_argument("--epochs", type=float, default=None, help="SFT epochs (default: the standard budget's)")
-    ap.add_argument("--name", default="sft-recheck", help="folder and configuration name of the retrained prompter")
+    ap.add_argument(
+        "--name", default="sft-recheck", help="folder and configuration name of the retrained prompter"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     if not (out / "sft" / "alignpro.json").exists():
@@ -74,9 +76,7 @@ def main() -> None:
         FrozenAlone(),
         FixedTemplate(template=picked_template(out), name="template-picked", description=PICKED),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
-        WithPrompter(
-            prompter=Prompter.from_pretrained(new_dir), name=name, description="SFT, current code"
-        ),
+        WithPrompter(prompter=Prompter.from_pretrained(new_dir), name=name, description="SFT, current code"),
     ]
     t1 = time.time()
     report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus=name).run(configs)
@@ -86,9 +86,7 @@ def main() -> None:
     def wr(a: str, b: str, judge: str = "independent") -> str:
         return win_cell(by[a, judge], by[b, judge])
 
-    var = statistics.pvariance(by[name, "independent"]) / statistics.pvariance(
-        by["frozen", "independent"]
-    )
+    var = statistics.pvariance(by[name, "independent"]) / statistics.pvariance(by["frozen", "independent"])
     top, n_top = rewrites.most_common(1)[0]
     md = [
         f"## Re-check: the SFT stage retrained with the current code (no RL), {budget['sft_epochs']:g} epochs",
