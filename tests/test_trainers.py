@@ -843,3 +843,62 @@ def test_bootstrap_neighbours_are_checked(tiny_lm_dir, tmp_path):
     trainer = AlignProSFTTrainer(cfg, prompts=PROMPTS, target=lambda x: x, reward=length_reward)
     with pytest.raises(ValueError, match="needs at\\s+least two"):
         trainer.sft_pairs()
+
+
+def test_sft_fit_check_reports_reproduction_and_warns_when_underfit(tiny_lm_dir, tmp_path, caplog):
+    cfg = AlignProSFTConfig(
+        output_dir=str(tmp_path / "under"),
+        base_model=tiny_lm_dir,
+        max_steps=1,
+        learning_rate=1e-5,
+        fit_check_prompts=4,
+        **TINY,
+    )
+    with caplog.at_level("WARNING", logger="trainers.sft_trainer"):
+        AlignProSFTTrainer(cfg, pairs=[(p, "Answer in detail.") for p in PROMPTS]).train()
+    fit = json.loads((tmp_path / "under" / "alignpro.json").read_text())["provenance"]["stages"][-1]["fit_check"]
+    assert fit["prompts"] == 4 and fit["top_target_share"] == 1.0 and fit["reproduced"] == 0.0
+    assert "reproduces its target on only 0 of 4" in caplog.text and "num_train_epochs" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("targets", "emitted", "reproduced", "warns"),
+    [
+        # one text for most prompts, emitted on 3 of 4 checked prompts: below 80%, so it warns
+        (["T"] * 6, ["T", "T", "T", "a paraphrase of T"], 0.75, True),
+        (["T"] * 6, ["T "] * 4, 1.0, False),  # surrounding whitespace does not count against a match
+        # diverse targets (BPO-style rewrites) are not expected to be reproduced verbatim: reported, no warning
+        ([f"rewrite {i}" for i in range(6)], ["something else"] * 4, 0.0, False),
+    ],
+)
+def test_sft_fit_check_counts_exact_reproductions(
+    tiny_lm_dir, tmp_path, caplog, targets, emitted, reproduced, warns
+):
+    cfg = AlignProSFTConfig(output_dir=str(tmp_path / "fit"), base_model=tiny_lm_dir, fit_check_prompts=4, **TINY)
+    pairs = list(zip(PROMPTS, targets, strict=True))
+    trainer = AlignProSFTTrainer(cfg, pairs=pairs)
+    seen: list[str] = []
+
+    def deployed(queries, settings, n=1):
+        assert settings.do_sample is False  # the check decodes as deployed
+        seen.extend(queries)
+        return [[(emitted[len(seen) - len(queries) + i], False)] for i in range(len(queries))]
+
+    trainer.prompter.generate_raw = deployed
+    with caplog.at_level("WARNING", logger="trainers.sft_trainer"):
+        fit = trainer.fit_check(pairs)
+    assert fit["reproduced"] == reproduced and fit["prompts"] == 4
+    # the checked prompts are spread over the training pairs, each formatted as the prompter sees it
+    assert seen == [trainer.prompter.format_query(PROMPTS[i], cfg.mode) for i in (0, 1, 3, 4)]
+    assert ("fit check" in caplog.text) is warns
+
+
+def test_sft_fit_check_can_be_skipped_and_rejects_negative_counts(tiny_lm_dir, tmp_path):
+    with pytest.raises(ValueError, match="fit_check_prompts is a number of prompts >= 0"):
+        AlignProSFTConfig(output_dir=str(tmp_path / "x"), base_model=tiny_lm_dir, fit_check_prompts=-1, **TINY)
+    cfg = AlignProSFTConfig(
+        output_dir=str(tmp_path / "skip"), base_model=tiny_lm_dir, max_steps=1, fit_check_prompts=0, **TINY
+    )
+    AlignProSFTTrainer(cfg, pairs=[(p, "Answer in detail.") for p in PROMPTS]).train()
+    stage = json.loads((tmp_path / "skip" / "alignpro.json").read_text())["provenance"]["stages"][-1]
+    assert stage["fit_check"] is None

@@ -101,6 +101,14 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Off: slower on CPU for small models."}
     )
+    fit_check_prompts: int = field(
+        default=16,
+        metadata={
+            "help": "After training, decode this many training prompts as deployed (greedy) and record how often "
+            "the prompter reproduces its SFT target (provenance 'fit_check'); warns when most targets are one "
+            "text and few are reproduced (underfit: raise num_train_epochs). 0 skips."
+        },
+    )
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
@@ -114,6 +122,10 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
         self.templates = as_str_list(self.templates, "templates")
         if self.templates_from_top < 1:
             raise ValueError(f"templates_from_top must be >= 1, got {self.templates_from_top}")
+        if self.fit_check_prompts < 0:
+            raise ValueError(
+                f"fit_check_prompts is a number of prompts >= 0 (0 skips); got {self.fit_check_prompts}"
+            )
         if self.num_candidates < 0:
             raise ValueError("num_candidates must be >= 0")
         if self.bootstrap_neighbours < -1:
