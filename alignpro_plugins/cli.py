@@ -175,7 +175,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for stage in order:
         if stage in recipe:
             if not isinstance(recipe[stage] or {}, dict):
-                raise UsageError(f"{args.config}, section {stage}: expected a mapping of option names to values")
+                raise UsageError(
+                    f"{args.config}, section {stage}: expected a mapping of option names to values"
+                )
             sections[stage] = {"output_dir": str(root / stage), **(recipe[stage] or {})}
             if args.resume and stage != "guidance":  # the search resumes from its answer cache
                 sections[stage]["resume"] = True
@@ -268,9 +270,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.independent_judge:
         judges["independent"] = RewardModel(args.independent_judge)
     configs: list[Any] = [FrozenAlone(), FixedTemplate(template=args.template)]
-    trained = Prompter.from_pretrained(args.prompter, base_model=args.prompter_base) if args.prompter else None
+    trained = (
+        Prompter.from_pretrained(args.prompter, base_model=args.prompter_base) if args.prompter else None
+    )
     if trained is not None:
-        zero = Prompter.from_base(args.prompter_base or trained.manifest.base_model, mode=trained.manifest.mode)
+        zero = Prompter.from_base(
+            args.prompter_base or trained.manifest.base_model, mode=trained.manifest.mode
+        )
         zero.manifest.instructions = dict(trained.manifest.instructions)
         configs.append(WithPrompter(prompter=zero, name="zero-shot", description="untrained base prompter"))
         for name, path in extras:
@@ -310,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="alignpro", description="Align a frozen LLM by learning to rewrite its prompts."
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="INFO logging, and a traceback with every error (before COMMAND)"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="INFO logging, and a traceback with every error (before COMMAND)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("models", help=DESCRIPTIONS["models"])
@@ -387,7 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        run = {"models": cmd_models, "rewrite": cmd_rewrite, "train": cmd_train, "eval": cmd_eval}[args.command]
+        run = {"models": cmd_models, "rewrite": cmd_rewrite, "train": cmd_train, "eval": cmd_eval}[
+            args.command
+        ]
         return run(args)
     # Bad input (config values, data rows, paths, models): one line naming the problem, as argparse does;
     # -v adds the traceback. Other exception types are bugs and keep theirs.

@@ -58,9 +58,7 @@ def read_records(
                 try:
                     data = json.load(fh)
                 except json.JSONDecodeError as exc:
-                    raise DataError(
-                        src, None, None, f"invalid JSON ({exc.msg}: line {exc.lineno})"
-                    ) from None
+                    raise DataError(src, None, None, f"invalid JSON ({exc.msg}: line {exc.lineno})") from None
             if isinstance(data, dict):
                 data = _object_rows(src, data)
             if not isinstance(data, list):
@@ -102,8 +100,8 @@ def _object_rows(src: str, data: dict[str, Any]) -> list[Any]:
         src,
         None,
         None,
-        "expected a list of objects, an object holding one (such as {\"data\": [...]}) or columns of "
-        "equal length (such as {\"prompt\": [...], \"context\": [...]})",
+        'expected a list of objects, an object holding one (such as {"data": [...]}) or columns of '
+        'equal length (such as {"prompt": [...], "context": [...]})',
         f"This object mixes lists and other values: {sorted(data)}",
     )
 

@@ -409,7 +409,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
             row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f} | {wr} |"
         lines.append(row)
     lc = [
-        (name, e) for name, e in summary["configs"].items() if "vs_reference_length_controlled" in e[judges[0]]
+        (name, e)
+        for name, e in summary["configs"].items()
+        if "vs_reference_length_controlled" in e[judges[0]]
     ]
     if lc:
         lines += [
@@ -441,9 +443,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "",
             f"Head to head: {summary['focus']} against each configuration",
             "",
-            "| against | "
-            + " | ".join(f"win rate ({j}) | mean difference ({j})" for j in judges)
-            + " |",
+            "| against | " + " | ".join(f"win rate ({j}) | mean difference ({j})" for j in judges) + " |",
             "|---|" + "---|---|" * len(judges),
         ]
         for name, per_judge in summary["head_to_head"].items():

@@ -13,19 +13,50 @@ import random
 from pathlib import Path
 
 TOPICS = [
-    "composting at home", "learning a second language", "saving for retirement", "training for a 5k run",
-    "growing tomatoes", "writing a cover letter", "brewing green tea", "caring for a houseplant",
-    "reducing screen time", "planning a road trip", "baking sourdough bread", "starting a podcast",
-    "choosing a laptop", "improving sleep", "public speaking", "keeping a budget", "learning to swim",
-    "organizing a small kitchen", "studying for an exam", "adopting a rescue dog", "meditation for beginners",
-    "repairing a bicycle tire", "writing a haiku", "photographing at night", "hosting a dinner party",
-    "negotiating a salary", "cleaning a cast iron pan", "birdwatching", "reading more books", "making cold brew coffee",
-    "setting up a home office", "teaching a child to ride a bike", "preparing for a job interview",
-    "recycling electronics", "planting a pollinator garden", "learning to juggle",
+    "composting at home",
+    "learning a second language",
+    "saving for retirement",
+    "training for a 5k run",
+    "growing tomatoes",
+    "writing a cover letter",
+    "brewing green tea",
+    "caring for a houseplant",
+    "reducing screen time",
+    "planning a road trip",
+    "baking sourdough bread",
+    "starting a podcast",
+    "choosing a laptop",
+    "improving sleep",
+    "public speaking",
+    "keeping a budget",
+    "learning to swim",
+    "organizing a small kitchen",
+    "studying for an exam",
+    "adopting a rescue dog",
+    "meditation for beginners",
+    "repairing a bicycle tire",
+    "writing a haiku",
+    "photographing at night",
+    "hosting a dinner party",
+    "negotiating a salary",
+    "cleaning a cast iron pan",
+    "birdwatching",
+    "reading more books",
+    "making cold brew coffee",
+    "setting up a home office",
+    "teaching a child to ride a bike",
+    "preparing for a job interview",
+    "recycling electronics",
+    "planting a pollinator garden",
+    "learning to juggle",
 ]
 TASKS = [
-    "Explain the basics of {t}.", "Give me some tips for {t}.", "What mistakes should I avoid when {g}?",
-    "How do I get started with {t}?", "Write a short paragraph about {t}.", "What are the benefits of {t}?",
+    "Explain the basics of {t}.",
+    "Give me some tips for {t}.",
+    "What mistakes should I avoid when {g}?",
+    "How do I get started with {t}?",
+    "Write a short paragraph about {t}.",
+    "What are the benefits of {t}?",
 ]
 CHOSEN = [
     "Here is a practical overview of {t}.\n\n1. Start small: pick one concrete goal and a realistic schedule.\n"
@@ -39,8 +70,13 @@ CHOSEN = [
     "keep a short log so they can see which changes helped. Finally, be patient: most progress with {t} comes "
     "from small improvements repeated over weeks.",
 ]
-REJECTED = ["I don't know much about that.", "{T}.", "It depends. Look it up online.",
-            "Sure! Anyway, the weather has been nice lately.", "Just do it however you like."]
+REJECTED = [
+    "I don't know much about that.",
+    "{T}.",
+    "It depends. Look it up online.",
+    "Sure! Anyway, the weather has been nice lately.",
+    "Just do it however you like.",
+]
 
 
 def _gerund(topic: str) -> str:
@@ -69,13 +105,21 @@ def write_starter_set(folder: str | Path, *, seed: int = 0, n_heldout_topics: in
             x = task.format(t=t, g=_gerund(t))
             for _ in range(2):
                 fill = {"t": t, "T": t[0].upper() + t[1:]}
-                prefs.append({"prompt": x, "chosen": rng.choice(CHOSEN).format(**fill),
-                              "rejected": rng.choice(REJECTED).format(**fill)})
+                prefs.append(
+                    {
+                        "prompt": x,
+                        "chosen": rng.choice(CHOSEN).format(**fill),
+                        "rejected": rng.choice(REJECTED).format(**fill),
+                    }
+                )
     train_prompts = [task.format(t=t, g=_gerund(t)) for t in train for task in TASKS]
     heldout = [task.format(t=t, g=_gerund(t)) for t in sorted(held) for task in TASKS]
     rng.shuffle(train_prompts)
-    paths = {"preferences": folder / "preferences.jsonl", "train_prompts": folder / "train_prompts.json",
-             "heldout_prompts": folder / "heldout_prompts.json"}
+    paths = {
+        "preferences": folder / "preferences.jsonl",
+        "train_prompts": folder / "train_prompts.json",
+        "heldout_prompts": folder / "heldout_prompts.json",
+    }
     paths["preferences"].write_text("".join(json.dumps(r) + "\n" for r in prefs))
     paths["train_prompts"].write_text(json.dumps([{"prompt": p} for p in train_prompts], indent=1))
     paths["heldout_prompts"].write_text(json.dumps([{"prompt": p} for p in heldout], indent=1))

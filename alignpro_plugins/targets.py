@@ -470,7 +470,11 @@ class DSPyTarget(FrozenTarget):
             from dspy.lm15 import Message, Request
         except ImportError:  # older DSPy
             Request = None  # type: ignore[assignment,misc]
-        if Request is not None and isinstance(getattr(self.lm, "model", None), str) and hasattr(self.lm, "engine"):
+        if (
+            Request is not None
+            and isinstance(getattr(self.lm, "model", None), str)
+            and hasattr(self.lm, "engine")
+        ):
             response = self.lm(Request(model=self.lm.model, messages=(Message.user(prompt),)))
             return str(response.text or "").strip()
         out = self.lm(prompt)  # plain-string calls stay supported and return a list of outputs

@@ -37,7 +37,9 @@ from run_benchmark import (  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)")
+    ap.add_argument(
+        "--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,7 +48,9 @@ def main() -> None:
     budget = BUDGETS["standard"]
     out = Path(args.out)
     if not (out / "sft" / "alignpro.json").exists() or not (out / "rl-kl" / "alignpro.json").exists():
-        raise SystemExit(f"{out} has no finished benchmark (sft/ and rl-kl/): run benchmarks/run_benchmark.py first")
+        raise SystemExit(
+            f"{out} has no finished benchmark (sft/ and rl-kl/): run benchmarks/run_benchmark.py first"
+        )
     dst = out / "rl-kl-lc"
     started = time.time()
     _, mixed = rl_prompt_pools(budget)
@@ -64,7 +68,9 @@ def main() -> None:
     configs = [
         FrozenAlone(),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
-        WithPrompter(prompter=Prompter.from_pretrained(out / "rl-kl"), description="benchmark RL (raw reward)"),
+        WithPrompter(
+            prompter=Prompter.from_pretrained(out / "rl-kl"), description="benchmark RL (raw reward)"
+        ),
         WithPrompter(
             prompter=Prompter.from_pretrained(dst), name="align-pro-lc", description="RL, length-controlled"
         ),

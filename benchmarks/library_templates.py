@@ -88,7 +88,9 @@ def main() -> None:
     sample = in_sample(out, budget, scorers["independent"])
     texts = sorted(train, key=lambda t: -train[t]["mean"])
     prompts = eval_prompts(budget)
-    ev_dir, target = side_evaluation(out, budget, "eval-library")  # reuses the benchmark's answers and records
+    ev_dir, target = side_evaluation(
+        out, budget, "eval-library"
+    )  # reuses the benchmark's answers and records
     names = {text: f"library-{i + 1}" for i, text in enumerate(texts)}
     configs = [
         FrozenAlone(),

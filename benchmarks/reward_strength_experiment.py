@@ -45,7 +45,9 @@ from run_benchmark import (  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)")
+    ap.add_argument(
+        "--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)"
+    )
     ap.add_argument("--rm-steps", type=int, default=240, help="training steps of the stronger reward model")
     ap.add_argument(
         "--with-oracle",
@@ -57,8 +59,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     budget = BUDGETS["standard"]
     out = Path(args.out)
-    if not (out / "judge" / "alignpro_reward.json").exists() or not (out / "rl-kl" / "alignpro.json").exists():
-        raise SystemExit(f"{out} has no finished benchmark (judge/, rl-kl/): run benchmarks/run_benchmark.py first")
+    if (
+        not (out / "judge" / "alignpro_reward.json").exists()
+        or not (out / "rl-kl" / "alignpro.json").exists()
+    ):
+        raise SystemExit(
+            f"{out} has no finished benchmark (judge/, rl-kl/): run benchmarks/run_benchmark.py first"
+        )
     reward, sft, rl, oracle = out / "reward-long", out / "sft-rm2", out / "rl-kl-rm2", out / "oracle-rm2"
     times: dict[str, float] = {}
 
@@ -91,7 +98,9 @@ def main() -> None:
     if args.with_oracle and rounds_done(oracle, "alignpro_oracle.json") < budget["kl_rounds"]:
         from trainers.oracle_trainer import train_oracle
 
-        train_oracle(oracle_config(oracle, reward, budget), prompts=mixed[: budget["kl_prompts"] * budget["kl_rounds"]])
+        train_oracle(
+            oracle_config(oracle, reward, budget), prompts=mixed[: budget["kl_prompts"] * budget["kl_rounds"]]
+        )
         times["oracle"] = time.time() - t
 
     from alignpro_plugins.evaluation import Evaluator, Oracle, WithPrompter
@@ -106,9 +115,13 @@ def main() -> None:
         *first_tries(trained.manifest.mode),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="benchmark SFT"),
         WithPrompter(
-            prompter=Prompter.from_pretrained(out / "rl-kl"), name="align-pro-rm80", description="benchmark RL"
+            prompter=Prompter.from_pretrained(out / "rl-kl"),
+            name="align-pro-rm80",
+            description="benchmark RL",
         ),
-        WithPrompter(prompter=Prompter.from_pretrained(sft), name="sft-rm2", description="SFT, stronger reward"),
+        WithPrompter(
+            prompter=Prompter.from_pretrained(sft), name="sft-rm2", description="SFT, stronger reward"
+        ),
         WithPrompter(prompter=trained, name="align-pro-rm2", description="RL, stronger reward"),
     ]
     if args.with_oracle:
@@ -136,7 +149,7 @@ def main() -> None:
             f"- what changed: the training reward model trains {args.rm_steps} steps instead of "
             f"{budget['rm_steps']} (same shard, split, seed, data and recipe); the SFT and RL stages are the "
             "benchmark's, retrained against it (and, with --with-oracle, the RLHF oracle). The independent judge is the benchmark's, unchanged; in the "
-            "tables below \"reward\" is the stronger reward",
+            'tables below "reward" is the stronger reward',
             "- held-out pairwise accuracy of the training reward: "
             + ", ".join(
                 f"{name} ({m['steps']} steps) {m['heldout_pairwise_accuracy']:.3f} on {m['n_eval_pairs']} pairs"

@@ -39,7 +39,9 @@ def main() -> None:
     out = Path(args.out)
     from trainers.kl_optimum import round_dirs
 
-    rounds = [(r, f) for r, f in round_dirs(out / "rl-kl") if r > 0]  # round 0 (validation runs) is the SFT prompter
+    rounds = [
+        (r, f) for r, f in round_dirs(out / "rl-kl") if r > 0
+    ]  # round 0 (validation runs) is the SFT prompter
     if not rounds:
         raise SystemExit(f"no {out}/rl-kl/round-N/ prompters: run benchmarks/run_benchmark.py first")
 

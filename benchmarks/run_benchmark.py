@@ -216,9 +216,15 @@ def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[s
     """
     from alignpro_plugins.data import load_prompts
 
-    held_out = {  # every evaluation prompt, not only the ones a budget evaluates on
-        x for name in EVAL_SETS for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
-    } if exclude_held_out else set()
+    held_out = (
+        {  # every evaluation prompt, not only the ones a budget evaluates on
+            x
+            for name in EVAL_SETS
+            for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
+        }
+        if exclude_held_out
+        else set()
+    )
     alpaca = [
         x
         for x in dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
@@ -226,7 +232,9 @@ def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[s
     ]
     bpo = [
         x
-        for x in load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+        for x in load_prompts(
+            str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context"
+        )
         if x not in held_out
     ]
     mixed = [x for pair in zip(bpo[budget["boot_prompts"] :], alpaca[400:], strict=False) for x in pair]
@@ -301,7 +309,9 @@ def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: 
         reward_model=str(reward_model),
         num_candidates=budget["k"],
         templates=sft_library(budget),
-        **(dict(templates_from=str(searched), templates_from_top=1) if budget["guidance_min_prompts"] else {}),
+        **(
+            dict(templates_from=str(searched), templates_from_top=1) if budget["guidance_min_prompts"] else {}
+        ),
         max_pairs=budget["boot_prompts"],
         bootstrap_neighbours=budget["boot_neighbours"],
         num_train_epochs=budget["sft_epochs"],
@@ -508,7 +518,10 @@ def judges(out: Path, reward: Path | None = None) -> dict:
     """The training reward (out/reward unless given) and the independent judge, as every evaluation names them."""
     from alignpro_plugins.rewards import RewardModel
 
-    return {"reward": RewardModel(str(reward or out / "reward")), "independent": RewardModel(str(out / "judge"))}
+    return {
+        "reward": RewardModel(str(reward or out / "reward")),
+        "independent": RewardModel(str(out / "judge")),
+    }
 
 
 def eval_prompts(budget: dict) -> list[str]:
@@ -546,7 +559,9 @@ def rounds_done(stage_dir: Path, artifact: str) -> int:
     log = stage_dir / "metrics.jsonl"
     if not (stage_dir / artifact).exists() or not log.exists():
         return 0
-    return max((json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()), default=0)
+    return max(
+        (json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip()), default=0
+    )
 
 
 def sft_bootstrap_stats(out: Path) -> dict:
@@ -578,7 +593,7 @@ def guidance_line(out: Path) -> str:
     val = {c["text"]: c["validation_mean"] for c in r.candidates}
     return (
         f"{len(r.candidates) - 1} texts on {r.search_prompts} bootstrap prompts by successive halving, finalists on "
-        f"{r.validation_prompts} validation prompts; chose \"{r.best or '(no change)'}\" (validation reward "
+        f'{r.validation_prompts} validation prompts; chose "{r.best or "(no change)"}" (validation reward '
         f"{val[r.best]:.3f}, no change {val['']:.3f})"
     )
 
@@ -649,7 +664,9 @@ def main() -> None:
         timed("guidance search", t)
     if not (out / "sft" / "alignpro.json").exists():
         # The search answered the library texts on the same prompts with the same target: reuse those answers.
-        if (out / "guidance" / "target_cache.jsonl").exists() and not (out / "sft" / "target_cache.jsonl").exists():
+        if (out / "guidance" / "target_cache.jsonl").exists() and not (
+            out / "sft" / "target_cache.jsonl"
+        ).exists():
             (out / "sft").mkdir(parents=True, exist_ok=True)
             shutil.copy(out / "guidance" / "target_cache.jsonl", out / "sft" / "target_cache.jsonl")
         t = time.time()

@@ -33,7 +33,9 @@ from run_benchmark import (  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)")
+    ap.add_argument(
+        "--out", default="runs/bench", help="run_benchmark.py's artifact folder (standard budget)"
+    )
     ap.add_argument("--per-set", type=int, default=150, help="prompts from each evaluation set")
     args = ap.parse_args()
     torch.set_num_threads(2)

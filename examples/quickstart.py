@@ -64,9 +64,16 @@ def main(argv: list[str] | None = None) -> dict:
     from trainers.reward_config import AlignProRewardConfig
     from trainers.reward_trainer import train_reward
 
-    rm = train_reward(AlignProRewardConfig(output_dir=str(out / "reward"), base_model=rm_base,
-                                           preference_data=[paths["preferences"]], max_steps=b["rm_steps"],
-                                           max_length=192, **common))
+    rm = train_reward(
+        AlignProRewardConfig(
+            output_dir=str(out / "reward"),
+            base_model=rm_base,
+            preference_data=[paths["preferences"]],
+            max_steps=b["rm_steps"],
+            max_length=192,
+            **common,
+        )
+    )
     print(f"held-out pairwise accuracy: {rm.meta['heldout_pairwise_accuracy']:.2f}")
 
     banner("3/6 SFT stage (best-of-K bootstrap against the frozen target)")
@@ -76,21 +83,45 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_prompts = load_prompts(paths["train_prompts"])
     target_kw = dict(target=lm, target_max_new_tokens=b["ans"], target_batch_size=16)
-    train_sft(AlignProSFTConfig(output_dir=str(out / "sft"), base_model=lm, reward_model=str(out / "reward"),
-                                num_candidates=b["k"], max_pairs=b["boot"], prompter_max_new_tokens=b["rw"],
-                                templates=AlignProSFTConfig().templates[:3], max_steps=b["sft_steps"],
-                                num_train_epochs=3, **target_kw, **common), prompts=train_prompts)
+    train_sft(
+        AlignProSFTConfig(
+            output_dir=str(out / "sft"),
+            base_model=lm,
+            reward_model=str(out / "reward"),
+            num_candidates=b["k"],
+            max_pairs=b["boot"],
+            prompter_max_new_tokens=b["rw"],
+            templates=AlignProSFTConfig().templates[:3],
+            max_steps=b["sft_steps"],
+            num_train_epochs=3,
+            **target_kw,
+            **common,
+        ),
+        prompts=train_prompts,
+    )
 
     # kl-optimum gets more signal per CPU-minute than a few GRPO steps (see docs/benchmarks.md).
     banner("4/6 RL stage (KL-regularised optimum to the SFT prompter, sampled and distilled)")
     from trainers.rl_config import AlignProRLConfig
     from trainers.rl_trainer import train_rl
 
-    train_rl(AlignProRLConfig(output_dir=str(out / "prompter"), sft_prompter=str(out / "sft"),
-                              reward_model=str(out / "reward"), algorithm="kl-optimum", kl_rounds=1, beta=0.5,
-                              learning_rate=1e-4, num_generations=4, per_device_train_batch_size=8,
-                              max_completion_length=b["rw"], **target_kw, **{**common, "logging_steps": 1}),
-             prompts=train_prompts[b["boot"] : b["boot"] + b["rl_prompts"]])
+    train_rl(
+        AlignProRLConfig(
+            output_dir=str(out / "prompter"),
+            sft_prompter=str(out / "sft"),
+            reward_model=str(out / "reward"),
+            algorithm="kl-optimum",
+            kl_rounds=1,
+            beta=0.5,
+            learning_rate=1e-4,
+            num_generations=4,
+            per_device_train_batch_size=8,
+            max_completion_length=b["rw"],
+            **target_kw,
+            **{**common, "logging_steps": 1},
+        ),
+        prompts=train_prompts[b["boot"] : b["boot"] + b["rl_prompts"]],
+    )
 
     banner("5/6 evaluation on held-out prompts")
     from alignpro_plugins.evaluation import (
@@ -105,10 +136,13 @@ def main(argv: list[str] | None = None) -> dict:
     from alignpro_plugins.targets import CachedTarget, TransformersTarget
 
     heldout = load_prompts(paths["heldout_prompts"])[: b["heldout"]]
-    target = CachedTarget(TransformersTarget(lm, max_new_tokens=b["ans"], batch_size=16), out / "eval" / "cache.jsonl")
+    target = CachedTarget(
+        TransformersTarget(lm, max_new_tokens=b["ans"], batch_size=16), out / "eval" / "cache.jsonl"
+    )
     prompter = Prompter.from_pretrained(out / "prompter")
-    report = Evaluator(heldout, target, {"reward": RewardModel(str(out / "reward"))}, out_dir=out / "eval").run(
-        [FrozenAlone(), FixedTemplate(), WithPrompter(prompter=prompter)])
+    report = Evaluator(
+        heldout, target, {"reward": RewardModel(str(out / "reward"))}, out_dir=out / "eval"
+    ).run([FrozenAlone(), FixedTemplate(), WithPrompter(prompter=prompter)])
     print(report.to_markdown())
     try:
         plot_training_curve(out / "prompter" / "metrics.jsonl", out / "eval" / "rl_reward_curve.png")
@@ -123,8 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
     demo_frameworks(out / "prompter", lm, b["ans"], heldout[0])
 
     summary = {
-        "reward_model": str(out / "reward"), "sft_prompter": str(out / "sft"), "prompter": str(out / "prompter"),
-        "evaluation": str(out / "eval" / "results.md"), "plots": str(out / "eval"),
+        "reward_model": str(out / "reward"),
+        "sft_prompter": str(out / "sft"),
+        "prompter": str(out / "prompter"),
+        "evaluation": str(out / "eval" / "results.md"),
+        "plots": str(out / "eval"),
         "win_rate_vs_frozen": report.summary["configs"]["align-pro"]["reward"]["vs_reference"]["win_rate"],
         "minutes": round((time.time() - t_start) / 60, 1),
     }

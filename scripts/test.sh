@@ -8,5 +8,6 @@ cd "$root"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 LITELLM_LOCAL_MODEL_COST_MAP=True
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/ruff check alignpro_plugins trainers tests benchmarks examples
+.venv/bin/ruff format --check alignpro_plugins trainers tests benchmarks examples
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -214,7 +214,9 @@ def _write_yaml(path: Path, data) -> str:
 
 
 # A typo of one of each stage's own fields (the guidance search trains nothing, so it has no learning rate).
-TYPO = {stage: ("lerning_rate", "learning_rate") for stage in STAGES} | {"guidance": ("min_promts", "min_prompts")}
+TYPO = {stage: ("lerning_rate", "learning_rate") for stage in STAGES} | {
+    "guidance": ("min_promts", "min_prompts")
+}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -271,8 +273,12 @@ def test_a_yaml_string_for_a_list_option_is_one_item(tmp_path):
         "reward", [], {"output_dir": "o", "preference_data": "p.jsonl", "exclude_prompt_files": "eval.json"}
     )
     assert (reward.preference_data, reward.exclude_prompt_files) == (["p.jsonl"], ["eval.json"])
-    assert parse_stage_config("sft", [], {"output_dir": "o", "templates": "Be brief."}).templates == ["Be brief."]
-    rl = parse_stage_config("rl", [], {"output_dir": "o", "algorithm": "kl-optimum", "kl_anchors": "Be brief."})
+    assert parse_stage_config("sft", [], {"output_dir": "o", "templates": "Be brief."}).templates == [
+        "Be brief."
+    ]
+    rl = parse_stage_config(
+        "rl", [], {"output_dir": "o", "algorithm": "kl-optimum", "kl_anchors": "Be brief."}
+    )
     assert rl.kl_anchors == ["Be brief."]
     with pytest.raises(ValueError, match=r"preference_data must be a list of strings .* got \[1, 2\]"):
         parse_stage_config("reward", [], {"output_dir": "o", "preference_data": [1, 2]})
@@ -318,11 +324,16 @@ def test_config_errors_are_one_line_and_verbose_adds_the_traceback(tmp_path, cap
     argv = ["rl", "--output_dir", str(tmp_path / "o"), "--mode", "foo"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("alignpro rl: error: mode must be one of 'augment', 'rewrite'") and "Traceback" not in err
+    assert (
+        err.startswith("alignpro rl: error: mode must be one of 'augment', 'rewrite'")
+        and "Traceback" not in err
+    )
     assert main(["-v", *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "rl_config.py" in err  # where it was raised ...
-    assert err.rstrip().splitlines()[-1].startswith("alignpro rl: error: mode must be one of")  # ... then the error
+    assert (
+        err.rstrip().splitlines()[-1].startswith("alignpro rl: error: mode must be one of")
+    )  # ... then the error
 
 
 def test_bugs_keep_their_traceback(monkeypatch):
@@ -343,8 +354,9 @@ def test_missing_reward_is_named_before_any_model_loads(tmp_path, capsys):
     # The prompter folder does not exist: reaching it first would be a different error.
     base = ["--output_dir", str(tmp_path / "o"), "--prompts_data", str(prompts)]
     assert main(["rl", *base, "--sft_prompter", str(tmp_path / "nowhere")]) == 2
-    assert "alignpro rl: error: RL needs a reward: set `reward_model` (the folder written by `alignpro reward`)" in (
-        _error(capsys)
+    assert (
+        "alignpro rl: error: RL needs a reward: set `reward_model` (the folder written by `alignpro reward`)"
+        in (_error(capsys))
     )
     assert main(["sft", *base, "--prompt_field", "prompt", "--base_model", str(tmp_path / "nowhere")]) == 2
     assert "alignpro sft: error: The SFT bootstrap (no pairs_data) needs a reward: set `reward_model`" in (
@@ -352,18 +364,30 @@ def test_missing_reward_is_named_before_any_model_loads(tmp_path, capsys):
     )
     assert main(["oracle", *base, "--target", str(tmp_path / "nowhere")]) == 2
     assert "alignpro oracle: error: the RLHF oracle needs a reward: set `reward_model`" in _error(capsys)
-    assert main(["rl", "--output_dir", str(tmp_path / "o"), "--target_base_url", "http://127.0.0.1:9/v1"]) == 2
+    assert (
+        main(["rl", "--output_dir", str(tmp_path / "o"), "--target_base_url", "http://127.0.0.1:9/v1"]) == 2
+    )
     assert "target_base_url is set (http://127.0.0.1:9/v1) but target_model_name is not" in _error(capsys)
 
 
 def test_eval_checks_extra_prompters_before_loading_anything(tmp_path, capsys):
-    base = ["eval", "--prompts", str(tmp_path / "p.json"), "--judge", str(tmp_path / "j"), "--out", str(tmp_path)]
+    base = [
+        "eval",
+        "--prompts",
+        str(tmp_path / "p.json"),
+        "--judge",
+        str(tmp_path / "j"),
+        "--out",
+        str(tmp_path),
+    ]
     assert main([*base, "--prompter", str(tmp_path / "p"), "--extra-prompter", "runs/sft"]) == 2
     assert "alignpro eval: error: --extra-prompter 'runs/sft': expected NAME=DIR, e.g. sft=runs/sft" in (
         _error(capsys)
     )
     assert main([*base, "--extra-prompter", "sft=runs/sft"]) == 2
-    assert "--extra-prompter is compared beside the trained prompter: give --prompter DIR too" in _error(capsys)
+    assert "--extra-prompter is compared beside the trained prompter: give --prompter DIR too" in _error(
+        capsys
+    )
 
 
 def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
@@ -373,13 +397,19 @@ def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
     assert "unknown sections ['evaluation']; use reward, guidance, sft, rl" in err
     cfg = _write_yaml(tmp_path / "r2.yaml", {"output_dir": str(tmp_path / "o"), "reward": {"max_stepz": 1}})
     assert main(["train", "--config", cfg]) == 2
-    assert f"{cfg}, section reward: unknown config keys ['max_stepz'] (did you mean max_steps?)" in _error(capsys)
+    assert f"{cfg}, section reward: unknown config keys ['max_stepz'] (did you mean max_steps?)" in _error(
+        capsys
+    )
     # Section values are checked before any stage runs: an invalid RL option costs no reward training.
-    cfg = _write_yaml(tmp_path / "r3.yaml", {"output_dir": str(tmp_path / "o"), "reward": {}, "rl": {"beta": 0}})
+    cfg = _write_yaml(
+        tmp_path / "r3.yaml", {"output_dir": str(tmp_path / "o"), "reward": {}, "rl": {"beta": 0}}
+    )
     assert main(["train", "--config", cfg]) == 2
     assert f"{cfg}, section rl: beta (λ) must be > 0" in _error(capsys)
     # So is the reward the RL stage needs.
-    cfg = _write_yaml(tmp_path / "r4.yaml", {"output_dir": str(tmp_path / "o"), "rl": {"prompts_data": "p.json"}})
+    cfg = _write_yaml(
+        tmp_path / "r4.yaml", {"output_dir": str(tmp_path / "o"), "rl": {"prompts_data": "p.json"}}
+    )
     assert main(["train", "--config", cfg]) == 2
     assert f"{cfg}, section rl: no reward model; add a reward: section" in _error(capsys)
     assert not (tmp_path / "o").exists()
@@ -492,6 +522,9 @@ def test_rewrite_takes_the_base_of_a_moved_artifact(tiny_lm_dir, tmp_path, capsy
     assert main(["rewrite", "--prompter", folder, "--json", "Explain tides."]) == 2
     err = capsys.readouterr().err
     assert str(base) in err and "base_model=" in err
-    assert main(["rewrite", "--prompter", folder, "--prompter-base", str(moved), "--json", "Explain tides."]) == 0
+    assert (
+        main(["rewrite", "--prompter", folder, "--prompter-base", str(moved), "--json", "Explain tides."])
+        == 0
+    )
     (result,) = _json_lines(capsys.readouterr().out)
     assert result["original"] == "Explain tides."

@@ -58,7 +58,9 @@ def test_best_of_k_picks_the_maximum(tiny_lm_dir, tmp_path):
         calls.append(list(answers))
         return [float(len(a)) for a in answers]
 
-    ev = Evaluator(PROMPTS[:2], echo_target(), {"len": CallableReward(judge)}, out_dir=tmp_path, reference="best-of-k")
+    ev = Evaluator(
+        PROMPTS[:2], echo_target(), {"len": CallableReward(judge)}, out_dir=tmp_path, reference="best-of-k"
+    )
     report = ev.run([cfg])
     scored = calls[0]
     assert len(scored) == 2 * 4  # K candidates per prompt were answered and scored
@@ -68,15 +70,22 @@ def test_best_of_k_picks_the_maximum(tiny_lm_dir, tmp_path):
 
 
 def test_paired_statistics_and_report(tmp_path):
-    ev = Evaluator(PROMPTS, echo_target(), {"reward": length_judge(), "independent": length_judge()},
-                   out_dir=tmp_path, focus="template")
+    ev = Evaluator(
+        PROMPTS,
+        echo_target(),
+        {"reward": length_judge(), "independent": length_judge()},
+        out_dir=tmp_path,
+        focus="template",
+    )
     report = ev.run([FrozenAlone(), FixedTemplate()])
     s = report.summary
     assert s["configs"]["template"]["reward"]["vs_reference"]["win_rate"] == 1.0  # appended text is longer
     h2h = s["head_to_head"]["frozen"]["independent"]
     assert h2h["win_rate"] == 1.0 and h2h["n"] == len(PROMPTS)
     # Paired mean difference = the appended template's length, on every prompt.
-    added = [len(inp[0].text) - len(x) for x, inp in zip(PROMPTS, FixedTemplate().inputs(PROMPTS), strict=True)]
+    added = [
+        len(inp[0].text) - len(x) for x, inp in zip(PROMPTS, FixedTemplate().inputs(PROMPTS), strict=True)
+    ]
     assert h2h["mean_diff"] == pytest.approx(sum(added) / len(added)) and min(added) > 0
     assert h2h["mean_diff_ci"][0] <= h2h["mean_diff"] <= h2h["mean_diff_ci"][1]
     assert "mean difference (independent)" in (tmp_path / "results.md").read_text()
@@ -143,13 +152,16 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path):
         calls.append(x)
         return x
 
-    ev = Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path, chunk_size=2)
+    ev = Evaluator(
+        PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path, chunk_size=2
+    )
     ev.run([FrozenAlone()])
     n_first = len(calls)
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     (tmp_path / "records.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as if interrupted after one chunk
-    report = Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path,
-                       chunk_size=2).run([FrozenAlone()])
+    report = Evaluator(
+        PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path, chunk_size=2
+    ).run([FrozenAlone()])
     assert len(calls) == n_first + 2 and len(report.records) == len(PROMPTS)
 
 
@@ -161,8 +173,9 @@ def test_run_killed_mid_write_resumes(tmp_path, caplog):
         return x
 
     def run():
-        return Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path,
-                         chunk_size=2).run([FrozenAlone()])
+        return Evaluator(
+            PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path, chunk_size=2
+        ).run([FrozenAlone()])
 
     run()
     records = tmp_path / "records.jsonl"
@@ -204,7 +217,9 @@ def test_column_oriented_evaluation_prompts(tmp_path):
     from alignpro_plugins.data import load_prompts
 
     path = tmp_path / "eval.json"  # e.g. pandas DataFrame.to_json(orient="list")
-    path.write_text(json.dumps({"instruction": ["write a poem", "explain tea"], "context": ["", "green tea"]}))
+    path.write_text(
+        json.dumps({"instruction": ["write a poem", "explain tea"], "context": ["", "green tea"]})
+    )
     # Before: the first column was taken as the rows ("row 0: expected an object, got str").
     assert load_prompts(str(path), field="instruction", context_field="context") == [
         "write a poem",
@@ -261,10 +276,12 @@ def test_resume_ignores_records_of_a_changed_configuration(tmp_path):
         return x
 
     Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
-        [FrozenAlone(), FixedTemplate(template="Be brief.")])
+        [FrozenAlone(), FixedTemplate(template="Be brief.")]
+    )
     n = len(calls)
     report = Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
-        [FrozenAlone(), FixedTemplate(template="Be thorough.")])
+        [FrozenAlone(), FixedTemplate(template="Be thorough.")]
+    )
     assert len(calls) == n + len(PROMPTS)  # frozen reused, the changed template re-run
     assert all(r["input"].endswith("Be thorough.") for r in report.records if r["config"] == "template")
 
@@ -285,11 +302,13 @@ def test_grown_prompt_set_reuses_records_by_prompt(tmp_path):
         return x
 
     Evaluator(PROMPTS[1:], CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
-        [FrozenAlone()])
+        [FrozenAlone()]
+    )
     calls.clear()
     # One new prompt in front shifts every position; the old records still apply to their prompts.
     report = Evaluator(PROMPTS, CallableTarget(target), {"reward": length_judge()}, out_dir=tmp_path).run(
-        [FrozenAlone()])
+        [FrozenAlone()]
+    )
     assert calls == [PROMPTS[0]]
     assert [r["prompt"] for r in sorted(report.records, key=lambda r: r["idx"])] == PROMPTS
 
@@ -303,7 +322,9 @@ def test_judge_trained_on_evaluation_prompts_is_reported(tmp_path, caplog):
     clean_judge.meta = {"train_prompt_digests": [prompt_digest("not evaluated")]}
     judges = {"reward": seen_judge, "independent": clean_judge, "plain": length_judge()}
     with caplog.at_level("WARNING"):
-        report = Evaluator(PROMPTS, echo_target(), judges, out_dir=tmp_path).run([FrozenAlone(), FixedTemplate()])
+        report = Evaluator(PROMPTS, echo_target(), judges, out_dir=tmp_path).run(
+            [FrozenAlone(), FixedTemplate()]
+        )
     # a judge without digests is not claimed clean: it is left out
     assert report.summary["judge_trained_on_prompts"] == {"reward": 1, "independent": 0}
     assert "reward (1 of 4)" in report.to_markdown() and "independent (" not in report.to_markdown()

@@ -478,7 +478,13 @@ def test_unknown_generation_kwargs_fail_at_construction_naming_the_accepted_keys
     assert "max_new_tokens" in str(info.value) and "temperature" in str(info.value)
     with pytest.raises(ValueError, match="top_k"):
         AlignProRunnable.from_base(tiny_lm_dir, generation_kwargs={"top_k": 5})
-    assert set(GENERATION_KEYS) == {"max_new_tokens", "do_sample", "temperature", "top_p", "repetition_penalty"}
+    assert set(GENERATION_KEYS) == {
+        "max_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_p",
+        "repetition_penalty",
+    }
     r = AlignProRunnable(stub, generation_kwargs={"max_new_tokens": 8, "do_sample": False})
     assert r.invoke("q") == augmented("q")
 
@@ -628,6 +634,7 @@ async def test_aligned_model_passes_configurable_to_the_prompter_and_the_inner_m
     assert [m.content for m in await aligned.abatch(["x"], config=off)] == ["x"]
     assert recorder.records[0]["fallback_reason"] == guard.DISABLED
     assert aligned.invoke("q").content == augmented("q")  # the next call is rewritten again
+
     # A configurable inner model gets the call's configurable too; run_name stays on the aligned run only.
     def who(messages: Any, config: RunnableConfig, **kwargs: Any) -> AIMessage:
         return AIMessage(str(config["configurable"].get("who")))

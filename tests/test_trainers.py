@@ -148,7 +148,9 @@ def test_reward_stage_never_trains_on_excluded_evaluation_prompts(tiny_encoder_d
     pairs.append(PreferencePair("Summarise the text.\n\nThe cat sat.", "good", "bad"))
     common = dict(base_model=tiny_encoder_dir, report_to="none", eval_fraction=0.2)
     trainer = AlignProRewardTrainer(
-        AlignProRewardConfig(output_dir=str(tmp_path / "rm"), exclude_prompt_files=[str(evaluation)], **common),
+        AlignProRewardConfig(
+            output_dir=str(tmp_path / "rm"), exclude_prompt_files=[str(evaluation)], **common
+        ),
         pairs=pairs,
     )
     kept = {p.prompt for p in trainer.train_pairs + trainer.eval_pairs}
@@ -157,7 +159,9 @@ def test_reward_stage_never_trains_on_excluded_evaluation_prompts(tiny_encoder_d
 
     with pytest.raises(ValueError, match="exclude_prompt_files"):
         AlignProRewardTrainer(
-            AlignProRewardConfig(output_dir=str(tmp_path / "x"), exclude_prompt_files=[str(evaluation)], **common),
+            AlignProRewardConfig(
+                output_dir=str(tmp_path / "x"), exclude_prompt_files=[str(evaluation)], **common
+            ),
             pairs=[PreferencePair("prompt 3", "good", "bad")],
         )
 
@@ -308,10 +312,22 @@ def test_oracle_tunes_the_target_itself(tiny_lm_dir, tmp_path):
     from trainers.oracle_config import RLHFOracleConfig
     from trainers.oracle_trainer import train_oracle
 
-    out = train_oracle(RLHFOracleConfig(
-        output_dir=str(tmp_path / "oracle"), target=tiny_lm_dir, max_steps=2, num_generations=2,
-        max_completion_length=6, per_device_train_batch_size=2, learning_rate=1e-2, report_to="none",
-        save_steps=1000, disable_tqdm=True), prompts=PROMPTS[:2], reward=length_reward)
+    out = train_oracle(
+        RLHFOracleConfig(
+            output_dir=str(tmp_path / "oracle"),
+            target=tiny_lm_dir,
+            max_steps=2,
+            num_generations=2,
+            max_completion_length=6,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            report_to="none",
+            save_steps=1000,
+            disable_tqdm=True,
+        ),
+        prompts=PROMPTS[:2],
+        reward=length_reward,
+    )
     meta = json.loads((tmp_path / "oracle" / "alignpro_oracle.json").read_text())
     assert meta["steps"] == 2
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), out)
@@ -331,10 +347,23 @@ def test_oracle_kl_optimum_distils_its_best_answers(tiny_lm_dir, tmp_path):
         seen.append(list(prompts))
         return length_reward(prompts, answers)
 
-    out = train_oracle(RLHFOracleConfig(
-        output_dir=str(tmp_path / "oracle"), target=tiny_lm_dir, algorithm="kl-optimum", kl_rounds=2,
-        num_generations=3, max_completion_length=6, per_device_train_batch_size=3, learning_rate=1e-2,
-        beta=0.5, report_to="none", disable_tqdm=True), prompts=PROMPTS[:3], reward=reward)
+    out = train_oracle(
+        RLHFOracleConfig(
+            output_dir=str(tmp_path / "oracle"),
+            target=tiny_lm_dir,
+            algorithm="kl-optimum",
+            kl_rounds=2,
+            num_generations=3,
+            max_completion_length=6,
+            per_device_train_batch_size=3,
+            learning_rate=1e-2,
+            beta=0.5,
+            report_to="none",
+            disable_tqdm=True,
+        ),
+        prompts=PROMPTS[:3],
+        reward=reward,
+    )
     meta = json.loads((tmp_path / "oracle" / "alignpro_oracle.json").read_text())
     assert meta["algorithm"] == "kl-optimum" and meta["steps"] == 2 * 3  # 9 draws / batch 3, two rounds
     # Each round scores K sampled answers + the greedy answer per prompt against the prompt itself.
@@ -354,11 +383,14 @@ def test_distillation_rows_end_their_turn_only_where_the_answer_ended(tiny_lm_di
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     chat = [{"role": "user", "content": "Name a fruit."}]
-    rows = tokenize_rows(tok, [
-        {"prompt": chat, "completion": [{"role": "assistant", "content": "A pear."}], "ended": True},
-        {"prompt": chat, "completion": [{"role": "assistant", "content": "A pear, and"}], "ended": False},
-        {"prompt": "Rewrite: tea", "completion": "Explain tea."},  # no flag: a finished completion
-    ])
+    rows = tokenize_rows(
+        tok,
+        [
+            {"prompt": chat, "completion": [{"role": "assistant", "content": "A pear."}], "ended": True},
+            {"prompt": chat, "completion": [{"role": "assistant", "content": "A pear, and"}], "ended": False},
+            {"prompt": "Rewrite: tea", "completion": "Explain tea."},  # no flag: a finished completion
+        ],
+    )
 
     def text(ids):
         return tok.decode(ids, skip_special_tokens=False)
@@ -373,10 +405,13 @@ def test_distillation_rows_end_their_turn_only_where_the_answer_ended(tiny_lm_di
     # A cut answer stops where its text stops: no end of turn to learn.
     assert text(completion(rows[1])) == "A pear, and" and tok.eos_token_id not in completion(rows[1])
     assert completion(rows[2])[-1] == tok.eos_token_id and text(completion(rows[2])[:-1]) == "Explain tea."
-    prompt_ids = tok(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(
+        tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]
     for row in rows[:2]:  # the loss covers the completion only
-        assert row["completion_mask"] == [0] * len(prompt_ids) + [1] * (len(row["input_ids"]) - len(prompt_ids))
+        assert row["completion_mask"] == [0] * len(prompt_ids) + [1] * (
+            len(row["input_ids"]) - len(prompt_ids)
+        )
         assert row["input_ids"][: len(prompt_ids)] == prompt_ids
 
 
@@ -399,9 +434,16 @@ def test_kl_optimum_weights_and_kl():
 
 
 def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, num_generations=3, beta=0.5,
-                     per_device_train_batch_size=3,
-                     learning_rate=1e-2)
+    cfg = _rl_config(
+        tmp_path,
+        sft_dir,
+        algorithm="kl-optimum",
+        kl_rounds=2,
+        num_generations=3,
+        beta=0.5,
+        per_device_train_batch_size=3,
+        learning_rate=1e-2,
+    )
     trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
     sft_weights = _lora_weights(trainer.prompter.model)
     trainer.train()
@@ -416,23 +458,43 @@ def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
     p = Prompter.from_pretrained(tmp_path / "rl", similarity=None)
     assert p.manifest.provenance["stages"][-1]["algorithm"] == "kl-optimum"
     # resume: both rounds done, nothing left to run
-    again = AlignProRLTrainer(_rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, resume=True,
-                                          num_generations=3, per_device_train_batch_size=3),
-                              prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+    again = AlignProRLTrainer(
+        _rl_config(
+            tmp_path,
+            sft_dir,
+            algorithm="kl-optimum",
+            kl_rounds=2,
+            resume=True,
+            num_generations=3,
+            per_device_train_batch_size=3,
+        ),
+        prompts=PROMPTS[:3],
+        target=lambda x: x,
+        reward=length_reward,
+    )
     assert again._resume_rounds(tmp_path / "rl") == 2
 
 
 def test_kl_optimum_anchors_join_every_group(sft_dir, tmp_path):
-    long_guidance = ("Please answer with many concrete details and examples, explain the reasoning behind "
-                     "each point, compare the main options, and finish with a short summary of the key ideas.")
+    long_guidance = (
+        "Please answer with many concrete details and examples, explain the reasoning behind "
+        "each point, compare the main options, and finish with a short summary of the key ideas."
+    )
     seen: list[str] = []
 
     def target(x):  # a callable target answers one prompt
         seen.append(x)
         return x
 
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=2, beta=0.05,
-                     per_device_train_batch_size=2, kl_anchors=["", long_guidance])
+    cfg = _rl_config(
+        tmp_path,
+        sft_dir,
+        algorithm="kl-optimum",
+        num_generations=2,
+        beta=0.05,
+        per_device_train_batch_size=2,
+        kl_anchors=["", long_guidance],
+    )
     AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=target, reward=length_reward).train()
     row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["samples"] == 3 * (2 + 1 + 2)  # K samples + the deployed rewrite + 2 anchors per prompt
@@ -453,8 +515,9 @@ def test_kl_optimum_scores_the_deployed_rewrite_beside_the_samples(sft_dir, tmp_
         texts = ["Be brief.", "Short."] if settings.do_sample else [deployed]
         return [[(t, False) for t in texts[:num_return_sequences]] for _ in queries]
 
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=2, beta=0.5,
-                     per_device_train_batch_size=2)
+    cfg = _rl_config(
+        tmp_path, sft_dir, algorithm="kl-optimum", num_generations=2, beta=0.5, per_device_train_batch_size=2
+    )
     trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
     monkeypatch.setattr(trainer.prompter, "generate_raw", generate_raw)
     sampled = GenerationDefaults(max_new_tokens=6, do_sample=True)
@@ -486,8 +549,9 @@ def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir,
     def reward(prompts, answers):  # a judge that counts words, plus a real bonus for exactness
         return [len(a.split()) + 8.0 * ("exact" in a) for a in answers]
 
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=5, beta=0.5,
-                     per_device_train_batch_size=2)
+    cfg = _rl_config(
+        tmp_path, sft_dir, algorithm="kl-optimum", num_generations=5, beta=0.5, per_device_train_batch_size=2
+    )
     trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=reward)
     monkeypatch.setattr(trainer.prompter, "generate_raw", generate_raw)
     kw = dict(k=5, lam=0.05, settings=GenerationDefaults(max_new_tokens=6, do_sample=True), mode="augment")
@@ -514,9 +578,18 @@ def test_kl_optimum_validation_holds_prompts_out_and_keeps_the_best_round(sft_di
         originals.extend(prompts)
         return length_reward(prompts, answers)
 
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, kl_prompts_per_round=2,
-                     num_generations=2, beta=0.5, per_device_train_batch_size=2, kl_validation_prompts=2,
-                     kl_keep_best=True)
+    cfg = _rl_config(
+        tmp_path,
+        sft_dir,
+        algorithm="kl-optimum",
+        kl_rounds=2,
+        kl_prompts_per_round=2,
+        num_generations=2,
+        beta=0.5,
+        per_device_train_batch_size=2,
+        kl_validation_prompts=2,
+        kl_keep_best=True,
+    )
     trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=reward)
     assert trainer.prompts == PROMPTS[:4] and trainer.val_prompts == PROMPTS[4:6]  # the last n, held out
     sft_weights = _lora_weights(trainer.prompter.model)
@@ -562,8 +635,16 @@ def test_kl_optimum_rounds_take_fresh_prompts(sft_dir, tmp_path):
         originals.extend(prompts)
         return length_reward(prompts, answers)
 
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=2, kl_prompts_per_round=2,
-                     num_generations=2, beta=0.5, per_device_train_batch_size=2)
+    cfg = _rl_config(
+        tmp_path,
+        sft_dir,
+        algorithm="kl-optimum",
+        kl_rounds=2,
+        kl_prompts_per_round=2,
+        num_generations=2,
+        beta=0.5,
+        per_device_train_batch_size=2,
+    )
     AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=reward).train()
     # Round 1 scored prompts 0-1 and round 2 prompts 2-3, each K + 1 times, against the original prompt.
     assert originals == [x for x in PROMPTS[:4] for _ in range(2 + 1)]
@@ -577,10 +658,14 @@ def test_kl_optimum_too_few_prompts_for_fresh_rounds(sft_dir, tmp_path):
 
 def test_kl_optimum_accepts_any_group_size_grpo_does_not(sft_dir, tmp_path):
     # GRPO needs the generation batch divisible by its group; kl-optimum samples K in its own batches.
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=3, per_device_train_batch_size=8)
+    cfg = _rl_config(
+        tmp_path, sft_dir, algorithm="kl-optimum", num_generations=3, per_device_train_batch_size=8
+    )
     assert cfg.num_generations == 3
     for batch in (1, 3):  # odd batches, batch 1 included
-        cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", num_generations=4, per_device_train_batch_size=batch)
+        cfg = _rl_config(
+            tmp_path, sft_dir, algorithm="kl-optimum", num_generations=4, per_device_train_batch_size=batch
+        )
         assert (cfg.num_generations, cfg.per_device_train_batch_size) == (4, batch)
     with pytest.raises(ValueError, match="divisible by num_generations"):
         _rl_config(tmp_path, sft_dir, algorithm="grpo", num_generations=3, per_device_train_batch_size=8)
@@ -598,9 +683,19 @@ def test_oracle_kl_optimum_resumes_after_its_last_round(tiny_lm_dir, tmp_path):
 
     def cfg(rounds, resume):
         return RLHFOracleConfig(
-            output_dir=str(tmp_path / "oracle"), target=tiny_lm_dir, algorithm="kl-optimum", kl_rounds=rounds,
-            kl_prompts_per_round=2, num_generations=2, max_completion_length=4, per_device_train_batch_size=2,
-            beta=0.5, resume=resume, report_to="none", disable_tqdm=True)
+            output_dir=str(tmp_path / "oracle"),
+            target=tiny_lm_dir,
+            algorithm="kl-optimum",
+            kl_rounds=rounds,
+            kl_prompts_per_round=2,
+            num_generations=2,
+            max_completion_length=4,
+            per_device_train_batch_size=2,
+            beta=0.5,
+            resume=resume,
+            report_to="none",
+            disable_tqdm=True,
+        )
 
     train_oracle(cfg(1, False), prompts=PROMPTS[:4], reward=reward)
     assert (tmp_path / "oracle" / "round-1" / "adapter_model.safetensors").exists()
@@ -628,23 +723,31 @@ def test_kl_options_are_refused_under_grpo(option, tmp_path):
     name, value = next(iter(option.items()))
     with pytest.raises(ValueError, match=rf"{name}=.*apply to algorithm='kl-optimum' only.*algorithm='grpo'"):
         AlignProRLConfig(output_dir=str(tmp_path), report_to="none", **option)
-    assert getattr(AlignProRLConfig(output_dir=str(tmp_path), report_to="none", algorithm="kl-optimum",
-                                    **option), name) == value
+    assert (
+        getattr(
+            AlignProRLConfig(output_dir=str(tmp_path), report_to="none", algorithm="kl-optimum", **option),
+            name,
+        )
+        == value
+    )
     if name in {f.name for f in dataclasses.fields(RLHFOracleConfig)}:
         with pytest.raises(ValueError, match=rf"{name}=.*apply to algorithm='kl-optimum' only"):
             RLHFOracleConfig(output_dir=str(tmp_path), report_to="none", **option)
 
 
 def test_grpo_accepts_kl_options_left_at_their_defaults(tmp_path):
-    cfg = AlignProRLConfig(output_dir=str(tmp_path), report_to="none", kl_rounds=1, kl_include_greedy=True,
-                           kl_anchors=[])
+    cfg = AlignProRLConfig(
+        output_dir=str(tmp_path), report_to="none", kl_rounds=1, kl_include_greedy=True, kl_anchors=[]
+    )
     assert cfg.algorithm == "grpo"
 
 
 def test_oracle_beta_error_says_why_and_what_to_set(tmp_path):
     from trainers.oracle_config import RLHFOracleConfig
 
-    with pytest.raises(ValueError, match=r"beta must be > 0, got 0.0: it is the KL penalty .* \(default 0.05\)"):
+    with pytest.raises(
+        ValueError, match=r"beta must be > 0, got 0.0: it is the KL penalty .* \(default 0.05\)"
+    ):
         RLHFOracleConfig(output_dir=str(tmp_path), report_to="none", beta=0.0)
 
 
@@ -652,8 +755,12 @@ def test_target_url_without_model_name_is_refused_by_the_config(tmp_path):
     for cls in (AlignProRLConfig, AlignProSFTConfig):
         with pytest.raises(ValueError, match="target_base_url is set .* set `target_model_name`"):
             cls(output_dir=str(tmp_path), report_to="none", target_base_url="http://127.0.0.1:9/v1")
-    cfg = AlignProRLConfig(output_dir=str(tmp_path), report_to="none", target_base_url="http://127.0.0.1:9/v1",
-                           target_model_name="served")
+    cfg = AlignProRLConfig(
+        output_dir=str(tmp_path),
+        report_to="none",
+        target_base_url="http://127.0.0.1:9/v1",
+        target_model_name="served",
+    )
     assert cfg.target_model_name == "served"
 
 
@@ -666,7 +773,9 @@ def test_trainers_name_a_missing_reward_before_loading_models(tmp_path):
     with pytest.raises(ValueError, match=r"RL needs a reward: set `reward_model` .* or pass reward="):
         AlignProRLTrainer(rl, prompts=PROMPTS)
     sft = AlignProSFTConfig(output_dir=str(tmp_path / "sft"), report_to="none", base_model=nowhere)
-    with pytest.raises(ValueError, match=r"SFT bootstrap \(no pairs_data\) needs a reward: set `reward_model`"):
+    with pytest.raises(
+        ValueError, match=r"SFT bootstrap \(no pairs_data\) needs a reward: set `reward_model`"
+    ):
         AlignProSFTTrainer(sft, prompts=PROMPTS)
     with pytest.raises(ValueError, match="SFT needs pairs_data .* or prompts_data"):
         AlignProSFTTrainer(sft)
@@ -697,7 +806,9 @@ def test_freeze_layers_on_a_decoder_keeps_its_upper_layers_and_head(tiny_lm_dir)
     AlignProRewardTrainer._freeze(model, 1)
     assert not _trainable(model.get_input_embeddings()) and not _trainable(model.model.layers[0])
     assert _trainable(model.model.layers[1]) and _trainable(model.score)
-    with pytest.raises(ValueError, match=r"freeze_layers=3, but LlamaForSequenceClassification has 2 layers: use 0..2"):
+    with pytest.raises(
+        ValueError, match=r"freeze_layers=3, but LlamaForSequenceClassification has 2 layers: use 0..2"
+    ):
         AlignProRewardTrainer._freeze(model, 3)
 
 
@@ -712,7 +823,9 @@ def test_freeze_layers_refuses_a_model_it_cannot_freeze():
         def get_input_embeddings(self):
             return self.body[0]
 
-    with pytest.raises(ValueError, match="freeze_layers=1: found no input embeddings and layer stack .* freeze_layers=0"):
+    with pytest.raises(
+        ValueError, match="freeze_layers=1: found no input embeddings and layer stack .* freeze_layers=0"
+    ):
         AlignProRewardTrainer._freeze(Flat(), 1)
 
     class AllLayers(Flat):
@@ -829,7 +942,9 @@ def test_sft_bootstrap_smoothed_targets_follow_the_neighbourhood_not_one_answer(
 
 
 def test_bootstrap_neighbours_are_checked(tiny_lm_dir, tmp_path):
-    with pytest.raises(ValueError, match="bootstrap_neighbours is 0 .off., a neighbourhood size N > 0, or -1"):
+    with pytest.raises(
+        ValueError, match="bootstrap_neighbours is 0 .off., a neighbourhood size N > 0, or -1"
+    ):
         AlignProSFTConfig(output_dir=str(tmp_path / "x"), bootstrap_neighbours=-2, **TINY)
     cfg = AlignProSFTConfig(
         output_dir=str(tmp_path / "y"),
@@ -856,7 +971,9 @@ def test_sft_fit_check_reports_reproduction_and_warns_when_underfit(tiny_lm_dir,
     )
     with caplog.at_level("WARNING", logger="trainers.sft_trainer"):
         AlignProSFTTrainer(cfg, pairs=[(p, "Answer in detail.") for p in PROMPTS]).train()
-    fit = json.loads((tmp_path / "under" / "alignpro.json").read_text())["provenance"]["stages"][-1]["fit_check"]
+    fit = json.loads((tmp_path / "under" / "alignpro.json").read_text())["provenance"]["stages"][-1][
+        "fit_check"
+    ]
     assert fit["prompts"] == 4 and fit["top_target_share"] == 1.0 and fit["reproduced"] == 0.0
     assert "reproduces its target on only 0 of 4" in caplog.text and "num_train_epochs" in caplog.text
 
@@ -874,7 +991,9 @@ def test_sft_fit_check_reports_reproduction_and_warns_when_underfit(tiny_lm_dir,
 def test_sft_fit_check_counts_exact_reproductions(
     tiny_lm_dir, tmp_path, caplog, targets, emitted, reproduced, warns
 ):
-    cfg = AlignProSFTConfig(output_dir=str(tmp_path / "fit"), base_model=tiny_lm_dir, fit_check_prompts=4, **TINY)
+    cfg = AlignProSFTConfig(
+        output_dir=str(tmp_path / "fit"), base_model=tiny_lm_dir, fit_check_prompts=4, **TINY
+    )
     pairs = list(zip(PROMPTS, targets, strict=True))
     trainer = AlignProSFTTrainer(cfg, pairs=pairs)
     seen: list[str] = []
@@ -895,7 +1014,9 @@ def test_sft_fit_check_counts_exact_reproductions(
 
 def test_sft_fit_check_can_be_skipped_and_rejects_negative_counts(tiny_lm_dir, tmp_path):
     with pytest.raises(ValueError, match="fit_check_prompts is a number of prompts >= 0"):
-        AlignProSFTConfig(output_dir=str(tmp_path / "x"), base_model=tiny_lm_dir, fit_check_prompts=-1, **TINY)
+        AlignProSFTConfig(
+            output_dir=str(tmp_path / "x"), base_model=tiny_lm_dir, fit_check_prompts=-1, **TINY
+        )
     cfg = AlignProSFTConfig(
         output_dir=str(tmp_path / "skip"), base_model=tiny_lm_dir, max_steps=1, fit_check_prompts=0, **TINY
     )

@@ -40,7 +40,9 @@ def sir_weights(rewards: Sequence[float], lam: float) -> list[float]:
     return [e / total for e in exp]
 
 
-def resample(rewards: Sequence[float], lam: float, k: int, rng: random.Random) -> tuple[list[int], list[float]]:
+def resample(
+    rewards: Sequence[float], lam: float, k: int, rng: random.Random
+) -> tuple[list[int], list[float]]:
     """K draws (indices into the group) from softmax(z/λ), and the weights they were drawn with."""
     w = sir_weights(rewards, lam)
     return rng.choices(range(len(rewards)), weights=w, k=k), w
@@ -89,7 +91,9 @@ def run_round(
         queries = [prompter.format_query(x, mode) for x in chunk]
         rows = prompter.generate_raw(queries, settings, k)
         if greedy is not None:
-            rows = [[*row, *g] for row, g in zip(rows, prompter.generate_raw(queries, greedy, 1), strict=True)]
+            rows = [
+                [*row, *g] for row, g in zip(rows, prompter.generate_raw(queries, greedy, 1), strict=True)
+            ]
         samples += [
             (x, g, h)
             for x, row in zip(chunk, rows, strict=True)

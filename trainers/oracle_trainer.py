@@ -35,7 +35,9 @@ class RLHFOracleTrainer:
         check_reward_source("the RLHF oracle", reward, config.reward_model)
         self.prompts = training_prompts(config, prompts, "the RLHF oracle")
         if config.algorithm == "kl-optimum":
-            check_round_prompts(self.prompts, config.kl_prompts_per_round, config.kl_rounds, "the RLHF oracle")
+            check_round_prompts(
+                self.prompts, config.kl_prompts_per_round, config.kl_rounds, "the RLHF oracle"
+            )
         self.reward = as_reward(reward if reward is not None else config.reward_model)
         self.model, self.tokenizer, _ = load_causal_lm(config.target)
         self.tokenizer.padding_side = "left"
@@ -98,8 +100,9 @@ class RLHFOracleTrainer:
             # The target's greedy answer (how it is evaluated and deployed) joins each group, so a round
             # distils a sample only where it beats that answer.
             greedy = (
-                TransformersTarget(model, self.tokenizer, max_new_tokens=sampler.max_new_tokens, batch_size=32)
-                .generate_ended(list(prompts))
+                TransformersTarget(
+                    model, self.tokenizer, max_new_tokens=sampler.max_new_tokens, batch_size=32
+                ).generate_ended(list(prompts))
                 if cfg.kl_include_greedy
                 else []
             )

@@ -83,7 +83,9 @@ class AlignProRewardConfig(RewardConfig):
         self.preference_data = as_str_list(self.preference_data, "preference_data")
         self.exclude_prompt_files = as_str_list(self.exclude_prompt_files, "exclude_prompt_files")
         if self.freeze_layers < 0:
-            raise ValueError(f"freeze_layers is a number of layers: >= 0 (0 trains every layer), got {self.freeze_layers}")
+            raise ValueError(
+                f"freeze_layers is a number of layers: >= 0 (0 trains every layer), got {self.freeze_layers}"
+            )
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.prompt_shard is not None and not 0 <= self.prompt_shard < self.num_prompt_shards:

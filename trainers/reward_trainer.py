@@ -72,9 +72,13 @@ class AlignProRewardTrainer:
         }
         before = len(self.pairs)
         self.pairs = [p for p in self.pairs if _normalized(p.prompt) not in excluded]
-        logger.info("reward stage: %d pairs dropped (prompt in exclude_prompt_files)", before - len(self.pairs))
+        logger.info(
+            "reward stage: %d pairs dropped (prompt in exclude_prompt_files)", before - len(self.pairs)
+        )
         if not self.pairs:
-            raise ValueError("every preference pair's prompt is in exclude_prompt_files: nothing left to train on")
+            raise ValueError(
+                "every preference pair's prompt is in exclude_prompt_files: nothing left to train on"
+            )
         return before - len(self.pairs)
 
     def _load_pairs(self) -> list[PreferencePair]:
@@ -168,8 +172,11 @@ class AlignProRewardTrainer:
             return
         base = getattr(model, model.base_model_prefix, model)
         # encoder.layer: BERT-style encoders (the default base); layers / h: Llama- and GPT-2-style decoders.
-        stacks = (getattr(getattr(base, "encoder", None), "layer", None), getattr(base, "layers", None),
-                  getattr(base, "h", None))
+        stacks = (
+            getattr(getattr(base, "encoder", None), "layer", None),
+            getattr(base, "layers", None),
+            getattr(base, "h", None),
+        )
         layers = next((s for s in stacks if isinstance(s, torch.nn.ModuleList)), None)
         # BERT-style `embeddings` also holds the position / type embeddings; elsewhere the token embeddings.
         embeddings = getattr(base, "embeddings", None)

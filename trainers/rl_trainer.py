@@ -188,7 +188,9 @@ class AlignProRLTrainer:
         if self.val_prompts and start == 0:
             # Round 0 is the SFT prompter: the point every round is measured against (and kept if none beats it).
             v0 = kl_optimum.deployed_reward(self.scorer, self.val_prompts, deployed, self.mode)
-            kl_optimum.log_row(out / "metrics.jsonl", {"stage": "rl", "step": 0, "time": time.time(), "val_reward": v0})
+            kl_optimum.log_row(
+                out / "metrics.jsonl", {"stage": "rl", "step": 0, "time": time.time(), "val_reward": v0}
+            )
             logger.info("kl-optimum validation before round 1 (SFT prompter): %.4f", v0)
             self.prompter.save_pretrained(out / "round-0")
         for r in range(start, cfg.kl_rounds):
@@ -206,7 +208,9 @@ class AlignProRLTrainer:
             )
             stats.update(kl_optimum.distil(self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode))
             if self.val_prompts:
-                stats["val_reward"] = kl_optimum.deployed_reward(self.scorer, self.val_prompts, deployed, self.mode)
+                stats["val_reward"] = kl_optimum.deployed_reward(
+                    self.scorer, self.val_prompts, deployed, self.mode
+                )
             stats["time/step_s"] = sum(v for k, v in stats.items() if k.startswith("time/"))
             row = {"stage": "rl", "step": r + 1, "time": time.time(), **stats}
             kl_optimum.log_row(out / "metrics.jsonl", row)
