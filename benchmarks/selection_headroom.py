@@ -1,0 +1,99 @@
+"""Where best-of-K's headroom comes from: choosing an input per prompt, with or without its answer in hand.
+
+Reads the benchmark's evaluation records (no new target calls, only sentence embeddings of the prompts) and, for a
+set of fixed inputs (by default the bare prompt, the default instruction and the best fixed text), measures on the
+held-out prompts under the independent judge:
+
+- *answer in hand*: per prompt, the input whose answer the training reward scores highest (reranking at inference:
+  one target call per input);
+- *prompt only*: the same choice made before any answer exists, from the prompt alone: the input the training
+  reward prefers over the prompt's N most similar *other* held-out prompts (leave-one-out). This is what a
+  prompter that learns "which text suits which prompt" could reach with this much data; N = all is one text
+  for every prompt;
+- *judge's own pick*: the input the independent judge itself prefers (a ceiling no deployable method reaches).
+
+    python benchmarks/selection_headroom.py [--out runs/bench]    # after run_benchmark.py; under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_benchmark import machine, publish, rewards_by_config, win_cell  # noqa: E402
+
+DEFAULT_INPUTS = ("frozen", "template", "template-picked")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder")
+    ap.add_argument(
+        "--inputs", nargs="+", default=list(DEFAULT_INPUTS), help="configurations to choose among"
+    )
+    args = ap.parse_args()
+    records_path = Path(args.out) / "eval" / "records.jsonl"
+    if not records_path.exists():
+        raise SystemExit(f"{records_path} does not exist: run run_benchmark.py first")
+
+    import json
+
+    import torch
+
+    from alignpro_plugins.embeddings import Embedder
+    from trainers.bootstrap_labels import NEIGHBOUR_GRID, leave_one_out_rewards, neighbour_order
+
+    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    by = rewards_by_config(records)
+    missing = [c for c in args.inputs if (c, "independent") not in by]
+    if missing:
+        have = sorted({c for c, _ in by})
+        raise SystemExit(f"no records for {missing} in {records_path}; it has {have}")
+    prompts = [r["prompt"] for r in sorted(records, key=lambda r: r["idx"]) if r["config"] == "frozen"]
+    train = torch.tensor([by[c, "reward"] for c in args.inputs]).T  # prompts × inputs
+    judge = torch.tensor([by[c, "independent"] for c in args.inputs]).T
+    frozen = by["frozen", "independent"]
+    n = len(prompts)
+
+    def row(label: str, picked: list[float], calls: str) -> str:
+        return f"| {label} | {win_cell(picked, frozen)} | {statistics.mean(picked):+.3f} | {calls} |"
+
+    in_hand = judge.gather(1, train.argmax(1, keepdim=True)).squeeze(1).tolist()
+    ceiling = judge.max(1).values.tolist()
+    order = neighbour_order(Embedder().embed(prompts))
+    sizes = sorted({min(k, n - 1) for k in NEIGHBOUR_GRID})
+    lines = [
+        "## Analysis: where best-of-K's headroom comes from",
+        "",
+        f"- command: `python benchmarks/selection_headroom.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
+        " (reads the evaluation's records; no new target calls)",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
+        f"- {n} held-out prompts; inputs chosen among: {', '.join(args.inputs)}; scored by the independent judge",
+        "",
+        "| choice per prompt | vs frozen | mean | target calls per prompt |",
+        "|---|---|---|---|",
+        *[row(f"always `{c}`", by[c, "independent"], "1") for c in args.inputs],
+        row("answer in hand: the training reward's pick among the answers", in_hand, str(len(args.inputs))),
+        *[
+            row(
+                f"prompt only: the training reward's pick over all {k} other prompts (= one input for all)"
+                if k == n - 1
+                else f"prompt only: the training reward's pick over the {k} most similar other prompts",
+                leave_one_out_rewards(train, order, k, judge).tolist(),
+                "1",
+            )
+            for k in sizes
+        ],
+        row("the independent judge's own pick (ceiling)", ceiling, str(len(args.inputs))),
+    ]
+    publish("\n".join(lines), Path(args.out) / "eval" / "selection_headroom.md", "selection-headroom")
+
+
+if __name__ == "__main__":
+    main()
