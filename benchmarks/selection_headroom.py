@@ -1,6 +1,6 @@
 """Where best-of-K's headroom comes from: choosing an input per prompt, with or without its answer in hand.
 
-Reads the benchmark's evaluation records (no new target calls, only sentence embeddings of the prompts) and, for a
+Reads the benchmark's evaluation report (eval/results.json) (no new target calls, only sentence embeddings of the prompts) and, for a
 set of fixed inputs (by default the bare prompt, the default instruction and the best fixed text), measures on the
 held-out prompts under the independent judge:
 
@@ -40,7 +40,8 @@ def main() -> None:
         "--inputs", nargs="+", default=list(DEFAULT_INPUTS), help="configurations to choose among"
     )
     args = ap.parse_args()
-    records_path = Path(args.out) / "eval" / "records.jsonl"
+    # results.json holds the finished report's rows; records.jsonl is the append-only resume log.
+    records_path = Path(args.out) / "eval" / "results.json"
     if not records_path.exists():
         raise SystemExit(f"{records_path} does not exist: run run_benchmark.py first")
 
@@ -51,7 +52,7 @@ def main() -> None:
     from alignpro_plugins.embeddings import Embedder
     from trainers.bootstrap_labels import NEIGHBOUR_GRID, leave_one_out_rewards, neighbour_order
 
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
+    records = json.loads(records_path.read_text())["records"]
     by = rewards_by_config(records)
     missing = [c for c in args.inputs if (c, "independent") not in by]
     if missing:
@@ -87,7 +88,7 @@ def main() -> None:
         row("answer in hand: the training reward's pick among the answers", in_hand, str(len(args.inputs))),
         *[
             row(
-                f"prompt only: the training reward's pick over all {k} other prompts (= one input for all)"
+                f"prompt only: the training reward's pick over all {k} other prompts (in effect one input for all)"
                 if k == n - 1
                 else f"prompt only: the training reward's pick over the {k} most similar other prompts",
                 leave_one_out_rewards(train, order, k, judge).tolist(),

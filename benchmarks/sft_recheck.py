@@ -11,6 +11,7 @@ fixed text (`template-picked`) and the benchmark's own SFT prompter, under both 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -57,7 +58,19 @@ def main() -> None:
     if args.epochs is not None:
         budget["sft_epochs"] = args.epochs
     name = args.name
+    if name in {"sft", "rl-kl", "frozen", "template-picked", "eval", "reward", "judge", "oracle", "guidance"}:
+        raise SystemExit(
+            f"--name {name!r} is one of the benchmark's own folders or configurations; pick another"
+        )
     new_dir = out / name
+    marker = new_dir / "recheck.json"  # the epochs this folder was trained with, for the heading of a re-run
+    if (new_dir / "alignpro.json").exists() and marker.exists():
+        trained = json.loads(marker.read_text())["epochs"]
+        if args.epochs is not None and args.epochs != trained:
+            raise SystemExit(
+                f"{new_dir} was trained with {trained:g} epochs, not {args.epochs:g}: use another --name"
+            )
+        budget["sft_epochs"] = trained
     new_dir.mkdir(parents=True, exist_ok=True)
     if not (new_dir / "target_cache.jsonl").exists():
         shutil.copy(out / "sft" / "target_cache.jsonl", new_dir / "target_cache.jsonl")
@@ -67,6 +80,7 @@ def main() -> None:
             sft_config(new_dir, out / "reward", budget), prompts=bootstrap_prompts(budget)
         )
         trainer.train()
+        marker.write_text(json.dumps({"epochs": budget["sft_epochs"]}))
     boot = Prompter.from_pretrained(new_dir).manifest.provenance["stages"][-1]["bootstrap"]
     sft_s = time.time() - t0
 

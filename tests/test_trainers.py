@@ -974,22 +974,28 @@ def test_sft_fit_check_reports_reproduction_and_warns_when_underfit(tiny_lm_dir,
     fit = json.loads((tmp_path / "under" / "alignpro.json").read_text())["provenance"]["stages"][-1][
         "fit_check"
     ]
-    assert fit["prompts"] == 4 and fit["top_target_share"] == 1.0 and fit["reproduced"] == 0.0
-    assert "reproduces its target on only 0 of 4" in caplog.text and "num_train_epochs" in caplog.text
+    assert fit["prompts"] == 4 and fit["top_target_share"] == 1.0
+    assert fit["reproduced"] == fit["top_target_reproduced"] == 0.0
+    assert "emits it on only 0 of the 4 checked prompts" in caplog.text and "num_train_epochs" in caplog.text
+
+
+T = "Answer in detail, with examples."
 
 
 @pytest.mark.parametrize(
-    ("targets", "emitted", "reproduced", "warns"),
+    ("targets", "emitted", "reproduced", "top_reproduced", "warns"),
     [
-        # one text for most prompts, emitted on 3 of 4 checked prompts: below 80%, so it warns
-        (["T"] * 6, ["T", "T", "T", "a paraphrase of T"], 0.75, True),
-        (["T"] * 6, ["T "] * 4, 1.0, False),  # surrounding whitespace does not count against a match
-        # diverse targets (BPO-style rewrites) are not expected to be reproduced verbatim: reported, no warning
-        ([f"rewrite {i}" for i in range(6)], ["something else"] * 4, 0.0, False),
+        # one text for every prompt, emitted on 3 of 4 checked prompts: below 80%, so it warns
+        ([T] * 6, [T, T, T, "Answer briefly."], 0.75, 0.75, True),
+        ([T] * 6, [f" {T} "] * 4, 1.0, 1.0, False),  # surrounding whitespace does not count against a match
+        # diverse targets (BPO-style rewrites) are not expected verbatim: reported, no warning
+        ([f"Rewrite number {i}." for i in range(6)], ["Something else."] * 4, 0.0, 0.0, False),
+        # mostly one text plus one-off targets: the repeated text is reproduced, the one-offs are not; no warning
+        ([T, "Give one example.", T, T, "Use a table.", T], [T, "Other.", T, "Other."], 0.5, 1.0, False),
     ],
 )
 def test_sft_fit_check_counts_exact_reproductions(
-    tiny_lm_dir, tmp_path, caplog, targets, emitted, reproduced, warns
+    tiny_lm_dir, tmp_path, caplog, targets, emitted, reproduced, top_reproduced, warns
 ):
     cfg = AlignProSFTConfig(
         output_dir=str(tmp_path / "fit"), base_model=tiny_lm_dir, fit_check_prompts=4, **TINY
@@ -999,17 +1005,36 @@ def test_sft_fit_check_counts_exact_reproductions(
     seen: list[str] = []
 
     def deployed(queries, settings, n=1):
-        assert settings.do_sample is False  # the check decodes as deployed
+        assert settings.do_sample is False  # greedy, at the deployed length cap
+        assert settings.max_new_tokens == trainer.prompter.manifest.generation.max_new_tokens
         seen.extend(queries)
         return [[(emitted[len(seen) - len(queries) + i], False)] for i in range(len(queries))]
 
     trainer.prompter.generate_raw = deployed
     with caplog.at_level("WARNING", logger="trainers.sft_trainer"):
         fit = trainer.fit_check(pairs)
-    assert fit["reproduced"] == reproduced and fit["prompts"] == 4
+    assert fit["reproduced"] == reproduced and fit["top_target_reproduced"] == top_reproduced
+    assert fit["prompts"] == 4 and fit["hit_max_new_tokens"] == 0.0
     # the checked prompts are spread over the training pairs, each formatted as the prompter sees it
     assert seen == [trainer.prompter.format_query(PROMPTS[i], cfg.mode) for i in (0, 1, 3, 4)]
     assert ("fit check" in caplog.text) is warns
+
+
+def test_sft_fit_check_counts_guard_fallbacks_and_the_length_cap(tiny_lm_dir, tmp_path, caplog):
+    cfg = AlignProSFTConfig(
+        output_dir=str(tmp_path / "fit"), base_model=tiny_lm_dir, fit_check_prompts=2, **TINY
+    )
+    pairs = [(p, T) for p in PROMPTS[:4]]
+    trainer = AlignProSFTTrainer(cfg, pairs=pairs)
+    # Output cut mid-sentence at the token limit: the guard falls back (the prompt passes through): no match.
+    trainer.prompter.generate_raw = lambda queries, settings, n=1: [
+        [("Answer in detail, with", True)] for _ in queries
+    ]
+    with caplog.at_level("WARNING", logger="trainers.sft_trainer"):
+        fit = trainer.fit_check(pairs)
+    assert fit["hit_max_new_tokens"] == 1.0 and fit["reproduced"] == 0.0
+    assert "2 of 2 hit max_new_tokens" in caplog.text
+    assert trainer.fit_check([]) is None
 
 
 def test_sft_fit_check_can_be_skipped_and_rejects_negative_counts(tiny_lm_dir, tmp_path):

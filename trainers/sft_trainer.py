@@ -309,8 +309,8 @@ class AlignProSFTTrainer:
         self.prompter.save_pretrained(str(cfg.output_dir))
         return self.prompter
 
-    def fit_check(self, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
-        """How often the deployed (greedy) prompter emits its SFT target on training prompts.
+    def fit_check(self, pairs: Sequence[tuple[str, str]]) -> dict[str, Any] | None:
+        """How often the prompter, decoding greedily as deployed (intent guard included), emits its SFT target.
 
         Why: when the bootstrap settles on one long text for every prompt, an underfit prompter paraphrases it
         (measured: 3 epochs reproduced a two-sentence text on 24/100 held-out prompts, 6 epochs on 96/100), and
@@ -318,32 +318,45 @@ class AlignProSFTTrainer:
         """
         cfg = self.config
         n = min(cfg.fit_check_prompts, len(pairs))
+        if n == 0:
+            return None
         sample = [pairs[i * len(pairs) // n] for i in range(n)]  # spread over the (unshuffled) pairs
         settings = replace(self.prompter.manifest.generation, do_sample=False)
-        outs: list[tuple[str, bool]] = []
+        emitted: list[str] = []
+        at_limit = 0
         for s in range(0, n, 8):
-            queries = [self.prompter.format_query(x, cfg.mode) for x, _ in sample[s : s + 8]]
-            outs += [row[0] for row in self.prompter.generate_raw(queries, settings)]
-        exact = sum(g.strip() == y.strip() for (g, _), (_, y) in zip(outs, sample, strict=True)) / n
-        at_limit = sum(h for _, h in outs) / n
-        top_share = Counter(y for _, y in pairs).most_common(1)[0][1] / len(pairs)
-        if top_share >= 0.5 and exact < 0.8:
+            chunk = sample[s : s + 8]
+            queries = [self.prompter.format_query(x, cfg.mode) for x, _ in chunk]
+            for (x, _), row in zip(chunk, self.prompter.generate_raw(queries, settings), strict=True):
+                raw, hit = row[0]
+                at_limit += hit
+                res = self.prompter.finalize(x, raw, hit, cfg.mode)
+                # A guard fallback passes the prompt through unchanged, which is what "no change" ("") teaches.
+                emitted.append((res.generated or "") if res.fallback_reason is None else NO_CHANGE)
+        hits = [e.strip() == y.strip() for e, (_, y) in zip(emitted, sample, strict=True)]
+        top_text, top_count = Counter(y for _, y in pairs).most_common(1)[0]
+        top_share = top_count / len(pairs)
+        # The warning is about the repeated text: one-off targets (sampled rewrites) are not expected verbatim.
+        top_hits = [h for h, (_, y) in zip(hits, sample, strict=True) if y == top_text]
+        top_reproduced = sum(top_hits) / len(top_hits) if top_hits else None
+        if top_share >= 0.5 and top_reproduced is not None and top_reproduced < 0.8:
             logger.warning(
-                "SFT fit check: %.0f%% of the targets are one text, but the prompter reproduces its target on "
-                "only %d of %d training prompts%s. Raise num_train_epochs (or learning_rate) so it emits the text "
-                "whose reward was measured.",
+                "SFT fit check: %.0f%% of the targets are one text, but the prompter emits it on only %d of the %d "
+                "checked prompts that were taught it%s. Raise num_train_epochs (or learning_rate) so it emits the "
+                "text whose reward was measured.",
                 100 * top_share,
-                round(exact * n),
-                n,
-                f"; {at_limit:.0%} hit max_new_tokens={settings.max_new_tokens}, raise it too"
+                sum(top_hits),
+                len(top_hits),
+                f"; {at_limit} of {n} hit max_new_tokens={settings.max_new_tokens}: raise it too"
                 if at_limit
                 else "",
             )
         return {
             "prompts": n,
-            "reproduced": exact,
-            "hit_max_new_tokens": at_limit,
+            "reproduced": sum(hits) / n,
             "top_target_share": top_share,
+            "top_target_reproduced": top_reproduced,
+            "hit_max_new_tokens": at_limit / n,
         }
 
 
