@@ -78,7 +78,7 @@ def main() -> None:
         "## Analysis: where best-of-K's headroom comes from",
         "",
         f"- command: `python benchmarks/selection_headroom.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
-        " (reads the evaluation's records; no new target calls)",
+        " (reads the evaluation's report; no new target calls)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         f"- {n} held-out prompts; inputs chosen among: {', '.join(args.inputs)}; scored by the independent judge",
         "",
