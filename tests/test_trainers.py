@@ -1048,3 +1048,39 @@ def test_sft_fit_check_can_be_skipped_and_rejects_negative_counts(tiny_lm_dir, t
     AlignProSFTTrainer(cfg, pairs=[(p, "Answer in detail.") for p in PROMPTS]).train()
     stage = json.loads((tmp_path / "skip" / "alignpro.json").read_text())["provenance"]["stages"][-1]
     assert stage["fit_check"] is None
+
+
+def test_kl_optimum_early_stopping_ends_rounds_without_a_validation_gain(sft_dir, tmp_path, monkeypatch):
+    from trainers import kl_optimum
+
+    cfg = _rl_config(
+        tmp_path,
+        sft_dir,
+        algorithm="kl-optimum",
+        kl_rounds=4,
+        kl_prompts_per_round=None,  # every round reuses the 4 training prompts
+        num_generations=2,
+        beta=0.5,
+        per_device_train_batch_size=2,
+        kl_validation_prompts=2,
+        kl_early_stopping_patience=2,
+    )
+    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=length_reward)
+    # SFT 0.5; round 1 gains (0.6); rounds 2 and 3 do not beat 0.6 (a tie is no gain): stop before round 4.
+    scores = iter([0.5, 0.6, 0.6, 0.55, 0.9])
+    monkeypatch.setattr(kl_optimum, "deployed_reward", lambda *a, **kw: next(scores))
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_reward"]) for r in rows] == [(0, 0.5), (1, 0.6), (2, 0.6), (3, 0.55)]
+    assert (tmp_path / "rl" / "round-3").exists() and not (tmp_path / "rl" / "round-4").exists()
+    stage = json.loads((tmp_path / "rl" / "alignpro.json").read_text())["provenance"]["stages"][-1]
+    assert stage["early_stopped_after_round"] == 3 and stage["steps"] == 3
+
+
+def test_kl_optimum_early_stopping_needs_validation(sft_dir, tmp_path):
+    with pytest.raises(ValueError, match="kl_early_stopping_patience stops on the validation reward"):
+        _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_early_stopping_patience=1)
+    with pytest.raises(ValueError, match="kl_early_stopping_patience is a number of rounds >= 0"):
+        _rl_config(
+            tmp_path, sft_dir, algorithm="kl-optimum", kl_validation_prompts=2, kl_early_stopping_patience=-1
+        )

@@ -93,6 +93,14 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             "load_best_model_at_end)."
         },
     )
+    kl_early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "help": "kl-optimum, with kl_validation_prompts: stop after this many consecutive rounds whose "
+            "val_reward does not beat the best so far (as transformers' EarlyStoppingCallback). A prompter "
+            "whose deployed rewrite no round changes stops paying for rounds. 0: run all kl_rounds."
+        },
+    )
     mode: str | None = field(
         default=None, metadata={"help": "Override the artifact's mode (augment / rewrite)."}
     )
@@ -145,6 +153,15 @@ class AlignProRLConfig(GRPOConfig, TargetArguments):
             )
         if self.kl_validation_prompts < 0:
             raise ValueError(f"kl_validation_prompts must be >= 0, got {self.kl_validation_prompts}")
+        if self.kl_early_stopping_patience < 0:
+            raise ValueError(
+                f"kl_early_stopping_patience is a number of rounds >= 0 (0: off), got {self.kl_early_stopping_patience}"
+            )
+        if self.kl_early_stopping_patience and not self.kl_validation_prompts:
+            raise ValueError(
+                "kl_early_stopping_patience stops on the validation reward: set kl_validation_prompts > 0 "
+                "(e.g. 48) or drop kl_early_stopping_patience"
+            )
         if self.kl_keep_best and not self.kl_validation_prompts:
             raise ValueError(
                 "kl_keep_best picks the round with the best validation reward: set kl_validation_prompts > 0 "

@@ -185,6 +185,7 @@ class AlignProRLTrainer:
         if cfg.resume:
             start = self._resume_rounds(out)
         history = []
+        best_val, stale, stopped = float("-inf"), 0, False  # early stopping counts this invocation's rounds
         if self.val_prompts and start == 0:
             # Round 0 is the SFT prompter: the point every round is measured against (and kept if none beats it).
             v0 = kl_optimum.deployed_reward(self.scorer, self.val_prompts, deployed, self.mode)
@@ -193,6 +194,7 @@ class AlignProRLTrainer:
             )
             logger.info("kl-optimum validation before round 1 (SFT prompter): %.4f", v0)
             self.prompter.save_pretrained(out / "round-0")
+            best_val = v0
         for r in range(start, cfg.kl_rounds):
             pairs, stats = kl_optimum.run_round(
                 self.scorer,
@@ -217,6 +219,18 @@ class AlignProRLTrainer:
             logger.info("kl-optimum round %d: %s", r + 1, {k: round(v, 4) for k, v in stats.items()})
             history.append(row)
             self.prompter.save_pretrained(out / f"round-{r + 1}")
+            if cfg.kl_early_stopping_patience and "val_reward" in stats:
+                stale = 0 if stats["val_reward"] > best_val else stale + 1
+                best_val = max(best_val, stats["val_reward"])
+                if stale >= cfg.kl_early_stopping_patience and r + 1 < cfg.kl_rounds:
+                    logger.info(
+                        "kl-optimum: stopping after round %d: %d round(s) without a validation gain over %.4f",
+                        r + 1,
+                        stale,
+                        best_val,
+                    )
+                    stopped = True
+                    break
         selected = None
         if cfg.kl_keep_best and self.val_prompts:
             selected = kl_optimum.keep_best_round(self.prompter.model, out)
@@ -226,7 +240,11 @@ class AlignProRLTrainer:
             len(history) + start,
             history[0]["reward"] if history else None,
             history[-1]["reward"] if history else None,
-            extra={"selected_round": selected} if selected is not None else None,
+            extra={
+                **({"selected_round": selected} if selected is not None else {}),
+                **({"early_stopped_after_round": start + len(history)} if stopped else {}),
+            }
+            or None,
         )
         return self.prompter
 
