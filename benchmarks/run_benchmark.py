@@ -264,6 +264,20 @@ def reward_config(output_dir: Path, budget: dict, shard: int, **overrides: objec
     return AlignProRewardConfig(**kw)
 
 
+def train_reward_models(out: Path, budget: dict) -> dict[str, float]:
+    """The training reward (out/reward, shard 0) and the independent judge (out/judge, shard 1), each trained
+    unless its artifact is there; returns the seconds each stage that ran took, by stage name."""
+    from trainers.reward_trainer import train_reward
+
+    times = {}
+    for name, shard in (("reward", 0), ("judge", 1)):
+        if not (out / name / "alignpro_reward.json").exists():
+            t = time.time()
+            train_reward(reward_config(out / name, budget, shard))
+            times[f"reward stage ({name})"] = time.time() - t
+    return times
+
+
 def validation_prompts(budget: dict) -> list[str]:
     """Held-out training prompts (AlpacaEval) that the RL stage picks its round on and the guidance search its text."""
     return rl_prompts(budget)[-budget["kl_val_prompts"] :]
@@ -646,13 +660,9 @@ def main() -> None:
         times[name] = (times.get(name, 0.0) if resumed else 0.0) + time.time() - t
         times_path.write_text(json.dumps(times, indent=1))
 
-    from trainers.reward_trainer import train_reward
-
-    for name, shard in (("reward", 0), ("judge", 1)):
-        if not (out / name / "alignpro_reward.json").exists():
-            t = time.time()
-            train_reward(reward_config(out / name, budget, shard))
-            timed(f"reward stage ({name})", t)
+    for name, seconds in train_reward_models(out, budget).items():
+        times[name] = seconds
+        times_path.write_text(json.dumps(times, indent=1))
 
     from trainers.sft_trainer import train_sft
 

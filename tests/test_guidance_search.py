@@ -35,7 +35,9 @@ def echo(prompt: str) -> str:
 
 
 def config(tmp_path, **kw) -> GuidanceSearchConfig:
-    return GuidanceSearchConfig(output_dir=str(tmp_path / "search"), seed_texts=SEEDS, min_prompts=4, **kw)
+    return GuidanceSearchConfig(
+        **{"output_dir": str(tmp_path / "search"), "seed_texts": SEEDS, "min_prompts": 4, **kw}
+    )
 
 
 def test_recombinations_are_seeds_sentences_and_extensions():
@@ -128,9 +130,73 @@ def test_sft_scores_the_searched_texts_first(tmp_path, tiny_lm_dir):
     assert [y for _, y in trainer.sft_pairs()] == [result.best] * 3
 
 
+STEADY_OR_WIDE = ["Add many examples.", "Be clear."]
+
+
+def spread_reward(prompts, answers):
+    """Prompts differ in difficulty (i % 3). "Add many examples." lifts even prompts by 2 and sinks odd ones by 1
+    (mean gain +0.5, wide); "Be clear." lifts every prompt by 0.3 (mean gain +0.3, no extra spread)."""
+    out = []
+    for p, a in zip(prompts, answers, strict=True):
+        i = int(p.split()[-3]) if p.split()[-3].isdigit() else 0
+        r = float(i % 3)
+        if "examples" in a:
+            r += 2.0 if i % 2 == 0 else -1.0
+        if "clear" in a:
+            r += 0.3
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize(
+    "objective, best",
+    [("mean", "Add many examples."), ("mean_minus_std", "Be clear."), ("win_rate", "Be clear.")],
+)
+def test_objective_decides_between_a_wide_gain_and_a_steady_one(tmp_path, objective, best):
+    result = GuidanceSearchTrainer(
+        config(
+            tmp_path, seed_texts=STEADY_OR_WIDE, recombine=False, objective=objective, validation_prompts=0
+        ),
+        prompts=PROMPTS,
+        target=echo,
+        reward=spread_reward,
+    ).search()
+    assert result.best == best
+    assert result.provenance["objective"] == objective
+    rows = {c["text"]: c for c in result.candidates}
+    wide, steady = rows["Add many examples."], rows["Be clear."]
+    assert wide["gain_over_no_change"] == pytest.approx(0.5) and steady[
+        "gain_over_no_change"
+    ] == pytest.approx(0.3)
+    # The variance ratio against "no change" on the same prompts is what the risk-averse objective trades.
+    assert steady["variance_ratio_over_no_change"] == pytest.approx(1.0)
+    assert wide["variance_ratio_over_no_change"] > 2
+    assert steady["win_rate_over_no_change"] == 1.0 and wide["win_rate_over_no_change"] == 0.5
+    # ranked() follows the objective too, so `sft --templates_from` distils the text the objective chose.
+    assert result.ranked(1) == [best]
+
+
+def test_win_rate_objective_is_picked_on_validation_against_no_change(tmp_path):
+    found = GuidanceSearchTrainer(
+        config(
+            tmp_path, seed_texts=STEADY_OR_WIDE, recombine=False, objective="win_rate", validation_prompts=8
+        ),
+        prompts=PROMPTS,
+        validation_prompts=[f"held-out question {i} about tea" for i in range(8)],
+        target=echo,
+        reward=spread_reward,
+    ).search()
+    rows = {c["text"]: c for c in found.candidates}
+    assert found.best == "Be clear." and found.chosen_on == "validation"
+    assert rows["Be clear."]["validation_score"] == 1.0 and rows[""]["validation_score"] == 0.5
+    assert rows["Add many examples."]["validation_score"] == 0.5
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
+        (dict(objective="median"), "objective must be one of mean, win_rate, mean_minus_std; got 'median'"),
+        (dict(risk_aversion=-1.0), "risk_aversion must be >= 0"),
         (dict(keep_fraction=1.0), "keep_fraction must be in \\(0, 1\\), got 1.0"),
         (dict(min_prompts=0), "min_prompts must be >= 1"),
         (dict(finalists=0), "finalists must be >= 1"),

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from alignpro_plugins.guidance import GUIDANCE_LIBRARY
 from trainers.common import TargetArguments, as_str_list
 
+OBJECTIVES = ("mean", "win_rate", "mean_minus_std")
+
 
 @dataclass
 class GuidanceSearchConfig(TargetArguments):
@@ -64,7 +66,21 @@ class GuidanceSearchConfig(TargetArguments):
         metadata={"help": "Prompts every candidate is scored on in the first rung; rungs double it."},
     )
     keep_fraction: float = field(
-        default=0.5, metadata={"help": "Share of candidates (best mean reward so far) each rung keeps."}
+        default=0.5, metadata={"help": "Share of candidates (best objective so far) each rung keeps."}
+    )
+    objective: str = field(
+        default="mean",
+        metadata={
+            "help": "What ranks a text across prompts, in the rungs and on validation: 'mean' (mean reward), "
+            "'win_rate' (share of prompts where its answer beats 'no change', ties half), or "
+            "'mean_minus_std' (mean reward minus risk_aversion times the rewards' standard deviation across "
+            "prompts: prefers a text that lifts every prompt a little over one that lifts some a lot).",
+            "choices": list(OBJECTIVES),
+        },
+    )
+    risk_aversion: float = field(
+        default=1.0,
+        metadata={"help": "With objective 'mean_minus_std': the weight of the standard deviation (>= 0)."},
     )
     finalists: int = field(
         default=3,
@@ -86,5 +102,9 @@ class GuidanceSearchConfig(TargetArguments):
             raise ValueError(f"keep_fraction must be in (0, 1), got {self.keep_fraction}")
         if self.finalists < 1:
             raise ValueError(f"finalists must be >= 1, got {self.finalists}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if self.risk_aversion < 0:
+            raise ValueError(f"risk_aversion must be >= 0, got {self.risk_aversion}")
         if self.validation_prompts < 0:
             raise ValueError(f"validation_prompts must be >= 0, got {self.validation_prompts}")

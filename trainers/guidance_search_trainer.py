@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import fmean
+from statistics import fmean, pstdev
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -54,6 +54,19 @@ def recombinations(seeds: Sequence[str]) -> list[tuple[str, str]]:
     return list(out.items())
 
 
+def objective_score(
+    rewards: Sequence[float], reference: Sequence[float], objective: str, risk_aversion: float = 1.0
+) -> float:
+    """A text's score across prompts: its rewards there, against "no change" on the same prompts."""
+    if not rewards:
+        return float("-inf")
+    if objective == "win_rate":
+        return fmean(win_indicators(list(rewards), list(reference[: len(rewards)])))
+    if objective == "mean_minus_std":
+        return fmean(rewards) - risk_aversion * pstdev(rewards)
+    return fmean(rewards)
+
+
 @dataclass
 class Candidate:
     text: str
@@ -86,11 +99,13 @@ class GuidanceSearchResult:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def ranked(self, n: int | None = None) -> list[str]:
-        """Non-empty texts, best first (validation mean, then search mean), at most n."""
+        """Non-empty texts, best first (objective on validation, then on the search prompts), at most n."""
 
         def key(c: dict[str, Any]) -> tuple[float, int, float]:
-            v = c["validation_mean"]
-            return (v if v is not None else float("-inf"), c["prompts_scored"], c["mean"])
+            # The search's objective where it recorded one (results before objectives: the mean).
+            v = c.get("validation_score", c["validation_mean"])
+            s = c.get("score", c["mean"])
+            return (v if v is not None else float("-inf"), c["prompts_scored"], s)
 
         texts = [c["text"] for c in sorted(self.candidates, key=key, reverse=True) if c["text"]]
         return texts[:n] if n else texts
@@ -198,6 +213,13 @@ class GuidanceSearchTrainer:
         prompts, val = self.prompt_sets()
         pool = self.candidates()
         reference = pool[-1]  # "no change": scored on every prompt, never dropped
+
+        def on_search(c: Candidate) -> float:
+            return objective_score(c.rewards, reference.rewards, cfg.objective, cfg.risk_aversion)
+
+        def on_validation(c: Candidate) -> float:
+            return objective_score(c.validation, reference.validation, cfg.objective, cfg.risk_aversion)
+
         alive = pool[:-1]
         rungs: list[dict[str, Any]] = []
         seen, upto = 0, min(cfg.min_prompts, len(prompts))
@@ -210,14 +232,16 @@ class GuidanceSearchTrainer:
             ):
                 c.rewards += rs
             seen = upto
-            alive.sort(key=lambda c: c.mean, reverse=True)
+            alive.sort(key=on_search, reverse=True)
             rungs.append(
                 {
                     "prompts": seen,
                     "candidates": len(alive),
                     "best": alive[0].text,
                     "best_mean": alive[0].mean,
+                    "best_score": on_search(alive[0]),
                     "no_change_mean": reference.mean,
+                    "no_change_score": on_search(reference),
                 }
             )
             logger.info("guidance search rung %d: %s", len(rungs) - 1, rungs[-1])
@@ -235,15 +259,15 @@ class GuidanceSearchTrainer:
         if val:
             for c, rs in zip(finalists, score([c.text for c in finalists], val, "validation"), strict=True):
                 c.validation = rs
-            best = max(finalists, key=lambda c: (c.validation_mean, c.mean))
+            best = max(finalists, key=lambda c: (on_validation(c), on_search(c)))
         else:
-            best = max(finalists, key=lambda c: c.mean)
+            best = max(finalists, key=on_search)
         if best is reference:
             logger.warning("guidance search: no candidate text beat leaving the prompt unchanged")
         result = GuidanceSearchResult(
             best=best.text,
             chosen_on="validation" if val else "search prompts",
-            candidates=[self._row(c, reference) for c in pool],
+            candidates=[self._row(c, reference, on_search, on_validation) for c in pool],
             rungs=rungs,
             search_prompts=len(prompts),
             validation_prompts=len(val),
@@ -256,7 +280,15 @@ class GuidanceSearchTrainer:
                 "validation_data": cfg.validation_data if self._validation is None else "in-memory",
                 **{
                     k: getattr(cfg, k)
-                    for k in ("recombine", "min_prompts", "keep_fraction", "finalists", "seed")
+                    for k in (
+                        "objective",
+                        "risk_aversion",
+                        "recombine",
+                        "min_prompts",
+                        "keep_fraction",
+                        "finalists",
+                        "seed",
+                    )
                 },
             },
         )
@@ -267,18 +299,29 @@ class GuidanceSearchTrainer:
         return result
 
     @staticmethod
-    def _row(c: Candidate, reference: Candidate) -> dict[str, Any]:
-        """A candidate's scores, with its paired gain and win rate against 'no change' on the same prompts."""
+    def _row(c: Candidate, reference: Candidate, on_search: Any, on_validation: Any) -> dict[str, Any]:
+        """A candidate's scores, with its paired gain, win rate and variance against 'no change' on the same
+        prompts (the variance ratio is what a risk-averse objective trades against the gain)."""
         n = len(c.rewards)
         paired = reference.rewards[:n]
+
+        def var_ratio(a: list[float], b: list[float]) -> float | None:
+            return pstdev(a) ** 2 / pstdev(b) ** 2 if len(a) > 1 and pstdev(b) > 0 else None
+
         return {
             "text": c.text,
             "origin": c.origin,
             "prompts_scored": n,
             "mean": c.mean,
+            "std": pstdev(c.rewards) if n else None,
+            "score": on_search(c) if n else None,
             "gain_over_no_change": fmean(c.rewards) - fmean(paired) if n else None,
             "win_rate_over_no_change": fmean(win_indicators(c.rewards, paired)) if n else None,
+            "variance_ratio_over_no_change": var_ratio(c.rewards, paired),
             "validation_mean": c.validation_mean,
+            "validation_std": pstdev(c.validation) if c.validation else None,
+            "validation_score": on_validation(c) if c.validation else None,
+            "validation_variance_ratio": var_ratio(c.validation, reference.validation),
             "dropped_after_rung": c.rung_out,
         }
 
