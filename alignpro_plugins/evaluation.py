@@ -329,6 +329,7 @@ class Evaluator:
                 if name != self.reference:
                     ref_vals = [r["rewards"][judge] for r in ref]
                     entry[judge]["vs_reference"] = stats.win_rate(vals, ref_vals)
+                    entry[judge]["variance_ratio_vs_reference"] = stats.variance_ratio(vals, ref_vals)
                     # Judges favour longer answers: the win rate at equal length shows what is left.
                     entry[judge]["vs_reference_length_controlled"] = stats.length_controlled_win_rate(
                         vals, ref_vals, words, ref_words
@@ -378,6 +379,14 @@ def _fmt_wr(w: dict[str, float]) -> str:
     return f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}]"
 
 
+def _fmt_var_ratio(entry: dict[str, Any]) -> str:
+    """' (×ratio [low–high])' against the reference, or '' (the reference itself; results before the ratio)."""
+    v = entry.get("variance_ratio_vs_reference")
+    if not v or v["ratio"] != v["ratio"]:
+        return ""
+    return f" (×{v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}])"
+
+
 def _fmt_diff(w: dict[str, Any]) -> str:
     if "mean_diff" not in w:  # results.json written before the paired mean difference was reported
         return "—"
@@ -388,7 +397,11 @@ def _fmt_diff(w: dict[str, Any]) -> str:
 def render_markdown(summary: dict[str, Any]) -> str:
     judges = summary["judges"]
     ref = summary["reference"]
-    lines = [f"Prompts: {summary['n_prompts']}. Win rates: ties count half; [95% bootstrap interval].", ""]
+    lines = [
+        f"Prompts: {summary['n_prompts']}. Win rates: ties count half; [95% bootstrap interval]. Variance: across "
+        f"prompts, with (×its ratio to {ref}'s [paired 95% bootstrap interval]).",
+        "",
+    ]
     seen = {j: n for j, n in summary.get("judge_trained_on_prompts", {}).items() if n}
     if seen:
         lines[-1:] = [
@@ -406,7 +419,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         row = f"| {name} | {e['k']} | {100 * e['fallback_rate']:.0f}% | {e['mean_rewrite_chars']:.0f} |"
         for j in judges:
             wr = _fmt_wr(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
-            row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f} | {wr} |"
+            row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f}{_fmt_var_ratio(e[j])} | {wr} |"
         lines.append(row)
     lc = [
         (name, e)

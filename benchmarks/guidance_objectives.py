@@ -78,6 +78,7 @@ def main() -> None:
         shutil.copy(folder / "target_cache.jsonl", shared_cache)
 
     from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone
+    from alignpro_plugins.stats import variance_ratio
 
     prompts = eval_prompts(budget)
     ev_dir, target = side_evaluation(out, budget, "eval-objectives")
@@ -99,7 +100,8 @@ def main() -> None:
     by = rewards_by_config(report.records)
 
     def var_ratio(a: str, judge: str) -> str:
-        return f"{statistics.pvariance(by[a, judge]) / statistics.pvariance(by['frozen', judge]):.2f}"
+        v = variance_ratio(by[a, judge], by["frozen", judge])
+        return f"{v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
 
     def row(name: str, chosen_by: str) -> str:
         cells = []

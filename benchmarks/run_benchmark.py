@@ -94,8 +94,10 @@ def targets_table(summary: dict) -> str:
                     f"{'met' if d['mean_diff'] > 0 else 'NOT met'}{' (CI includes 0)' if lo <= 0 < d['mean_diff'] else ''} |"
                 )
         v_a, v_f = c["align-pro"][judge]["variance"], c["frozen"][judge]["variance"]
+        vr = c["align-pro"][judge].get("variance_ratio_vs_reference")
         add(
-            f"reward variance below frozen ({judge}): align-pro / frozen",
+            f"reward variance below frozen ({judge}): align-pro / frozen"
+            + (f" [paired 95% CI {vr['ci_low']:.2f}–{vr['ci_high']:.2f}]" if vr else ""),
             v_a / v_f if v_f else float("nan"),
             v_a < v_f,
             "{:.2f}",

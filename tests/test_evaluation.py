@@ -89,6 +89,12 @@ def test_paired_statistics_and_report(tmp_path):
     assert h2h["mean_diff"] == pytest.approx(sum(added) / len(added)) and min(added) > 0
     assert h2h["mean_diff_ci"][0] <= h2h["mean_diff"] <= h2h["mean_diff_ci"][1]
     assert "mean difference (independent)" in (tmp_path / "results.md").read_text()
+    # Appending one text adds the same length to every answer: the spread across prompts is unchanged.
+    vr = s["configs"]["template"]["independent"]["variance_ratio_vs_reference"]
+    assert (
+        vr["ratio"] == pytest.approx(1.0) and vr["ci_low"] == pytest.approx(1.0) and vr["n"] == len(PROMPTS)
+    )
+    assert "(×1.00 [1.00–1.00])" in (tmp_path / "results.md").read_text()
     # The focus is not compared with itself.
     assert "| template |" not in (tmp_path / "results.md").read_text().split("Head to head")[1]
     assert (tmp_path / "reward_distributions.png").stat().st_size > 1000
@@ -107,6 +113,24 @@ def test_win_rate_pairs_by_prompt_and_counts_ties_half():
     assert d["mean_diff"] == pytest.approx(1.0) and d["n"] == 4 and d["ci_low"] <= 1.0 <= d["ci_high"]
     assert stats.gap_closed(1.0, 2.0, 3.0) == pytest.approx(0.5)
     assert math.isnan(stats.gap_closed(1.0, 0.5, 0.9))  # an oracle below frozen leaves no gap to close
+
+
+def test_variance_ratio_is_paired_and_its_interval_covers_noise():
+    import random
+
+    rng = random.Random(1)
+    b = [rng.gauss(0, 1) for _ in range(200)]
+    # Doubling every reward quadruples the variance on every resample of the prompts.
+    doubled = stats.variance_ratio([2 * x for x in b], b)
+    assert doubled["ratio"] == pytest.approx(4.0) and doubled["ci_low"] == pytest.approx(4.0)
+    # Two draws from one distribution: the ratio is near 1 and its interval says that 1 is not ruled out.
+    a = [rng.gauss(0, 1) for _ in range(200)]
+    same = stats.variance_ratio(a, b)
+    assert same["ci_low"] < 1 < same["ci_high"] and 0.6 < same["ratio"] < 1.6
+    assert math.isnan(stats.variance_ratio([1.0], [2.0])["ratio"])
+    assert math.isnan(stats.variance_ratio([1.0, 2.0], [3.0, 3.0])["ratio"])  # no spread to compare with
+    with pytest.raises(ValueError, match="equal lengths"):
+        stats.variance_ratio([1.0, 2.0], [1.0])
 
 
 def test_length_controlled_win_rate_removes_a_pure_length_preference():
