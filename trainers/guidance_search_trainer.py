@@ -232,6 +232,7 @@ class GuidanceSearchTrainer:
             ):
                 c.rewards += rs
             seen = upto
+            # Stable: ties (frequent for win rates on few prompts) keep the previous rung's order.
             alive.sort(key=on_search, reverse=True)
             rungs.append(
                 {
