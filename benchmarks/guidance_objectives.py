@@ -50,10 +50,35 @@ def frontier(result, min_prompts: int) -> tuple[int, int, int]:
     return len(rows), len(gain), len(calm)
 
 
+def pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1%}"
+
+
+def validation_win_rates(results: dict) -> dict[str, float]:
+    """Text -> its win rate against "no change" on the validation prompts (the same prompts in every search):
+    recorded by searches since `validation_win_rate_over_no_change`, and as the win_rate objective's score."""
+    out: dict[str, float] = {}
+    for r in results.values():
+        for c in r.candidates:
+            w = c.get("validation_win_rate_over_no_change")
+            if w is None and r.provenance.get("objective") == "win_rate":
+                w = c.get("validation_score")
+            if w is not None:
+                out[c["text"]] = w
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder")
     ap.add_argument("--risk-aversion", type=float, default=1.0)
+    ap.add_argument(
+        "--validation-prompts",
+        type=int,
+        default=None,
+        help="finalists' validation prompts (default: the standard budget's 64 AlpacaEval prompts; 0: pick on "
+        "the search prompts, where every answer is already cached)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,15 +89,22 @@ def main() -> None:
 
     results = {}
     shared_cache = out / "guidance-objectives-cache.jsonl"
+    n_val = budget["kl_val_prompts"] if args.validation_prompts is None else args.validation_prompts
+    suffix = "" if n_val == budget["kl_val_prompts"] else f"-val{n_val}"
     for objective in OBJECTIVES:
-        folder = out / f"guidance-{objective}"
+        folder = out / f"guidance-{objective}{suffix}"
         folder.mkdir(parents=True, exist_ok=True)
         # Same target, prompts and answer settings: each search reuses the answers the others generated.
         if shared_cache.exists():
             shutil.copy(shared_cache, folder / "target_cache.jsonl")
         t = time.time()
         results[objective] = run_guidance_search(
-            out, budget, output_dir=str(folder), objective=objective, risk_aversion=args.risk_aversion
+            out,
+            budget,
+            output_dir=str(folder),
+            objective=objective,
+            risk_aversion=args.risk_aversion,
+            validation_prompts=n_val,
         )
         times[f"search ({objective})"] = time.time() - t
         shutil.copy(folder / "target_cache.jsonl", shared_cache)
@@ -81,7 +113,7 @@ def main() -> None:
     from alignpro_plugins.stats import variance_ratio
 
     prompts = eval_prompts(budget)
-    ev_dir, target = side_evaluation(out, budget, "eval-objectives")
+    ev_dir, target = side_evaluation(out, budget, "eval-objectives")  # shared by the variants: answers reused
     configs = [FrozenAlone(), FixedTemplate()]
     by_text: dict[str, list[str]] = {}
     for objective, result in results.items():
@@ -89,7 +121,7 @@ def main() -> None:
             by_text.setdefault(result.best, []).append(objective)
     named: dict[str, list[str]] = {}  # configuration name -> the objectives that chose its text
     for text, objectives in by_text.items():
-        name = "searched-" + objectives[0].replace("_", "-")
+        name = "searched-" + objectives[0].replace("_", "-") + suffix
         named[name] = objectives
         configs.append(
             FixedTemplate(template=text, name=name, description="objective " + ", ".join(objectives))
@@ -113,23 +145,33 @@ def main() -> None:
             ]
         return f"| {name} | {chosen_by} | " + " | ".join(cells) + " |"
 
+    frontier_lines: list[str] = []
     held = [row("template", "the default fixed instruction")] + [
         row(n, "objective " + ", ".join(o)) for n, o in named.items()
     ]
     search_rows = []
+    val_wins = validation_win_rates(results) if n_val else {}
     for objective, r in results.items():
-        c = next(c for c in r.candidates if c["text"] == r.best) if r.best else None
-        n, g, calm = frontier(r, 64)
-        search_rows.append(
-            f"| {objective} | {r.best or '(no change)'} | "
-            + (
-                f"{c['gain_over_no_change']:+.3f} | {c['variance_ratio_over_no_change']:.2f} | "
-                f"{c['validation_mean'] - next(x for x in r.candidates if not x['text'])['validation_mean']:+.3f} | "
-                f"{c['validation_variance_ratio']:.2f}"
-                if c
-                else "— | — | — | —"
+        ref = next(x for x in r.candidates if not x["text"])
+        full = max(c["prompts_scored"] for c in r.candidates if c["text"])
+        finalists = [c for c in r.candidates if c["text"] and c["prompts_scored"] == full]
+        finalists.sort(key=lambda c: -(c["validation_score"] if n_val else c["score"]))
+        for c in [*finalists, ref]:
+            val = (
+                f"{c['validation_mean'] - ref['validation_mean']:+.3f} | "
+                f"{pct(val_wins.get(c['text']))} | {c['validation_variance_ratio']:.2f}"
+                if n_val
+                else "— | — | —"
             )
-            + f" | {g}/{n}; {calm} |"
+            search_rows.append(
+                f"| {objective} | {c['text'] or '(no change)'} | {c['gain_over_no_change']:+.3f} | "
+                f"{c['win_rate_over_no_change']:.1%} | {c['variance_ratio_over_no_change'] or 1:.2f} | {val} | "
+                f"{'**chosen**' if c['text'] == r.best else ''} |"
+            )
+        n, g, calm = frontier(r, 64)
+        frontier_lines.append(
+            f'- {objective}: of the {n} texts scored on at least 64 search prompts, {g} gained over "no change" '
+            f"and {calm} of those with a lower variance"
         )
     md = [
         "## Experiment: guidance search objectives (mean, win rate, risk-averse)",
@@ -137,21 +179,27 @@ def main() -> None:
         "- command: `python benchmarks/guidance_objectives.py`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         f"- search: the guidance library and its recombinations on the SFT bootstrap's 128 training prompts, "
-        f"training reward, successive halving from {budget['guidance_min_prompts']} prompts, finalists compared on "
-        f"{budget['kl_val_prompts']} held-out AlpacaEval validation prompts; `mean_minus_std` with risk_aversion "
+        f"training reward, successive halving from {budget['guidance_min_prompts']} prompts, "
+        + (
+            f"finalists compared on {n_val} held-out AlpacaEval validation prompts"
+            if n_val
+            else "the winner picked on the search prompts (no validation prompts)"
+        )
+        + f"; `mean_minus_std` with risk_aversion "
         f"{args.risk_aversion}",
         f"- evaluation: the benchmark's {len(prompts)} held-out prompts (50 dolly + 50 self-instruct), answers "
         f"capped at {budget['eval_tokens']} tokens, both judges; {target.stats.calls} new answers",
         "- times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
         "",
-        "On the search's own prompts (training reward): the chosen text's gain and variance ratio over \"no change\"; "
-        "the last column counts the texts scored on at least 64 search prompts that gained, and of those how many "
-        'had a lower variance than "no change".',
+        "Finalists of each search (training reward; search = the 128 bootstrap prompts, validation = the held-out "
+        'AlpacaEval prompts), each against "no change" on the same prompts:',
         "",
-        "| objective | chosen text | gain (search) | variance ratio (search) | gain (validation) | "
-        "variance ratio (validation) | texts that gained / scored; of them with lower variance |",
-        "|---|---|---|---|---|---|---|",
+        "| objective | text | gain (search) | win rate (search) | variance ratio (search) | gain (validation) | "
+        "win rate (validation) | variance ratio (validation) | |",
+        "|---|---|---|---|---|---|---|---|---|",
         *search_rows,
+        "",
+        *frontier_lines,
         "",
         "On the 100 held-out prompts, against frozen:",
         "",
@@ -160,7 +208,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
         *held,
     ]
-    publish("\n".join(md), ev_dir / "section.md", "guidance-objectives-experiment")
+    publish("\n".join(md), ev_dir / f"section{suffix}.md", f"guidance-objectives-experiment{suffix}")
 
 
 if __name__ == "__main__":

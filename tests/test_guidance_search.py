@@ -190,6 +190,7 @@ def test_win_rate_objective_is_picked_on_validation_against_no_change(tmp_path):
     assert found.best == "Be clear." and found.chosen_on == "validation"
     assert rows["Be clear."]["validation_score"] == 1.0 and rows[""]["validation_score"] == 0.5
     assert rows["Add many examples."]["validation_score"] == 0.5
+    assert rows["Be clear."]["validation_win_rate_over_no_change"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -322,6 +322,9 @@ class GuidanceSearchTrainer:
             "validation_mean": c.validation_mean,
             "validation_std": pstdev(c.validation) if c.validation else None,
             "validation_score": on_validation(c) if c.validation else None,
+            "validation_win_rate_over_no_change": fmean(win_indicators(c.validation, reference.validation))
+            if c.validation
+            else None,
             "validation_variance_ratio": var_ratio(c.validation, reference.validation),
             "dropped_after_rung": c.rung_out,
         }
