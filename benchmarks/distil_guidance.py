@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import statistics
 import sys
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
+    against_frozen_cells,
     bootstrap_prompts,
     eval_prompts,
     judges,
@@ -54,7 +54,6 @@ def main() -> None:
 
     from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone, WithPrompter
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.stats import variance_ratio
     from trainers.guidance_search_trainer import GuidanceSearchResult
     from trainers.sft_trainer import AlignProSFTTrainer
 
@@ -99,16 +98,9 @@ def main() -> None:
     by = rewards_by_config(report.records)
     rewrites = Counter(rec["rewrite"] or "" for rec in report.records if rec["config"] == args.name)
 
-    def cells(name: str, judge: str) -> str:
-        v = variance_ratio(by[name, judge], by["frozen", judge])
-        gain = statistics.fmean(by[name, judge]) - statistics.fmean(by["frozen", judge])
-        return (
-            f"{win_cell(by[name, judge], by['frozen', judge])} | {gain:+.3f} | "
-            f"{v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
-        )
-
     rows = [
-        f"| {name} | {cells(name, 'independent')} | {cells(name, 'reward')} |" for name in ("text", args.name)
+        f"| {name} | {against_frozen_cells(by, name, 'independent')} | {against_frozen_cells(by, name, 'reward')} |"
+        for name in ("text", args.name)
     ]
     md = [
         f"## Experiment: the searched text distilled into a prompter ({args.name})",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
+    against_frozen_cells,
     eval_prompts,
     judges,
     machine,
@@ -36,7 +36,6 @@ from benchmarks.run_benchmark import (  # noqa: E402
     run_guidance_search,
     side_evaluation,
     train_reward_models,
-    win_cell,
 )
 
 OBJECTIVES = ("mean", "win_rate", "mean_minus_std")
@@ -110,7 +109,6 @@ def main() -> None:
         shutil.copy(folder / "target_cache.jsonl", shared_cache)
 
     from alignpro_plugins.evaluation import Evaluator, FixedTemplate, FrozenAlone
-    from alignpro_plugins.stats import variance_ratio
 
     prompts = eval_prompts(budget)
     ev_dir, target = side_evaluation(out, budget, "eval-objectives")  # shared by the variants: answers reused
@@ -131,18 +129,8 @@ def main() -> None:
     times["evaluation"] = time.time() - t
     by = rewards_by_config(report.records)
 
-    def var_ratio(a: str, judge: str) -> str:
-        v = variance_ratio(by[a, judge], by["frozen", judge])
-        return f"{v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
-
     def row(name: str, chosen_by: str) -> str:
-        cells = []
-        for judge in ("independent", "reward"):
-            cells += [
-                win_cell(by[name, judge], by["frozen", judge]),
-                f"{statistics.fmean(by[name, judge]) - statistics.fmean(by['frozen', judge]):+.3f}",
-                var_ratio(name, judge),
-            ]
+        cells = [against_frozen_cells(by, name, judge) for judge in ("independent", "reward")]
         return f"| {name} | {chosen_by} | " + " | ".join(cells) + " |"
 
     frontier_lines: list[str] = []

@@ -509,6 +509,17 @@ def win_cell(a: list[float], b: list[float]) -> str:
     return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
 
 
+def against_frozen_cells(by: dict[tuple[str, str], list[float]], name: str, judge: str) -> str:
+    """Table cells of a configuration against frozen under one judge: win rate, mean gain, variance ratio."""
+    from statistics import fmean
+
+    from alignpro_plugins.stats import variance_ratio
+
+    a, f = by[name, judge], by["frozen", judge]
+    v = variance_ratio(a, f)
+    return f"{win_cell(a, f)} | {fmean(a) - fmean(f):+.3f} | {v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
+
+
 def publish(section: str, copy: Path, key: str) -> None:
     """A result section: saved beside its artifacts, written into docs/benchmarks.md under key, printed."""
     copy.parent.mkdir(parents=True, exist_ok=True)
