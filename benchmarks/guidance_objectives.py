@@ -6,6 +6,7 @@ against "no change", or by mean minus `risk_aversion` x standard deviation acros
 search once per objective on the SFT bootstrap's 128 training prompts (training reward; finalists compared on the
 64 held-out AlpacaEval validation prompts; the searches share one answer cache), then appends each chosen text to
 the benchmark's 100 held-out evaluation prompts, beside frozen and the default fixed instruction, under both judges.
+`--validation-from bpo` compares the finalists on BPO instructions the search never saw instead.
 It also reports the search's own frontier: how many texts gained over "no change" with a lower variance.
 
     python benchmarks/guidance_objectives.py [--out runs/bench]   # trains the two reward models if missing
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     against_frozen_cells,
+    bpo_validation_prompts,
     eval_prompts,
     judges,
     machine,
@@ -78,6 +80,13 @@ def main() -> None:
         help="finalists' validation prompts (default: the standard budget's 64 AlpacaEval prompts; 0: pick on "
         "the search prompts, where every answer is already cached)",
     )
+    ap.add_argument(
+        "--validation-from",
+        choices=("alpaca", "bpo"),
+        default="alpaca",
+        help="where the finalists' validation prompts come from: the RL stage's held-out AlpacaEval prompts, or "
+        "BPO instructions the search never saw (the users' kind of prompt, like the search's own)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,6 +99,10 @@ def main() -> None:
     shared_cache = out / "guidance-objectives-cache.jsonl"
     n_val = budget["kl_val_prompts"] if args.validation_prompts is None else args.validation_prompts
     suffix = "" if n_val == budget["kl_val_prompts"] else f"-val{n_val}"
+    validation = bpo_validation_prompts(n_val) if args.validation_from == "bpo" else None
+    if args.validation_from == "bpo" and n_val:
+        suffix += "-bpo"
+    source = "BPO" if validation is not None else "AlpacaEval"
     for objective in OBJECTIVES:
         folder = out / f"guidance-{objective}{suffix}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -104,6 +117,7 @@ def main() -> None:
             objective=objective,
             risk_aversion=args.risk_aversion,
             validation_prompts=n_val,
+            validation=validation,
         )
         times[f"search ({objective})"] = time.time() - t
         shutil.copy(folder / "target_cache.jsonl", shared_cache)
@@ -162,14 +176,19 @@ def main() -> None:
             f"and {calm} of those with a lower variance"
         )
     md = [
-        "## Experiment: guidance search objectives (mean, win rate, risk-averse)",
+        "## Experiment: guidance search objectives (mean, win rate, risk-averse)"
+        + (
+            ""
+            if not suffix
+            else f", finalists picked on {f'{n_val} {source} validation prompts' if n_val else 'the search prompts'}"
+        ),
         "",
-        "- command: `python benchmarks/guidance_objectives.py`",
+        "- command: `python benchmarks/guidance_objectives.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         f"- search: the guidance library and its recombinations on the SFT bootstrap's 128 training prompts, "
         f"training reward, successive halving from {budget['guidance_min_prompts']} prompts, "
         + (
-            f"finalists compared on {n_val} held-out AlpacaEval validation prompts"
+            f"finalists compared on {n_val} held-out {source} validation prompts"
             if n_val
             else "the winner picked on the search prompts (no validation prompts)"
         )
@@ -179,8 +198,9 @@ def main() -> None:
         f"capped at {budget['eval_tokens']} tokens, both judges; {target.stats.calls} new answers",
         "- times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
         "",
-        "Finalists of each search (training reward; search = the 128 bootstrap prompts, validation = the held-out "
-        'AlpacaEval prompts), each against "no change" on the same prompts:',
+        "Finalists of each search (training reward; search = the 128 bootstrap prompts"
+        + (f", validation = the held-out {source} prompts" if n_val else "")
+        + '), each against "no change" on the same prompts:',
         "",
         "| objective | text | gain (search) | win rate (search) | variance ratio (search) | gain (validation) | "
         "win rate (validation) | variance ratio (validation) | |",

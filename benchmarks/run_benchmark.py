@@ -301,15 +301,30 @@ def guidance_config(out: Path, budget: dict, **overrides: object):
     return GuidanceSearchConfig(**kw)
 
 
-def run_guidance_search(out: Path, budget: dict, **overrides: object):
-    """The guidance search on the bootstrap's prompts, its finalists compared on the validation prompts."""
+def run_guidance_search(out: Path, budget: dict, validation: list[str] | None = None, **overrides: object):
+    """The guidance search on the bootstrap's prompts, its finalists compared on the validation prompts
+    (`validation`, default: the RL stage's held-out AlpacaEval prompts)."""
     from trainers.guidance_search_trainer import search_guidance
 
     return search_guidance(
         guidance_config(out, budget, **overrides),
         prompts=bootstrap_prompts(budget),
-        validation_prompts=validation_prompts(budget),
+        validation_prompts=validation_prompts(budget) if validation is None else validation,
     )
+
+
+def bpo_validation_prompts(n: int) -> list[str]:
+    """The last n BPO instructions: the users' kind of prompt, disjoint from the bootstrap's (the first ones)
+    and from every evaluation prompt."""
+    from alignpro_plugins.data import load_prompts
+
+    held_out = {
+        x
+        for name in EVAL_SETS
+        for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
+    }
+    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
+    return [x for x in bpo if x not in held_out][-n:] if n else []
 
 
 def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: object):
