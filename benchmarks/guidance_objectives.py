@@ -157,6 +157,9 @@ def main() -> None:
         ref = next(x for x in r.candidates if not x["text"])
         full = max(c["prompts_scored"] for c in r.candidates if c["text"])
         finalists = [c for c in r.candidates if c["text"] and c["prompts_scored"] == full]
+        validated = [c for c in finalists if c["validation_score"] is not None]
+        if n_val:  # texts that reached the last rung but not validation (halved after it) are not listed
+            finalists = validated
         finalists.sort(key=lambda c: -(c["validation_score"] if n_val else c["score"]))
         for c in [*finalists, ref]:
             val = (
