@@ -87,6 +87,20 @@ def main() -> None:
         help="where the finalists' validation prompts come from: the RL stage's held-out AlpacaEval prompts, or "
         "BPO instructions the search never saw (the users' kind of prompt, like the search's own)",
     )
+    ap.add_argument(
+        "--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), help="the searches to run"
+    )
+    ap.add_argument(
+        "--seed-texts",
+        default=None,
+        help="a text file, one guidance text per line, searched instead of the SFT guidance library",
+    )
+    ap.add_argument(
+        "--no-recombine",
+        action="store_true",
+        help="search the seed texts only, not their sentence recombinations",
+    )
+    ap.add_argument("--tag", default="", help="appended to the folder names and the docs section key")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,7 +117,12 @@ def main() -> None:
     if args.validation_from == "bpo" and n_val:
         suffix += "-bpo"
     source = "BPO" if validation is not None else "AlpacaEval"
-    for objective in OBJECTIVES:
+    suffix += f"-{args.tag}" if args.tag else ""
+    search_kw: dict = {"recombine": not args.no_recombine}
+    if args.seed_texts:
+        lines = Path(args.seed_texts).read_text(encoding="utf-8").splitlines()
+        search_kw["seed_texts"] = [t.strip() for t in lines if t.strip() and not t.startswith("#")]
+    for objective in args.objectives:
         folder = out / f"guidance-{objective}{suffix}"
         folder.mkdir(parents=True, exist_ok=True)
         # Same target, prompts and answer settings: each search reuses the answers the others generated.
@@ -118,6 +137,7 @@ def main() -> None:
             risk_aversion=args.risk_aversion,
             validation_prompts=n_val,
             validation=validation,
+            **search_kw,
         )
         times[f"search ({objective})"] = time.time() - t
         shutil.copy(folder / "target_cache.jsonl", shared_cache)
@@ -184,11 +204,19 @@ def main() -> None:
             ""
             if not suffix
             else f", finalists picked on {f'{n_val} {source} validation prompts' if n_val else 'the search prompts'}"
-        ),
+        )
+        + (f" ({args.tag})" if args.tag else ""),
         "",
         "- command: `python benchmarks/guidance_objectives.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
-        f"- search: the guidance library and its recombinations on the SFT bootstrap's 128 training prompts, "
+        "- search: "
+        + (
+            f"the {len(search_kw['seed_texts'])} texts of {args.seed_texts}"
+            if args.seed_texts
+            else "the guidance library"
+        )
+        + (" and their recombinations" if not args.no_recombine else " (no recombinations)")
+        + " on the SFT bootstrap's 128 training prompts, "
         f"training reward, successive halving from {budget['guidance_min_prompts']} prompts, "
         + (
             f"finalists compared on {n_val} held-out {source} validation prompts"
