@@ -19,12 +19,13 @@ issue 5's other target).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 
@@ -39,15 +40,16 @@ from alignpro_plugins.evaluation import (  # noqa: E402
     FixedTemplate,
     FrozenAlone,
     TargetInput,
+    answer_words,
 )
 from alignpro_plugins.stats import variance_ratio  # noqa: E402
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     DATA,
-    EVAL_SETS,
     against_frozen_cells,
     bootstrap_prompts,
     eval_prompts,
+    held_out_prompts,
     judges,
     machine,
     publish,
@@ -92,7 +94,7 @@ def demonstration_pool(budget: dict, exclude: set[str]) -> list[tuple[str, str]]
 
 
 def mean_words(records: list[dict], config: str) -> float:
-    return fmean(len(r["answer"].split()) for r in records if r["config"] == config)
+    return fmean(answer_words(r["answer"]) for r in records if r["config"] == config)
 
 
 def with_demonstrations(x: str, demos: list[tuple[str, str]], guidance: str | None) -> str:
@@ -101,39 +103,46 @@ def with_demonstrations(x: str, demos: list[tuple[str, str]], guidance: str | No
     return f"{shown}\n\nNow answer this request just as well.\n\n{x.rstrip()}{tail}"
 
 
+class NearestDemonstrations:
+    """The pool's prompts embedded once (MiniLM), shared by every variant that shows demonstrations."""
+
+    def __init__(self, pool: list[tuple[str, str]]) -> None:
+        from alignpro_plugins.embeddings import Embedder
+
+        self.pool = pool
+        self.embedder = Embedder()
+        self.vectors = self.embedder.embed([q for q, _ in pool])
+
+    def nearest(self, prompts: list[str], shots: int) -> list[list[tuple[str, str]]]:
+        """Per prompt, its `shots` most similar pool pairs (never the prompt itself)."""
+        sims = self.embedder.embed(prompts) @ self.vectors.T
+        return [
+            [self.pool[i] for i in row.argsort(descending=True).tolist() if self.pool[i][0] != x][:shots]
+            for x, row in zip(prompts, sims, strict=True)
+        ]
+
+
 @dataclass
 class Demonstrated(Configuration):
     """x after the `shots` most similar pool prompts with their answers (x itself kept verbatim)."""
 
-    pool: list[tuple[str, str]] = field(default_factory=list)
+    demos: NearestDemonstrations | None = None
     shots: int = 1
     guidance: str | None = None
     name: str = "demonstrated"
     description: str = "x after the nearest training prompt's preferred answer"
-    _embedder: object = None
-    _pool_vecs: torch.Tensor | None = None
-
-    def _ready(self) -> None:
-        if self._embedder is None:
-            from alignpro_plugins.embeddings import Embedder
-
-            self._embedder = Embedder()
-            self._pool_vecs = self._embedder.embed([q for q, _ in self.pool])
 
     def inputs(self, prompts):
-        self._ready()
-        sims = self._embedder.embed(list(prompts)) @ self._pool_vecs.T
-        out = []
-        for x, row in zip(prompts, sims, strict=True):
-            nearest = [i for i in row.argsort(descending=True).tolist() if self.pool[i][0] != x][: self.shots]
-            text = with_demonstrations(x, [self.pool[i] for i in nearest], self.guidance)
-            out.append([TargetInput(text)])
-        return out
+        assert self.demos is not None
+        shown = self.demos.nearest(list(prompts), self.shots)
+        return [
+            [TargetInput(with_demonstrations(x, d, self.guidance))]
+            for x, d in zip(prompts, shown, strict=True)
+        ]
 
     def fingerprint(self) -> str:
-        import hashlib
-
-        parts = [super().fingerprint(), str(self.shots), self.guidance or "", json.dumps(self.pool)]
+        assert self.demos is not None
+        parts = [super().fingerprint(), str(self.shots), self.guidance or "", json.dumps(self.demos.pool)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -148,20 +157,14 @@ def main() -> None:
     budget = BUDGETS["standard"]
     times = train_reward_models(out, budget)
 
-    from alignpro_plugins.data import load_prompts
-
-    held_out = {
-        x
-        for name in EVAL_SETS
-        for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
-    }
     val = validation_prompts(budget)
-    pool = demonstration_pool(budget, held_out | set(val))
+    pool = demonstration_pool(budget, held_out_prompts() | set(val))
+    demos = NearestDemonstrations(pool)
     variants = [
         FixedTemplate(template=SEARCHED, name="searched", description="the searched guidance text appended"),
-        Demonstrated(pool=pool, name="demo-1"),
-        Demonstrated(pool=pool, guidance=SEARCHED, name="demo-1+searched"),
-        Demonstrated(pool=pool, shots=2, name="demo-2"),
+        Demonstrated(demos=demos, name="demo-1"),
+        Demonstrated(demos=demos, guidance=SEARCHED, name="demo-1+searched"),
+        Demonstrated(demos=demos, shots=2, name="demo-2"),
     ]
     # Selection on the validation prompts, training reward only (the independent judge never picks anything).
     val_dir, val_target = side_evaluation(out, budget, "eval-demonstrations-validation")

@@ -209,6 +209,17 @@ def bootstrap_prompts(budget: dict) -> list[str]:
     return bpo[: budget["boot_prompts"]]
 
 
+def held_out_prompts() -> set[str]:
+    """Every evaluation prompt, not only the ones a budget evaluates on: kept out of all training data."""
+    from alignpro_plugins.data import load_prompts
+
+    return {
+        x
+        for name in EVAL_SETS
+        for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
+    }
+
+
 def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[str], list[str]]:
     """(AlpacaEval instructions, kl-optimum's RL prompts), both disjoint from every evaluation prompt.
 
@@ -218,15 +229,7 @@ def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[s
     """
     from alignpro_plugins.data import load_prompts
 
-    held_out = (
-        {  # every evaluation prompt, not only the ones a budget evaluates on
-            x
-            for name in EVAL_SETS
-            for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
-        }
-        if exclude_held_out
-        else set()
-    )
+    held_out = held_out_prompts() if exclude_held_out else set()
     alpaca = [
         x
         for x in dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
@@ -318,11 +321,7 @@ def bpo_validation_prompts(n: int) -> list[str]:
     and from every evaluation prompt."""
     from alignpro_plugins.data import load_prompts
 
-    held_out = {
-        x
-        for name in EVAL_SETS
-        for x in load_prompts(str(DATA / name), field="instruction", context_field="context")
-    }
+    held_out = held_out_prompts()
     bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
     return [x for x in bpo if x not in held_out][-n:] if n else []
 
