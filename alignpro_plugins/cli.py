@@ -247,6 +247,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         extras.append((name.strip(), path.strip()))
     if extras and not args.prompter:
         raise UsageError("--extra-prompter is compared beside the trained prompter: give --prompter DIR too")
+    share = args.gated_retry_share
+    if share is not None:
+        if not 0.0 < share <= 1.0:
+            raise UsageError(f"--gated-retry-share {share}: give the share of answers to retry, in (0, 1]")
+        if not args.prompter:
+            raise UsageError(
+                "--gated-retry-share retries with the trained prompter's rewrite: give --prompter DIR"
+            )
+        if not args.gate_prompts:
+            raise UsageError(
+                "--gated-retry-share needs --gate-prompts SRC ...: prompts (not the evaluation prompts) on which "
+                "the training reward's scores of the frozen answers set the retry threshold"
+            )
+    elif args.gate_prompts:
+        raise UsageError("--gate-prompts sets the threshold of --gated-retry-share: give that too")
     prompts: list[str] = []
     for source in args.prompts:
         prompts += load_prompts(source, field=args.field, context_field=args.context_field)
@@ -287,9 +302,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     description=path,
                 )
             )
-        configs.append(WithPrompter(prompter=trained))
+        align_pro = WithPrompter(prompter=trained)
+        configs.append(align_pro)
         if args.best_of_k:
             configs.append(BestOfK(prompter=trained, k=args.best_of_k))
+        if share is not None:
+            configs.append(_gated_retry(args, share, align_pro, prompts, target, judges["reward"]))
     if args.oracle:
         base = TransformersTarget(args.target, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         from peft import PeftModel
@@ -309,6 +327,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot_training_curve(args.training_log, out / "rl_reward_curve.png")
     print(f"records, table and plots in {out}")
     return 0
+
+
+def _gated_retry(
+    args: argparse.Namespace, share: float, retry: Any, prompts: list[str], target: Any, gate: Any
+):
+    """GatedRetry whose threshold spends `share` on the frozen answers to --gate-prompts (training reward)."""
+    from alignpro_plugins.data import load_prompts
+    from alignpro_plugins.evaluation import GatedRetry, retry_threshold
+
+    gate_prompts: list[str] = []
+    for source in args.gate_prompts:
+        gate_prompts += load_prompts(source, field=args.field, context_field=args.context_field)
+    shared = set(gate_prompts) & set(prompts)
+    if shared:
+        raise UsageError(
+            f"--gate-prompts shares {len(shared)} prompts with --prompts (e.g. {next(iter(shared))[:60]!r}): the "
+            "threshold must be set on prompts the evaluation does not use"
+        )
+    scores = gate(gate_prompts, target.generate(gate_prompts))
+    threshold = retry_threshold(scores, share)
+    print(
+        f"gated-retry: threshold {threshold:+.4f} (the training reward's {share:.0%} quantile on {len(scores)} gate prompts)"
+    )
+    return GatedRetry(
+        retry=[retry],
+        threshold=threshold,
+        description=f"x; the prompter's rewrite too where the training reward scores the answer below {threshold:+.3f}",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--template", default="Please give a thorough, well-organized and helpful answer.")
     p.add_argument("--best-of-k", type=int, default=0)
+    p.add_argument(
+        "--gated-retry-share",
+        type=float,
+        help="adds gated-retry: the prompter's rewrite is also answered where the training reward scores the "
+        "frozen answer below the quantile SHARE of its scores on --gate-prompts",
+    )
+    p.add_argument(
+        "--gate-prompts", nargs="+", help="prompts (never the evaluation's) that set that threshold"
+    )
     p.add_argument("--oracle", help="LoRA adapter of the RLHF-tuned target")
     p.add_argument("--training-log", help="metrics.jsonl of the RL run, for the reward-curve plot")
     p.add_argument("--out", required=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,70 @@ class BestOfK(Configuration):
             [TargetInput(d[i].text, d[i].generated, d[i].fallback_reason) for d in per_draw]
             for i in range(len(prompts))
         ]
+
+
+@dataclass
+class GatedRetry(Configuration):
+    """x first; only where the gate (the selection judge) scores that answer below ``threshold`` is the target
+    also asked with each retry configuration's input, and the answer the gate scores best is kept.
+
+    Spends extra target calls only on the answers the reward model calls poor, which lifts the low tail of the
+    reward distribution instead of moving every answer. ``k`` in the records is the target calls per prompt.
+    Choose ``threshold`` on prompts other than the evaluation prompts: see :func:`retry_threshold`.
+    """
+
+    retry: Sequence[Configuration] = ()
+    threshold: float = float("-inf")
+    name: str = "gated-retry"
+    description: str = "x; below the gate's threshold, the retry inputs too, the best-scored answer kept"
+
+    def __post_init__(self) -> None:
+        if not self.retry:
+            raise ValueError(
+                "GatedRetry needs at least one retry configuration, e.g. retry=[WithPrompter(...)]"
+            )
+        bad = [type(c).__name__ for c in self.retry if isinstance(c, GatedRetry) or c.target is not None]
+        if bad:
+            raise ValueError(
+                f"retry configurations must give the shared target an input (FixedTemplate, WithPrompter, "
+                f"BestOfK); got {bad}"
+            )
+        if math.isnan(self.threshold):
+            raise ValueError("threshold is NaN: give a number (retry_threshold() computes one)")
+
+    def inputs(self, prompts):
+        return [[TargetInput(x)] for x in prompts]
+
+    def retry_inputs(self, prompts: Sequence[str]) -> list[list[TargetInput]]:
+        per_config = [c.inputs(prompts) for c in self.retry]
+        return [[inp for rows in per_config for inp in rows[i]] for i in range(len(prompts))]
+
+    def fingerprint(self) -> str:
+        parts = [super().fingerprint(), repr(self.threshold), *(c.fingerprint() for c in self.retry)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def retry_threshold(first_scores: Sequence[float], retry_share: float) -> float:
+    """The gate score below which ``retry_share`` of these answers fall: GatedRetry's threshold for that budget.
+
+    Compute it from the gate's scores of the frozen model's answers on prompts you will not evaluate on (e.g.
+    held-out training prompts); the share of retried prompts elsewhere follows how the gate scores them there.
+    """
+    if not 0.0 <= retry_share <= 1.0:
+        raise ValueError(f"retry_share must be in [0, 1] (the share of answers to retry), got {retry_share}")
+    scores = sorted(float(v) for v in first_scores)
+    if not scores:
+        raise ValueError("retry_threshold needs the gate's scores of at least one answer")
+    if retry_share == 0.0:
+        return float("-inf")
+    if retry_share == 1.0:
+        return float("inf")
+    k = round(retry_share * len(scores))
+    if k == 0:
+        return float("-inf")
+    if k >= len(scores):
+        return float("inf")
+    return (scores[k - 1] + scores[k]) / 2  # k answers fall strictly below it
 
 
 @dataclass
@@ -236,6 +301,17 @@ class Evaluator:
         if path:
             append_jsonl(path, [json.dumps(r, ensure_ascii=False) for r in rows])
 
+    def _answer_and_score(
+        self, target: FrozenTarget, prompts: list[str], cands: list[list[TargetInput]]
+    ) -> tuple[list[tuple[int, TargetInput]], list[str], dict[str, list[float]]]:
+        """Every candidate input answered by the target and scored, against its original prompt, by every judge."""
+        flat = [(j, c) for j, row in enumerate(cands) for c in row]
+        answers = list(target.generate([c.text for _, c in flat]))
+        scores = {
+            name: list(judge([prompts[j] for j, _ in flat], answers)) for name, judge in self.judges.items()
+        }
+        return flat, answers, scores
+
     def _run_config(self, cfg: Configuration, done: dict) -> list[dict]:
         fingerprint = cfg.fingerprint()
         todo = [i for i in range(len(self.prompts)) if (cfg.name, i) not in done]
@@ -244,12 +320,18 @@ class Evaluator:
         for s in tqdm(range(0, len(todo), self.chunk_size), desc=f"eval {cfg.name}", disable=not todo):
             idx = todo[s : s + self.chunk_size]
             prompts = [self.prompts[i] for i in idx]
-            cands = cfg.inputs(prompts)
-            flat = [(j, c) for j, row in enumerate(cands) for c in row]
-            answers = target.generate([c.text for _, c in flat])
-            scores = {
-                name: judge([prompts[j] for j, _ in flat], answers) for name, judge in self.judges.items()
-            }
+            flat, answers, scores = self._answer_and_score(target, prompts, cfg.inputs(prompts))
+            if isinstance(cfg, GatedRetry):
+                # Only the answers the gate scores below the threshold are asked again.
+                # GatedRetry.inputs gives one input per prompt, so flat position m is prompt m.
+                below = [m for m in range(len(flat)) if scores[self.selection_judge][m] < cfg.threshold]
+                if below:
+                    more = cfg.retry_inputs([prompts[j] for j in below])
+                    f2, a2, s2 = self._answer_and_score(target, [prompts[j] for j in below], more)
+                    flat += [(below[j], c) for j, c in f2]
+                    answers += a2
+                    for name in scores:
+                        scores[name] += s2[name]
             new = []
             for j, i in enumerate(idx):
                 members = [m for m, (jj, _) in enumerate(flat) if jj == j]
@@ -318,6 +400,8 @@ class Evaluator:
         }
         for name, rows in by_config.items():
             entry: dict[str, Any] = {"description": configs[name].description, "k": configs[name].k}
+            # Best-of-k asks k times; a gated retry asks again only where its gate scored the answer poorly.
+            entry["target_calls_per_prompt"] = sum(r["k"] for r in rows) / max(len(rows), 1)
             rewrites = [r["rewrite"] for r in rows if r["rewrite"] and not r["fallback_reason"]]
             entry["fallback_rate"] = sum(bool(r["fallback_reason"]) for r in rows) / max(len(rows), 1)
             entry["mean_rewrite_chars"] = sum(map(len, rewrites)) / len(rewrites) if rewrites else 0.0
@@ -409,14 +493,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
             + ", ".join(f"{j} ({n} of {summary['n_prompts']})" for j, n in seen.items()),
             "",
         ]
-    head = "| configuration | K | fallback | rewrite chars |"
+    head = "| configuration | target calls / prompt | fallback | rewrite chars |"
     sep = "|---|---|---|---|"
     for j in judges:
         head += f" mean ({j}) | variance ({j}) | win vs {ref} ({j}) |"
         sep += "---|---|---|"
     lines += [head, sep]
     for name, e in summary["configs"].items():
-        row = f"| {name} | {e['k']} | {100 * e['fallback_rate']:.0f}% | {e['mean_rewrite_chars']:.0f} |"
+        calls = e.get("target_calls_per_prompt", e["k"])
+        row = f"| {name} | {calls:.3g} | {100 * e['fallback_rate']:.0f}% | {e['mean_rewrite_chars']:.0f} |"
         for j in judges:
             wr = _fmt_wr(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
             row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f}{_fmt_var_ratio(e[j])} | {wr} |"

@@ -388,6 +388,14 @@ def test_eval_checks_extra_prompters_before_loading_anything(tmp_path, capsys):
     assert "--extra-prompter is compared beside the trained prompter: give --prompter DIR too" in _error(
         capsys
     )
+    assert main([*base, "--prompter", str(tmp_path / "p"), "--gated-retry-share", "1.5"]) == 2
+    assert "--gated-retry-share 1.5: give the share of answers to retry, in (0, 1]" in _error(capsys)
+    assert main([*base, "--gated-retry-share", "0.5", "--gate-prompts", "g.json"]) == 2
+    assert "retries with the trained prompter's rewrite: give --prompter DIR" in _error(capsys)
+    assert main([*base, "--prompter", str(tmp_path / "p"), "--gated-retry-share", "0.5"]) == 2
+    assert "--gated-retry-share needs --gate-prompts SRC ..." in _error(capsys)
+    assert main([*base, "--gate-prompts", "g.json"]) == 2
+    assert "--gate-prompts sets the threshold of --gated-retry-share: give that too" in _error(capsys)
 
 
 def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
@@ -506,6 +514,36 @@ def test_train_runs_reward_guidance_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_
     assert main(["train", "--config", cfg, "--skip-done"]) == 0
     assert (root / "rl" / "alignpro.json").exists()
     assert {s: _mtime(root / s / n) for s, n in artifacts[:3]} == {s: before[s] for s, _ in artifacts[:3]}
+
+    # The trained prompter evaluated by `alignpro eval`, with a gated retry whose threshold the train prompts set.
+    capsys.readouterr()
+    ev = [
+        "eval",
+        "--prompts",
+        str(paths["heldout_prompts"]),
+        "--field",
+        "prompt",
+        "--limit",
+        "3",
+        "--target",
+        tiny_lm_dir,
+        "--max-new-tokens",
+        "6",
+        "--judge",
+        str(root / "reward"),
+        "--prompter",
+        str(root / "rl"),
+        "--out",
+        str(tmp_path / "eval"),
+    ]
+    assert main([*ev, "--gated-retry-share", "0.5", "--gate-prompts", str(paths["heldout_prompts"])]) == 2
+    assert "--gate-prompts shares" in capsys.readouterr().err  # the threshold never comes from eval prompts
+    assert main([*ev, "--gated-retry-share", "0.5", "--gate-prompts", str(paths["train_prompts"])]) == 0
+    printed = capsys.readouterr().out
+    assert "gated-retry: threshold" in printed and "| gated-retry |" in printed
+    summary = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]["configs"]
+    assert set(summary) == {"frozen", "template", "zero-shot", "align-pro", "gated-retry"}
+    assert 1.0 <= summary["gated-retry"]["target_calls_per_prompt"] <= 2.0
 
 
 def test_rewrite_takes_the_base_of_a_moved_artifact(tiny_lm_dir, tmp_path, capsys):

@@ -14,9 +14,11 @@ from alignpro_plugins.evaluation import (
     Evaluator,
     FixedTemplate,
     FrozenAlone,
+    GatedRetry,
     Oracle,
     PairwiseLLMJudge,
     WithPrompter,
+    retry_threshold,
 )
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import CallableReward
@@ -353,3 +355,78 @@ def test_judge_trained_on_evaluation_prompts_is_reported(tmp_path, caplog):
     assert report.summary["judge_trained_on_prompts"] == {"reward": 1, "independent": 0}
     assert "reward (1 of 4)" in report.to_markdown() and "independent (" not in report.to_markdown()
     assert "'reward' trained on preference pairs for 1 of the 4" in caplog.text
+
+
+def _counting_echo(asked: list[str]):
+    def fn(x: str) -> str:
+        asked.append(x)
+        return x
+
+    return CallableTarget(fn, name="echo")
+
+
+def test_gated_retry_asks_again_only_below_the_threshold_and_keeps_the_best(tmp_path):
+    asked: list[str] = []
+    # Lengths of the echoed prompts: 12, 11, 12, 13; only the 13-character one is at or above 12.5.
+    cfg = GatedRetry(retry=[FixedTemplate(template="Be thorough.")], threshold=12.5)
+    ev = Evaluator(
+        PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path, reference="frozen"
+    )
+    report = ev.run([FrozenAlone(), cfg])
+    rows = {r["prompt"]: r for r in report.records if r["config"] == "gated-retry"}
+    retried = [x for x in PROMPTS if len(x) < 12.5]
+    assert [a for a in asked if a.endswith("Be thorough.")] == [f"{x}\n\nBe thorough." for x in retried]
+    for x in PROMPTS:
+        if x in retried:
+            assert rows[x]["k"] == 2 and rows[x]["answer"] == f"{x}\n\nBe thorough."  # the longer answer won
+            assert rows[x]["rewrite"] == "Be thorough."
+        else:
+            assert rows[x]["k"] == 1 and rows[x]["answer"] == x and rows[x]["rewrite"] is None
+    assert report.summary["configs"]["gated-retry"]["target_calls_per_prompt"] == pytest.approx(1 + 3 / 4)
+    assert "| gated-retry | 1.75 |" in report.to_markdown()
+
+
+def test_gated_retry_keeps_the_first_answer_when_the_retry_scores_no_better(tmp_path):
+    shorter_is_better = CallableReward(lambda ps, ans: [-float(len(a)) for a in ans], name="short")
+    cfg = GatedRetry(retry=[FixedTemplate(), FixedTemplate(template="More.", name="more")], threshold=0.0)
+    report = Evaluator(PROMPTS, echo_target(), {"short": shorter_is_better}, reference="gated-retry").run(
+        [cfg]
+    )
+    for rec in report.records:
+        assert rec["k"] == 3  # every answer scored below 0: both retry inputs were asked
+        assert rec["answer"] == rec["prompt"] and rec["rewrite"] is None
+
+
+def test_gated_retry_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="at least one retry configuration"):
+        GatedRetry()
+    with pytest.raises(ValueError, match="shared target"):
+        GatedRetry(retry=[Oracle(target=echo_target())])
+    with pytest.raises(ValueError, match="NaN"):
+        GatedRetry(retry=[FixedTemplate()], threshold=float("nan"))
+
+
+def test_gated_retry_records_are_not_reused_under_another_threshold(tmp_path):
+    asked: list[str] = []
+    judges = {"len": length_judge()}
+    Evaluator(PROMPTS, _counting_echo(asked), judges, out_dir=tmp_path, reference="gated-retry").run(
+        [GatedRetry(retry=[FixedTemplate()], threshold=0.0)]
+    )
+    assert len(asked) == len(PROMPTS)  # nothing scored below 0
+    Evaluator(PROMPTS, _counting_echo(asked), judges, out_dir=tmp_path, reference="gated-retry").run(
+        [GatedRetry(retry=[FixedTemplate()], threshold=100.0)]
+    )
+    assert len(asked) == 3 * len(PROMPTS)  # a new threshold: every prompt answered again, and retried
+
+
+def test_retry_threshold_spends_the_given_share():
+    scores = [0.5, -1.0, 2.0, 0.0]
+    t = retry_threshold(scores, 0.5)
+    assert sum(v < t for v in scores) == 2 and -0.0 < t < 0.5
+    assert retry_threshold(scores, 0.0) == float("-inf")
+    assert retry_threshold(scores, 1.0) == float("inf")
+    assert sum(v < retry_threshold(scores, 0.25) for v in scores) == 1
+    with pytest.raises(ValueError, match="retry_share"):
+        retry_threshold(scores, 1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        retry_threshold([], 0.5)
