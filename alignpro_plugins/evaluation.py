@@ -22,6 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignpro_plugins import stats
+from alignpro_plugins.gate import retry_threshold  # noqa: F401 - re-exported: it sets GatedRetry.threshold
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import RewardFunction, prompts_trained_on
@@ -118,7 +119,8 @@ class GatedRetry(Configuration):
 
     Spends extra target calls only on the answers the reward model calls poor, which lifts the low tail of the
     reward distribution instead of moving every answer. ``k`` in the records is the target calls per prompt.
-    Choose ``threshold`` on prompts other than the evaluation prompts: see :func:`retry_threshold`.
+    Choose ``threshold`` on prompts other than the evaluation prompts: see :func:`retry_threshold`. At run
+    time, ``AlignedChatModel(retry_gate=RetryGate(...))`` does the same for one chat call.
     """
 
     retry: Sequence[Configuration] = ()
@@ -150,29 +152,6 @@ class GatedRetry(Configuration):
     def fingerprint(self) -> str:
         parts = [super().fingerprint(), repr(self.threshold), *(c.fingerprint() for c in self.retry)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def retry_threshold(first_scores: Sequence[float], retry_share: float) -> float:
-    """The gate score below which ``retry_share`` of these answers fall: GatedRetry's threshold for that budget.
-
-    Compute it from the gate's scores of the frozen model's answers on prompts you will not evaluate on (e.g.
-    held-out training prompts); the share of retried prompts elsewhere follows how the gate scores them there.
-    """
-    if not 0.0 <= retry_share <= 1.0:
-        raise ValueError(f"retry_share must be in [0, 1] (the share of answers to retry), got {retry_share}")
-    scores = sorted(float(v) for v in first_scores)
-    if not scores:
-        raise ValueError("retry_threshold needs the gate's scores of at least one answer")
-    if retry_share == 0.0:
-        return float("-inf")
-    if retry_share == 1.0:
-        return float("inf")
-    k = round(retry_share * len(scores))
-    if k == 0:
-        return float("-inf")
-    if k >= len(scores):
-        return float("inf")
-    return (scores[k - 1] + scores[k]) / 2  # k answers fall strictly below it
 
 
 @dataclass

@@ -32,6 +32,7 @@ from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from alignpro_plugins import guard
+from alignpro_plugins.gate import RetryGate
 from alignpro_plugins.langchain import (
     ENABLED_CONFIG_KEY,
     GENERATION_KEYS,
@@ -827,3 +828,65 @@ def test_core_package_imports_without_langchain():
     assert out.returncode == 0, out.stderr
     assert "IMPORT-ERROR:" in out.stdout
     assert "pip install 'alignpro-plugins[langchain]'" in out.stdout
+
+
+# ---------------------------------------------------------------------- retry gate
+def _length_gate(threshold: float) -> RetryGate:
+    return RetryGate(lambda prompts, answers: [float(len(a)) for a in answers], threshold)
+
+
+def test_gate_keeps_a_good_first_answer_without_calling_the_prompter(stub, echo):
+    stub.batches.clear()
+    aligned = AlignedChatModel(llm=echo, prompter=stub, retry_gate=_length_gate(5.0))
+    answer = aligned.invoke("a long enough question")
+    assert answer.content == "a long enough question" and len(echo.seen) == 1 and stub.batches == []
+    gate = answer.response_metadata["alignpro_gate"]
+    assert gate == {"first_score": 22.0, "threshold": 5.0, "retried": False, "kept": "first"}
+
+
+def test_gate_retries_a_poor_answer_with_the_rewrite_and_keeps_the_better(stub, echo):
+    aligned = AlignedChatModel(llm=echo, prompter=stub, retry_gate=_length_gate(100.0))
+    answer = aligned.invoke([SystemMessage("sys"), HumanMessage("tea?")])
+    assert [m[-1].content for m in echo.seen] == ["tea?", augmented("tea?")]  # x first, then the rewrite
+    assert answer.content == augmented("tea?")  # the longer (higher-scored) answer
+    gate = answer.response_metadata["alignpro_gate"]
+    assert gate["retried"] and gate["kept"] == "retry" and gate["retry_score"] > gate["first_score"] == 4.0
+    # A reward that prefers the first answer keeps it, after asking both.
+    shorter = RetryGate(lambda prompts, answers: [-float(len(a)) for a in answers], threshold=0.0)
+    echo.seen.clear()
+    kept = AlignedChatModel(llm=echo, prompter=stub, retry_gate=shorter).invoke("tea?")
+    assert kept.content == "tea?" and len(echo.seen) == 2
+    assert kept.response_metadata["alignpro_gate"]["kept"] == "first"
+
+
+async def test_gate_async_and_streaming_yield_the_kept_answer(stub, echo):
+    aligned = AlignedChatModel(llm=echo, prompter=stub, retry_gate=_length_gate(100.0))
+    assert (await aligned.ainvoke("tea?")).content == augmented("tea?")
+    chunks = list(aligned.stream("tea?"))
+    assert len(chunks) == 1 and chunks[0].content == augmented("tea?")  # scored before it is shown
+    assert chunks[0].response_metadata["alignpro_gate"]["kept"] == "retry"
+    achunks = [c async for c in aligned.astream("tea?")]
+    assert "".join(c.content for c in achunks) == augmented("tea?")
+
+
+def test_gate_with_the_rewrite_switched_off_or_a_pass_through(stub, echo, monkeypatch):
+    off = AlignedChatModel(llm=echo, prompter=stub, retry_gate=_length_gate(100.0), enabled=False)
+    assert off.invoke("tea?").content == "tea?" and len(echo.seen) == 1
+    monkeypatch.setattr(type(stub), "guidance_for", lambda self, q: "")  # the prompter keeps x as it is
+    echo.seen.clear()
+    out = AlignedChatModel(llm=echo, prompter=stub, retry_gate=_length_gate(100.0)).invoke("tea?")
+    assert out.content == "tea?" and len(echo.seen) == 1  # no second call for the same input
+    assert out.response_metadata["alignpro_gate"]["reason"] == "the prompter kept x"
+
+
+def test_retry_gate_validation_and_budget():
+    with pytest.raises(ValueError, match="retry_gate must be a RetryGate"):
+        AlignedChatModel(llm=EchoChatModel(), prompter="smollm2-135m-instruct", retry_gate=0.5)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        RetryGate(lambda p, a: [0.0] * len(a), float("nan"))
+    gate = RetryGate.for_budget(
+        lambda ps, ans: [float(len(a)) for a in ans], ["a", "b", "c", "d"], ["x", "xx", "xxx", "xxxx"], 0.5
+    )
+    assert gate.wants_retry(2.0) and not gate.wants_retry(3.0)
+    with pytest.raises(ValueError, match="one answer per prompt"):
+        RetryGate.for_budget(lambda ps, ans: [0.0] * len(ans), ["a"], [], 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar, copy_context
@@ -17,13 +18,14 @@ from langchain_core.callbacks import (
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, ensure_config
 from langchain_core.runnables.utils import coro_with_context
 from langchain_core.tools import BaseTool
 from pydantic import model_validator
 
+from alignpro_plugins.gate import GateDecision, RetryGate
 from alignpro_plugins.langchain.runnable import AlignProRunnable
 
 #: Environment variable read when no ``prompter=`` is given: an artifact folder or a base model name.
@@ -66,6 +68,10 @@ class AlignedChatModel(BaseChatModel):
     max_tokens: int | None = None
     stop: list[str] | None = None
     streaming: bool = False
+    retry_gate: Any = None
+    """A :class:`~alignpro_plugins.gate.RetryGate`: ``llm`` answers the original messages first, and the prompter's
+    rewrite is sent only when the gate scores that answer below its threshold; the higher-scored answer is kept.
+    Streaming then yields the kept answer as one chunk (it must be scored before it is shown)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +87,15 @@ class AlignedChatModel(BaseChatModel):
                     f"or a base model name) or the environment variable {PROMPTER_ENV}"
                 )
         return {**values, "prompter": AlignProRunnable.from_spec(spec)}
+
+    @model_validator(mode="after")
+    def _check_retry_gate(self) -> AlignedChatModel:
+        if self.retry_gate is not None and not isinstance(self.retry_gate, RetryGate):
+            raise ValueError(
+                f"retry_gate must be a RetryGate (RetryGate(reward, threshold) or RetryGate.for_budget(...)), got "
+                f"{type(self.retry_gate).__name__}"
+            )
+        return self
 
     @property
     def prompter_path(self) -> str | None:
@@ -185,6 +200,100 @@ class AlignedChatModel(BaseChatModel):
     async def _arewrite(self, messages: list[BaseMessage], config: RunnableConfig) -> list[BaseMessage]:
         return await self.prompter.ainvoke(messages, config) if self.enabled else messages
 
+    def _call_llm(
+        self,
+        prompt: list[BaseMessage],
+        stop: list[str] | None,
+        config: RunnableConfig,
+        kwargs: dict[str, Any],
+    ) -> ChatResult:
+        if isinstance(self.llm, BaseChatModel):
+            # generate() keeps every generation and llm_output (invoke() keeps only the message).
+            res = self.llm.generate(
+                [prompt],
+                stop=self._stop(stop),
+                callbacks=config.get("callbacks"),
+                **self._inner_kwargs(kwargs),
+            )
+            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
+        out = self.llm.invoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
+        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+
+    async def _acall_llm(
+        self,
+        prompt: list[BaseMessage],
+        stop: list[str] | None,
+        config: RunnableConfig,
+        kwargs: dict[str, Any],
+    ) -> ChatResult:
+        if isinstance(self.llm, BaseChatModel):
+            res = await self.llm.agenerate(
+                [prompt],
+                stop=self._stop(stop),
+                callbacks=config.get("callbacks"),
+                **self._inner_kwargs(kwargs),
+            )
+            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
+        out = await self.llm.ainvoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
+        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+
+    def _gate_first(
+        self, messages: list[BaseMessage], first: ChatResult
+    ) -> tuple[str | None, GateDecision | None]:
+        """The original prompt text and the gate's verdict on the first answer (None: nothing to score)."""
+        gate = cast(RetryGate, self.retry_gate)
+        answer = first.generations[0].message
+        x = _latest_human_text(messages)
+        if x is None or (isinstance(answer, AIMessage) and answer.tool_calls):
+            return None, None  # a tool call or a turn without human text: nothing the reward model can score
+        score = gate.score(x, answer.text)
+        return x, GateDecision(first_score=score, threshold=gate.threshold, retried=gate.wants_retry(score))
+
+    def _gate_choose(
+        self, x: str, decision: GateDecision, first: ChatResult, second: ChatResult
+    ) -> ChatResult:
+        gate = cast(RetryGate, self.retry_gate)
+        decision.retry_score = gate.score(x, second.generations[0].message.text)
+        if decision.retry_score > decision.first_score:
+            decision.kept = "retry"
+            return _with_gate(second, decision)
+        return _with_gate(first, decision)
+
+    def _gated_generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        config: RunnableConfig,
+        kwargs: dict[str, Any],
+    ) -> ChatResult:
+        first = self._call_llm(messages, stop, config, kwargs)
+        x, decision = self._gate_first(messages, first)
+        if x is None or decision is None or not decision.retried:
+            return _with_gate(first, decision)
+        prompt = self._rewrite(messages, config)
+        if prompt == messages:  # the prompter passed x through (its reason is in the rewrite run)
+            return _with_gate(first, _not_retried(decision))
+        return self._gate_choose(x, decision, first, self._call_llm(prompt, stop, config, kwargs))
+
+    async def _agated_generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        config: RunnableConfig,
+        kwargs: dict[str, Any],
+    ) -> ChatResult:
+        first = await self._acall_llm(messages, stop, config, kwargs)
+        x, decision = self._gate_first(messages, first)
+        if x is None or decision is None or not decision.retried:
+            return _with_gate(first, decision)
+        prompt = await self._arewrite(messages, config)
+        if prompt == messages:
+            return _with_gate(first, _not_retried(decision))
+        return self._gate_choose(x, decision, first, await self._acall_llm(prompt, stop, config, kwargs))
+
+    def _gated(self) -> bool:
+        return self.retry_gate is not None and self.enabled
+
     # ------------------------------------------------------------------ BaseChatModel hooks
     def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
         # On invoke BaseChatModel would call _stream without the run manager, losing the nesting of the
@@ -205,21 +314,12 @@ class AlignedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self._gated():  # the answer is scored before anyone sees it, so it is not streamed
+            return self._gated_generate(messages, stop, self._child_config(run_manager), kwargs)
         if self._wants_stream(False, run_manager, kwargs):  # streaming=True or a streaming handler
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         config = self._child_config(run_manager)
-        prompt = self._rewrite(messages, config)
-        if isinstance(self.llm, BaseChatModel):
-            # generate() keeps every generation and llm_output (invoke() keeps only the message).
-            res = self.llm.generate(
-                [prompt],
-                stop=self._stop(stop),
-                callbacks=config.get("callbacks"),
-                **self._inner_kwargs(kwargs),
-            )
-            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
-        out = self.llm.invoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
-        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+        return self._call_llm(self._rewrite(messages, config), stop, config, kwargs)
 
     async def _agenerate(
         self,
@@ -228,20 +328,14 @@ class AlignedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        if self._gated():
+            return await self._agated_generate(
+                messages, stop, self._child_config(run_manager, async_=True), kwargs
+            )
         if self._wants_stream(True, run_manager, kwargs):
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         config = self._child_config(run_manager, async_=True)
-        prompt = await self._arewrite(messages, config)
-        if isinstance(self.llm, BaseChatModel):
-            res = await self.llm.agenerate(
-                [prompt],
-                stop=self._stop(stop),
-                callbacks=config.get("callbacks"),
-                **self._inner_kwargs(kwargs),
-            )
-            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
-        out = await self.llm.ainvoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
-        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+        return await self._acall_llm(await self._arewrite(messages, config), stop, config, kwargs)
 
     def _stream(
         self,
@@ -251,6 +345,9 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         config = self._child_config(run_manager)
+        if self._gated():
+            yield _one_chunk(self._gated_generate(messages, stop, config, kwargs), run_manager)
+            return
         prompt = self._rewrite(messages, config)
         for chunk in self.llm.stream(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs)):
             gen = ChatGenerationChunk(message=_as_chunk(chunk))
@@ -266,6 +363,12 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         config = self._child_config(run_manager, async_=True)
+        if self._gated():
+            gen = _one_chunk(await self._agated_generate(messages, stop, config, kwargs), None)
+            if run_manager:
+                await run_manager.on_llm_new_token(gen.text, chunk=gen)
+            yield gen
+            return
         prompt = await self._arewrite(messages, config)
         async for chunk in self.llm.astream(
             prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs)
@@ -380,6 +483,59 @@ class AlignedChatModel(BaseChatModel):
         if not self.enabled:
             return structured
         return self.prompter | structured
+
+
+def _latest_human_text(messages: list[BaseMessage]) -> str | None:
+    for m in reversed(messages):
+        if isinstance(m, HumanMessage):
+            return m.text or None
+    return None
+
+
+def _not_retried(decision: GateDecision) -> GateDecision:
+    return GateDecision(**{**decision.as_dict(), "retried": False, "reason": "the prompter kept x"})
+
+
+def _with_gate(result: ChatResult, decision: GateDecision | None) -> ChatResult:
+    """The result with the gate's decision in its message's response_metadata["alignpro_gate"]."""
+    if decision is None:
+        return result
+    gen = result.generations[0]
+    message = gen.message.model_copy(
+        update={"response_metadata": {**gen.message.response_metadata, "alignpro_gate": decision.as_dict()}}
+    )
+    return ChatResult(
+        generations=[
+            ChatGeneration(message=message, generation_info=gen.generation_info),
+            *result.generations[1:],
+        ],
+        llm_output=result.llm_output,
+    )
+
+
+def _one_chunk(result: ChatResult, run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:
+    message = result.generations[0].message
+    chunk = AIMessageChunk(
+        content=message.content,
+        response_metadata=message.response_metadata,
+        usage_metadata=getattr(message, "usage_metadata", None),
+        tool_call_chunks=[
+            {
+                "name": c["name"],
+                "args": json.dumps(c["args"]),
+                "id": c.get("id"),
+                "index": i,
+                "type": "tool_call_chunk",
+            }
+            for i, c in enumerate(getattr(message, "tool_calls", []) or [])
+        ],
+        id=message.id,
+        chunk_position="last",
+    )
+    gen = ChatGenerationChunk(message=chunk)
+    if run_manager:
+        run_manager.on_llm_new_token(gen.text, chunk=gen)
+    return gen
 
 
 def _child_manager(manager_cls: type, parent: Any, parent_run_id: Any) -> Any:
