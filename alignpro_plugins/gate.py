@@ -49,6 +49,10 @@ class GateDecision:
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
+    def not_retried(self, reason: str) -> GateDecision:
+        """This decision, but no retry was made (the score was low, yet there was nothing new to ask)."""
+        return GateDecision(**{**self.as_dict(), "retried": False, "reason": reason})
+
 
 class RetryGate:
     """Retry when ``reward(x, answer) < threshold``; keep the higher-scored of the two answers.

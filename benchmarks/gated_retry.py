@@ -83,6 +83,18 @@ def main() -> None:
         default=["eval-demonstrations", "eval-sft-searched", "eval-demonstrations-validation"],
         help="evaluation folders under --out whose target answers to reuse",
     )
+    ap.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="skip this many prompts of each evaluation set: --offset 50 evaluates prompts the default run never saw",
+    )
+    ap.add_argument(
+        "--per-set", type=int, default=None, help="prompts from each evaluation set (default: 50)"
+    )
+    ap.add_argument(
+        "--no-zero-shot", action="store_true", help="leave out the untrained prompter (the slowest)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,6 +111,10 @@ def main() -> None:
     )
     shares = sorted({*SWEEP, args.retry_share})
     tries = first_tries(trained.manifest.mode)  # frozen, the default instruction, the untrained prompter
+    if args.no_zero_shot:
+        tries = [c for c in tries if c.name != "zero-shot"]
+    confirm = args.offset > 0  # a fresh slice of prompts: a confirmation with nothing re-chosen
+    tag = "eval-gated-confirm" if confirm else "eval-gated-retry"
 
     # Thresholds from the validation prompts, training reward only.
     val = validation_prompts(budget)
@@ -124,9 +140,10 @@ def main() -> None:
     times["validation"] = time.time() - t
     vby = rewards_by_config(report_val.records)
 
-    prompts = eval_prompts(budget)
-    seeded(out, "eval-gated-retry", args.seed_caches)
-    ev_dir, target = side_evaluation(out, budget, "eval-gated-retry")
+    per_set = args.per_set or budget["eval_per_set"]
+    prompts = held_out_slice(budget, args.offset, per_set)
+    seeded(out, tag, args.seed_caches)
+    ev_dir, target = side_evaluation(out, budget, tag)
     configs = [*tries, align_pro, *(gated(s) for s in shares)]
     t = time.time()
     report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="gated-retry").run(configs)
@@ -154,8 +171,19 @@ def main() -> None:
         for c in configs
         if c.name != "gated-retry"
     ]
+    title = (
+        f"## Confirmation: gated retry on {len(prompts)} held-out prompts it never saw"
+        if confirm
+        else "## Experiment: gated retry — the prompter's rewrite only where the frozen answer scores poorly"
+    )
+    where = (
+        f"prompts {args.offset + 1}–{args.offset + per_set} of dolly_eval and of self_instruct_eval ({len(prompts)} "
+        "prompts; none trained on, none in the records that suggested the gate, budget and thresholds fixed before)"
+        if confirm
+        else f"the benchmark's {len(prompts)} held-out prompts"
+    )
     md = [
-        "## Experiment: gated retry — the prompter's rewrite only where the frozen answer scores poorly",
+        title,
         "",
         "- command: `python benchmarks/gated_retry.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
@@ -164,7 +192,7 @@ def main() -> None:
         f"{len(val)} held-out AlpacaEval validation prompts ("
         + ", ".join(f"{s:.0%}: {thresholds[s]:+.3f}" for s in shares)
         + f"); the main configuration `gated-retry` spends {args.retry_share:.0%}",
-        f"- evaluation: the benchmark's {len(prompts)} held-out prompts, answers capped at {budget['eval_tokens']} "
+        f"- evaluation: {where}, answers capped at {budget['eval_tokens']} "
         f"tokens, both judges; {target.stats.calls} new target answers",
         "- times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
         "",
@@ -185,7 +213,31 @@ def main() -> None:
         "|---|---|---|",
         *h2h,
     ]
-    publish("\n".join(md), ev_dir / "section.md", "gated-retry-experiment")
+    publish(
+        "\n".join(md),
+        ev_dir / "section.md",
+        "gated-retry-confirmation" if confirm else "gated-retry-experiment",
+    )
+
+
+def held_out_slice(budget: dict, offset: int, per_set: int) -> list[str]:
+    """Prompts offset+1 .. offset+per_set of each evaluation set; none may be a training prompt."""
+    from alignpro_plugins.data import load_prompts
+    from benchmarks.run_benchmark import DATA, EVAL_SETS, training_prompts
+
+    if offset == 0 and per_set == budget["eval_per_set"]:
+        return eval_prompts(budget)
+    prompts = [
+        x
+        for name in EVAL_SETS
+        for x in load_prompts(
+            str(DATA / name), field="instruction", context_field="context", limit=offset + per_set
+        )[offset:]
+    ]
+    seen = set(training_prompts(dict(budget, eval_per_set=offset + per_set)))
+    if leaked := [x for x in prompts if x in seen]:
+        raise SystemExit(f"{len(leaked)} evaluation prompts are training prompts, e.g. {leaked[0][:80]!r}")
+    return prompts
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_example_reads_training_and_validation_from_the_right_files():
 
 def test_doc_blocks_are_python():
     blocks = python_blocks(DOC.read_text())
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     for block in blocks:
         compile(block, str(DOC), "exec")
 
@@ -78,5 +78,9 @@ def test_doc_python_blocks_run_in_order(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"valset metric: [0-9.]+ -> [0-9.]+", out.stdout), out.stdout
     assert "question | Write a haiku about the sea. ->" in out.stdout
+    # max_tokens=32 never reaches 50 words: the gate wants a retry (unless the prompter keeps x).
+    assert re.search(
+        r"\| gate: \{'first_score': [0-9.]+, 'threshold': 0.9, 'retried': (True|False)", out.stdout
+    ), out.stdout
     assert str((tmp_path / "runs" / "dspy-qa").resolve()) in out.stdout
     assert (tmp_path / "runs" / "dspy-qa" / "program.json").exists()

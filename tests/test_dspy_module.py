@@ -22,10 +22,13 @@ from alignpro_plugins.dspy import (
     PrompterMismatchError,
     SimpleFieldAdapter,
     TransformersEngine,
+    default_answer_field,
     default_fields,
+    get_gate,
     get_rewrites,
     manifest_sha256,
 )
+from alignpro_plugins.gate import RetryGate
 from alignpro_plugins.manifest import MANIFEST_NAME, Manifest
 from alignpro_plugins.prompter import RewriteResult
 
@@ -305,6 +308,151 @@ def test_never_pickles(tmp_path):
         module.load(tmp_path / "p.pkl", allow_pickle=True)
     with pytest.raises(ValueError, match="not an AlignProModule state"):
         module.load_state(dspy.Predict("question -> answer").dump_state())
+
+
+# ---------------------------------------------------------------------------------------------- retry gate
+class KnowsParis:
+    """A reward that likes answers naming Paris and records what it scored (prompts are the originals)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def __call__(self, prompts: list[str], answers: list[str]) -> list[float]:
+        self.seen += list(zip(prompts, answers, strict=True))
+        return [1.0 if "Paris" in a else 0.0 for a in answers]
+
+
+def test_gate_keeps_a_good_first_answer_without_asking_the_prompter():
+    prompter, reward = AppendPrompter(), KnowsParis()
+    lm = DummyLM({"": {"answer": "Paris, of course."}})
+    module = AlignProModule(dspy.Predict("question -> answer"), prompter, retry_gate=RetryGate(reward, 0.5))
+    with dspy.context(lm=lm):
+        pred = module(question="Capital of France?")
+    assert pred.answer == "Paris, of course." and prompter.calls == [] and len(lm.history) == 1
+    assert get_gate(pred) == {"first_score": 1.0, "threshold": 0.5, "retried": False, "kept": "first"}
+    (rec,) = get_rewrites(pred)
+    assert rec.rewritten == rec.original == "Capital of France?" and not rec.changed
+    assert rec.fallback_reason.startswith("retry gate: the answer to the original input scored +1.000")
+    assert module.last_gate == get_gate(pred) and set(pred.keys()) == {"answer"}
+
+
+def test_gate_retries_a_poor_answer_with_the_rewrite_and_keeps_the_better_one():
+    prompter, reward = AppendPrompter(), KnowsParis()
+    lm = hint_lm()
+    module = AlignProModule(dspy.Predict("question -> answer"), prompter, retry_gate=RetryGate(reward, 0.5))
+    with dspy.context(lm=lm):
+        pred = module(question="Capital of France?")
+    assert pred.answer == "Paris" and prompter.calls == [["Capital of France?"]] and len(lm.history) == 2
+    assert HINT not in lm.history[0]["messages"][-1]["content"]  # the original went first
+    assert HINT in lm.history[1]["messages"][-1]["content"]
+    assert get_gate(pred) == {
+        "first_score": 0.0,
+        "threshold": 0.5,
+        "retried": True,
+        "retry_score": 1.0,
+        "kept": "retry",
+    }
+    (rec,) = get_rewrites(pred)
+    assert rec.changed and rec.rewritten == f"Capital of France?\n\n{HINT}"
+    # Both answers were scored against the original prompt, never the rewrite.
+    assert reward.seen == [("Capital of France?", "I am not sure."), ("Capital of France?", "Paris")]
+
+
+def test_gate_keeps_the_first_answer_when_the_retry_scores_lower():
+    lm = hint_lm()
+    shorter_is_worse = RetryGate(lambda prompts, answers: [float(len(a)) for a in answers], threshold=100.0)
+    module = AlignProModule(dspy.Predict("question -> answer"), AppendPrompter(), retry_gate=shorter_is_worse)
+    with dspy.context(lm=lm):
+        pred = module(question="Capital of France?")
+    assert pred.answer == "I am not sure." and len(lm.history) == 2
+    gate = get_gate(pred)
+    assert gate["retried"] and gate["kept"] == "first" and gate["retry_score"] < gate["first_score"]
+    (rec,) = get_rewrites(pred)
+    assert (
+        rec.rewritten == rec.original and rec.generated == HINT
+    )  # what the prompter wrote is still on record
+    assert "the answer to the original input scored higher" in rec.fallback_reason
+
+
+def test_gate_makes_no_second_call_when_the_prompter_keeps_x():
+    lm = hint_lm()
+    module = AlignProModule(
+        dspy.Predict("question -> answer"), AppendPrompter(), retry_gate=RetryGate(KnowsParis(), 0.5)
+    )
+    with dspy.context(lm=lm):
+        pred = module(question="SKIP this one")
+    assert len(lm.history) == 1 and pred.answer == "I am not sure."
+    gate = get_gate(pred)
+    assert gate["retried"] is False and gate["reason"] == "the prompter kept x"
+    assert get_rewrites(pred)[0].fallback_reason == "no_change"
+
+
+def test_gate_async_with_chain_of_thought_scores_the_answer_not_the_reasoning():
+    reward = KnowsParis()
+    lm = DummyLM(
+        {
+            HINT: {"reasoning": "Paris is the capital", "answer": "Paris"},
+            "": {"reasoning": "Paris?", "answer": "?"},
+        }
+    )
+    program = dspy.ChainOfThought("question -> answer")
+    assert default_answer_field(program) == "answer"
+    module = AlignProModule(program, AppendPrompter(), retry_gate=RetryGate(reward, 0.5))
+    with dspy.context(lm=lm):
+        pred = asyncio.run(module.acall(question="Capital of France?"))
+    assert pred.answer == "Paris" and get_gate(pred)["kept"] == "retry"
+    assert [a for _, a in reward.seen] == ["?", "Paris"]
+
+
+def test_gate_arguments_are_checked_at_construction():
+    with pytest.raises(TypeError, match="retry_gate must be a RetryGate"):
+        AlignProModule(dspy.Predict("question -> answer"), AppendPrompter(), retry_gate=KnowsParis())
+    with pytest.raises(ValueError, match="pass answer_field"):
+        AlignProModule(
+            dspy.Predict("question -> n: int"), AppendPrompter(), retry_gate=RetryGate(KnowsParis(), 0.5)
+        )
+    module = AlignProModule(
+        dspy.Predict("question -> n: int, note"),
+        AppendPrompter(),
+        retry_gate=RetryGate(KnowsParis(), 0.5),
+        answer_field="note",
+    )
+    assert module.answer_field == "note"
+
+
+def test_gate_is_shared_by_copies_and_survives_save_and_load(tmp_path, tiny_encoder_dir):
+    gate = RetryGate(tiny_encoder_dir, threshold=0.25)
+    prompter = AppendPrompter()
+    module = AlignProModule(program_with_demo(), prompter, retry_gate=gate)
+    assert module.deepcopy().retry_gate is gate
+    path = module.save(tmp_path / "program.json")
+    saved = json.loads(path.read_text())["alignpro"]["retry_gate"]
+    assert saved["threshold"] == 0.25 and saved["answer_field"] == "answer"
+    assert saved["reward_path"] == str(Path(tiny_encoder_dir).resolve())
+
+    loaded = AlignProModule(dspy.Predict("question -> answer"), prompter).load(path)
+    assert isinstance(loaded.retry_gate, RetryGate) and loaded.retry_gate.threshold == 0.25
+    assert loaded.answer_field == "answer"
+    # The caller's gate wins over the saved one.
+    mine = RetryGate(KnowsParis(), 0.9)
+    assert (
+        AlignProModule(dspy.Predict("question -> answer"), prompter, retry_gate=mine).load(path).retry_gate
+        is mine
+    )
+
+
+def test_a_saved_gate_over_a_callable_must_be_given_again(tmp_path):
+    prompter = AppendPrompter()
+    module = AlignProModule(
+        dspy.Predict("question -> answer"), prompter, retry_gate=RetryGate(KnowsParis(), 0.5)
+    )
+    path = module.save(tmp_path / "program.json")
+    with pytest.raises(FileNotFoundError, match="pass retry_gate=RetryGate"):
+        AlignProModule(dspy.Predict("question -> answer"), prompter).load(path)
+    again = AlignProModule(
+        dspy.Predict("question -> answer"), prompter, retry_gate=RetryGate(KnowsParis(), 0.5)
+    ).load(path)
+    assert again.retry_gate is not None
 
 
 # ---------------------------------------------------------------------------------------------- local LM

@@ -21,6 +21,7 @@ from typing import Any
 
 import dspy
 
+from alignpro_plugins.gate import GateDecision, RetryGate
 from alignpro_plugins.manifest import MANIFEST_NAME
 from alignpro_plugins.specs import classify_prompter_spec
 
@@ -121,6 +122,24 @@ def get_rewrites(prediction: Any) -> list[RewriteRecord]:
     return list(getattr(prediction, "_alignpro_rewrites", None) or [])
 
 
+def get_gate(prediction: Any) -> dict[str, Any] | None:
+    """What the retry gate did in the call that returned ``prediction`` (None: no gate, or nothing to score)."""
+    return getattr(prediction, "_alignpro_gate", None)
+
+
+def default_answer_field(program: dspy.Module) -> str:
+    """The output field a retry gate scores: the last ``str`` output of the last predictor, not its reasoning."""
+    predictors = program.named_predictors()
+    outputs = predictors[-1][1].signature.output_fields if predictors else {}
+    names = [n for n, info in outputs.items() if info.annotation is str and n != "reasoning"]
+    if not names:
+        raise ValueError(
+            f"cannot tell which output of {type(program).__name__} the retry gate should score: pass "
+            "answer_field=... (the name of a str output field)"
+        )
+    return names[-1]
+
+
 def _is_artifact(path: Any) -> bool:
     return isinstance(path, (str, os.PathLike)) and (Path(path) / MANIFEST_NAME).exists()
 
@@ -137,8 +156,14 @@ class AlignProModule(dspy.Module):
         mode: prompter mode when ``prompter`` is a base model name ("augment" or "rewrite").
         max_history: how many rewrite records :attr:`rewrite_history` keeps.
         prompter_kwargs: passed to ``Prompter.from_pretrained`` / ``from_base`` when this module loads one.
+        retry_gate: a :class:`~alignpro_plugins.gate.RetryGate`. The program runs on the original inputs first;
+            only when the gate scores its answer below the threshold does it run again on the rewritten inputs,
+            and the higher-scored prediction is returned. The reward scores the answer against the original
+            text of the rewritten fields (joined by a blank line when there are several).
+        answer_field: the output field the gate scores; default: the last ``str`` output of the last predictor.
 
-    ``get_rewrites(prediction)`` returns the records of one call; :attr:`rewrite_history` the recent ones.
+    ``get_rewrites(prediction)`` returns the records of one call; :attr:`rewrite_history` the recent ones;
+    ``get_gate(prediction)`` what the retry gate did.
     """
 
     def __init__(
@@ -151,11 +176,20 @@ class AlignProModule(dspy.Module):
         mode: str | None = None,
         max_history: int = 1000,
         prompter_kwargs: dict[str, Any] | None = None,
+        retry_gate: RetryGate | None = None,
+        answer_field: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(program, dspy.Module):
             raise TypeError(f"AlignProModule wraps a dspy.Module, got {type(program).__name__}")
+        if retry_gate is not None and not isinstance(retry_gate, RetryGate):
+            raise TypeError(
+                "retry_gate must be a RetryGate (RetryGate(reward, threshold) or RetryGate.for_budget(...)), got "
+                f"{type(retry_gate).__name__}"
+            )
         self.program = program
+        self.retry_gate = retry_gate
+        self.answer_field = answer_field or (default_answer_field(program) if retry_gate else None)
         if fields:
             self.fields = [fields] if isinstance(fields, str) else list(fields)
         else:
@@ -165,6 +199,7 @@ class AlignProModule(dspy.Module):
         self.max_history = max_history
         self.rewrite_history: deque[RewriteRecord] = deque(maxlen=max_history)
         self.last_rewrites: list[RewriteRecord] = []  # the most recent call's records (one per field)
+        self.last_gate: dict[str, Any] | None = None  # what the retry gate did in the most recent call
         self.prompter_path = str(Path(prompter_path).resolve()) if prompter_path else None
         self.prompter = None
         if isinstance(prompter, (str, os.PathLike)):
@@ -229,6 +264,8 @@ class AlignProModule(dspy.Module):
         prompter = self._require_prompter()
         inputs = self._inputs(args, kwargs)
         names = self._selected(inputs)
+        if self.retry_gate is not None and names:
+            return self._gated_forward(prompter, inputs, names)
         results = prompter.rewrite_results([inputs[n] for n in names]) if names else []
         records = self._apply(inputs, names, results)
         return self._finish(self.program(**inputs), records)
@@ -237,9 +274,111 @@ class AlignProModule(dspy.Module):
         prompter = self._require_prompter()
         inputs = self._inputs(args, kwargs)
         names = self._selected(inputs)
+        if self.retry_gate is not None and names:
+            return await self._agated_forward(prompter, inputs, names)
         results = await prompter.arewrite_results([inputs[n] for n in names]) if names else []
         records = self._apply(inputs, names, results)
         return self._finish(await self.program.acall(**inputs), records)
+
+    # ------------------------------------------------------------------ retry gate
+    def _gated_forward(self, prompter: Any, inputs: dict[str, Any], names: list[str]) -> Any:
+        first = self.program(**inputs)
+        decision = self._gate_first(inputs, names, first)
+        if decision is None or not decision.retried:
+            return self._gate_finish(first, decision, self._kept_original(inputs, names, decision))
+        results = prompter.rewrite_results([inputs[n] for n in names])
+        if all(r.fallback_reason is not None for r in results):  # the prompter kept x: nothing new to ask
+            return self._gate_finish(
+                first, decision.not_retried("the prompter kept x"), self._unused(names, results)
+            )
+        second = self.program(**{**inputs, **{n: r.text for n, r in zip(names, results, strict=True)}})
+        return self._gate_choose(inputs, names, decision, first, second, results)
+
+    async def _agated_forward(self, prompter: Any, inputs: dict[str, Any], names: list[str]) -> Any:
+        first = await self.program.acall(**inputs)
+        decision = self._gate_first(inputs, names, first)
+        if decision is None or not decision.retried:
+            return self._gate_finish(first, decision, self._kept_original(inputs, names, decision))
+        results = await prompter.arewrite_results([inputs[n] for n in names])
+        if all(r.fallback_reason is not None for r in results):
+            return self._gate_finish(
+                first, decision.not_retried("the prompter kept x"), self._unused(names, results)
+            )
+        second = await self.program.acall(
+            **{**inputs, **{n: r.text for n, r in zip(names, results, strict=True)}}
+        )
+        return self._gate_choose(inputs, names, decision, first, second, results)
+
+    def _gate_text(self, inputs: dict[str, Any], names: list[str]) -> str:
+        return "\n\n".join(inputs[n] for n in names)
+
+    def _answer(self, prediction: Any) -> str | None:
+        value = getattr(prediction, self.answer_field, None) if self.answer_field else None
+        return value if isinstance(value, str) else None
+
+    def _gate_first(self, inputs: dict[str, Any], names: list[str], first: Any) -> GateDecision | None:
+        """The gate's verdict on the answer to the original inputs (None: it has no str answer to score)."""
+        gate = self.retry_gate
+        answer = self._answer(first)
+        if gate is None or answer is None:
+            return None
+        score = gate.score(self._gate_text(inputs, names), answer)
+        return GateDecision(first_score=score, threshold=gate.threshold, retried=gate.wants_retry(score))
+
+    def _gate_choose(
+        self,
+        inputs: dict[str, Any],
+        names: list[str],
+        decision: GateDecision,
+        first: Any,
+        second: Any,
+        results: list[Any],
+    ) -> Any:
+        answer = self._answer(second)
+        gate = self.retry_gate
+        assert gate is not None
+        # A retry without a str answer cannot be compared: keep the answer that was scored.
+        decision.retry_score = (
+            gate.score(self._gate_text(inputs, names), answer) if answer is not None else None
+        )
+        if decision.retry_score is not None and decision.retry_score > decision.first_score:
+            decision.kept = "retry"
+            records = [
+                RewriteRecord(n, r.original, r.text, r.fallback_reason, r.generated)
+                for n, r in zip(names, results, strict=True)
+            ]
+            return self._gate_finish(second, decision, records)
+        why = (
+            f"retry gate: the answer to the original input scored higher ({decision.first_score:+.3f} vs "
+            f"{decision.retry_score:+.3f})"
+            if decision.retry_score is not None
+            else f"retry gate: the retry's {self.answer_field!r} is not text, so the first answer was kept"
+        )
+        return self._gate_finish(first, decision, self._unused(names, results, why))
+
+    def _kept_original(
+        self, inputs: dict[str, Any], names: list[str], decision: GateDecision | None
+    ) -> list[RewriteRecord]:
+        why = (
+            f"retry gate: the answer to the original input scored {decision.first_score:+.3f}, not below "
+            f"{decision.threshold:+.3f}"
+            if decision is not None
+            else f"retry gate: the program's {self.answer_field!r} is not text, so it could not be scored"
+        )
+        return [RewriteRecord(n, inputs[n], inputs[n], why) for n in names]
+
+    def _unused(self, names: list[str], results: list[Any], why: str | None = None) -> list[RewriteRecord]:
+        """Records for a call whose returned prediction came from the original inputs."""
+        return [
+            RewriteRecord(n, r.original, r.original, why or r.fallback_reason or "retry gate", r.generated)
+            for n, r in zip(names, results, strict=True)
+        ]
+
+    def _gate_finish(self, output: Any, decision: GateDecision | None, records: list[RewriteRecord]) -> Any:
+        self.last_gate = decision.as_dict() if decision is not None else None
+        if isinstance(output, dspy.Example):
+            output._alignpro_gate = self.last_gate
+        return self._finish(output, records)
 
     # ------------------------------------------------------------------ copying
     def __deepcopy__(self, memo: dict[int, Any]) -> AlignProModule:
@@ -248,12 +387,14 @@ class AlignProModule(dspy.Module):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key == "prompter":
+            if key in ("prompter", "retry_gate"):  # read-only models: share, never copy their weights
                 new.__dict__[key] = value
             elif key == "rewrite_history":
                 new.__dict__[key] = deque(maxlen=self.max_history)
             elif key == "last_rewrites":
                 new.__dict__[key] = []
+            elif key == "last_gate":
+                new.__dict__[key] = None
             else:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
@@ -279,8 +420,39 @@ class AlignProModule(dspy.Module):
                 "fields": list(self.fields),
                 "base_model": manifest.base_model,
                 "mode": manifest.mode,
+                **({"retry_gate": self._gate_state()} if self.retry_gate is not None else {}),
             },
         }
+
+    def _gate_state(self) -> dict[str, Any]:
+        gate = self.retry_gate
+        assert gate is not None
+        path = getattr(
+            gate.reward, "path", None
+        )  # a reward-model folder can be loaded again; a callable cannot
+        return {
+            "threshold": gate.threshold,
+            "reward": gate.reward.identity,
+            "reward_path": str(Path(path).resolve()) if path and Path(path).is_dir() else None,
+            "answer_field": self.answer_field,
+        }
+
+    def _restore_gate(self, saved: dict[str, Any] | None) -> None:
+        """Rebuild a saved retry gate, unless this module was given one (the caller's gate wins)."""
+        if not saved or self.retry_gate is not None:
+            if saved and self.answer_field is None:
+                self.answer_field = saved.get("answer_field")
+            return
+        path = saved.get("reward_path")
+        if not path or not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"this program was saved with a retry gate (reward {saved.get('reward')!r}, threshold "
+                f"{saved.get('threshold')}) whose reward model cannot be loaded from here "
+                f"({path or 'it was not a reward-model folder'}): pass retry_gate=RetryGate(reward, threshold) "
+                "when you build the AlignProModule, then load"
+            )
+        self.retry_gate = RetryGate(path, float(saved["threshold"]))
+        self.answer_field = saved.get("answer_field") or default_answer_field(self.program)
 
     def _saved_prompter(self, info: dict[str, Any], base_dir: Path | None) -> tuple[Any, str | None]:
         """The prompter a saved state names, after checking its alignpro.json hash (no state is changed)."""
@@ -333,6 +505,7 @@ class AlignProModule(dspy.Module):
         if info.get("format", STATE_FORMAT) > STATE_FORMAT:
             raise ValueError(f"state format {info['format']} is newer than this alignpro-plugins reads")
         prompter, path = self._saved_prompter(info, base_dir)
+        self._restore_gate(info.get("retry_gate"))
         self.program.load_state(state["program"], allow_unsafe_lm_state=allow_unsafe_lm_state)
         self.prompter, self.prompter_path = prompter, path
         self.fields = list(info.get("fields") or self.fields)
@@ -381,4 +554,5 @@ class AlignProModule(dspy.Module):
         )
 
     def __repr__(self) -> str:
-        return f"AlignProModule(fields={self.fields}, prompter={self.prompter!r}, program={self.program!r})"
+        gate = f", retry_gate={self.retry_gate!r}" if self.retry_gate is not None else ""
+        return f"AlignProModule(fields={self.fields}, prompter={self.prompter!r}{gate}, program={self.program!r})"

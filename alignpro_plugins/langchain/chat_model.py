@@ -272,7 +272,7 @@ class AlignedChatModel(BaseChatModel):
             return _with_gate(first, decision)
         prompt = self._rewrite(messages, config)
         if prompt == messages:  # the prompter passed x through (its reason is in the rewrite run)
-            return _with_gate(first, _not_retried(decision))
+            return _with_gate(first, decision.not_retried("the prompter kept x"))
         return self._gate_choose(x, decision, first, self._call_llm(prompt, stop, config, kwargs))
 
     async def _agated_generate(
@@ -288,7 +288,7 @@ class AlignedChatModel(BaseChatModel):
             return _with_gate(first, decision)
         prompt = await self._arewrite(messages, config)
         if prompt == messages:
-            return _with_gate(first, _not_retried(decision))
+            return _with_gate(first, decision.not_retried("the prompter kept x"))
         return self._gate_choose(x, decision, first, await self._acall_llm(prompt, stop, config, kwargs))
 
     def _gated(self) -> bool:
@@ -490,10 +490,6 @@ def _latest_human_text(messages: list[BaseMessage]) -> str | None:
         if isinstance(m, HumanMessage):
             return m.text or None
     return None
-
-
-def _not_retried(decision: GateDecision) -> GateDecision:
-    return GateDecision(**{**decision.as_dict(), "retried": False, "reason": "the prompter kept x"})
 
 
 def _with_gate(result: ChatResult, decision: GateDecision | None) -> ChatResult:
