@@ -1,0 +1,52 @@
+"""The benchmark's targets table judges each target from the evaluation summary (no models needed)."""
+
+from __future__ import annotations
+
+import random
+
+from alignpro_plugins import stats
+from benchmarks.run_benchmark import targets_table
+
+RNG = random.Random(0)
+FROZEN = [RNG.gauss(0, 1) for _ in range(80)]
+SHIFTED = [x + 0.5 + RNG.gauss(0, 1) for x in FROZEN]  # wins, with more spread than frozen
+
+
+def _summary(gated: list[float] | None) -> dict:
+    frozen = FROZEN
+
+    def entry(vals: list[float]) -> dict:
+        d = stats.summary(vals)
+        d["vs_reference"] = stats.win_rate(vals, frozen)
+        d["variance_ratio_vs_reference"] = stats.variance_ratio(vals, frozen)
+        return d
+
+    configs = {
+        "frozen": {j: stats.summary(frozen) for j in ("independent", "reward")},
+        "align-pro": {j: entry(SHIFTED) for j in ("independent", "reward")},
+    }
+    if gated is not None:
+        configs["align-pro-gated"] = {j: entry(gated) for j in ("independent", "reward")}
+        configs["align-pro-gated"]["target_calls_per_prompt"] = 1.5
+    return {"configs": configs, "head_to_head": {}}
+
+
+def _row(table: str, start: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(start))
+
+
+def test_gated_rows_judge_the_gated_configuration_not_align_pro():
+    # Lift only the lowest half and squeeze it toward the median: wins on those prompts, lower variance.
+    median = sorted(FROZEN)[len(FROZEN) // 2]
+    gated = [x if x >= median else median - 0.2 * (median - x) for x in FROZEN]
+    table = targets_table(_summary(gated))
+    gated_variance = _row(table, "| (deployment mode) reward variance below frozen (independent)")
+    assert gated_variance.endswith("| met |")
+    assert _row(table, "| reward variance below frozen (independent)").endswith("| NOT met |")
+    gated_win = _row(table, "| (deployment mode, 1.50 target calls per prompt) align-pro-gated vs frozen")
+    assert "75.0%" in gated_win  # half the prompts tie (0.5 each) and the lifted half wins: 0.5 + 0.25
+    assert gated_win.endswith("| met |")
+
+
+def test_no_gated_rows_without_the_gated_configuration():
+    assert "align-pro-gated" not in targets_table(_summary(None))
