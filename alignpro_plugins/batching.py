@@ -106,3 +106,41 @@ class MicroBatcher(Generic[T, R]):
 
 def wait_all(futures: list[Future[Any]]) -> list[Any]:
     return [f.result() for f in futures]
+
+
+# One decode step of batched generation costs about as much as prefilling this many prompt tokens of one row.
+# Measured for SmolLM2-135M in fp32 on 2 CPU cores: ~71 ms of fixed cost per step, ~2.9 ms per prefilled token.
+# On a GPU prefill is relatively cheaper still, so a larger value (fewer, fuller batches) suits it.
+DECODE_STEP_COST_TOKENS = 24.0
+
+
+def plan_batches(
+    lengths: Sequence[int], *, new_tokens: int, max_rows: int | None = None, rows_per_item: int = 1
+) -> list[list[int]]:
+    """Group items (by index) into the generate calls that cost least, shortest first.
+
+    With left padding every row of a call is prefilled to the call's longest prompt, so one long prompt in a
+    batch of short ones multiplies the prefill. Each extra call costs its decode loop again. The cost of a
+    call is modelled as rows x longest length + ``new_tokens`` x ``DECODE_STEP_COST_TOKENS``; sorted by
+    length, the cheapest split into contiguous calls of at most ``max_rows`` items is found exactly (dynamic
+    programming). ``rows_per_item`` counts the sequences each item expands to (``num_return_sequences``).
+    """
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows!r}")
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: lengths[i])
+    call_cost = new_tokens * DECODE_STEP_COST_TOKENS
+    best = [0.0] + [math.inf] * n  # best[i]: cheapest plan for the i shortest items
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        longest = lengths[order[i - 1]] * rows_per_item
+        for j in range(max(0, i - max_rows) if max_rows else 0, i):
+            cost = best[j] + (i - j) * longest + call_cost
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    plan: list[list[int]] = []
+    i = n
+    while i > 0:
+        plan.append(order[cut[i] : i])
+        i = cut[i]
+    return plan[::-1]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from alignpro_plugins import guard
-from alignpro_plugins.batching import MicroBatcher
+from alignpro_plugins.batching import MicroBatcher, plan_batches
 from alignpro_plugins.manifest import (
     MODES,
     GenerationDefaults,
@@ -230,8 +230,22 @@ class Prompter:
         settings = settings or self.manifest.generation
         if not queries:
             return []
+        # Calls grouped by query length so that few rows are padded far (see plan_batches); order restored.
+        lengths = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
+        plan = plan_batches(lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences)
+        results: list[list[tuple[str, bool]]] = [[] for _ in queries]
+        for idx in plan:
+            rows = self._generate_call([queries[i] for i in idx], settings, num_return_sequences)
+            for i, row in zip(idx, rows, strict=True):
+                results[i] = row
+        return results
+
+    def _generate_call(
+        self, queries: list[str], settings: GenerationDefaults, num_return_sequences: int
+    ) -> list[list[tuple[str, bool]]]:
+        """One batched ``generate`` call on formatted queries."""
         tok = self.tokenizer
-        enc = tok(list(queries), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(queries, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
         gen_kwargs: dict[str, Any] = dict(
             max_new_tokens=settings.max_new_tokens,

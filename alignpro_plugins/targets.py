@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from alignpro_plugins.batching import plan_batches
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -225,12 +227,11 @@ class TransformersTarget(FrozenTarget):
 
         texts = [self.format(p) for p in prompts]
         eos = self._stop_ids()
-        # Sort by length so each batch pads little; restore order at the end.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        # Calls grouped by prompt length so that few rows are padded far (see plan_batches); order restored.
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         answers: list[tuple[str, bool]] = [("", True)] * len(texts)
         sample = self.temperature > 0
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in plan_batches(lengths, new_tokens=self.max_new_tokens, max_rows=self.batch_size):
             try:
                 enc = self.tokenizer(
                     [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False

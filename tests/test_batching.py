@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from alignpro_plugins.batching import MicroBatcher, wait_all
+from alignpro_plugins.batching import DECODE_STEP_COST_TOKENS, MicroBatcher, plan_batches, wait_all
 
 
 class Recorder:
@@ -169,3 +170,59 @@ def test_smallest_valid_settings_still_work():
         assert wait_all(b.submit_many("k", [1, 2, 3])) == [2, 3, 4]
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------------------------------------- plan_batches
+def plan_cost(plan: list[list[int]], lengths: list[int], new_tokens: int, per_item: int = 1) -> float:
+    return sum(
+        len(b) * max(lengths[i] for i in b) * per_item + new_tokens * DECODE_STEP_COST_TOKENS for b in plan
+    )
+
+
+def contiguous_plans(n: int, max_rows: int | None):
+    """Every split of n sorted items into contiguous calls of at most max_rows (brute force)."""
+    if n == 0:
+        yield []
+        return
+    for first in range(1, (max_rows or n) + 1):
+        if first > n:
+            break
+        for rest in contiguous_plans(n - first, max_rows):
+            yield [list(range(first))] + [[i + first for i in b] for b in rest]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_plan_batches_is_the_cheapest_split_and_covers_every_item_once(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    lengths = [rng.choice([rng.randint(5, 40), rng.randint(200, 900)]) for _ in range(n)]
+    new_tokens, max_rows, per_item = rng.choice([2, 8, 64]), rng.choice([None, 2, 4]), rng.choice([1, 4])
+    plan = plan_batches(lengths, new_tokens=new_tokens, max_rows=max_rows, rows_per_item=per_item)
+    assert sorted(i for b in plan for i in b) == list(range(n))
+    assert all(len(b) <= (max_rows or n) for b in plan)
+    order = sorted(range(n), key=lambda i: lengths[i])
+    brute = min(
+        plan_cost([[order[i] for i in b] for b in p], lengths, new_tokens, per_item)
+        for p in contiguous_plans(n, max_rows)
+    )
+    assert plan_cost(plan, lengths, new_tokens, per_item) == pytest.approx(brute)
+
+
+def test_plan_batches_splits_off_an_outlier_only_when_padding_costs_more_than_a_call():
+    lengths = [20, 21, 22, 23, 800]
+    # 4 short rows padded to 800 cost ~3,100 prompt tokens; a decode loop of 8 steps costs 192, of 256 steps 6,144.
+    assert plan_batches(lengths, new_tokens=8) == [[0, 1, 2, 3], [4]]
+    assert plan_batches(lengths, new_tokens=256) == [[0, 1, 2, 3, 4]]
+    # Four sampled sequences per item multiply the padding, so the split pays off sooner.
+    assert plan_batches(lengths, new_tokens=256, rows_per_item=4) == [[0, 1, 2, 3], [4]]
+    assert plan_batches([], new_tokens=8) == []
+
+
+def test_plan_batches_equal_lengths_take_the_fewest_calls():
+    assert [len(b) for b in plan_batches([30] * 10, new_tokens=16, max_rows=4)] == [2, 4, 4]
+    assert len(plan_batches([30] * 10, new_tokens=16)) == 1
+
+
+def test_plan_batches_rejects_a_bad_row_cap():
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        plan_batches([1, 2], new_tokens=4, max_rows=0)

@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -609,6 +610,22 @@ async def test_32_asyncio_callers_each_get_their_own_result(prompter, monkeypatc
     texts = await asyncio.gather(*(prompter.arewrite(p) for p in PROMPTS[:4]))
     assert texts == [expected[p].text for p in PROMPTS[:4]]
     assert await prompter.arewrite_batch(PROMPTS[:4]) == texts
+
+
+def test_a_long_query_gets_its_own_generate_call_and_order_is_kept(prompter, monkeypatch):
+    short = [prompter.format_query(f"request {i} about tea?") for i in range(4)]
+    long = prompter.format_query("long " * 60 + "request?")
+    queries = [short[0], long, *short[1:]]
+    settings_ = replace(prompter.manifest.generation, max_new_tokens=2)
+    singles = [prompter.generate_raw([q], settings_)[0] for q in queries]
+    calls = spy_generate(monkeypatch, prompter.model)
+    # Padding the four short queries to the long one costs more than a second decode loop.
+    assert prompter.generate_raw(queries, settings_) == singles
+    assert sorted(c["batch"] for c in calls) == [1, 4]
+    # Sampled: each query's sequences stay together and in its place.
+    sampled = prompter.generate_raw(queries, replace(settings_, do_sample=True), 3)
+    assert [len(row) for row in sampled] == [3] * 5
+    assert sorted(c["batch"] for c in calls[2:]) == [1, 4]  # queries per call (expanded inside generate)
 
 
 def test_mixed_settings_are_not_batched_together(prompter, monkeypatch):

@@ -56,21 +56,35 @@ def test_transformers_target_batches_and_keeps_order(varied, monkeypatch):
     assert len(set(singles)) >= 5  # answers really depend on the prompt
     sizes = spy_generate(monkeypatch, model)
     assert target.generate(PROMPTS) == singles
-    assert sizes == [3, 3, 3, 1]
+    # Similar lengths: the fewest calls of at most batch_size rows (which rows share a call follows padding).
+    assert sum(sizes) == len(PROMPTS) and max(sizes) == 3 and len(sizes) == 4
     assert target.stats.calls == 2 * len(PROMPTS) and target.stats.failures == 0
     assert target.identity == "transformers:varied"
     assert target.settings == {"max_new_tokens": 8, "temperature": 0.0, "system": None}
+
+
+def test_transformers_target_gives_a_long_prompt_its_own_call(varied, monkeypatch):
+    model, tok = varied
+    target = TransformersTarget(model, tok, max_new_tokens=2, batch_size=8, name="varied")
+    short = [f"request {i} about tea?" for i in range(4)]  # equal lengths: one call pads none of them
+    long = "long " * 60 + "request?"  # padding the short ones to this costs more than a second decode loop
+    prompts = [short[0], long, *short[1:]]
+    singles = [target.generate([p])[0] for p in prompts]
+    sizes = spy_generate(monkeypatch, model)
+    assert target.generate(prompts) == singles  # order restored
+    assert sorted(sizes) == [1, 4]
 
 
 def test_transformers_target_counts_a_failed_batch_and_keeps_going(varied, monkeypatch, caplog):
     model, tok = varied
     target = TransformersTarget(model, tok, max_new_tokens=8, batch_size=3, name="varied")
     singles = [target.generate([p])[0] for p in PROMPTS]
-    spy_generate(monkeypatch, model, fail_on_call=2)
+    sizes = spy_generate(monkeypatch, model, fail_on_call=2)
     answers = target.generate(PROMPTS)
     failed = [i for i, a in enumerate(answers) if a != singles[i]]
-    assert len(failed) == 3 and all(answers[i] == "" for i in failed)
-    assert target.stats.failures == 3
+    assert len(sizes) == 4 and sum(sizes) == len(PROMPTS)  # every call ran, the failed one too
+    assert len(failed) == sizes[1] and all(answers[i] == "" for i in failed)  # only the second call's rows
+    assert target.stats.failures == sizes[1]
     assert target.stats.last_error == "RuntimeError: out of memory"
     assert "failed on a prompt" in caplog.text
 
