@@ -226,6 +226,8 @@ class TransformersTarget(FrozenTarget):
         import torch
 
         texts = [self.format(p) for p in prompts]
+        if not texts:
+            return []
         eos = self._stop_ids()
         # Calls grouped by prompt length so that few rows are padded far (see plan_batches); order restored.
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -73,6 +73,7 @@ def test_transformers_target_gives_a_long_prompt_its_own_call(varied, monkeypatc
     sizes = spy_generate(monkeypatch, model)
     assert target.generate(prompts) == singles  # order restored
     assert sorted(sizes) == [1, 4]
+    assert target.generate([]) == [] and len(sizes) == 2  # nothing to answer: no call
 
 
 def test_transformers_target_counts_a_failed_batch_and_keeps_going(varied, monkeypatch, caplog):
