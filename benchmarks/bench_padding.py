@@ -9,7 +9,7 @@ script times both on the same prompts in one run, in alternating order, and chec
   did before (and the prompter made one call for all its queries);
 - the planned calls are what ``TransformersTarget`` and ``Prompter.generate_raw`` do now.
 
-    python benchmarks/bench_padding.py                   # 32 prompts (16 dolly + 16 self-instruct), ~10 min
+    python benchmarks/bench_padding.py                   # 32 prompts (16 dolly + 16 self-instruct), ~30 min here
     python benchmarks/bench_padding.py --per-set 8 --no-docs
 """
 
