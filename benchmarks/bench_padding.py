@@ -53,17 +53,11 @@ def compare(
     for r in range(repeats):
         for cost in (FEWEST_CALLS, planned_cost)[:: 1 if r % 2 == 0 else -1]:
             runs[cost].append(with_call_cost(cost, fn))
-    calls = {
-        cost: len(
-            with_call_cost(
-                cost,
-                lambda: batching.plan_batches(
-                    lengths, new_tokens=new_tokens, max_rows=rows, rows_per_item=per_item
-                ),
-            )[1]
-        )
-        for cost in runs
-    }
+
+    def plan() -> list[list[int]]:
+        return batching.plan_batches(lengths, new_tokens=new_tokens, max_rows=rows, rows_per_item=per_item)
+
+    calls = {cost: len(with_call_cost(cost, plan)[1]) for cost in runs}
     seconds = {cost: min(t for t, _ in rs) for cost, rs in runs.items()}  # the least-disturbed run
     base, plan = runs[FEWEST_CALLS][0][1], runs[planned_cost][0][1]
     agree = sum(a == b for a, b in zip(base, plan, strict=True))

@@ -44,6 +44,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     against_frozen_cells,
     eval_prompts,
     first_tries,
+    frozen_validation_scores,
     judges,
     machine,
     publish,
@@ -119,11 +120,11 @@ def main() -> None:
     # Thresholds from the validation prompts, training reward only.
     val = validation_prompts(budget)
     seeded(out, "eval-gated-validation", args.seed_caches)
-    val_dir, val_target = side_evaluation(out, budget, "eval-gated-validation")
     t = time.time()
     gate = judges(out)["reward"]
-    val_frozen = Evaluator(val, val_target, {"reward": gate}, out_dir=val_dir).run(tries[:1])
-    thresholds = {s: retry_threshold([r["rewards"]["reward"] for r in val_frozen.records], s) for s in shares}
+    val_scores = frozen_validation_scores(out, budget, "eval-gated-validation", gate)
+    thresholds = {s: retry_threshold(val_scores, s) for s in shares}
+    val_dir, val_target = side_evaluation(out, budget, "eval-gated-validation")
 
     def gated(share: float) -> GatedRetry:
         main_share = share == args.retry_share

@@ -57,6 +57,17 @@ def targets_table(summary: dict) -> str:
         else:
             rows.append(f"| {name} | {fmt.format(value)} | {'met' if ok else 'NOT met'} |")
 
+    def variance_below_frozen(name: str, judge: str, prefix: str = "") -> None:
+        v, v_f = c[name][judge]["variance"], c["frozen"][judge]["variance"]
+        vr = c[name][judge].get("variance_ratio_vs_reference")
+        add(
+            f"{prefix}reward variance below frozen ({judge}): {name} / frozen"
+            + (f" [paired 95% CI {vr['ci_low']:.2f}–{vr['ci_high']:.2f}]" if vr else ""),
+            v / v_f if v_f else float("nan"),
+            v < v_f,
+            "{:.2f}",
+        )
+
     for judge in ("independent", "reward"):
         wr = c["align-pro"][judge]["vs_reference"]
         add(
@@ -94,33 +105,18 @@ def targets_table(summary: dict) -> str:
                     f"{d['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
                     f"{'met' if d['mean_diff'] > 0 else 'NOT met'}{' (CI includes 0)' if lo <= 0 < d['mean_diff'] else ''} |"
                 )
-        v_a, v_f = c["align-pro"][judge]["variance"], c["frozen"][judge]["variance"]
-        vr = c["align-pro"][judge].get("variance_ratio_vs_reference")
-        add(
-            f"reward variance below frozen ({judge}): align-pro / frozen"
-            + (f" [paired 95% CI {vr['ci_low']:.2f}–{vr['ci_high']:.2f}]" if vr else ""),
-            v_a / v_f if v_f else float("nan"),
-            v_a < v_f,
-            "{:.2f}",
-        )
+        variance_below_frozen("align-pro", judge)
         # The same prompter deployed behind the retry gate, against the paper-level targets.
         if "align-pro-gated" in c:
-            g = c["align-pro-gated"][judge]
+            gw = c["align-pro-gated"][judge]["vs_reference"]
             calls = c["align-pro-gated"].get("target_calls_per_prompt", float("nan"))
-            gw, gv = g["vs_reference"], g.get("variance_ratio_vs_reference")
             add(
                 f"(deployment mode, {calls:.2f} target calls per prompt) align-pro-gated vs frozen ≥ 65% "
                 f"and CI low > 50% ({judge})",
                 gw["win_rate"],
                 gw["win_rate"] >= 0.65 and gw["ci_low"] > 0.5,
             )
-            add(
-                f"(deployment mode) reward variance below frozen ({judge}): align-pro-gated / frozen"
-                + (f" [paired 95% CI {gv['ci_low']:.2f}–{gv['ci_high']:.2f}]" if gv else ""),
-                g["variance"] / v_f if v_f else float("nan"),
-                g["variance"] < v_f,
-                "{:.2f}",
-            )
+            variance_below_frozen("align-pro-gated", judge, "(deployment mode) ")
         if judge in summary.get("gap_closed", {}):
             g = summary["gap_closed"][judge]
             add(

@@ -13,16 +13,14 @@ SHIFTED = [x + 0.5 + RNG.gauss(0, 1) for x in FROZEN]  # wins, with more spread 
 
 
 def _summary(gated: list[float] | None) -> dict:
-    frozen = FROZEN
-
     def entry(vals: list[float]) -> dict:
         d = stats.summary(vals)
-        d["vs_reference"] = stats.win_rate(vals, frozen)
-        d["variance_ratio_vs_reference"] = stats.variance_ratio(vals, frozen)
+        d["vs_reference"] = stats.win_rate(vals, FROZEN)
+        d["variance_ratio_vs_reference"] = stats.variance_ratio(vals, FROZEN)
         return d
 
     configs = {
-        "frozen": {j: stats.summary(frozen) for j in ("independent", "reward")},
+        "frozen": {j: stats.summary(FROZEN) for j in ("independent", "reward")},
         "align-pro": {j: entry(SHIFTED) for j in ("independent", "reward")},
     }
     if gated is not None:
