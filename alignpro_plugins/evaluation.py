@@ -50,6 +50,14 @@ class Configuration:
         """Per prompt, one input (or k candidates for best-of-k)."""
         raise NotImplementedError
 
+    def same_inputs_key(self) -> str | None:
+        """Equal for two configurations that give the shared target the same inputs, else None.
+
+        The harness answers and scores such configurations once and gives the later one the earlier one's
+        records, e.g. an RL stage that kept its SFT round evaluated beside that SFT prompter.
+        """
+        return None
+
     def fingerprint(self) -> str:
         """What makes this configuration's records reusable on resume (same name + same setup)."""
         parts = [type(self).__name__, self.name, self.description, str(self.k), getattr(self, "template", "")]
@@ -79,6 +87,9 @@ class FixedTemplate(Configuration):
     def inputs(self, prompts):
         return [[TargetInput(f"{x.rstrip()}\n\n{self.template}", self.template)] for x in prompts]
 
+    def same_inputs_key(self) -> str | None:
+        return None if self.target is not None else f"template:{self.template}"
+
 
 @dataclass
 class WithPrompter(Configuration):
@@ -86,10 +97,24 @@ class WithPrompter(Configuration):
     name: str = "align-pro"
     description: str = "(ii) the frozen model on the prompter's rewrite of x"
 
+    def __post_init__(self) -> None:
+        # Greedy rewrites of a frozen artifact, kept so a GatedRetry over this configuration reuses them.
+        self._rewrites: dict[str, TargetInput] = {}
+
     def inputs(self, prompts):
         assert self.prompter is not None
-        results = self.prompter.rewrite_results(list(prompts))
-        return [[TargetInput(r.text, r.generated, r.fallback_reason)] for r in results]
+        if self.same_inputs_key() is None:
+            results = self.prompter.rewrite_results(list(prompts))
+            return [[TargetInput(r.text, r.generated, r.fallback_reason)] for r in results]
+        todo = list(dict.fromkeys(x for x in prompts if x not in self._rewrites))
+        for x, r in zip(todo, self.prompter.rewrite_results(todo), strict=True):
+            self._rewrites[x] = TargetInput(r.text, r.generated, r.fallback_reason)
+        return [[self._rewrites[x]] for x in prompts]
+
+    def same_inputs_key(self) -> str | None:
+        assert self.prompter is not None
+        ident, sampled = self.prompter.behaviour_id, self.prompter.manifest.generation.do_sample
+        return None if ident is None or sampled or self.target is not None else f"prompter:{ident}"
 
 
 @dataclass
@@ -335,6 +360,16 @@ class Evaluator:
             rows += new
         return sorted(rows, key=lambda r: r["idx"])
 
+    def _reuse(self, cfg: Configuration, source: str, source_rows: list[dict], done: dict) -> list[dict]:
+        """``cfg``'s records copied from a configuration with the same inputs (see ``same_inputs_key``)."""
+        if all((cfg.name, i) in done for i in range(len(self.prompts))):
+            return [done[(cfg.name, i)] for i in range(len(self.prompts))]
+        logger.info("%s: same inputs as %s; its answers and rewards are reused", cfg.name, source)
+        fingerprint = cfg.fingerprint()
+        rows = [r | {"config": cfg.name, "fingerprint": fingerprint} for r in source_rows]
+        self._append([r for r in rows if (cfg.name, r["idx"]) not in done])
+        return rows
+
     # ------------------------------------------------------------------ run
     def run(self, configs: Sequence[Configuration]) -> EvalReport:
         names = [c.name for c in configs]
@@ -343,8 +378,21 @@ class Evaluator:
         if self.reference not in names:
             raise ValueError(f"the reference configuration {self.reference!r} is not among {names}")
         done = self._load_done({c.name: c.fingerprint() for c in configs})
-        by_config = {c.name: self._run_config(c, done) for c in configs}
+        by_config: dict[str, list[dict]] = {}
+        first_with: dict[str, str] = {}  # same-inputs key -> the configuration that was answered
+        same_as: dict[str, str] = {}
+        for c in configs:
+            key = c.same_inputs_key()
+            if key in first_with:
+                same_as[c.name] = first_with[key]
+                by_config[c.name] = self._reuse(c, first_with[key], by_config[first_with[key]], done)
+            else:
+                by_config[c.name] = self._run_config(c, done)
+                if key is not None:
+                    first_with[key] = c.name
         summary = self.summarize(by_config, {c.name: c for c in configs})
+        for name, source in same_as.items():
+            summary["configs"][name]["same_inputs_as"] = source
         if self.pairwise_judge is not None:
             ref = by_config[self.reference]
             for name, rows in by_config.items():
@@ -485,6 +533,14 @@ def render_markdown(summary: dict[str, Any]) -> str:
             wr = _fmt_wr(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
             row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f}{_fmt_var_ratio(e[j])} | {wr} |"
         lines.append(row)
+    same = [
+        f"{name} = {e['same_inputs_as']}" for name, e in summary["configs"].items() if "same_inputs_as" in e
+    ]
+    if same:
+        lines += [
+            "",
+            "Same target inputs as an earlier configuration, so answered and scored once: " + ", ".join(same),
+        ]
     lc = [
         (name, e)
         for name, e in summary["configs"].items()

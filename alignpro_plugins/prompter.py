@@ -7,6 +7,8 @@ adapters, the trainers and the evaluation harness all go through it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -120,6 +122,7 @@ class Prompter:
         self._batcher: MicroBatcher[str, tuple[str, bool]] = MicroBatcher(
             self._generate_key, max_batch_size=max_batch_size, name="alignpro-prompter"
         )
+        self._behaviour_id: str | None = None  # set by from_pretrained for a frozen artifact
 
     # ------------------------------------------------------------------ construction and artifacts
     @classmethod
@@ -186,7 +189,13 @@ class Prompter:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(model, tokenizer, manifest, **kwargs)
+        prompter = cls(model, tokenizer, manifest, **kwargs)
+        similarity = kwargs.get("similarity", "default")
+        if not is_trainable and not callable(similarity):
+            prompter._behaviour_id = _artifact_behaviour_id(
+                folder, manifest, resolved, f"device={dev};dtype={model.dtype};similarity={similarity}"
+            )
+        return prompter
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
         """Write the adapter (safetensors) and ``alignpro.json``; the base model is referenced, not copied."""
@@ -201,6 +210,18 @@ class Prompter:
         return folder
 
     # ------------------------------------------------------------------ formatting
+    @property
+    def behaviour_id(self) -> str | None:
+        """A digest of everything that decides this prompter's rewrites, or None when that cannot be known.
+
+        Set for a frozen artifact loaded by :meth:`from_pretrained`: the base and adapter weights, the
+        tokenizer, the manifest (its provenance aside: two stages that kept the same weights rewrite alike),
+        device, dtype and the similarity model. None for a trainable or in-memory prompter, whose weights may
+        change after loading, and for one given a similarity function. Two prompters with the same id give the same greedy
+        rewrites, so the evaluation harness answers them once.
+        """
+        return self._behaviour_id
+
     def format_query(self, prompt: str, mode: str | None = None) -> str:
         """The exact text the prompter model sees for ``prompt`` (trainers use this too)."""
         mode = self._check_mode(mode)
@@ -449,3 +470,26 @@ class Prompter:
 
 def _hash_or_none(path: str) -> str | None:
     return weights_hash(path) if Path(path).is_dir() else None
+
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def _artifact_behaviour_id(folder: Path, manifest: Manifest, base_path: str, runtime: str) -> str:
+    """See :attr:`Prompter.behaviour_id`."""
+    spec = {k: v for k, v in asdict(manifest).items() if k != "provenance"}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+    # A base model given by name (not a folder) is identified by the name: its files are transformers' business.
+    digest.update(f"base={_hash_or_none(base_path) or base_path};{runtime}".encode())
+    if manifest.has_adapter:
+        digest.update(weights_hash(folder).encode())
+    for name in _TOKENIZER_FILES:
+        if (folder / name).exists():
+            digest.update(name.encode() + (folder / name).read_bytes())
+    return "sha256:" + digest.hexdigest()

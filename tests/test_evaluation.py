@@ -430,3 +430,76 @@ def test_retry_threshold_spends_the_given_share():
         retry_threshold(scores, 1.5)
     with pytest.raises(ValueError, match="at least one"):
         retry_threshold([], 0.5)
+
+
+def _frozen_artifacts(tiny_lm_dir, tmp_path):
+    """Two artifact folders with the same weights and settings, as when an RL stage keeps its SFT round."""
+    import shutil
+
+    pr = Prompter.from_base(tiny_lm_dir, similarity=None)
+    pr.manifest.generation.max_new_tokens = 8
+    sft = pr.save_pretrained(tmp_path / "sft")
+    pr.close()
+    rl = shutil.copytree(sft, tmp_path / "rl")
+    data = json.loads((rl / "alignpro.json").read_text())
+    data["provenance"]["stages"].append({"stage": "rl", "selected_round": 0})
+    (rl / "alignpro.json").write_text(json.dumps(data))
+    return [Prompter.from_pretrained(p, device="cpu", similarity=None) for p in (sft, rl)]
+
+
+def test_configurations_with_the_same_inputs_are_answered_once(tiny_lm_dir, tmp_path):
+    sft, rl = _frozen_artifacts(tiny_lm_dir, tmp_path)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the second prompter with the same weights was asked to rewrite")
+
+    rl.rewrite_results = must_not_run  # type: ignore[method-assign]
+    configs = [
+        FrozenAlone(),
+        WithPrompter(prompter=sft, name="sft"),
+        WithPrompter(prompter=rl, name="align-pro"),
+        FixedTemplate(),
+        FixedTemplate(template=DEFAULT_TEMPLATE, name="template-picked"),
+    ]
+    asked: list[str] = []
+    ev = Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval")
+    report = ev.run(configs)
+    assert len(asked) == 3 * len(PROMPTS)  # frozen, sft and template; their twins were not asked again
+    rows = {
+        name: sorted((r for r in report.records if r["config"] == name), key=lambda r: r["idx"])
+        for name in ("sft", "align-pro", "template", "template-picked")
+    }
+    for twin, source in (("align-pro", "sft"), ("template-picked", "template")):
+        assert [(r["input"], r["answer"], r["rewards"]) for r in rows[twin]] == [
+            (r["input"], r["answer"], r["rewards"]) for r in rows[source]
+        ]
+        assert report.summary["configs"][twin]["same_inputs_as"] == source
+        assert f"{twin} = {source}" in report.to_markdown()
+    assert "same_inputs_as" not in report.summary["configs"]["sft"]
+    assert report.summary["head_to_head"]["sft"]["len"]["win_rate"] == 0.5
+    # The copied records are written like any other, so a resumed run asks nothing.
+    Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval").run(configs)
+    assert len(asked) == 3 * len(PROMPTS)
+
+
+def test_gated_retry_reuses_the_rewrites_its_retry_configuration_made(tiny_lm_dir, tmp_path):
+    frozen_artifact, _ = _frozen_artifacts(tiny_lm_dir, tmp_path)
+    in_memory = Prompter.from_base(tiny_lm_dir, similarity=None)
+    in_memory.manifest.generation.max_new_tokens = 8
+    for prompter, rewrites_per_prompt in ((frozen_artifact, 1), (in_memory, 2)):
+        rewritten: list[str] = []
+        original = prompter.rewrite_results
+
+        def counting(prompts, *, _original=original, _log=rewritten, **kw):
+            _log.extend(prompts)
+            return _original(prompts, **kw)
+
+        prompter.rewrite_results = counting  # type: ignore[method-assign]
+        align_pro = WithPrompter(prompter=prompter)
+        gated = GatedRetry(retry=[align_pro], threshold=float("inf"))  # every prompt is retried
+        report = Evaluator(PROMPTS, echo_target(), {"len": length_judge()}).run(
+            [FrozenAlone(), align_pro, gated]
+        )
+        # A frozen artifact's greedy rewrites are made once; an in-memory prompter's weights may have changed.
+        assert sorted(rewritten) == sorted(PROMPTS * rewrites_per_prompt)
+        assert all(r["k"] == 2 for r in report.records if r["config"] == "gated-retry")

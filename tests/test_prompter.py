@@ -214,6 +214,45 @@ def test_artifact_files_and_manifest_fields(lora_artifact):
         loaded.close()
 
 
+def test_behaviour_id_names_what_decides_the_rewrites(lora_artifact, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pr, folder, _ = lora_artifact
+    assert pr.behaviour_id is None  # built in memory: its weights may still change
+
+    def loaded_id(path: Path, **kw) -> str | None:
+        p = Prompter.from_pretrained(path, device="cpu", similarity=None, **kw)
+        try:
+            return p.behaviour_id
+        finally:
+            p.close()
+
+    first = loaded_id(folder)
+    assert first is not None and first.startswith("sha256:") and loaded_id(folder) == first
+    # An RL stage that kept its SFT round: same files, another provenance -> the same rewrites.
+    kept = Path(shutil.copytree(folder, tmp_path / "kept"))
+    data = json.loads((kept / MANIFEST_NAME).read_text())
+    data["provenance"]["stages"].append({"stage": "rl", "selected_round": 0})
+    (kept / MANIFEST_NAME).write_text(json.dumps(data))
+    assert loaded_id(kept) == first
+    # What changes a rewrite changes the id: the adapter weights, the generation settings.
+    moved = Path(shutil.copytree(folder, tmp_path / "moved"))
+    weights = load_file(str(moved / "adapter_model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, str(moved / "adapter_model.safetensors"))
+    assert loaded_id(moved) not in (None, first)
+    longer = Path(shutil.copytree(folder, tmp_path / "longer"))
+    data = json.loads((longer / MANIFEST_NAME).read_text())
+    data["generation"]["max_new_tokens"] = 13
+    (longer / MANIFEST_NAME).write_text(json.dumps(data))
+    assert loaded_id(longer) not in (None, first)
+    assert loaded_id(folder, is_trainable=True) is None
+    custom = Prompter.from_pretrained(folder, device="cpu", similarity=lambda a, b: [1.0] * len(a))
+    assert custom.behaviour_id is None
+    custom.close()
+
+
 def test_zero_shot_artifact_has_no_adapter(tmp_path):
     base_dir = save_base(tmp_path / "base")
     pr = Prompter.from_base(str(base_dir), device="cpu", similarity=None)
