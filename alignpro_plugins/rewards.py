@@ -117,16 +117,20 @@ class RewardModel(RewardFunction):
             max_length=self.max_length,
             max_prompt_length=self.max_prompt_length,
         )
-        scores: list[float] = []
+        scores = [0.0] * len(ids)
         pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(ids), self.batch_size):
-            chunk = ids[start : start + self.batch_size]
+        # Batches of similar length pad little; scores go back in input order.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), self.batch_size):
+            members = order[start : start + self.batch_size]
+            chunk = [ids[i] for i in members]
             width = max(len(x) for x in chunk)
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=self.device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=self.device)
             with self._lock:
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits
-            scores += logits[:, 0].float().tolist()
+            for i, value in zip(members, logits[:, 0].float().tolist(), strict=True):
+                scores[i] = value
         return scores
 
 

@@ -53,6 +53,26 @@ def test_reward_model_scores_do_not_depend_on_batching_or_order(tiny_encoder_dir
     assert permuted == pytest.approx([reward_model(PROMPTS, ANSWERS)[i] for i in order], abs=1e-6)
 
 
+def test_reward_model_batches_similar_lengths_and_keeps_input_order(tiny_encoder_dir):
+    rm = RewardModel(tiny_encoder_dir, batch_size=2)
+    answers = ["the sea is long and good and the sea is green", "yes", "one two three four five six", "no ."]
+    widths: list[tuple[int, int]] = []
+    hook = rm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        scores = rm(PROMPTS, answers)
+    finally:
+        hook.remove()
+    assert scores == pytest.approx(manual_scores(rm, PROMPTS, answers), abs=1e-6)
+    lengths = sorted(
+        len(x)
+        for x in encode_pairs(rm.tokenizer, PROMPTS, answers, max_length=rm.max_length, max_prompt_length=96)
+    )
+    # The two short pairs share a batch and the two long ones the other: padding only to their own length.
+    assert widths == [(2, lengths[1]), (2, lengths[3])]
+
+
 def test_reward_model_reads_its_manifest_and_truncates(tiny_encoder_dir, tmp_path):
     folder = tmp_path / "reward"
     shutil.copytree(tiny_encoder_dir, folder)
