@@ -127,14 +127,9 @@ class BestOfK(Configuration):
 
     def inputs(self, prompts):
         assert self.prompter is not None
-        per_draw = [
-            self.prompter.rewrite_results(list(prompts), do_sample=True, temperature=self.temperature)
-            for _ in range(self.k)
-        ]
-        return [
-            [TargetInput(d[i].text, d[i].generated, d[i].fallback_reason) for d in per_draw]
-            for i in range(len(prompts))
-        ]
+        # All K drawn in one decode loop per batch, not K loops.
+        per_prompt = self.prompter.sample_rewrites(list(prompts), self.k, temperature=self.temperature)
+        return [[TargetInput(r.text, r.generated, r.fallback_reason) for r in row] for row in per_prompt]
 
 
 @dataclass

@@ -369,19 +369,7 @@ class Prompter:
         return tuple(sorted(asdict(settings).items()))
 
     def _submit(self, prompts: Sequence[Any], mode: str | None, overrides: dict[str, Any]):
-        # Bad call arguments raise before any work starts, so no prompt is half-processed or dropped.
-        if isinstance(prompts, (str, bytes)):
-            raise TypeError(
-                f"expected a list of str prompts, got one {type(prompts).__name__}; use "
-                "rewrite_result(prompt) for a single prompt"
-            )
-        prompts = list(prompts)
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise TypeError(
-                    f"Prompter accepts str prompts only: prompts[{i}] is {type(p).__name__}; "
-                    "nothing was rewritten"
-                )
+        prompts = _checked_prompts(prompts)
         mode = self._check_mode(mode)
         key = self._settings_key(**overrides)
         prechecked = [self._precheck(p, mode) for p in prompts]
@@ -426,6 +414,47 @@ class Prompter:
                 raws[i] = exc
         return self._collect(prompts, mode, prechecked, raws)
 
+    def sample_rewrites(
+        self, prompts: Sequence[str], k: int, *, mode: str | None = None, **overrides: Any
+    ) -> list[list[RewriteResult]]:
+        """``k`` sampled rewrites per prompt, drawn together in one batched generation (``num_return_sequences``).
+
+        For best-of-K selection: one decode loop gives all K candidates, where K calls of :meth:`rewrite_results`
+        would run K loops. Sampling is on (``do_sample=True``) unless overridden; each candidate passes the
+        intent guard on its own, so a rejected one is the original prompt with its ``fallback_reason``. Bad
+        arguments raise as in :meth:`rewrite_results`, and ``k`` must be a positive int.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int (candidates per prompt), got {k!r}")
+        overrides.setdefault("do_sample", True)
+        prompts = _checked_prompts(prompts)
+        mode = self._check_mode(mode)
+        settings = GenerationDefaults(**dict(self._settings_key(**overrides)))
+        prechecked = [self._precheck(p, mode) for p in prompts]
+        todo = [i for i, pre in enumerate(prechecked) if pre is None]
+        queries = [self.format_query(prompts[i], mode) for i in todo]
+        failure: str | None = None
+        try:
+            rows = dict(zip(todo, self.generate_raw(queries, settings, k), strict=True))
+        except Exception as exc:  # nothing the user gave is lost: every candidate falls back to the prompt
+            logger.warning("prompter generation failed (%s); passing the prompts through", exc)
+            rows, failure = {}, f"{guard.PROMPTER_ERROR}: {exc}"
+        out: list[list[RewriteResult]] = []
+        for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True)):
+            if pre is not None:
+                out.append([pre] * k)
+            elif failure is not None:
+                out.append([RewriteResult(p, p, mode, None, failure)] * k)
+            else:
+                out.append([self.finalize(p, raw, hit_limit, mode) for raw, hit_limit in rows[i]])
+        return out
+
+    async def asample_rewrites(
+        self, prompts: Sequence[str], k: int, *, mode: str | None = None, **overrides: Any
+    ) -> list[list[RewriteResult]]:
+        """Async :meth:`sample_rewrites`, run in a worker thread so the event loop keeps serving."""
+        return await asyncio.to_thread(self.sample_rewrites, prompts, k, mode=mode, **overrides)
+
     def rewrite_result(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> RewriteResult:
         return self.rewrite_results([prompt], mode=mode, **overrides)[0]
 
@@ -466,6 +495,22 @@ class Prompter:
     def __repr__(self) -> str:
         m = self.manifest
         return f"Prompter(base_model={m.base_model!r}, mode={m.mode!r}, adapter={hasattr(self.model, 'peft_config')})"
+
+
+def _checked_prompts(prompts: Sequence[Any]) -> list[str]:
+    """The prompts as a list; bad call arguments raise before any work starts, so none is half-processed."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(
+            f"expected a list of str prompts, got one {type(prompts).__name__}; use "
+            "rewrite_result(prompt) for a single prompt"
+        )
+    prompts = list(prompts)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(
+                f"Prompter accepts str prompts only: prompts[{i}] is {type(p).__name__}; nothing was rewritten"
+            )
+    return prompts
 
 
 def _hash_or_none(path: str) -> str | None:

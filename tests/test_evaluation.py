@@ -50,10 +50,18 @@ def test_zero_shot_uses_untrained_prompter(tiny_lm_dir):
         assert inp.text == x or inp.text.startswith(x)  # augment keeps x verbatim; fallback passes it through
 
 
-def test_best_of_k_picks_the_maximum(tiny_lm_dir, tmp_path):
+def test_best_of_k_picks_the_maximum(tiny_lm_dir, tmp_path, monkeypatch):
     prompter = Prompter.from_base(tiny_lm_dir, similarity=None)
     prompter.manifest.generation.max_new_tokens = 12
     cfg = BestOfK(prompter=prompter, k=4)
+    decode_loops: list[int] = []
+    real_generate = prompter.model.generate
+
+    def generate(*args, **kwargs):
+        decode_loops.append(kwargs["num_return_sequences"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(prompter.model, "generate", generate)
     calls: list[list[str]] = []
 
     def judge(ps, answers):
@@ -66,6 +74,7 @@ def test_best_of_k_picks_the_maximum(tiny_lm_dir, tmp_path):
     report = ev.run([cfg])
     scored = calls[0]
     assert len(scored) == 2 * 4  # K candidates per prompt were answered and scored
+    assert decode_loops == [4]  # all K drawn in one generate call, not K calls
     for i, rec in enumerate(sorted(report.records, key=lambda r: r["idx"])):
         assert rec["k"] == 4
         assert rec["rewards"]["len"] == max(len(a) for a in scored[i * 4 : (i + 1) * 4])

@@ -91,7 +91,7 @@ def script(pr: Prompter, raw: str | None = None, *, hit: bool = False, by_query=
 
     def generate_raw(queries, settings=None, num_return_sequences=1):
         asked.extend(queries)
-        return [[(by_query(q) if by_query else raw, hit)] for q in queries]
+        return [[(by_query(q) if by_query else raw, hit)] * num_return_sequences for q in queries]
 
     pr.generate_raw = generate_raw  # type: ignore[method-assign]
     return asked
@@ -755,3 +755,70 @@ def test_minilm_similarity_separates_related_from_unrelated():
     )
     assert same == pytest.approx(1.0, abs=1e-4)
     assert related > 0.5 > unrelated
+
+
+# ---------------------------------------------------------------------------------------------- sampled candidates
+def test_sample_rewrites_draws_k_per_prompt_in_one_decode_loop(prompter, monkeypatch):
+    calls = spy_generate(monkeypatch, prompter.model)
+    seen: list[dict] = []
+    real = prompter.model.generate
+
+    def recording(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("num_return_sequences", "do_sample", "temperature")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prompter.model, "generate", recording)
+    prompts = [*PROMPTS[:3], "   "]
+    rows = prompter.sample_rewrites(prompts, 3, temperature=1.5)
+    assert len(calls) == 1 and calls[0]["batch"] == 3  # one call for the three real prompts, K rows each
+    assert seen == [{"num_return_sequences": 3, "do_sample": True, "temperature": 1.5}]
+    assert [len(row) for row in rows] == [3, 3, 3, 3]
+    for prompt, row in zip(prompts, rows, strict=True):
+        for r in row:
+            assert_consistent(prompt, r, "augment")
+    assert all(r.fallback_reason == guard.EMPTY_INPUT for r in rows[3])  # the blank prompt passes through
+
+
+def test_sample_rewrites_guards_each_candidate_and_never_loses_the_prompt(prompter):
+    outputs = iter(["Please answer with three examples.", "", "Add sources."])
+
+    def generate_raw(queries, settings=None, num_return_sequences=1):
+        assert settings.do_sample and num_return_sequences == 3
+        return [[(next(outputs), False) for _ in range(num_return_sequences)] for _ in queries]
+
+    prompter.generate_raw = generate_raw  # type: ignore[method-assign]
+    (row,) = prompter.sample_rewrites(["list numbers"], 3)
+    assert [r.generated for r in row][0] == "Please answer with three examples." and row[0].rewritten
+    assert row[1].text == "list numbers" and row[1].fallback_reason == guard.NO_CHANGE  # empty guidance
+    assert row[2].rewritten
+
+    def broken(queries, settings=None, num_return_sequences=1):
+        raise RuntimeError("out of memory")
+
+    prompter.generate_raw = broken  # type: ignore[method-assign]
+    (row,) = prompter.sample_rewrites(["list numbers"], 2)
+    assert [r.text for r in row] == ["list numbers"] * 2
+    assert all(r.fallback_reason == f"{guard.PROMPTER_ERROR}: out of memory" for r in row)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.0, True, "3"])
+def test_sample_rewrites_rejects_a_bad_k(prompter, k):
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        prompter.sample_rewrites(PROMPTS[:1], k)
+
+
+def test_sample_rewrites_rejects_bad_prompts_before_generating(prompter):
+    asked = script(prompter, "x")
+    with pytest.raises(TypeError, match="list of str prompts"):
+        prompter.sample_rewrites("one prompt", 2)
+    with pytest.raises(TypeError, match=r"prompts\[1\] is int"):
+        prompter.sample_rewrites(["ok", 3], 2)
+    with pytest.raises(ValueError, match="accepted keys"):
+        prompter.sample_rewrites(["ok"], 2, temprature=0.5)
+    assert asked == []
+
+
+def test_asample_rewrites_matches_the_sync_contract(prompter):
+    script(prompter, "Give two examples.")
+    rows = asyncio.run(prompter.asample_rewrites(PROMPTS[:2], 2))
+    assert [[r.generated for r in row] for row in rows] == [["Give two examples."] * 2] * 2
