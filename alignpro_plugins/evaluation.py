@@ -58,6 +58,9 @@ class Configuration:
         """
         return None
 
+    def remember(self, rows: Sequence[dict]) -> None:
+        """Take note of this configuration's records (however they were obtained); nothing by default."""
+
     def fingerprint(self) -> str:
         """What makes this configuration's records reusable on resume (same name + same setup)."""
         parts = [type(self).__name__, self.name, self.description, str(self.k), getattr(self, "template", "")]
@@ -99,17 +102,27 @@ class WithPrompter(Configuration):
 
     def __post_init__(self) -> None:
         # Greedy rewrites of a frozen artifact, kept so a GatedRetry over this configuration reuses them.
-        self._rewrites: dict[str, TargetInput] = {}
+        self._rewrites: dict[tuple[str, str], TargetInput] = {}
 
     def inputs(self, prompts):
         assert self.prompter is not None
-        if self.same_inputs_key() is None:
+        key = self.same_inputs_key()
+        if key is None:
             results = self.prompter.rewrite_results(list(prompts))
             return [[TargetInput(r.text, r.generated, r.fallback_reason)] for r in results]
-        todo = list(dict.fromkeys(x for x in prompts if x not in self._rewrites))
-        for x, r in zip(todo, self.prompter.rewrite_results(todo), strict=True):
-            self._rewrites[x] = TargetInput(r.text, r.generated, r.fallback_reason)
-        return [[self._rewrites[x]] for x in prompts]
+        todo = list(dict.fromkeys(x for x in prompts if (key, x) not in self._rewrites))
+        for x, r in zip(todo, self.prompter.rewrite_results(todo) if todo else [], strict=True):
+            self._rewrites[(key, x)] = TargetInput(r.text, r.generated, r.fallback_reason)
+        return [[self._rewrites[(key, x)]] for x in prompts]
+
+    def remember(self, rows: Sequence[dict]) -> None:
+        # Records answered, copied from a same-inputs twin, or resumed: a GatedRetry reuses their rewrites.
+        key = self.same_inputs_key()
+        if key is not None:
+            for r in rows:
+                self._rewrites[(key, r["prompt"])] = TargetInput(
+                    r["input"], r["rewrite"], r["fallback_reason"]
+                )
 
     def same_inputs_key(self) -> str | None:
         assert self.prompter is not None
@@ -385,6 +398,7 @@ class Evaluator:
                 by_config[c.name] = self._run_config(c, done)
                 if key is not None:
                     first_with[key] = c.name
+            c.remember(by_config[c.name])
         summary = self.summarize(by_config, {c.name: c for c in configs})
         for name, source in same_as.items():
             summary["configs"][name]["same_inputs_as"] = source

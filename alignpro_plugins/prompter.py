@@ -122,7 +122,7 @@ class Prompter:
         self._batcher: MicroBatcher[str, tuple[str, bool]] = MicroBatcher(
             self._generate_key, max_batch_size=max_batch_size, name="alignpro-prompter"
         )
-        self._behaviour_id: str | None = None  # set by from_pretrained for a frozen artifact
+        self._weights_id: str | None = None  # set by from_pretrained for a frozen artifact
 
     # ------------------------------------------------------------------ construction and artifacts
     @classmethod
@@ -192,7 +192,7 @@ class Prompter:
         prompter = cls(model, tokenizer, manifest, **kwargs)
         similarity = kwargs.get("similarity", "default")
         if not is_trainable and not callable(similarity):
-            prompter._behaviour_id = _artifact_behaviour_id(
+            prompter._weights_id = _artifact_weights_id(
                 folder, manifest, resolved, f"device={dev};dtype={model.dtype};similarity={similarity}"
             )
         return prompter
@@ -214,13 +214,18 @@ class Prompter:
     def behaviour_id(self) -> str | None:
         """A digest of everything that decides this prompter's rewrites, or None when that cannot be known.
 
-        Set for a frozen artifact loaded by :meth:`from_pretrained`: the base and adapter weights, the
-        tokenizer, the manifest (its provenance aside: two stages that kept the same weights rewrite alike),
-        device, dtype and the similarity model. None for a trainable or in-memory prompter, whose weights may
-        change after loading, and for one given a similarity function. Two prompters with the same id give the same greedy
+        Known for a frozen artifact loaded by :meth:`from_pretrained`: its base and adapter weights, tokenizer,
+        device, dtype and similarity model, and the manifest as it is now (provenance aside: two stages that
+        kept the same weights rewrite alike). None for a trainable or in-memory prompter, whose weights may
+        change, and for one given a similarity function. Two prompters with the same id give the same greedy
         rewrites, so the evaluation harness answers them once.
         """
-        return self._behaviour_id
+        if self._weights_id is None:
+            return None
+        # The manifest is read now, not at load: a changed generation setting changes the rewrites.
+        spec = {k: v for k, v in asdict(self.manifest).items() if k != "provenance"}
+        spec_json = json.dumps(spec, sort_keys=True, default=str)
+        return "sha256:" + hashlib.sha256(f"{self._weights_id}\n{spec_json}".encode()).hexdigest()
 
     def format_query(self, prompt: str, mode: str | None = None) -> str:
         """The exact text the prompter model sees for ``prompt`` (trainers use this too)."""
@@ -526,12 +531,10 @@ _TOKENIZER_FILES = (
 )
 
 
-def _artifact_behaviour_id(folder: Path, manifest: Manifest, base_path: str, runtime: str) -> str:
-    """See :attr:`Prompter.behaviour_id`."""
-    spec = {k: v for k, v in asdict(manifest).items() if k != "provenance"}
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
+def _artifact_weights_id(folder: Path, manifest: Manifest, base_path: str, runtime: str) -> str:
+    """The files and runtime half of :attr:`Prompter.behaviour_id`: base and adapter weights, tokenizer."""
     # A base model given by name (not a folder) is identified by the name: its files are transformers' business.
-    digest.update(f"base={_hash_or_none(base_path) or base_path};{runtime}".encode())
+    digest = hashlib.sha256(f"base={_hash_or_none(base_path) or base_path};{runtime}".encode())
     if manifest.has_adapter:
         digest.update(weights_hash(folder).encode())
     for name in _TOKENIZER_FILES:

@@ -466,14 +466,17 @@ def test_configurations_with_the_same_inputs_are_answered_once(tiny_lm_dir, tmp_
     configs = [
         FrozenAlone(),
         WithPrompter(prompter=sft, name="sft"),
-        WithPrompter(prompter=rl, name="align-pro"),
+        align_pro := WithPrompter(prompter=rl, name="align-pro"),
         FixedTemplate(),
         FixedTemplate(template=DEFAULT_TEMPLATE, name="template-picked"),
+        # Retried everywhere, with the rewrites align-pro got from its twin: still no rewrite by rl.
+        GatedRetry(retry=[align_pro], threshold=float("inf")),
     ]
     asked: list[str] = []
     ev = Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval")
     report = ev.run(configs)
-    assert len(asked) == 3 * len(PROMPTS)  # frozen, sft and template; their twins were not asked again
+    # frozen, sft, template, and the gate's first tries and retries (this target has no cache); not the twins.
+    assert len(asked) == 5 * len(PROMPTS)
     rows = {
         name: sorted((r for r in report.records if r["config"] == name), key=lambda r: r["idx"])
         for name in ("sft", "align-pro", "template", "template-picked")
@@ -488,7 +491,15 @@ def test_configurations_with_the_same_inputs_are_answered_once(tiny_lm_dir, tmp_
     assert report.summary["head_to_head"]["sft"]["len"]["win_rate"] == 0.5
     # The copied records are written like any other, so a resumed run asks nothing.
     Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval").run(configs)
-    assert len(asked) == 3 * len(PROMPTS)
+    assert len(asked) == 5 * len(PROMPTS)
+    # A new gate over resumed records: its retries take the rewrites from those records, not from a prompter.
+    sft.rewrite_results = must_not_run  # type: ignore[method-assign]
+    align_pro = WithPrompter(prompter=rl, name="align-pro")
+    regated = GatedRetry(retry=[align_pro], threshold=1e9, name="regated")
+    Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval").run(
+        [*configs[:2], align_pro, regated]
+    )
+    assert len(asked) == 7 * len(PROMPTS)
 
 
 def test_gated_retry_reuses_the_rewrites_its_retry_configuration_made(tiny_lm_dir, tmp_path):

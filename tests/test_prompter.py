@@ -248,6 +248,11 @@ def test_behaviour_id_names_what_decides_the_rewrites(lora_artifact, tmp_path):
     (longer / MANIFEST_NAME).write_text(json.dumps(data))
     assert loaded_id(longer) not in (None, first)
     assert loaded_id(folder, is_trainable=True) is None
+    # The manifest is read when the id is asked for: changing a setting after loading changes it too.
+    loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    loaded.manifest.generation.max_new_tokens = 13
+    assert loaded.behaviour_id not in (None, first)
+    loaded.close()
     custom = Prompter.from_pretrained(folder, device="cpu", similarity=lambda a, b: [1.0] * len(a))
     assert custom.behaviour_id is None
     custom.close()
