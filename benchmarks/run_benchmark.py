@@ -151,7 +151,8 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 # Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 150 min of stages on 2 CPU
 # cores, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
-# result (11.3 min measured here; 16.3 min with 8+8 eval prompts).
+# result (11.9 min on 2026-11-25's Xeon; on 2026-12-04's slower AMD EPYC 20.7 min, 16.0 after that day's
+# scoring and evaluation speed-ups, then 8 instead of 12 RL prompts).
 BUDGETS = {
     "standard": dict(
         rm_steps=80,
@@ -188,7 +189,7 @@ BUDGETS = {
         boot_neighbours=-1,
         guidance_min_prompts=0,  # not run at quick size yet: the standard run is the one that measured it
         sft_epochs=2,
-        kl_prompts=12,
+        kl_prompts=8,  # 12 until 2026-12-04: RL and oracle sampling, scoring and distillation scale with it
         kl_k=3,
         kl_anchors=False,
         kl_rounds=1,
@@ -690,7 +691,11 @@ def kept_round_line(rl_dir: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="every stage at smoke size (about 11 minutes here)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="every stage at smoke size (12 to 16 minutes on 2-core CPU machines)",
+    )
     ap.add_argument("--out", default=None, help="artifact folder (default runs/bench or runs/bench-quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
