@@ -66,7 +66,8 @@ class Configuration:
         parts = [type(self).__name__, self.name, self.description, str(self.k), getattr(self, "template", "")]
         prompter = getattr(self, "prompter", None)
         if prompter is not None:
-            parts.append(prompter.manifest.to_json())
+            # behaviour_id adds the weights, device and dtype: records from another of those are not reused.
+            parts += [prompter.manifest.to_json(), str(prompter.behaviour_id)]
         if self.target is not None:
             parts += [self.target.identity, json.dumps(self.target.settings, sort_keys=True, default=str)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -369,14 +370,22 @@ class Evaluator:
         return sorted(rows, key=lambda r: r["idx"])
 
     def _reuse(self, cfg: Configuration, source: str, source_rows: list[dict], done: dict) -> list[dict]:
-        """``cfg``'s records copied from a configuration with the same inputs (see ``same_inputs_key``)."""
-        if all((cfg.name, i) in done for i in range(len(self.prompts))):
-            return [done[(cfg.name, i)] for i in range(len(self.prompts))]
+        """``cfg``'s records copied from a configuration with the same inputs (see ``same_inputs_key``).
+
+        Always the source's records, so the twins agree; a copy that is missing from the records file or
+        differs from the one there (answered on its own by an older run) is appended, and the last wins on resume.
+        """
         logger.info("%s: same inputs as %s; its answers and rewards are reused", cfg.name, source)
         fingerprint = cfg.fingerprint()
         rows = [r | {"config": cfg.name, "fingerprint": fingerprint} for r in source_rows]
-        self._append([r for r in rows if (cfg.name, r["idx"]) not in done])
+        self._append([r for r in rows if done.get((cfg.name, r["idx"])) != r])
         return rows
+
+    @staticmethod
+    def _same_inputs_key(cfg: Configuration) -> str | None:
+        # The class is part of the key: a subclass may build its inputs differently under the same key.
+        key = cfg.same_inputs_key()
+        return None if key is None else f"{type(cfg).__module__}.{type(cfg).__qualname__}:{key}"
 
     # ------------------------------------------------------------------ run
     def run(self, configs: Sequence[Configuration]) -> EvalReport:
@@ -390,7 +399,7 @@ class Evaluator:
         first_with: dict[str, str] = {}  # same-inputs key -> the configuration that was answered
         same_as: dict[str, str] = {}
         for c in configs:
-            key = c.same_inputs_key()
+            key = self._same_inputs_key(c)
             if key in first_with:
                 same_as[c.name] = first_with[key]
                 by_config[c.name] = self._reuse(c, first_with[key], by_config[first_with[key]], done)
@@ -405,13 +414,22 @@ class Evaluator:
         if self.pairwise_judge is not None:
             ref = by_config[self.reference]
             for name, rows in by_config.items():
-                if name != self.reference:
-                    p = self.pairwise_judge.prefer(
-                        self.prompts, [r["answer"] for r in rows], [r["answer"] for r in ref]
-                    )
-                    summary["configs"][name]["pairwise_llm_judge_vs_reference"] = stats.win_rate(
-                        p, [0.5] * len(p)
-                    ) | {"win_rate": sum(p) / len(p)}
+                if name == self.reference:
+                    continue
+                twin_of = summary["configs"].get(same_as.get(name, ""), {})
+                if (
+                    "pairwise_llm_judge_vs_reference" in twin_of
+                ):  # the same answers: the judge is not asked again
+                    summary["configs"][name]["pairwise_llm_judge_vs_reference"] = twin_of[
+                        "pairwise_llm_judge_vs_reference"
+                    ]
+                    continue
+                p = self.pairwise_judge.prefer(
+                    self.prompts, [r["answer"] for r in rows], [r["answer"] for r in ref]
+                )
+                summary["configs"][name]["pairwise_llm_judge_vs_reference"] = stats.win_rate(
+                    p, [0.5] * len(p)
+                ) | {"win_rate": sum(p) / len(p)}
         report = EvalReport(
             names, list(self.judges), summary, [r for rows in by_config.values() for r in rows]
         )

@@ -266,6 +266,27 @@ class Prompter:
                 results[i] = row
         return results
 
+    def _generate_raw_per_batch(
+        self, queries: Sequence[str], settings: GenerationDefaults, num_return_sequences: int
+    ) -> list[list[tuple[str, bool]] | Exception]:
+        """:meth:`generate_raw`, but a failing batch fails only its own queries (their entry is the error)."""
+        if not queries:
+            return []
+        lengths = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
+        plan = plan_batches(lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences)
+        results: list[list[tuple[str, bool]] | Exception] = [[] for _ in queries]
+        for idx in plan:
+            try:
+                rows: list[Any] = self._generate_call(
+                    [queries[i] for i in idx], settings, num_return_sequences
+                )
+            except Exception as exc:  # the other batches' candidates still count
+                logger.warning("prompter generation failed (%s); passing %d prompts through", exc, len(idx))
+                rows = [exc] * len(idx)
+            for i, row in zip(idx, rows, strict=True):
+                results[i] = row
+        return results
+
     def _generate_call(
         self, queries: list[str], settings: GenerationDefaults, num_return_sequences: int
     ) -> list[list[tuple[str, bool]]]:
@@ -426,8 +447,9 @@ class Prompter:
 
         For best-of-K selection: one decode loop gives all K candidates, where K calls of :meth:`rewrite_results`
         would run K loops. Sampling is on (``do_sample=True``) unless overridden; each candidate passes the
-        intent guard on its own, so a rejected one is the original prompt with its ``fallback_reason``. Bad
-        arguments raise as in :meth:`rewrite_results`, and ``k`` must be a positive int.
+        intent guard on its own, so a rejected one is the original prompt with its ``fallback_reason``; a
+        generation that fails falls back for its batch only. Bad arguments raise as in :meth:`rewrite_results`,
+        ``k`` must be a positive int, and ``k > 1`` needs sampling (greedy decoding has one answer per prompt).
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int (candidates per prompt), got {k!r}")
@@ -435,23 +457,25 @@ class Prompter:
         prompts = _checked_prompts(prompts)
         mode = self._check_mode(mode)
         settings = GenerationDefaults(**dict(self._settings_key(**overrides)))
+        if k > 1 and not settings.do_sample:
+            raise ValueError(
+                f"k={k} candidates need sampling, but do_sample=False: greedy decoding gives one rewrite per "
+                "prompt. Drop do_sample=False (sample_rewrites samples by default) or use k=1 / rewrite_results"
+            )
         prechecked = [self._precheck(p, mode) for p in prompts]
         todo = [i for i, pre in enumerate(prechecked) if pre is None]
         queries = [self.format_query(prompts[i], mode) for i in todo]
-        failure: str | None = None
-        try:
-            rows = dict(zip(todo, self.generate_raw(queries, settings, k), strict=True))
-        except Exception as exc:  # nothing the user gave is lost: every candidate falls back to the prompt
-            logger.warning("prompter generation failed (%s); passing the prompts through", exc)
-            rows, failure = {}, f"{guard.PROMPTER_ERROR}: {exc}"
+        rows = dict(zip(todo, self._generate_raw_per_batch(queries, settings, k), strict=True))
         out: list[list[RewriteResult]] = []
         for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True)):
+            row = rows.get(i)
             if pre is not None:
                 out.append([pre] * k)
-            elif failure is not None:
-                out.append([RewriteResult(p, p, mode, None, failure)] * k)
+            elif isinstance(row, Exception):  # nothing the user gave is lost: its candidates are the prompt
+                out.append([RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {row}")] * k)
             else:
-                out.append([self.finalize(p, raw, hit_limit, mode) for raw, hit_limit in rows[i]])
+                assert row is not None
+                out.append([self.finalize(p, raw, hit_limit, mode) for raw, hit_limit in row])
         return out
 
     async def asample_rewrites(
@@ -526,6 +550,10 @@ _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
     "vocab.json",
     "merges.txt",
 )

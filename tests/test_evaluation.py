@@ -523,3 +523,96 @@ def test_gated_retry_reuses_the_rewrites_its_retry_configuration_made(tiny_lm_di
         # A frozen artifact's greedy rewrites are made once; an in-memory prompter's weights may have changed.
         assert sorted(rewritten) == sorted(PROMPTS * rewrites_per_prompt)
         assert all(r["k"] == 2 for r in report.records if r["config"] == "gated-retry")
+
+
+def test_twins_share_the_pairwise_judges_verdict_and_are_not_judged_again(tmp_path):
+    judged: list[str] = []
+
+    def judge(text: str) -> str:
+        judged.append(text)
+        return "A"
+
+    configs = [FrozenAlone(), FixedTemplate(), FixedTemplate(name="template-picked")]
+    report = Evaluator(
+        PROMPTS,
+        echo_target(),
+        {"len": length_judge()},
+        pairwise_judge=PairwiseLLMJudge(CallableTarget(judge)),
+    ).run(configs)
+    entries = report.summary["configs"]
+    assert len(judged) == 2 * len(PROMPTS)  # both orders, for template only
+    assert (
+        entries["template-picked"]["pairwise_llm_judge_vs_reference"]
+        == (entries["template"]["pairwise_llm_judge_vs_reference"])
+    )
+
+
+def test_a_twin_resumed_from_an_older_run_gets_its_sources_records(tmp_path):
+    # An older run answered "template-picked" on its own (another answer); now it is a twin of "template".
+    older_answer = "a much longer answer"
+    ev = Evaluator(PROMPTS, echo_target(), {"len": length_judge()}, out_dir=tmp_path)
+    older = [
+        FrozenAlone(),
+        FixedTemplate(template="Be brief."),
+        FixedTemplate(template="Be brief.", name="template-picked"),
+    ]
+    # Written as if by that older run: half the prompts, the other answer.
+    fp = older[2].fingerprint()
+    ev._append(
+        [
+            {
+                "config": "template-picked",
+                "idx": i,
+                "prompt": x,
+                "input": f"{x}\n\nBe brief.",
+                "rewrite": "Be brief.",
+                "fallback_reason": None,
+                "answer": older_answer,
+                "rewards": {"len": 20.0},
+                "k": 1,
+                "fingerprint": fp,
+            }
+            for i, x in enumerate(PROMPTS[:2])
+        ]
+    )
+    report = ev.run(older)
+    rows = {c: [r for r in report.records if r["config"] == c] for c in ("template", "template-picked")}
+    assert [r["answer"] for r in rows["template-picked"]] == [r["answer"] for r in rows["template"]]
+    assert report.summary["configs"]["template-picked"]["same_inputs_as"] == "template"
+    # The file agrees with the report: resuming reads the copies (the last line per cell wins).
+    resumed = ev._load_done({c.name: c.fingerprint() for c in older})
+    assert [resumed[("template-picked", i)]["answer"] for i in range(len(PROMPTS))] == [
+        r["answer"] for r in rows["template"]
+    ]
+
+
+def test_prompters_that_differ_in_settings_or_target_are_not_merged(tiny_lm_dir, tmp_path):
+    sft, rl = _frozen_artifacts(tiny_lm_dir, tmp_path)
+    rl.manifest.generation.max_new_tokens = 4  # changed after loading: other rewrites
+    asked: list[str] = []
+    other_asked: list[str] = []
+    on_other_target = WithPrompter(prompter=sft, name="sft-elsewhere")
+    on_other_target.target = _counting_echo(other_asked)  # the same rewrites, another model answers them
+    report = Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}).run(
+        [
+            FrozenAlone(),
+            WithPrompter(prompter=sft, name="sft"),
+            WithPrompter(prompter=rl, name="align-pro"),
+            on_other_target,
+        ]
+    )
+    assert len(asked) == 3 * len(PROMPTS) and len(other_asked) == len(PROMPTS)
+    assert not any("same_inputs_as" in e for e in report.summary["configs"].values())
+
+
+def test_a_prompter_on_another_device_or_dtype_does_not_resume_the_records(tiny_lm_dir, tmp_path):
+    import torch
+
+    sft, _ = _frozen_artifacts(tiny_lm_dir, tmp_path)
+    as_float64 = Prompter.from_pretrained(
+        tmp_path / "sft", device="cpu", similarity=None, dtype=torch.float64
+    )
+    assert sft.behaviour_id != as_float64.behaviour_id
+    assert WithPrompter(prompter=sft).fingerprint() != WithPrompter(prompter=as_float64).fingerprint()
+    again = Prompter.from_pretrained(tmp_path / "sft", device="cpu", similarity=None)
+    assert WithPrompter(prompter=sft).fingerprint() == WithPrompter(prompter=again).fingerprint()

@@ -94,6 +94,7 @@ def script(pr: Prompter, raw: str | None = None, *, hit: bool = False, by_query=
         return [[(by_query(q) if by_query else raw, hit)] * num_return_sequences for q in queries]
 
     pr.generate_raw = generate_raw  # type: ignore[method-assign]
+    pr._generate_call = generate_raw  # type: ignore[method-assign]  # sample_rewrites' per-batch path
     return asked
 
 
@@ -787,23 +788,63 @@ def test_sample_rewrites_draws_k_per_prompt_in_one_decode_loop(prompter, monkeyp
 def test_sample_rewrites_guards_each_candidate_and_never_loses_the_prompt(prompter):
     outputs = iter(["Please answer with three examples.", "", "Add sources."])
 
-    def generate_raw(queries, settings=None, num_return_sequences=1):
+    def generate_call(queries, settings, num_return_sequences):
         assert settings.do_sample and num_return_sequences == 3
         return [[(next(outputs), False) for _ in range(num_return_sequences)] for _ in queries]
 
-    prompter.generate_raw = generate_raw  # type: ignore[method-assign]
+    prompter._generate_call = generate_call  # type: ignore[method-assign]
     (row,) = prompter.sample_rewrites(["list numbers"], 3)
     assert [r.generated for r in row][0] == "Please answer with three examples." and row[0].rewritten
     assert row[1].text == "list numbers" and row[1].fallback_reason == guard.NO_CHANGE  # empty guidance
     assert row[2].rewritten
 
-    def broken(queries, settings=None, num_return_sequences=1):
+    def broken(queries, settings, num_return_sequences):
         raise RuntimeError("out of memory")
 
-    prompter.generate_raw = broken  # type: ignore[method-assign]
+    prompter._generate_call = broken  # type: ignore[method-assign]
     (row,) = prompter.sample_rewrites(["list numbers"], 2)
     assert [r.text for r in row] == ["list numbers"] * 2
     assert all(r.fallback_reason == f"{guard.PROMPTER_ERROR}: out of memory" for r in row)
+
+
+def test_sample_rewrites_a_failing_batch_falls_back_for_its_own_prompts_only(prompter, monkeypatch):
+    import alignpro_plugins.prompter as prompter_module
+
+    # One generate call per prompt, so the second prompt's call can fail alone.
+    monkeypatch.setattr(
+        prompter_module, "plan_batches", lambda lengths, **kw: [[i] for i in range(len(lengths))]
+    )
+
+    def generate_call(queries, settings, num_return_sequences):
+        if "second" in queries[0]:
+            raise RuntimeError("out of memory")
+        return [[("Give two examples.", False)] * num_return_sequences for _ in queries]
+
+    prompter._generate_call = generate_call  # type: ignore[method-assign]
+    first, second = prompter.sample_rewrites(["first prompt", "second prompt"], 2)
+    assert [r.generated for r in first] == ["Give two examples."] * 2 and all(r.rewritten for r in first)
+    assert [r.text for r in second] == ["second prompt"] * 2
+    assert all(r.fallback_reason == f"{guard.PROMPTER_ERROR}: out of memory" for r in second)
+
+
+def test_sample_rewrites_with_greedy_settings_needs_k_of_one(prompter):
+    # Greedy decoding has one answer per prompt: asking for more is a call error, said before generating.
+    asked = script(prompter, "Give two examples.")
+    with pytest.raises(ValueError, match="do_sample=False"):
+        prompter.sample_rewrites(PROMPTS[:1], 3, do_sample=False)
+    assert asked == []
+    (row,) = prompter.sample_rewrites(PROMPTS[:1], 1, do_sample=False)
+    assert [r.generated for r in row] == ["Give two examples."]
+
+
+def test_sample_rewrites_on_the_real_model_gives_k_distinct_guarded_candidates(prompter):
+    # No mocks: transformers' generate with num_return_sequences=k and sampling on the tiny model.
+    rows = prompter.sample_rewrites(PROMPTS[:2], 3, temperature=1.5, max_new_tokens=8)
+    assert [len(row) for row in rows] == [3, 3]
+    for prompt, row in zip(PROMPTS[:2], rows, strict=True):
+        for r in row:
+            assert_consistent(prompt, r, "augment")
+            assert not (r.fallback_reason or "").startswith(guard.PROMPTER_ERROR)
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.0, True, "3"])
