@@ -256,15 +256,19 @@ class Prompter:
         settings = settings or self.manifest.generation
         if not queries:
             return []
-        # Calls grouped by query length so that few rows are padded far (see plan_batches); order restored.
-        lengths = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
-        plan = plan_batches(lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences)
         results: list[list[tuple[str, bool]]] = [[] for _ in queries]
-        for idx in plan:
+        for idx in self._plan_calls(queries, settings, num_return_sequences):
             rows = self._generate_call([queries[i] for i in idx], settings, num_return_sequences)
             for i, row in zip(idx, rows, strict=True):
                 results[i] = row
         return results
+
+    def _plan_calls(
+        self, queries: Sequence[str], settings: GenerationDefaults, num_return_sequences: int
+    ) -> list[list[int]]:
+        # Calls grouped by query length so that few rows are padded far (see plan_batches); callers restore order.
+        lengths = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
+        return plan_batches(lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences)
 
     def _generate_raw_per_batch(
         self, queries: Sequence[str], settings: GenerationDefaults, num_return_sequences: int
@@ -272,10 +276,8 @@ class Prompter:
         """:meth:`generate_raw`, but a failing batch fails only its own queries (their entry is the error)."""
         if not queries:
             return []
-        lengths = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
-        plan = plan_batches(lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences)
         results: list[list[tuple[str, bool]] | Exception] = [[] for _ in queries]
-        for idx in plan:
+        for idx in self._plan_calls(queries, settings, num_return_sequences):
             try:
                 rows: list[Any] = self._generate_call(
                     [queries[i] for i in idx], settings, num_return_sequences
