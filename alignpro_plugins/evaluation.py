@@ -374,6 +374,7 @@ class Evaluator:
 
         Always the source's records, so the twins agree; a copy that is missing from the records file or
         differs from the one there (answered on its own by an older run) is appended, and the last wins on resume.
+        (Records are matched by prompt text: a prompt listed twice resumes with its last record at both places.)
         """
         logger.info("%s: same inputs as %s; its answers and rewards are reused", cfg.name, source)
         fingerprint = cfg.fingerprint()
@@ -416,17 +417,19 @@ class Evaluator:
             for name, rows in by_config.items():
                 if name == self.reference:
                     continue
-                twin_of = summary["configs"].get(same_as.get(name, ""), {})
-                if (
-                    "pairwise_llm_judge_vs_reference" in twin_of
-                ):  # the same answers: the judge is not asked again
-                    summary["configs"][name]["pairwise_llm_judge_vs_reference"] = twin_of[
-                        "pairwise_llm_judge_vs_reference"
-                    ]
+                twin_source = same_as.get(name)
+                twin_of = summary["configs"].get(twin_source or "", {})
+                if "pairwise_llm_judge_vs_reference" in twin_of:
+                    # The same answers as its source: that verdict holds, the judge is not asked again.
+                    verdict = dict(twin_of["pairwise_llm_judge_vs_reference"])
+                    summary["configs"][name]["pairwise_llm_judge_vs_reference"] = verdict
                     continue
-                p = self.pairwise_judge.prefer(
-                    self.prompts, [r["answer"] for r in rows], [r["answer"] for r in ref]
-                )
+                if twin_source == self.reference:  # the reference's own answers: a tie on every prompt
+                    p = [0.5] * len(rows)
+                else:
+                    p = self.pairwise_judge.prefer(
+                        self.prompts, [r["answer"] for r in rows], [r["answer"] for r in ref]
+                    )
                 summary["configs"][name]["pairwise_llm_judge_vs_reference"] = stats.win_rate(
                     p, [0.5] * len(p)
                 ) | {"win_rate": sum(p) / len(p)}

@@ -277,11 +277,18 @@ class Prompter:
         if not queries:
             return []
         results: list[list[tuple[str, bool]] | Exception] = [[] for _ in queries]
-        for idx in self._plan_calls(queries, settings, num_return_sequences):
+        try:
+            plan = self._plan_calls(queries, settings, num_return_sequences)
+        except Exception as exc:  # e.g. the tokenizer failed: every query falls back
+            logger.warning("prompter generation failed (%s); passing %d prompts through", exc, len(queries))
+            return [exc] * len(queries)
+        for idx in plan:
             try:
                 rows: list[Any] = self._generate_call(
                     [queries[i] for i in idx], settings, num_return_sequences
                 )
+                if len(rows) != len(idx):
+                    raise RuntimeError(f"generate returned {len(rows)} rows for {len(idx)} queries")
             except Exception as exc:  # the other batches' candidates still count
                 logger.warning("prompter generation failed (%s); passing %d prompts through", exc, len(idx))
                 rows = [exc] * len(idx)
@@ -461,8 +468,9 @@ class Prompter:
         settings = GenerationDefaults(**dict(self._settings_key(**overrides)))
         if k > 1 and not settings.do_sample:
             raise ValueError(
-                f"k={k} candidates need sampling, but do_sample=False: greedy decoding gives one rewrite per "
-                "prompt. Drop do_sample=False (sample_rewrites samples by default) or use k=1 / rewrite_results"
+                f"k={k} candidates need sampling, but the settings are greedy (do_sample={overrides['do_sample']!r}"
+                f", manifest default {self.manifest.generation.do_sample!r}): greedy decoding gives one rewrite "
+                "per prompt. Pass do_sample=True (the default here when not given) or use k=1 / rewrite_results"
             )
         prechecked = [self._precheck(p, mode) for p in prompts]
         todo = [i for i, pre in enumerate(prechecked) if pre is None]
@@ -473,11 +481,10 @@ class Prompter:
             row = rows.get(i)
             if pre is not None:
                 out.append([pre] * k)
-            elif isinstance(row, Exception):  # nothing the user gave is lost: its candidates are the prompt
-                out.append([RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {row}")] * k)
-            else:
-                assert row is not None
+            elif isinstance(row, list):
                 out.append([self.finalize(p, raw, hit_limit, mode) for raw, hit_limit in row])
+            else:  # nothing the user gave is lost: its candidates are the prompt
+                out.append([RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {row}")] * k)
         return out
 
     async def asample_rewrites(
@@ -556,7 +563,10 @@ _TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
     "vocab.json",
+    "vocab.txt",
     "merges.txt",
 )
 
@@ -567,7 +577,11 @@ def _artifact_weights_id(folder: Path, manifest: Manifest, base_path: str, runti
     digest = hashlib.sha256(f"base={_hash_or_none(base_path) or base_path};{runtime}".encode())
     if manifest.has_adapter:
         digest.update(weights_hash(folder).encode())
+    # The artifact's tokenizer if it has one, else the base folder's (from_pretrained loads it from there).
+    tok_dir = folder if (folder / "tokenizer_config.json").exists() else Path(base_path)
     for name in _TOKENIZER_FILES:
-        if (folder / name).exists():
-            digest.update(name.encode() + (folder / name).read_bytes())
+        if (tok_dir / name).is_file():
+            data = (tok_dir / name).read_bytes()
+            # Length-prefixed, so no two different file sets hash alike.
+            digest.update(f"{name}:{len(data)}:".encode() + data)
     return "sha256:" + digest.hexdigest()

@@ -17,6 +17,7 @@ from alignpro_plugins.evaluation import (
     GatedRetry,
     Oracle,
     PairwiseLLMJudge,
+    TargetInput,
     WithPrompter,
     retry_threshold,
 )
@@ -525,26 +526,43 @@ def test_gated_retry_reuses_the_rewrites_its_retry_configuration_made(tiny_lm_di
         assert all(r["k"] == 2 for r in report.records if r["config"] == "gated-retry")
 
 
-def test_twins_share_the_pairwise_judges_verdict_and_are_not_judged_again(tmp_path):
+def test_twins_share_the_pairwise_judges_verdict_and_are_not_judged_again():
     judged: list[str] = []
 
     def judge(text: str) -> str:
         judged.append(text)
         return "A"
 
-    configs = [FrozenAlone(), FixedTemplate(), FixedTemplate(name="template-picked")]
-    report = Evaluator(
-        PROMPTS,
-        echo_target(),
-        {"len": length_judge()},
-        pairwise_judge=PairwiseLLMJudge(CallableTarget(judge)),
-    ).run(configs)
-    entries = report.summary["configs"]
+    def run(reference: str) -> dict:
+        configs = [FrozenAlone(), FixedTemplate(), FixedTemplate(name="template-picked")]
+        pairwise = PairwiseLLMJudge(CallableTarget(judge))
+        ev = Evaluator(
+            PROMPTS, echo_target(), {"len": length_judge()}, pairwise_judge=pairwise, reference=reference
+        )
+        return ev.run(configs).summary["configs"]
+
+    entries = run("frozen")
     assert len(judged) == 2 * len(PROMPTS)  # both orders, for template only
-    assert (
-        entries["template-picked"]["pairwise_llm_judge_vs_reference"]
-        == (entries["template"]["pairwise_llm_judge_vs_reference"])
+    verdict = entries["template"]["pairwise_llm_judge_vs_reference"]
+    assert entries["template-picked"]["pairwise_llm_judge_vs_reference"] == verdict
+    # The twin of the reference has the reference's answers: a tie everywhere, without asking the judge.
+    judged.clear()
+    entries = run("template")
+    assert len(judged) == 2 * len(PROMPTS)  # frozen is judged (both orders); template-picked is not
+    assert entries["template-picked"]["pairwise_llm_judge_vs_reference"]["win_rate"] == 0.5
+
+
+def test_a_subclass_with_the_same_key_is_not_merged():
+    class Shouting(FixedTemplate):  # builds its inputs differently, keeps the parent's key
+        def inputs(self, prompts):
+            return [[TargetInput(f"{x.upper()}\n\n{self.template}", self.template)] for x in prompts]
+
+    asked: list[str] = []
+    report = Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}).run(
+        [FrozenAlone(), FixedTemplate(), Shouting(name="shouting")]
     )
+    assert len(asked) == 3 * len(PROMPTS)
+    assert "same_inputs_as" not in report.summary["configs"]["shouting"]
 
 
 def test_a_twin_resumed_from_an_older_run_gets_its_sources_records(tmp_path):
@@ -556,7 +574,7 @@ def test_a_twin_resumed_from_an_older_run_gets_its_sources_records(tmp_path):
         FixedTemplate(template="Be brief."),
         FixedTemplate(template="Be brief.", name="template-picked"),
     ]
-    # Written as if by that older run: half the prompts, the other answer.
+    # Written as if by that older run: every prompt (so resuming finds the twin complete), the other answer.
     fp = older[2].fingerprint()
     ev._append(
         [
@@ -572,7 +590,7 @@ def test_a_twin_resumed_from_an_older_run_gets_its_sources_records(tmp_path):
                 "k": 1,
                 "fingerprint": fp,
             }
-            for i, x in enumerate(PROMPTS[:2])
+            for i, x in enumerate(PROMPTS)
         ]
     )
     report = ev.run(older)
@@ -605,14 +623,24 @@ def test_prompters_that_differ_in_settings_or_target_are_not_merged(tiny_lm_dir,
     assert not any("same_inputs_as" in e for e in report.summary["configs"].values())
 
 
-def test_a_prompter_on_another_device_or_dtype_does_not_resume_the_records(tiny_lm_dir, tmp_path):
+def test_a_prompter_in_another_dtype_does_not_resume_the_records(tiny_lm_dir, tmp_path):
     import torch
 
     sft, _ = _frozen_artifacts(tiny_lm_dir, tmp_path)
+    asked: list[str] = []
+
+    def run(prompter: Prompter) -> None:
+        Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval").run(
+            [FrozenAlone(), WithPrompter(prompter=prompter)]
+        )
+
+    run(sft)
+    assert len(asked) == 2 * len(PROMPTS)
+    run(Prompter.from_pretrained(tmp_path / "sft", device="cpu", similarity=None))  # the same: all resumed
+    assert len(asked) == 2 * len(PROMPTS)
     as_float64 = Prompter.from_pretrained(
         tmp_path / "sft", device="cpu", similarity=None, dtype=torch.float64
     )
     assert sft.behaviour_id != as_float64.behaviour_id
-    assert WithPrompter(prompter=sft).fingerprint() != WithPrompter(prompter=as_float64).fingerprint()
-    again = Prompter.from_pretrained(tmp_path / "sft", device="cpu", similarity=None)
-    assert WithPrompter(prompter=sft).fingerprint() == WithPrompter(prompter=again).fingerprint()
+    run(as_float64)  # other rewrites may follow: align-pro is answered again, frozen is resumed
+    assert len(asked) == 3 * len(PROMPTS)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -257,6 +258,29 @@ def test_behaviour_id_names_what_decides_the_rewrites(lora_artifact, tmp_path):
     custom = Prompter.from_pretrained(folder, device="cpu", similarity=lambda a, b: [1.0] * len(a))
     assert custom.behaviour_id is None
     custom.close()
+
+
+def test_behaviour_id_covers_the_tokenizer_the_prompter_loads(lora_artifact, tmp_path):
+    # The artifact has no tokenizer of its own, so the base folder's is loaded: its chat template decides the
+    # query text, and a base folder with the same weights but another template must not share the id.
+    pr, folder, base_dir = lora_artifact
+    assert not (folder / "tokenizer_config.json").exists()
+    other_base = Path(shutil.copytree(base_dir, tmp_path / "other-base"))
+    (other_base / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    )
+
+    def loaded(base: Path) -> Prompter:
+        return Prompter.from_pretrained(folder, base_model=str(base), device="cpu", similarity=None)
+
+    same, other = loaded(base_dir), loaded(other_base)
+    try:
+        assert other.format_query("hi") != same.format_query("hi")  # transformers did read the template
+        assert None not in (same.behaviour_id, other.behaviour_id)
+        assert same.behaviour_id != other.behaviour_id
+    finally:
+        same.close()
+        other.close()
 
 
 def test_zero_shot_artifact_has_no_adapter(tmp_path):
@@ -837,14 +861,42 @@ def test_sample_rewrites_with_greedy_settings_needs_k_of_one(prompter):
     assert [r.generated for r in row] == ["Give two examples."]
 
 
-def test_sample_rewrites_on_the_real_model_gives_k_distinct_guarded_candidates(prompter):
+def test_sample_rewrites_on_the_real_model_gives_k_sampled_guarded_candidates(prompter):
     # No mocks: transformers' generate with num_return_sequences=k and sampling on the tiny model.
+    torch.manual_seed(0)
     rows = prompter.sample_rewrites(PROMPTS[:2], 3, temperature=1.5, max_new_tokens=8)
     assert [len(row) for row in rows] == [3, 3]
     for prompt, row in zip(PROMPTS[:2], rows, strict=True):
         for r in row:
             assert_consistent(prompt, r, "augment")
             assert not (r.fallback_reason or "").startswith(guard.PROMPTER_ERROR)
+    # Sampled, not one greedy answer repeated: the raw generations of a prompt differ.
+    raws = prompter._generate_raw_per_batch(
+        [prompter.format_query(PROMPTS[0])],
+        replace(prompter.manifest.generation, do_sample=True, temperature=1.5),
+        3,
+    )[0]
+    assert isinstance(raws, list) and len({text for text, _ in raws}) > 1
+
+
+def test_sample_rewrites_falls_back_when_even_planning_the_calls_fails(prompter, monkeypatch):
+    def broken_plan(*args, **kwargs):
+        raise RuntimeError("Already borrowed")  # a fast tokenizer used from two threads at once
+
+    monkeypatch.setattr(prompter, "_plan_calls", broken_plan)
+    rows = prompter.sample_rewrites(PROMPTS[:2], 2)
+    assert [[r.text for r in row] for row in rows] == [[p, p] for p in PROMPTS[:2]]
+    assert all(r.fallback_reason == f"{guard.PROMPTER_ERROR}: Already borrowed" for row in rows for r in row)
+
+    def short_call(queries, settings, num_return_sequences):
+        return []  # fewer rows than queries: a broken backend, not a reason to raise
+
+    monkeypatch.undo()
+    prompter._generate_call = short_call  # type: ignore[method-assign]
+    (row,) = prompter.sample_rewrites(PROMPTS[:1], 2)
+    assert [r.text for r in row] == [PROMPTS[0]] * 2 and "0 rows for 1 queries" in (
+        row[0].fallback_reason or ""
+    )
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.0, True, "3"])
