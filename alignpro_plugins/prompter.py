@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -254,32 +254,34 @@ class Prompter:
     ) -> list[list[tuple[str, bool]]]:
         """Batched generation on formatted queries: per query, ``num_return_sequences`` (text, hit_limit)."""
         settings = settings or self.manifest.generation
-        if not queries:
-            return []
-        results: list[list[tuple[str, bool]]] = [[] for _ in queries]
-        for idx in self._plan_calls(queries, settings, num_return_sequences):
-            rows = self._generate_call([queries[i] for i in idx], settings, num_return_sequences)
-            for i, row in zip(idx, rows, strict=True):
-                results[i] = row
-        return results
+        return cast(
+            list[list[tuple[str, bool]]], self._generate_rows(queries, settings, num_return_sequences)
+        )
 
-    def _plan_calls(
-        self, queries: Sequence[str], settings: GenerationDefaults, num_return_sequences: int
-    ) -> list[list[int]]:
-        # Calls grouped by query length so that few rows are padded far (see plan_batches); callers restore order.
-        lengths = [len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]]
-        return plan_batches(lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences)
-
-    def _generate_raw_per_batch(
-        self, queries: Sequence[str], settings: GenerationDefaults, num_return_sequences: int
+    def _generate_rows(
+        self,
+        queries: Sequence[str],
+        settings: GenerationDefaults,
+        num_return_sequences: int,
+        *,
+        per_batch_errors: bool = False,
     ) -> list[list[tuple[str, bool]] | Exception]:
-        """:meth:`generate_raw`, but a failing batch fails only its own queries (their entry is the error)."""
+        """Per query, its rows; with ``per_batch_errors`` a failing call fails only its own queries (their
+        entry is the error, the other calls still run) instead of raising."""
         if not queries:
             return []
         results: list[list[tuple[str, bool]] | Exception] = [[] for _ in queries]
         try:
-            plan = self._plan_calls(queries, settings, num_return_sequences)
+            # Calls grouped by query length so that few rows are padded far (see plan_batches); order restored.
+            lengths = [
+                len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]
+            ]
+            plan = plan_batches(
+                lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences
+            )
         except Exception as exc:  # e.g. the tokenizer failed: every query falls back
+            if not per_batch_errors:
+                raise
             logger.warning("prompter generation failed (%s); passing %d prompts through", exc, len(queries))
             return [exc] * len(queries)
         for idx in plan:
@@ -290,6 +292,8 @@ class Prompter:
                 if len(rows) != len(idx):
                     raise RuntimeError(f"generate returned {len(rows)} rows for {len(idx)} queries")
             except Exception as exc:  # the other batches' candidates still count
+                if not per_batch_errors:
+                    raise
                 logger.warning("prompter generation failed (%s); passing %d prompts through", exc, len(idx))
                 rows = [exc] * len(idx)
             for i, row in zip(idx, rows, strict=True):
@@ -475,7 +479,7 @@ class Prompter:
         prechecked = [self._precheck(p, mode) for p in prompts]
         todo = [i for i, pre in enumerate(prechecked) if pre is None]
         queries = [self.format_query(prompts[i], mode) for i in todo]
-        rows = dict(zip(todo, self._generate_raw_per_batch(queries, settings, k), strict=True))
+        rows = dict(zip(todo, self._generate_rows(queries, settings, k, per_batch_errors=True), strict=True))
         out: list[list[RewriteResult]] = []
         for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True)):
             row = rows.get(i)

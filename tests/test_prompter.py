@@ -871,7 +871,7 @@ def test_sample_rewrites_on_the_real_model_gives_k_sampled_guarded_candidates(pr
             assert_consistent(prompt, r, "augment")
             assert not (r.fallback_reason or "").startswith(guard.PROMPTER_ERROR)
     # Sampled, not one greedy answer repeated: the raw generations of a prompt differ.
-    raws = prompter._generate_raw_per_batch(
+    raws = prompter.generate_raw(
         [prompter.format_query(PROMPTS[0])],
         replace(prompter.manifest.generation, do_sample=True, temperature=1.5),
         3,
@@ -883,7 +883,9 @@ def test_sample_rewrites_falls_back_when_even_planning_the_calls_fails(prompter,
     def broken_plan(*args, **kwargs):
         raise RuntimeError("Already borrowed")  # a fast tokenizer used from two threads at once
 
-    monkeypatch.setattr(prompter, "_plan_calls", broken_plan)
+    import alignpro_plugins.prompter as prompter_module
+
+    monkeypatch.setattr(prompter_module, "plan_batches", broken_plan)
     rows = prompter.sample_rewrites(PROMPTS[:2], 2)
     assert [[r.text for r in row] for row in rows] == [[p, p] for p in PROMPTS[:2]]
     assert all(r.fallback_reason == f"{guard.PROMPTER_ERROR}: Already borrowed" for row in rows for r in row)
