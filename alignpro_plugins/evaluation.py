@@ -25,7 +25,7 @@ from alignpro_plugins import stats
 from alignpro_plugins.gate import retry_threshold  # noqa: F401 - re-exported: it sets GatedRetry.threshold
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
-from alignpro_plugins.rewards import RewardFunction, prompts_trained_on
+from alignpro_plugins.rewards import RewardFunction, judge_identity, prompts_trained_on
 from alignpro_plugins.targets import FrozenTarget, append_jsonl, read_jsonl_rows
 
 logger = logging.getLogger(__name__)
@@ -282,8 +282,20 @@ class Evaluator:
     def _records_path(self) -> Path | None:
         return self.out_dir / "records.jsonl" if self.out_dir else None
 
+    def _fingerprint(self, cfg: Configuration) -> str:
+        """What a record of ``cfg`` depends on: its setup, the target that answers it and every judge.
+
+        A record answered by another shared target (model, URL, answer cap) or scored by another judge under the
+        same name (a reward model retrained in place has new weights) must not be resumed.
+        """
+        parts = [cfg.fingerprint()]
+        if cfg.target is None:  # a configuration with its own target has it in cfg.fingerprint()
+            parts += [self.target.identity, json.dumps(self.target.settings, sort_keys=True, default=str)]
+        parts += [f"{name}={judge_identity(judge)}" for name, judge in sorted(self.judges.items())]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
     def _load_done(self, fingerprints: dict[str, str]) -> dict[tuple[str, int], dict]:
-        """Records of an earlier run that still apply: same configuration setup, same prompt, same judges.
+        """Records of an earlier run that still apply: same configuration setup, target and judges, same prompt.
 
         Matched by prompt text, not position, so a grown or reordered prompt set reuses every record it can.
         """
@@ -326,7 +338,7 @@ class Evaluator:
         return flat, answers, scores
 
     def _run_config(self, cfg: Configuration, done: dict) -> list[dict]:
-        fingerprint = cfg.fingerprint()
+        fingerprint = self._fingerprint(cfg)
         todo = [i for i in range(len(self.prompts)) if (cfg.name, i) not in done]
         target = cfg.target or self.target
         rows = [done[(cfg.name, i)] for i in range(len(self.prompts)) if (cfg.name, i) in done]
@@ -377,7 +389,7 @@ class Evaluator:
         (Records are matched by prompt text: a prompt listed twice resumes with its last record at both places.)
         """
         logger.info("%s: same inputs as %s; its answers and rewards are reused", cfg.name, source)
-        fingerprint = cfg.fingerprint()
+        fingerprint = self._fingerprint(cfg)
         rows = [r | {"config": cfg.name, "fingerprint": fingerprint} for r in source_rows]
         self._append([r for r in rows if done.get((cfg.name, r["idx"])) != r])
         return rows
@@ -395,7 +407,7 @@ class Evaluator:
             raise ValueError(f"configuration names must be unique, got {names}")
         if self.reference not in names:
             raise ValueError(f"the reference configuration {self.reference!r} is not among {names}")
-        done = self._load_done({c.name: c.fingerprint() for c in configs})
+        done = self._load_done({c.name: self._fingerprint(c) for c in configs})
         by_config: dict[str, list[dict]] = {}
         first_with: dict[str, str] = {}  # same-inputs key -> the configuration that was answered
         same_as: dict[str, str] = {}

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from alignpro_plugins.manifest import weights_hash
 from alignpro_plugins.models import resolve_model
 
 REWARD_MANIFEST = "alignpro_reward.json"
@@ -33,6 +34,12 @@ def prompts_trained_on(reward: Any, prompts: Sequence[str]) -> int | None:
         return None
     seen = set(digests)
     return sum(prompt_digest(x) in seen for x in prompts)
+
+
+def judge_identity(judge: Any) -> str:
+    """What records and caches know a judge by: its ``identity``, or a plain callable's qualified name."""
+    identity = getattr(judge, "identity", None)
+    return str(identity) if identity else getattr(judge, "__qualname__", type(judge).__qualname__)
 
 
 class RewardFunction(ABC):
@@ -101,10 +108,15 @@ class RewardModel(RewardFunction):
         self.max_length = max_length or meta.get("max_length", 256)
         self.max_prompt_length = max_prompt_length or meta.get("max_prompt_length", 96)
         self._lock = threading.Lock()
+        # The weights, not only the path: a reward model retrained in place is another judge.
+        try:
+            self._weights: str | None = weights_hash(resolved).removeprefix("sha256:")[:12]
+        except (FileNotFoundError, NotADirectoryError):  # a hub id: transformers keeps it elsewhere
+            self._weights = None
 
     @property
     def identity(self) -> str:
-        return f"reward-model:{self.path}"
+        return f"reward-model:{self.path}" + (f"@{self._weights}" if self._weights else "")
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:

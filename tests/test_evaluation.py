@@ -322,6 +322,49 @@ def test_resume_ignores_records_of_a_changed_configuration(tmp_path):
     assert all(r["input"].endswith("Be thorough.") for r in report.records if r["config"] == "template")
 
 
+def test_resume_ignores_records_of_another_target_or_judge(tmp_path):
+    calls = []
+
+    def target(x):
+        calls.append(x)
+        return x
+
+    def run(target_name: str, judge: CallableReward):
+        return Evaluator(
+            PROMPTS, CallableTarget(target, name=target_name), {"reward": judge}, out_dir=tmp_path
+        ).run([FrozenAlone()])
+
+    run("model-a", length_judge())
+    run("model-a", length_judge())
+    assert len(calls) == len(PROMPTS)  # the same target and judge: every record resumed
+    run("model-b", length_judge())
+    assert len(calls) == 2 * len(PROMPTS)  # another target answered: none of model-a's records apply
+    words = CallableReward(lambda ps, ans: [float(len(a.split())) for a in ans], name="words")
+    report = run("model-b", words)
+    assert len(calls) == 3 * len(PROMPTS)  # another judge under the same name: scored afresh
+    assert [r["rewards"]["reward"] for r in report.records] == [float(len(x.split())) for x in PROMPTS]
+
+
+def test_a_reward_model_retrained_in_place_is_another_judge(tiny_encoder_dir, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignpro_plugins.rewards import RewardModel
+
+    folder = tmp_path / "reward"
+    shutil.copytree(tiny_encoder_dir, folder)
+    before = RewardModel(str(folder)).identity
+    assert RewardModel(str(folder)).identity == before  # the same weights: the same judge
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    model.save_pretrained(str(folder))  # what a second reward stage with the same output_dir does
+    after = RewardModel(str(folder))
+    assert after.identity != before and after.identity.startswith(f"reward-model:{folder}@")
+
+
 def test_bootstrap_library_contains_the_template_baseline():
     # Training starts where the `template` baseline is: its instruction is one of the bootstrap's candidates.
     from trainers.sft_config import AlignProSFTConfig
@@ -575,7 +618,7 @@ def test_a_twin_resumed_from_an_older_run_gets_its_sources_records(tmp_path):
         FixedTemplate(template="Be brief.", name="template-picked"),
     ]
     # Written as if by that older run: every prompt (so resuming finds the twin complete), the other answer.
-    fp = older[2].fingerprint()
+    fp = ev._fingerprint(older[2])
     ev._append(
         [
             {
@@ -598,7 +641,7 @@ def test_a_twin_resumed_from_an_older_run_gets_its_sources_records(tmp_path):
     assert [r["answer"] for r in rows["template-picked"]] == [r["answer"] for r in rows["template"]]
     assert report.summary["configs"]["template-picked"]["same_inputs_as"] == "template"
     # The file agrees with the report: resuming reads the copies (the last line per cell wins).
-    resumed = ev._load_done({c.name: c.fingerprint() for c in older})
+    resumed = ev._load_done({c.name: ev._fingerprint(c) for c in older})
     assert [resumed[("template-picked", i)]["answer"] for i in range(len(PROMPTS))] == [
         r["answer"] for r in rows["template"]
     ]

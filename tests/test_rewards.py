@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+from alignpro_plugins.manifest import weights_hash
 from alignpro_plugins.rewards import (
     REWARD_MANIFEST,
     CallableReward,
@@ -42,7 +43,8 @@ def test_reward_model_scores_each_pair(reward_model):
     assert len(scores) == len(PROMPTS) and all(isinstance(s, float) and math.isfinite(s) for s in scores)
     assert scores == pytest.approx(manual_scores(reward_model, PROMPTS, ANSWERS), abs=1e-6)
     assert len(set(scores)) == len(scores)  # the tiny random head still tells the pairs apart
-    assert reward_model.identity == f"reward-model:{reward_model.path}"
+    weights = weights_hash(reward_model.path).removeprefix("sha256:")[:12]
+    assert reward_model.identity == f"reward-model:{reward_model.path}@{weights}"
 
 
 def test_reward_model_scores_do_not_depend_on_batching_or_order(tiny_encoder_dir, reward_model):
