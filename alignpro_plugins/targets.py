@@ -9,6 +9,7 @@ and logged, and yields an empty answer instead of crashing a training run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from alignpro_plugins.batching import plan_batches
+from alignpro_plugins.manifest import weights_hash
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -166,12 +168,16 @@ class TransformersTarget(FrozenTarget):
         super().__init__()
         from alignpro_plugins.prompter import _select_device, _select_dtype, load_causal_lm
 
+        self._weights: str | None = None
         if isinstance(model, str):
             dev = _select_device(device)
-            self.model, self.tokenizer, _ = load_causal_lm(
+            self.model, self.tokenizer, path = load_causal_lm(
                 model, device=dev, dtype=_select_dtype("auto", dev)
             )
             self._name = name or model
+            # Cached answers are keyed by identity: a folder whose weights change in place is another target.
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # a hub id: no folder to hash
+                self._weights = weights_hash(path).removeprefix("sha256:")[:12]
         else:
             if tokenizer is None:
                 raise TypeError("TransformersTarget(model=<PreTrainedModel>) also needs tokenizer=...")
@@ -188,7 +194,7 @@ class TransformersTarget(FrozenTarget):
 
     @property
     def identity(self) -> str:
-        return f"transformers:{self._name}"
+        return f"transformers:{self._name}" + (f"@{self._weights}" if self._weights else "")
 
     @property
     def settings(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from alignpro_plugins.manifest import weights_hash
 from alignpro_plugins.targets import (
     CachedTarget,
     CallableTarget,
@@ -100,9 +101,31 @@ async def test_transformers_target_async_matches_sync(varied):
 def test_transformers_target_from_a_folder(tiny_lm_dir):
     target = as_target(tiny_lm_dir, max_new_tokens=4, device="cpu")
     assert isinstance(target, TransformersTarget)
-    assert target.identity == f"transformers:{tiny_lm_dir}"
+    weights = weights_hash(tiny_lm_dir).removeprefix("sha256:")[:12]
+    assert target.identity == f"transformers:{tiny_lm_dir}@{weights}"
     answers = target(["hello", "world"])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_a_target_folder_changed_in_place_does_not_answer_from_the_old_cache(tiny_lm_dir, tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "target"
+    shutil.copytree(tiny_lm_dir, folder)
+    cache = tmp_path / "cache.jsonl"
+    before = CachedTarget(TransformersTarget(str(folder), max_new_tokens=4, device="cpu"), cache)
+    before(["hello"])
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    model.save_pretrained(str(folder))  # e.g. a target fine-tuned and saved over its folder
+    after = CachedTarget(TransformersTarget(str(folder), max_new_tokens=4, device="cpu"), cache)
+    assert after.identity != before.identity
+    after(["hello"])
+    assert after.stats.cache_hits == 0 and after.stats.calls == 1  # answered, not read from the cache
 
 
 def test_transformers_target_says_which_answers_were_cut_at_the_cap(varied):
