@@ -10,6 +10,8 @@ artifacts exist are reused, so an interrupted run resumes.
 
     python benchmarks/run_benchmark.py            # standard budget, about 2.5 hours of stages on 2 CPU cores (resumable)
     python benchmarks/run_benchmark.py --quick    # every stage at smoke size, about 11 minutes
+    bash scripts/serve_vllm.sh &                  # optional: the frozen target's answers from a vLLM server
+    python benchmarks/run_benchmark.py --quick --target-base-url http://127.0.0.1:8080/v1 --out runs/bench-quick-vllm
 """
 
 from __future__ import annotations
@@ -204,10 +206,37 @@ BUDGETS = {
 
 
 def target_args(budget: dict) -> dict:
-    """The frozen target as every training stage sees it (the packaged SmolLM2, short answers, big batches)."""
+    """The frozen target as every training stage sees it (the packaged SmolLM2, short answers, big batches), or
+    the OpenAI-compatible server the run was given (``--target-base-url``)."""
+    if budget.get("target_base_url"):
+        return dict(
+            target_base_url=budget["target_base_url"],
+            target_model_name=budget["target_model_name"],
+            target_max_new_tokens=budget["target_tokens"],
+            target_concurrency=SERVED_CONCURRENCY,
+        )
     return dict(
         target="smollm2-135m-instruct", target_max_new_tokens=budget["target_tokens"], target_batch_size=32
     )
+
+
+# Requests in flight to a served target: vLLM batches them (bench_target_backends.py measured 32 here).
+SERVED_CONCURRENCY = 32
+
+
+def frozen_target(budget: dict, max_new_tokens: int):
+    """The frozen target with this answer cap: the packaged SmolLM2 in process, or the run's server."""
+    from alignpro_plugins.targets import OpenAICompatibleTarget, TransformersTarget
+
+    if budget.get("target_base_url"):
+        return OpenAICompatibleTarget(
+            budget["target_base_url"],
+            budget["target_model_name"],
+            max_tokens=max_new_tokens,
+            concurrency=SERVED_CONCURRENCY,
+            timeout=600,
+        )
+    return TransformersTarget("smollm2-135m-instruct", max_new_tokens=max_new_tokens, batch_size=32)
 
 
 def sft_library(budget: dict) -> list[str]:
@@ -438,11 +467,10 @@ def oracle_target(adapter: Path, cache: Path, max_new_tokens: int):
 
 def eval_target(out: Path, budget: dict, cache: Path | None = None):
     """The frozen target as evaluation sees it; scripts share the answers cached under out/eval/ by default."""
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+    from alignpro_plugins.targets import CachedTarget
 
     return CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["eval_tokens"], batch_size=32),
-        cache or out / "eval" / "target_cache.jsonl",
+        frozen_target(budget, budget["eval_tokens"]), cache or out / "eval" / "target_cache.jsonl"
     )
 
 
@@ -473,12 +501,9 @@ def bootstrap_answers(out: Path, budget: dict) -> list[tuple[str, list[dict]]]:
     Candidates whose answer is not in the SFT stage's answer cache are left out.
     """
     from alignpro_plugins.prompter import compose
-    from alignpro_plugins.targets import CachedTarget, TransformersTarget
+    from alignpro_plugins.targets import CachedTarget
 
-    cache = CachedTarget(
-        TransformersTarget("smollm2-135m-instruct", max_new_tokens=budget["target_tokens"], batch_size=32),
-        out / "sft" / "target_cache.jsonl",
-    )
+    cache = CachedTarget(frozen_target(budget, budget["target_tokens"]), out / "sft" / "target_cache.jsonl")
     rows = []
     for row in map(json.loads, (out / "sft" / "bootstrap.jsonl").read_text().splitlines()):
         x, found = row["prompt"], []
@@ -699,6 +724,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="artifact folder (default runs/bench or runs/bench-quick)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
+        "--target-base-url",
+        default=None,
+        help="answer as the frozen target from this OpenAI-compatible server (e.g. scripts/serve_vllm.sh's "
+        "http://127.0.0.1:8080/v1) instead of in process; the RLHF oracle stays local, so serve fp32",
+    )
+    ap.add_argument("--target-model-name", default="smollm2", help="the model name the server serves")
+    ap.add_argument(
         "--rl-algorithm",
         choices=["kl-optimum", "grpo"],
         default="kl-optimum",
@@ -714,7 +746,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     q = args.quick
-    budget = BUDGETS["quick" if q else "standard"]
+    budget = dict(BUDGETS["quick" if q else "standard"])
+    if args.target_base_url:  # in the budget, so every stage and the report's header see it
+        budget |= dict(target_base_url=args.target_base_url, target_model_name=args.target_model_name)
     out = Path(args.out or ("runs/bench-quick" if q else "runs/bench"))
     out.mkdir(parents=True, exist_ok=True)
     # Stage times survive an interrupted run, so the report of a resumed run still has all of them.
