@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignpro_plugins import batching  # noqa: E402
-from benchmarks.run_benchmark import DATA, EVAL_SETS, machine, publish  # noqa: E402
+from benchmarks.run_benchmark import first_eval_prompts, machine, publish  # noqa: E402
 
 FEWEST_CALLS = 1e12  # a call cost so high that the plan is the fewest calls (the baseline)
 
@@ -80,17 +80,10 @@ def main() -> None:
     ap.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/benchmarks.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from alignpro_plugins.data import load_prompts
     from alignpro_plugins.prompter import Prompter
     from alignpro_plugins.targets import TransformersTarget
 
-    prompts = [
-        x
-        for name in EVAL_SETS
-        for x in load_prompts(
-            str(DATA / name), field="instruction", context_field="context", limit=args.per_set
-        )
-    ]
+    prompts = first_eval_prompts(args.per_set)
     t0 = time.time()
     target = TransformersTarget("smollm2-135m-instruct", max_new_tokens=128, batch_size=32)
     texts = [target.format(x) for x in prompts]

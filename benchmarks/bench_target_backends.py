@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import DATA, EVAL_SETS, machine, publish  # noqa: E402
+from benchmarks.run_benchmark import first_eval_prompts, machine, publish  # noqa: E402
 
 SERVED_NAME = "smollm2"
 
@@ -135,18 +135,11 @@ def main() -> None:
             f"no vLLM environment at {args.vllm_python}: run `bash scripts/serve_vllm.sh --install-only`"
         )
     torch.set_num_threads(args.threads)
-    from alignpro_plugins.data import load_prompts
     from alignpro_plugins.evaluation import answer_words
     from alignpro_plugins.models import resolve_model
     from alignpro_plugins.targets import OpenAICompatibleTarget, TransformersTarget
 
-    prompts = [
-        x
-        for name in EVAL_SETS
-        for x in load_prompts(
-            str(DATA / name), field="instruction", context_field="context", limit=args.per_set
-        )
-    ]
+    prompts = first_eval_prompts(args.per_set)
     t0 = time.time()
     rows: list[str] = []
 

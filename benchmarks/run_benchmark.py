@@ -627,9 +627,13 @@ def judges(out: Path, reward: Path | None = None) -> dict:
 
 def eval_prompts(budget: dict) -> list[str]:
     """The held-out evaluation prompts: the first n of dolly_eval and of self_instruct_eval (never trained on)."""
+    return first_eval_prompts(budget["eval_per_set"])
+
+
+def first_eval_prompts(n: int) -> list[str]:
+    """The first n prompts (with context) of dolly_eval, then the first n of self_instruct_eval."""
     from alignpro_plugins.data import load_prompts
 
-    n = budget["eval_per_set"]
     return [
         x
         for name in EVAL_SETS
