@@ -742,6 +742,22 @@ def test_grpo_accepts_kl_options_left_at_their_defaults(tmp_path):
     assert cfg.algorithm == "grpo"
 
 
+@pytest.mark.parametrize("enabled", [False, True])
+def test_configs_set_checkpointing_without_the_deprecation_warning(enabled, tmp_path):
+    """transformers 5 warns on every config that sets `gradient_checkpointing`; ours carry it over silently."""
+    import warnings
+
+    from trainers.oracle_config import RLHFOracleConfig
+
+    for cls in (AlignProSFTConfig, AlignProRLConfig, AlignProRewardConfig, RLHFOracleConfig):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            cfg = cls(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=enabled)
+        assert cfg.gradient_checkpointing is enabled, cls.__name__
+        assert getattr(cfg, "activation_checkpointing", enabled) is enabled, cls.__name__
+        assert cfg.dataloader_pin_memory is torch.cuda.is_available(), cls.__name__  # torch warns on CPU
+
+
 def test_oracle_beta_error_says_why_and_what_to_set(tmp_path):
     from trainers.oracle_config import RLHFOracleConfig
 

@@ -27,8 +27,28 @@ def apply_hardware_defaults(cfg: Any) -> None:
     if not has_cuda():
         cfg.bf16 = False
         cfg.fp16 = False
+        cfg.dataloader_pin_memory = False  # nothing to pin to; torch warns on every DataLoader otherwise
     if getattr(cfg, "report_to", None) in (None, "all", ["all"]):
         cfg.report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    adopt_activation_checkpointing(cfg)
+
+
+def adopt_activation_checkpointing(cfg: Any) -> None:
+    """Carry `gradient_checkpointing` over to transformers 5's `activation_checkpointing` (call before __post_init__).
+
+    transformers 5 keeps the old name as an alias but warns on every config that sets it, and TRL's configs set it
+    by default; moving the value to the new name keeps both spellings working without the warning. On
+    transformers 4 there is no new name and this does nothing.
+    """
+    if hasattr(cfg, "activation_checkpointing") and cfg.activation_checkpointing is None:
+        cfg.activation_checkpointing = bool(cfg.gradient_checkpointing)
+
+
+def checkpointing_kwargs(config_cls: type, enabled: bool) -> dict[str, bool]:
+    """The keyword that sets activation checkpointing on `config_cls` (transformers 5's name where it exists)."""
+    names = {f.name for f in fields(config_cls)}
+    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {name: enabled}
 
 
 def check_kl_rounds(cfg: Any) -> None:

@@ -222,6 +222,8 @@ def distil_rows(
     import datasets
     from trl import SFTConfig, SFTTrainer
 
+    from trainers.common import checkpointing_kwargs
+
     rows = tokenize_rows(tokenizer, rows)
     random.Random(cfg.seed).shuffle(rows)
     args = SFTConfig(
@@ -232,7 +234,6 @@ def distil_rows(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=False,
         report_to="none",
         logging_steps=5,
         save_strategy="no",
@@ -241,6 +242,8 @@ def distil_rows(
         seed=cfg.seed,
         disable_tqdm=cfg.disable_tqdm,
         use_cpu=cfg.use_cpu,
+        dataloader_pin_memory=cfg.dataloader_pin_memory,
+        **checkpointing_kwargs(SFTConfig, False),
     )
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
