@@ -44,7 +44,7 @@ def adopt_activation_checkpointing(cfg: Any) -> None:
         cfg.activation_checkpointing = bool(cfg.gradient_checkpointing)
 
 
-def checkpointing_kwargs(config_cls: type, enabled: bool) -> dict[str, bool]:
+def checkpointing_kwargs(config_cls: type, enabled: bool) -> dict[str, Any]:
     """The keyword that sets activation checkpointing on `config_cls` (transformers 5's name where it exists)."""
     names = {f.name for f in fields(config_cls)}
     name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
