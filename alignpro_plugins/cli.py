@@ -278,7 +278,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     else:
         inner = TransformersTarget(
-            args.target, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+            args.target,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            dtype=args.target_dtype,
         )
     target = CachedTarget(inner, out / "target_cache.jsonl")
     judges: dict[str, RewardFunction] = {"reward": RewardModel(args.judge)}
@@ -358,6 +361,8 @@ def _gated_retry(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alignpro_plugins.manifest import DTYPES
+
     parser = argparse.ArgumentParser(
         prog="alignpro", description="Align a frozen LLM by learning to rewrite its prompts."
     )
@@ -396,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="frozen target (name/path, or model name with --target-base-url)",
     )
     p.add_argument("--target-base-url", help="OpenAI-compatible endpoint serving --target")
+    p.add_argument(
+        "--target-dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="a local target's dtype (auto: bf16 on a GPU that supports it, else fp32); bfloat16 is faster on CPUs "
+        "with native bf16 but gives other answers",
+    )
     p.add_argument("--target-concurrency", type=int, default=8, help="concurrent requests to the endpoint")
     p.add_argument(
         "--target-api-key-env",

@@ -20,6 +20,7 @@ from alignpro_plugins.guard import GuardConfig
 FORMAT_VERSION = 1
 MANIFEST_NAME = "alignpro.json"
 MODES = ("augment", "rewrite")
+DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` accepts besides "auto" and a torch.dtype
 
 DEFAULT_SYSTEM = "You improve requests that users send to an AI assistant. You never answer them yourself."
 DEFAULT_INSTRUCTIONS = {

@@ -21,11 +21,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from alignpro_plugins.batching import plan_batches
 from alignpro_plugins.manifest import weights_hash
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,7 +154,12 @@ class FrozenTarget(ABC):
 
 
 class TransformersTarget(FrozenTarget):
-    """A local causal LM answering through its chat template; batched, greedy by default."""
+    """A local causal LM answering through its chat template; batched, greedy by default.
+
+    ``dtype="auto"`` loads bf16 on a CUDA GPU that supports it and fp32 elsewhere. ``"bfloat16"`` on a CPU with
+    native bf16 (AMX, recent Xeons) answers faster, but the answers are another model's: compare before you
+    switch (benchmarks/bench_target_backends.py). The dtype is part of the answer cache's key.
+    """
 
     def __init__(
         self,
@@ -163,6 +171,7 @@ class TransformersTarget(FrozenTarget):
         batch_size: int = 16,
         system_prompt: str | None = None,
         device: str | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
         name: str | None = None,
     ) -> None:
         super().__init__()
@@ -172,7 +181,7 @@ class TransformersTarget(FrozenTarget):
         if isinstance(model, str):
             dev = _select_device(device)
             self.model, self.tokenizer, path = load_causal_lm(
-                model, device=dev, dtype=_select_dtype("auto", dev)
+                model, device=dev, dtype=_select_dtype(dtype, dev)
             )
             self._name = name or model
             # Cached answers are keyed by identity: a folder whose weights change in place is another target.
@@ -198,11 +207,14 @@ class TransformersTarget(FrozenTarget):
 
     @property
     def settings(self) -> dict[str, Any]:
+        # Another dtype gives other answers, so it is part of the cache key; fp32 (the CPU default) leaves the key
+        # as it always was, so existing caches stay valid.
+        dtype = str(getattr(self.model, "dtype", "torch.float32")).removeprefix("torch.")
         return {
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "system": self.system_prompt,
-        }
+        } | ({} if dtype == "float32" else {"dtype": dtype})
 
     def format(self, prompt: str) -> str:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [

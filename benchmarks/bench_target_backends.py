@@ -5,8 +5,9 @@ search, evaluation). The trainers and the evaluator take any OpenAI-compatible e
 (``target_base_url`` / ``OpenAICompatibleTarget``), so a batching server is a drop-in. This script answers the
 same prompts, greedy, with the same answer cap:
 
-- ``transformers``: ``TransformersTarget`` in this process (fp32, batches of 32 planned by prompt length), what
-  every stage does by default;
+- ``transformers <dtype>``: ``TransformersTarget`` in this process (batches of 32 planned by prompt length); fp32
+  is what every stage does by default on a CPU and the reference the others are compared with, bf16
+  (``target_dtype: bfloat16``) is the in-process option for CPUs with native bf16 (AMX);
 - ``vllm <dtype>``: ``OpenAICompatibleTarget`` against ``python -m vllm.entrypoints.openai.api_server`` serving
   the packaged SmolLM2's safetensors copy, ``--concurrency`` requests in flight; the server is started and stopped
   here, and its start-up time is reported apart.
@@ -19,6 +20,7 @@ vLLM pins its own torch and transformers, so it lives in its own virtual environ
     bash scripts/serve_vllm.sh --install-only                 # creates .venv-vllm (about 2 minutes, 3.4 GB)
     python benchmarks/bench_target_backends.py                # 64 prompts, ~10 minutes here
     python benchmarks/bench_target_backends.py --per-set 8 --dtypes float32 --no-docs
+    python benchmarks/bench_target_backends.py --dtypes                 # in process only (no vLLM)
 """
 
 from __future__ import annotations
@@ -105,6 +107,15 @@ def vllm_server(python: str, model_dir: str, dtype: str, log: Path, start_timeou
             proc.wait()
 
 
+def cpu_bf16_flags() -> str:
+    """The CPU's native-bf16 flags (AMX, AVX512-BF16), which decide whether bf16 is fast without a GPU."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return " ".join(f for f in line.split() if f in ("amx_bf16", "amx_tile", "avx512_bf16"))
+    return ""
+
+
 def timed(fn, repeats: int) -> tuple[float, list[str]]:
     """The fastest of ``repeats`` timings of fn() and its (last) output."""
     best, out = float("inf"), []
@@ -123,14 +134,23 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128, help="answer cap (evaluation uses 128)")
     ap.add_argument("--concurrency", type=int, default=32, help="requests in flight to the server")
     ap.add_argument(
-        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="vLLM --dtype values to measure"
+        "--dtypes",
+        nargs="*",
+        default=["float32", "bfloat16"],
+        help="vLLM --dtype values to measure (none: skip)",
+    )
+    ap.add_argument(
+        "--local-dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        help="in-process dtypes to measure; the first is the reference",
     )
     ap.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     ap.add_argument("--repeats", type=int, default=2, help="timings of each backend; the fastest is kept")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/benchmarks.md")
     args = ap.parse_args()
-    if not Path(args.vllm_python).exists():
+    if args.dtypes and not Path(args.vllm_python).exists():
         sys.exit(
             f"no vLLM environment at {args.vllm_python}: run `bash scripts/serve_vllm.sh --install-only`"
         )
@@ -151,12 +171,19 @@ def main() -> None:
             f"{same}/{len(ref)} | {extra} |"
         )
 
-    local = TransformersTarget(
-        "smollm2-135m-instruct", max_new_tokens=args.max_new_tokens, batch_size=32, device="cpu"
-    )
-    base, ref = timed(lambda t=local: t.generate(prompts), args.repeats)
-    rows.append(row("transformers (fp32, in process, batch 32)", base, ref, ref, base, "—"))
-    del local  # the server needs the cores and the memory
+    base, ref = 0.0, []
+    for dtype in args.local_dtypes:
+        local = TransformersTarget(
+            "smollm2-135m-instruct",
+            max_new_tokens=args.max_new_tokens,
+            batch_size=32,
+            device="cpu",
+            dtype=dtype,
+        )
+        seconds, answers = timed(lambda t=local: t.generate(prompts), args.repeats)
+        base, ref = (seconds, answers) if not ref else (base, ref)
+        rows.append(row(f"transformers {dtype} (in process, batch 32)", seconds, answers, ref, base, "—"))
+        del local  # the server needs the cores and the memory
     model_dir = resolve_model("smollm2-135m-instruct")
     for dtype in args.dtypes:
         log = ROOT / "runs" / "bench-backends" / f"vllm-{dtype}.log"
@@ -188,8 +215,9 @@ def main() -> None:
         f"- prompts: the first {args.per_set} of dolly_eval and of self_instruct_eval (with context), "
         f"{len(prompts)} in all; greedy, at most {args.max_new_tokens} new tokens, SmolLM2-135M-Instruct",
         f"- {args.repeats} timing(s) of each backend, the fastest kept; the server's start-up is not in its time",
+        f"- CPU bf16 support (/proc/cpuinfo flags): {cpu_bf16_flags() or 'none'}",
         "",
-        "| backend | seconds | words/s | speed-up | answers identical to transformers' | notes |",
+        "| backend | seconds | words/s | speed-up | answers identical to the first row's | notes |",
         "|---|---|---|---|---|---|",
         *rows,
     ]

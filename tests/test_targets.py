@@ -128,6 +128,30 @@ def test_a_target_folder_changed_in_place_does_not_answer_from_the_old_cache(tin
     assert after.stats.cache_hits == 0 and after.stats.calls == 1  # answered, not read from the cache
 
 
+def test_transformers_target_dtype_loads_the_model_so_and_keys_the_cache(tiny_lm_dir, tmp_path):
+    import torch
+
+    from trainers.common import TargetArguments, build_target
+
+    fp32 = TransformersTarget(tiny_lm_dir, max_new_tokens=4, device="cpu", dtype="float32")
+    bf16 = TransformersTarget(tiny_lm_dir, max_new_tokens=4, device="cpu", dtype="bfloat16")
+    assert fp32.model.dtype == torch.float32 and bf16.model.dtype == torch.bfloat16
+    assert "dtype" not in fp32.settings  # fp32 keeps the key caches were written under
+    assert bf16.settings == fp32.settings | {"dtype": "bfloat16"}
+    cache = tmp_path / "cache.jsonl"
+    CachedTarget(fp32, cache)(["hello"])
+    cached_bf16 = CachedTarget(bf16, cache)
+    assert len(cached_bf16(["hello"])) == 1
+    assert cached_bf16.stats.cache_hits == 0  # an fp32 answer is not a bf16 one
+    with pytest.raises(ValueError, match=r"dtype must be 'auto' or one of .*'bfloat16'.*got 'bf16'"):
+        TransformersTarget(tiny_lm_dir, device="cpu", dtype="bf16")
+
+    args = TargetArguments(target=tiny_lm_dir, target_dtype="bfloat16")
+    assert build_target(args, str(tmp_path)).target.model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="target_dtype must be 'auto' or one of"):
+        TargetArguments(target=tiny_lm_dir, target_dtype="half")
+
+
 def test_transformers_target_says_which_answers_were_cut_at_the_cap(varied):
     model, tok = varied
     target = TransformersTarget(model, tok, max_new_tokens=4, batch_size=4, name="varied")

@@ -167,6 +167,13 @@ class TargetArguments:
     target_batch_size: int = field(
         default=16, metadata={"help": "Batch size for a local target's generation."}
     )
+    target_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "A local target's dtype: auto (bf16 on a GPU that supports it, else fp32), float32, bfloat16 "
+            "or float16. bfloat16 answers faster on CPUs with native bf16 (AMX) but gives other answers."
+        },
+    )
     target_concurrency: int = field(default=8, metadata={"help": "Concurrent requests to a remote target."})
     target_cache: str | None = field(
         default=None, metadata={"help": "jsonl answer cache; default <output_dir>/target_cache.jsonl"}
@@ -174,6 +181,12 @@ class TargetArguments:
 
     def __post_init__(self) -> None:
         # TrainingArguments.__post_init__ does not call super(): the stage configs call this explicitly.
+        from alignpro_plugins.manifest import DTYPES
+
+        if self.target_dtype not in ("auto", *DTYPES):
+            raise ValueError(
+                f"target_dtype must be 'auto' or one of {list(DTYPES)}, got {self.target_dtype!r}"
+            )
         if self.target_base_url and not self.target_model_name:
             raise ValueError(
                 f"target_base_url is set ({self.target_base_url}) but target_model_name is not: set "
@@ -207,7 +220,10 @@ def build_target(cfg: Any, output_dir: str):
         )
     else:
         inner = TransformersTarget(
-            cfg.target, max_new_tokens=cfg.target_max_new_tokens, batch_size=cfg.target_batch_size
+            cfg.target,
+            max_new_tokens=cfg.target_max_new_tokens,
+            batch_size=cfg.target_batch_size,
+            dtype=cfg.target_dtype,
         )
     return CachedTarget(inner, cfg.target_cache or target_cache_path(output_dir))
 
