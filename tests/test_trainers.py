@@ -114,6 +114,89 @@ def test_reward_stage_trains_and_reports_heldout_accuracy(tiny_encoder_dir, tmp_
     assert meta["heldout_pairwise_accuracy"] > 0.5  # trivially separable pairs are learned
 
 
+def _saved_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = [p for p in folder.glob("*.safetensors")]
+    return load_file(str(path))
+
+
+def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_the_same_config_trains_the_same_reward_model(tiny_encoder_dir, tmp_path):
+    """The score head is initialised before TRL's Trainer seeds anything: the stage seeds first."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from alignpro_plugins.data import PreferencePair
+
+    # A bare encoder (no score head saved), as sentence-embedding bases such as all-MiniLM-L6-v2 ship.
+    base = str(tmp_path / "encoder")
+    AutoModel.from_pretrained(tiny_encoder_dir).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny_encoder_dir).save_pretrained(base)
+    pairs = [PreferencePair(f"what is {i} ?", "a detailed answer with examples", "no") for i in range(24)]
+
+    def run(name):
+        cfg = AlignProRewardConfig(
+            output_dir=str(tmp_path / name),
+            base_model=base,
+            max_steps=2,
+            max_length=32,
+            **{k: v for k, v in TINY.items() if k not in ("target_max_new_tokens",)},
+        )
+        torch.manual_seed(len(name))  # whatever the caller's RNG state, the stage starts from its own seed
+        return AlignProRewardTrainer(cfg, pairs=pairs).train().meta["heldout_pairwise_accuracy"]
+
+    assert run("a") == run("bb")
+    _assert_same_tensors(_saved_tensors(tmp_path / "a"), _saved_tensors(tmp_path / "bb"))
+
+
+def test_the_same_config_trains_the_same_sft_adapter(tiny_lm_dir, tmp_path):
+    """The LoRA is initialised before TRL's Trainer seeds anything: the stage seeds first."""
+
+    def run(name):
+        cfg = AlignProSFTConfig(output_dir=str(tmp_path / name), base_model=tiny_lm_dir, max_steps=2, **TINY)
+        torch.manual_seed(len(name))
+        AlignProSFTTrainer(cfg, pairs=[(p, "Answer in detail.") for p in PROMPTS]).train()
+        return _saved_tensors(tmp_path / name)
+
+    _assert_same_tensors(run("a"), run("bb"))
+
+
+def test_a_resumed_kl_optimum_run_ends_where_an_unbroken_one_does(sft_dir, tmp_path):
+    """Each round samples from its own seed, so stopping after round 1 and resuming changes nothing."""
+
+    def cfg(out, rounds, resume):
+        return _rl_config(
+            tmp_path,
+            sft_dir,
+            output_dir=str(tmp_path / out),
+            algorithm="kl-optimum",
+            kl_rounds=rounds,
+            resume=resume,
+            num_generations=3,
+            per_device_train_batch_size=3,
+            kl_prompts_per_round=3,
+        )
+
+    def train(c):
+        torch.manual_seed(len(c.output_dir))
+        AlignProRLTrainer(c, prompts=PROMPTS, target=lambda x: x, reward=length_reward).train()
+
+    train(cfg("unbroken", 2, False))
+    train(cfg("resumed", 1, False))
+    train(cfg("resumed", 2, True))
+    _assert_same_tensors(_saved_tensors(tmp_path / "unbroken"), _saved_tensors(tmp_path / "resumed"))
+    rows = [
+        [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        for out in ("unbroken", "resumed")
+    ]
+    assert [r["reward"] for r in rows[0]] == [r["reward"] for r in rows[1]]
+
+
 def test_reward_shards_are_disjoint(tiny_encoder_dir, tmp_path):
     from alignpro_plugins.data import PreferencePair
 

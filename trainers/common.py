@@ -51,6 +51,27 @@ def checkpointing_kwargs(config_cls: type, enabled: bool) -> dict[str, Any]:
     return {name: enabled}
 
 
+def seed_stage(cfg: Any, round_index: int | None = None) -> None:
+    """Seed python, numpy and torch from ``cfg.seed`` as TRL's Trainer does, but before a stage's own random work.
+
+    A reward head or LoRA initialised, or rewrites sampled, before the Trainer exists would otherwise differ from
+    run to run with the same config. ``round_index`` reseeds each RL round, so a resumed run samples what an
+    uninterrupted one would have.
+    """
+    from transformers import enable_full_determinism, set_seed
+
+    seed = cfg.seed if round_index is None else round_seed(cfg.seed, round_index)
+    if getattr(cfg, "full_determinism", False):
+        enable_full_determinism(seed)
+    else:
+        set_seed(seed)
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """A round's own seed: the same for a round however the run got there (uninterrupted or resumed)."""
+    return (seed * 1_000_003 + round_index) % 2**32
+
+
 def check_kl_rounds(cfg: Any) -> None:
     if cfg.kl_rounds < 1:
         raise ValueError(f"kl_rounds must be >= 1, got {cfg.kl_rounds}")

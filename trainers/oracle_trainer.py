@@ -20,6 +20,8 @@ from trainers.common import (
     latest_checkpoint,
     lora_config,
     round_prompts,
+    round_seed,
+    seed_stage,
     training_prompts,
 )
 from trainers.oracle_config import RLHFOracleConfig
@@ -50,6 +52,7 @@ class RLHFOracleTrainer:
         return self.reward(original, [t.strip() for t in texts])
 
     def train(self) -> str:
+        seed_stage(self.config)  # the LoRA is initialised before the Trainer seeds anything
         steps = self._train_kl_optimum() if self.config.algorithm == "kl-optimum" else self._train_grpo()
         cfg = self.config
         (Path(str(cfg.output_dir)) / "alignpro_oracle.json").write_text(
@@ -81,10 +84,12 @@ class RLHFOracleTrainer:
         model = get_peft_model(
             self.model, lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
         )
-        rng = random.Random(cfg.seed)
         steps = 0
         start = kl_optimum.resume_last_round(model, out) if cfg.resume else 0
         for r in range(start, cfg.kl_rounds):
+            # Each round from its own seed: a resumed run samples what an unbroken one would have.
+            seed_stage(cfg, r)
+            rng = random.Random(round_seed(cfg.seed, r))
             prompts = round_prompts(self.prompts, cfg.kl_prompts_per_round, r)
             model.eval()
             sampler = TransformersTarget(

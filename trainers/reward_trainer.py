@@ -15,7 +15,7 @@ import torch
 from alignpro_plugins.data import PreferencePair, load_preferences, load_prompts, split_by_prompt
 from alignpro_plugins.models import resolve_model
 from alignpro_plugins.rewards import REWARD_MANIFEST, RewardModel, encode_pairs, prompt_digest
-from trainers.common import JsonlMetricsCallback, count_trainable, latest_checkpoint
+from trainers.common import JsonlMetricsCallback, count_trainable, latest_checkpoint, seed_stage
 from trainers.reward_config import AlignProRewardConfig
 
 logger = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class AlignProRewardTrainer:
         from trl import RewardTrainer
 
         cfg = self.config
+        seed_stage(cfg)  # the score head is initialised here, before the Trainer seeds anything
         path = resolve_model(cfg.base_model)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)

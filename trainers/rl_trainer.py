@@ -21,6 +21,8 @@ from trainers.common import (
     latest_checkpoint,
     lora_config,
     round_prompts,
+    round_seed,
+    seed_stage,
     target_cache_path,
     training_prompts,
     wrap_target,
@@ -147,6 +149,7 @@ class AlignProRLTrainer:
         return model, peft_config
 
     def train(self) -> Prompter:
+        seed_stage(self.config)  # a new LoRA is initialised before the Trainer seeds anything
         if self.config.algorithm == "kl-optimum":
             return self._train_kl_optimum()
         return self._train_grpo()
@@ -180,7 +183,6 @@ class AlignProRLTrainer:
         # The deployed decoding (the artifact's own settings, sampling off), at the training length cap.
         deployed = replace(self.prompter.manifest.generation, do_sample=False)
         greedy = replace(deployed, max_new_tokens=settings.max_new_tokens) if cfg.kl_include_greedy else None
-        rng = random.Random(cfg.seed)
         start = 0
         if cfg.resume:
             start = self._resume_rounds(out)
@@ -196,6 +198,8 @@ class AlignProRLTrainer:
             self.prompter.save_pretrained(out / "round-0")
             best_val = v0
         for r in range(start, cfg.kl_rounds):
+            # Each round from its own seed: a resumed run samples what an unbroken one would have.
+            seed_stage(cfg, r)
             pairs, stats = kl_optimum.run_round(
                 self.scorer,
                 round_prompts(self.prompts, cfg.kl_prompts_per_round, r),
@@ -203,7 +207,7 @@ class AlignProRLTrainer:
                 lam=cfg.beta,
                 settings=settings,
                 mode=self.mode,
-                rng=rng,
+                rng=random.Random(round_seed(cfg.seed, r)),
                 anchors=cfg.kl_anchors,
                 greedy=greedy,
                 length_control=cfg.kl_length_control,

@@ -30,6 +30,7 @@ from trainers.common import (
     count_trainable,
     latest_checkpoint,
     lora_config,
+    seed_stage,
     target_cache_path,
     wrap_target,
 )
@@ -262,6 +263,9 @@ class AlignProSFTTrainer:
         from trl import SFTTrainer
 
         cfg = self.config
+        seed_stage(
+            cfg
+        )  # bootstrap samples and the LoRA initialisation come before the Trainer seeds anything
         pairs = self.sft_pairs()
         if not pairs:
             raise ValueError("no SFT pairs")
