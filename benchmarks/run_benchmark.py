@@ -889,7 +889,7 @@ def main() -> None:
     md = [
         f"## Align-Pro comparison ({'quick: smoke-sized, not a result' if q else 'standard budget'})",
         "",
-        f"- command: `python benchmarks/run_benchmark.py{' --quick' if q else ''}`",
+        "- command: `python benchmarks/run_benchmark.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {machine()}",
         f"- git: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}",
