@@ -136,14 +136,25 @@ class BestOfK(Configuration):
     prompter: Prompter | None = None
     k: int = 4
     temperature: float = 0.8
+    seed: int | None = 0
     name: str = "best-of-k"
     description: str = "K sampled rewrites, the best chosen by the selection judge (RL headroom)"
 
     def inputs(self, prompts):
+        import torch
+
         assert self.prompter is not None
-        # All K drawn in one decode loop per batch, not K loops.
-        per_prompt = self.prompter.sample_rewrites(list(prompts), self.k, temperature=self.temperature)
+        # Sampled from `seed` (None: the global RNG) without touching the caller's RNG state, so a rerun draws the
+        # same K rewrites for the same prompts. All K come from one decode loop per batch, not K loops.
+        with torch.random.fork_rng():
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            per_prompt = self.prompter.sample_rewrites(list(prompts), self.k, temperature=self.temperature)
         return [[TargetInput(r.text, r.generated, r.fallback_reason) for r in row] for row in per_prompt]
+
+    def fingerprint(self) -> str:
+        parts = [super().fingerprint(), repr(self.temperature), repr(self.seed)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass

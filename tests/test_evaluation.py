@@ -51,6 +51,30 @@ def test_zero_shot_uses_untrained_prompter(tiny_lm_dir):
         assert inp.text == x or inp.text.startswith(x)  # augment keeps x verbatim; fallback passes it through
 
 
+def test_best_of_k_draws_the_same_rewrites_from_its_seed_and_leaves_the_callers_rng_alone():
+    import torch
+
+    from tests.test_prompter import make_prompter, varied_lm
+
+    prompter = make_prompter(*varied_lm())
+
+    def draw(cfg):
+        return [[i.generated for i in row] for row in cfg.inputs(PROMPTS[:3])]  # before the guard
+
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = draw(BestOfK(prompter=prompter, k=3))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    torch.manual_seed(7)
+    assert draw(BestOfK(prompter=prompter, k=3)) == first
+    other = draw(BestOfK(prompter=prompter, k=3, seed=1))
+    assert other != first  # another seed, other samples
+    fingerprints = {
+        BestOfK(prompter=prompter, **kw).fingerprint() for kw in ({}, {"seed": 1}, {"temperature": 1.0})
+    }
+    assert len(fingerprints) == 3  # records drawn under another seed or temperature are not resumed
+
+
 def test_best_of_k_picks_the_maximum(tiny_lm_dir, tmp_path, monkeypatch):
     prompter = Prompter.from_base(tiny_lm_dir, similarity=None)
     prompter.manifest.generation.max_new_tokens = 12
