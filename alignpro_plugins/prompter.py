@@ -78,7 +78,8 @@ def _select_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        # CPUs here emulate bf16 (about 5x slower); fp32 is the fast choice on CPU.
+        # fp32 on CPU: most CPUs emulate bf16 (about 5x slower), and where it is native (AMX) it is faster but
+        # gives other outputs (docs/benchmarks.md, "Frozen-target backends"), so bf16 there is an explicit choice.
         return (
             torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
         )

@@ -21,7 +21,7 @@ def has_cuda() -> bool:
 
 
 def apply_hardware_defaults(cfg: Any) -> None:
-    """bf16 only where it is native (CPU bf16 is emulated, ~5x slower); report to TensorBoard when installed."""
+    """bf16 only on a GPU that supports it (most CPUs emulate it, ~5x slower); TensorBoard reporting when installed."""
     if getattr(cfg, "bf16", None) is None:
         cfg.bf16 = bool(has_cuda() and torch.cuda.is_bf16_supported())
     if not has_cuda():
