@@ -166,6 +166,23 @@ def test_the_same_config_trains_the_same_sft_adapter(tiny_lm_dir, tmp_path):
     _assert_same_tensors(run("a"), run("bb"))
 
 
+def test_the_bootstrap_samples_the_same_candidates_from_its_seed(tiny_lm_dir, tmp_path):
+    def candidates(name, global_seed):
+        cfg = AlignProSFTConfig(
+            output_dir=str(tmp_path / name),
+            base_model=tiny_lm_dir,
+            num_candidates=3,
+            prompter_max_new_tokens=6,
+            **TINY,
+        )
+        trainer = AlignProSFTTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+        torch.manual_seed(global_seed)
+        return trainer.candidates(PROMPTS[:3])
+
+    first = candidates("a", 1)
+    assert candidates("b", 2) == first
+
+
 def test_a_resumed_kl_optimum_run_ends_where_an_unbroken_one_does(sft_dir, tmp_path):
     """Each round samples from its own seed, so stopping after round 1 and resuming changes nothing."""
 

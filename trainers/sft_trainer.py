@@ -111,6 +111,7 @@ class AlignProSFTTrainer:
                 top_p=0.95,
             )
             bs = 8
+            seed_stage(cfg)  # the same samples whether train() or a direct sft_pairs() call gets here
             for s in tqdm(range(0, len(prompts), bs), desc="bootstrap: sampling rewrites"):
                 chunk = prompts[s : s + bs]
                 queries = [self.prompter.format_query(p, cfg.mode) for p in chunk]
