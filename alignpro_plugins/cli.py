@@ -312,7 +312,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if share is not None:
             configs.append(_gated_retry(args, share, align_pro, prompts, target, judges["reward"]))
     if args.oracle:
-        base = TransformersTarget(args.target, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        base = (
+            TransformersTarget(  # the oracle answers in the frozen target's dtype: only the adapter differs
+                args.target,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                dtype=args.target_dtype,
+            )
+        )
         from peft import PeftModel
 
         base.model = PeftModel.from_pretrained(base.model, args.oracle).eval()

@@ -144,12 +144,17 @@ class BestOfK(Configuration):
         import torch
 
         assert self.prompter is not None
-        # Sampled from `seed` (None: the global RNG) without touching the caller's RNG state, so a rerun draws the
-        # same K rewrites for the same prompts. All K come from one decode loop per batch, not K loops.
-        with torch.random.fork_rng():
+        prompts = list(prompts)
+        # With a seed, each call samples from a seed of its own prompts (chunks do not share one random stream)
+        # without touching the caller's RNG state, so a rerun over the same chunks draws the same K rewrites.
+        # seed=None samples from the global RNG. All K come from one decode loop per batch, not K loops.
+        device = getattr(self.prompter.model, "device", torch.device("cpu"))
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=self.seed is not None):
             if self.seed is not None:
-                torch.manual_seed(self.seed)
-            per_prompt = self.prompter.sample_rewrites(list(prompts), self.k, temperature=self.temperature)
+                blob = json.dumps([self.seed, prompts]).encode()
+                torch.manual_seed(int.from_bytes(hashlib.sha256(blob).digest()[:8], "big"))
+            per_prompt = self.prompter.sample_rewrites(prompts, self.k, temperature=self.temperature)
         return [[TargetInput(r.text, r.generated, r.fallback_reason) for r in row] for row in per_prompt]
 
     def fingerprint(self) -> str:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -889,7 +890,7 @@ def main() -> None:
     md = [
         f"## Align-Pro comparison ({'quick: smoke-sized, not a result' if q else 'standard budget'})",
         "",
-        "- command: `python benchmarks/run_benchmark.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
+        "- command: `" + shlex.join(["python", "benchmarks/run_benchmark.py", *sys.argv[1:]]) + "`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {machine()}",
         f"- git: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}",

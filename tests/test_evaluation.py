@@ -69,6 +69,12 @@ def test_best_of_k_draws_the_same_rewrites_from_its_seed_and_leaves_the_callers_
     assert draw(BestOfK(prompter=prompter, k=3)) == first
     other = draw(BestOfK(prompter=prompter, k=3, seed=1))
     assert other != first  # another seed, other samples
+    torch.manual_seed(5)
+    unseeded = draw(BestOfK(prompter=prompter, k=3, seed=None))
+    assert not torch.equal(
+        torch.random.get_rng_state(), torch.manual_seed(5).get_state()
+    )  # the global RNG drew
+    assert draw(BestOfK(prompter=prompter, k=3, seed=None)) == unseeded  # ... from where the caller seeded it
     fingerprints = {
         BestOfK(prompter=prompter, **kw).fingerprint() for kw in ({}, {"seed": 1}, {"temperature": 1.0})
     }

@@ -852,7 +852,12 @@ def test_configs_set_checkpointing_without_the_deprecation_warning(enabled, tmp_
     for cls in (AlignProSFTConfig, AlignProRLConfig, AlignProRewardConfig, RLHFOracleConfig):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
-            cfg = cls(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=enabled)
+            cfg = cls(
+                output_dir=str(tmp_path),
+                report_to="none",
+                gradient_checkpointing=enabled,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         assert cfg.gradient_checkpointing is enabled, cls.__name__
         assert getattr(cfg, "activation_checkpointing", enabled) is enabled, cls.__name__
         assert cfg.dataloader_pin_memory is torch.cuda.is_available(), cls.__name__  # torch warns on CPU

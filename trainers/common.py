@@ -42,6 +42,13 @@ def adopt_activation_checkpointing(cfg: Any) -> None:
     """
     if hasattr(cfg, "activation_checkpointing") and cfg.activation_checkpointing is None:
         cfg.activation_checkpointing = bool(cfg.gradient_checkpointing)
+    kwargs = getattr(cfg, "gradient_checkpointing_kwargs", None)
+    if (
+        hasattr(cfg, "activation_checkpointing_kwargs")
+        and cfg.activation_checkpointing_kwargs is None
+        and kwargs
+    ):
+        cfg.activation_checkpointing_kwargs, cfg.gradient_checkpointing_kwargs = kwargs, None
 
 
 def checkpointing_kwargs(config_cls: type, enabled: bool) -> dict[str, Any]:
