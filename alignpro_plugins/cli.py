@@ -312,13 +312,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if share is not None:
             configs.append(_gated_retry(args, share, align_pro, prompts, target, judges["reward"]))
     if args.oracle:
-        base = (
-            TransformersTarget(  # the oracle answers in the frozen target's dtype: only the adapter differs
-                args.target,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                dtype=args.target_dtype,
-            )
+        # The oracle answers in the frozen target's dtype: only the adapter differs.
+        base = TransformersTarget(
+            args.target,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            dtype=args.target_dtype,
         )
         from peft import PeftModel
 

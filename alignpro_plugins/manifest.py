@@ -22,6 +22,13 @@ MANIFEST_NAME = "alignpro.json"
 MODES = ("augment", "rewrite")
 DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` accepts besides "auto" and a torch.dtype
 
+
+def check_dtype(value: object, what: str = "dtype") -> None:
+    """Refuse a dtype name outside "auto" and DTYPES, naming what is accepted."""
+    if value not in ("auto", *DTYPES):
+        raise ValueError(f"{what} must be 'auto' or one of {list(DTYPES)}, got {value!r}")
+
+
 DEFAULT_SYSTEM = "You improve requests that users send to an AI assistant. You never answer them yourself."
 DEFAULT_INSTRUCTIONS = {
     "augment": (

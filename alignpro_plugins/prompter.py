@@ -22,11 +22,11 @@ import torch
 from alignpro_plugins import guard
 from alignpro_plugins.batching import MicroBatcher, plan_batches
 from alignpro_plugins.manifest import (
-    DTYPES,
     MODES,
     GenerationDefaults,
     Manifest,
     available_modes,
+    check_dtype,
     check_generation_kwargs,
     weights_hash,
 )
@@ -83,8 +83,7 @@ def _select_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return (
             torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
         )
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)} (or a torch.dtype), got {dtype!r}")
+    check_dtype(dtype)
     return getattr(torch, str(dtype))
 
 

@@ -209,12 +209,9 @@ class TargetArguments:
 
     def __post_init__(self) -> None:
         # TrainingArguments.__post_init__ does not call super(): the stage configs call this explicitly.
-        from alignpro_plugins.manifest import DTYPES
+        from alignpro_plugins.manifest import check_dtype
 
-        if self.target_dtype not in ("auto", *DTYPES):
-            raise ValueError(
-                f"target_dtype must be 'auto' or one of {list(DTYPES)}, got {self.target_dtype!r}"
-            )
+        check_dtype(self.target_dtype, "target_dtype")
         if self.target_base_url and not self.target_model_name:
             raise ValueError(
                 f"target_base_url is set ({self.target_base_url}) but target_model_name is not: set "

@@ -264,9 +264,8 @@ class AlignProSFTTrainer:
         from trl import SFTTrainer
 
         cfg = self.config
-        seed_stage(
-            cfg
-        )  # bootstrap samples and the LoRA initialisation come before the Trainer seeds anything
+        # Bootstrap samples and the LoRA initialisation come before the Trainer seeds anything.
+        seed_stage(cfg)
         pairs = self.sft_pairs()
         if not pairs:
             raise ValueError("no SFT pairs")
