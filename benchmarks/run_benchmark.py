@@ -724,7 +724,7 @@ def main() -> None:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="every stage at smoke size (12 to 16 minutes on 2-core CPU machines)",
+        help="every stage at smoke size (7.6 to 16 minutes on 2-core CPU machines, see docs/benchmarks.md)",
     )
     ap.add_argument("--out", default=None, help="artifact folder (default runs/bench or runs/bench-quick)")
     ap.add_argument("--threads", type=int, default=2)
