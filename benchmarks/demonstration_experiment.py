@@ -40,18 +40,19 @@ from alignpro_plugins.evaluation import (  # noqa: E402
     FixedTemplate,
     FrozenAlone,
     TargetInput,
-    answer_words,
 )
 from alignpro_plugins.stats import variance_ratio  # noqa: E402
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     DATA,
-    against_frozen_cells,
+    against_frozen_table,
     bootstrap_prompts,
     eval_prompts,
+    head_to_head_table,
     held_out_prompts,
     judges,
     machine,
+    mean_words,
     publish,
     rewards_by_config,
     side_evaluation,
@@ -91,10 +92,6 @@ def demonstration_pool(budget: dict, exclude: set[str]) -> list[tuple[str, str]]
         for x, a in dict(pairs).items()
         if x not in exclude and MIN_WORDS <= len(a.split()) <= MAX_WORDS
     ]
-
-
-def mean_words(records: list[dict], config: str) -> float:
-    return fmean(answer_words(r["answer"]) for r in records if r["config"] == config)
 
 
 def with_demonstrations(x: str, demos: list[tuple[str, str]], guidance: str | None) -> str:
@@ -200,19 +197,6 @@ def main() -> None:
         f"{'yes' if v in chosen else 'no'} |"
         for v in variants
     ]
-    held_rows = [
-        f"| {c} | "
-        + " | ".join(against_frozen_cells(by, c, judge) for judge in ("independent", "reward"))
-        + f" | {mean_words(report.records, c):.0f} |"
-        for c in ["template", *(v.name for v in chosen)]
-    ]
-    held_rows.append(f"| frozen | — | — | — | — | — | — | {mean_words(report.records, 'frozen'):.0f} |")
-    h2h = [
-        f"| {v.name} vs searched | {win_cell(by[v.name, 'independent'], by['searched', 'independent'])} | "
-        f"{win_cell(by[v.name, 'reward'], by['searched', 'reward'])} |"
-        for v in chosen
-        if v.name != "searched"
-    ]
     md = [
         "## Experiment: in-context demonstrations instead of guidance",
         "",
@@ -239,15 +223,11 @@ def main() -> None:
         "",
         f"On the {len(prompts)} held-out prompts, against frozen:",
         "",
-        "| configuration | win (independent) | mean gain (independent) | variance / frozen (independent) | "
-        "win (reward) | mean gain (reward) | variance / frozen (reward) | answer words |",
-        "|---|---|---|---|---|---|---|---|",
-        *held_rows,
+        *against_frozen_table(by, report.records, ["template", *(v.name for v in chosen)]),
         "",
         *(
-            ["| head to head | independent | training reward |", "|---|---|---|", *h2h]
-            if h2h
-            else ["No demonstration variant was evaluated held out."]
+            head_to_head_table(by, [v.name for v in chosen], "searched")
+            or ["No demonstration variant was evaluated held out."]
         ),
     ]
     publish("\n".join(md), ev_dir / "section.md", "demonstration-experiment")

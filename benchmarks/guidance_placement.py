@@ -41,13 +41,15 @@ from alignpro_plugins.evaluation import (  # noqa: E402
 )
 from alignpro_plugins.stats import variance_ratio  # noqa: E402
 from alignpro_plugins.targets import CachedTarget, TransformersTarget  # noqa: E402
-from benchmarks.demonstration_experiment import SEARCHED, mean_words  # noqa: E402
+from benchmarks.demonstration_experiment import SEARCHED  # noqa: E402
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
-    against_frozen_cells,
+    against_frozen_table,
     eval_prompts,
+    head_to_head_table,
     judges,
     machine,
+    mean_words,
     publish,
     rewards_by_config,
     side_evaluation,
@@ -104,6 +106,16 @@ def system_variant(shared: CachedTarget, system_prompt: str, name: str, cache: P
     return config
 
 
+def placements(shared: CachedTarget, system_cache: Path) -> list[Configuration]:
+    """The four placements, the system-prompt ones answering through `shared`'s weights."""
+    return [
+        FixedTemplate(template=SEARCHED, name="searched", description="the searched guidance text appended"),
+        Prefixed(),
+        system_variant(shared, SEARCHED, "searched-system", system_cache),
+        system_variant(shared, EXPERT, "expert-system", system_cache),
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder")
@@ -117,12 +129,7 @@ def main() -> None:
 
     val = validation_prompts(budget)
     val_dir, val_target = side_evaluation(out, budget, "eval-placement-validation")
-    variants = [
-        FixedTemplate(template=SEARCHED, name="searched", description="the searched guidance text appended"),
-        Prefixed(),
-        system_variant(val_target, SEARCHED, "searched-system", val_dir / "system_cache.jsonl"),
-        system_variant(val_target, EXPERT, "expert-system", val_dir / "system_cache.jsonl"),
-    ]
+    variants = placements(val_target, val_dir / "system_cache.jsonl")
     # Selection on the validation prompts, training reward only (the independent judge never picks anything).
     t = time.time()
     report_val = Evaluator(val, val_target, {"reward": judges(out)["reward"]}, out_dir=val_dir).run(
@@ -144,13 +151,7 @@ def main() -> None:
 
     prompts = eval_prompts(budget)
     ev_dir, target = side_evaluation(out, budget, "eval-placement")
-    held_variants = [
-        FixedTemplate(template=SEARCHED, name="searched", description="the searched guidance text appended"),
-        Prefixed(),
-        system_variant(target, SEARCHED, "searched-system", ev_dir / "system_cache.jsonl"),
-        system_variant(target, EXPERT, "expert-system", ev_dir / "system_cache.jsonl"),
-    ]
-    chosen = [v for v in held_variants if v.name in chosen_names]
+    chosen = [v for v in placements(target, ev_dir / "system_cache.jsonl") if v.name in chosen_names]
     t = time.time()
     report = Evaluator(prompts, target, judges(out), out_dir=ev_dir).run(
         [FrozenAlone(), FixedTemplate(), *chosen]
@@ -163,19 +164,6 @@ def main() -> None:
         f"{ratio[v.name]:.2f} | {mean_words(report_val.records, v.name):.0f} | "
         f"{'yes' if v.name in chosen_names else 'no'} |"
         for v in variants
-    ]
-    held_rows = [
-        f"| {c} | "
-        + " | ".join(against_frozen_cells(by, c, judge) for judge in ("independent", "reward"))
-        + f" | {mean_words(report.records, c):.0f} |"
-        for c in ["template", *(v.name for v in chosen)]
-    ]
-    held_rows.append(f"| frozen | — | — | — | — | — | — | {mean_words(report.records, 'frozen'):.0f} |")
-    h2h = [
-        f"| {v.name} vs searched | {win_cell(by[v.name, 'independent'], by['searched', 'independent'])} | "
-        f"{win_cell(by[v.name, 'reward'], by['searched', 'reward'])} |"
-        for v in chosen
-        if v.name != "searched"
     ]
     md = [
         "## Experiment: where the guidance goes (after x, before x, or the target's system prompt)",
@@ -198,15 +186,11 @@ def main() -> None:
         "",
         f"On the {len(prompts)} held-out prompts, against frozen:",
         "",
-        "| configuration | win (independent) | mean gain (independent) | variance / frozen (independent) | "
-        "win (reward) | mean gain (reward) | variance / frozen (reward) | answer words |",
-        "|---|---|---|---|---|---|---|---|",
-        *held_rows,
+        *against_frozen_table(by, report.records, ["template", *(v.name for v in chosen)]),
         "",
         *(
-            ["| head to head | independent | training reward |", "|---|---|---|", *h2h]
-            if h2h
-            else ["No other placement was evaluated held out."]
+            head_to_head_table(by, [v.name for v in chosen], "searched")
+            or ["No other placement was evaluated held out."]
         ),
     ]
     publish("\n".join(md), ev_dir / "section.md", "guidance-placement-experiment")

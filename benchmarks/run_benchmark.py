@@ -595,6 +595,44 @@ def against_frozen_cells(by: dict[tuple[str, str], list[float]], name: str, judg
     return f"{win_cell(a, f)} | {fmean(a) - fmean(f):+.3f} | {v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
 
 
+def mean_words(records: list[dict], config: str) -> float:
+    """The mean answer length in words of one configuration's records."""
+    from statistics import fmean
+
+    from alignpro_plugins.evaluation import answer_words
+
+    return fmean(answer_words(r["answer"]) for r in records if r["config"] == config)
+
+
+def against_frozen_table(
+    by: dict[tuple[str, str], list[float]], records: list[dict], names: list[str]
+) -> list[str]:
+    """A side experiment's held-out table: each configuration against frozen under both judges, with answer words."""
+    return [
+        "| configuration | win (independent) | mean gain (independent) | variance / frozen (independent) | "
+        "win (reward) | mean gain (reward) | variance / frozen (reward) | answer words |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {c} | "
+            + " | ".join(against_frozen_cells(by, c, judge) for judge in ("independent", "reward"))
+            + f" | {mean_words(records, c):.0f} |"
+            for c in names
+        ),
+        f"| frozen | — | — | — | — | — | — | {mean_words(records, 'frozen'):.0f} |",
+    ]
+
+
+def head_to_head_table(by: dict[tuple[str, str], list[float]], names: list[str], reference: str) -> list[str]:
+    """Each configuration's paired win rate against `reference` under both judges (empty when there is none)."""
+    rows = [
+        f"| {c} vs {reference} | {win_cell(by[c, 'independent'], by[reference, 'independent'])} | "
+        f"{win_cell(by[c, 'reward'], by[reference, 'reward'])} |"
+        for c in names
+        if c != reference
+    ]
+    return ["| head to head | independent | training reward |", "|---|---|---|", *rows] if rows else []
+
+
 def publish(section: str, copy: Path, key: str) -> None:
     """A result section: saved beside its artifacts, written into docs/benchmarks.md under key, printed."""
     copy.parent.mkdir(parents=True, exist_ok=True)

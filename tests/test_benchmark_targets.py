@@ -5,7 +5,12 @@ from __future__ import annotations
 import random
 
 from alignpro_plugins import stats
-from benchmarks.run_benchmark import targets_table
+from benchmarks.run_benchmark import (
+    against_frozen_table,
+    head_to_head_table,
+    rewards_by_config,
+    targets_table,
+)
 
 RNG = random.Random(0)
 FROZEN = [RNG.gauss(0, 1) for _ in range(80)]
@@ -48,3 +53,41 @@ def test_gated_rows_judge_the_gated_configuration_not_align_pro():
 
 def test_no_gated_rows_without_the_gated_configuration():
     assert "align-pro-gated" not in targets_table(_summary(None))
+
+
+def _records(config: str, rewards: list[float], words: int) -> list[dict]:
+    return [
+        {
+            "config": config,
+            "idx": i,
+            "answer": " ".join(["w"] * words),
+            "rewards": {"independent": r, "reward": -r},
+        }
+        for i, r in enumerate(rewards)
+    ]
+
+
+def test_side_experiment_tables_pair_each_configuration_with_frozen_and_the_reference():
+    records = (
+        _records("frozen", FROZEN, 10) + _records("searched", SHIFTED, 30) + _records("prefix", FROZEN, 20)
+    )
+    by = rewards_by_config(records)
+    table = "\n".join(against_frozen_table(by, records, ["searched", "prefix"]))
+    win = stats.win_rate(SHIFTED, FROZEN)
+    assert _row(table, "| searched |").startswith(
+        f"| searched | {win['win_rate']:.1%} [{win['ci_low']:.0%}–{win['ci_high']:.0%}] |"
+    )
+    assert _row(table, "| searched |").endswith("| 30 |")
+    # prefix equals frozen: every prompt a tie under both judges.
+    assert _row(table, "| prefix |").startswith("| prefix | 50.0% [50%–50%] | +0.000 | 1.00")
+    assert table.splitlines()[-1] == "| frozen | — | — | — | — | — | — | 10 |"
+
+    h2h = head_to_head_table(by, ["searched", "prefix"], "searched")
+    assert [line.split(" |")[0] for line in h2h[2:]] == ["| prefix vs searched"]
+    # The training reward here is the negated judge, so the two columns must mirror each other.
+    lose, mirrored = (
+        stats.win_rate(*pair)["win_rate"]
+        for pair in ((FROZEN, SHIFTED), ([-x for x in FROZEN], [-x for x in SHIFTED]))
+    )
+    assert f"| {lose:.1%}" in h2h[2] and f"| {mirrored:.1%}" in h2h[2] and lose < 0.5 < mirrored
+    assert head_to_head_table(by, ["searched"], "searched") == []
