@@ -8,8 +8,8 @@ frozen / template / zero-shot / SFT / Align-Pro / Align-Pro behind the retry gat
 training reward scores the frozen answer poorly) / best-of-K / RLHF oracle, under both judges. Stages whose
 artifacts exist are reused, so an interrupted run resumes.
 
-    python benchmarks/run_benchmark.py            # standard budget, about 2.5 hours of stages on 2 CPU cores (resumable)
-    python benchmarks/run_benchmark.py --quick    # every stage at smoke size, about 11 minutes
+    python benchmarks/run_benchmark.py            # standard budget, 2.2 hours of stages on 2 CPU cores (resumable)
+    python benchmarks/run_benchmark.py --quick    # every stage at smoke size, 7.6-9.0 minutes (2026-12-05)
     bash scripts/serve_vllm.sh &                  # optional: the frozen target's answers from a vLLM server
     python benchmarks/run_benchmark.py --quick --target-base-url http://127.0.0.1:8080/v1 --out runs/bench-quick-vllm
 """
@@ -152,10 +152,10 @@ def write_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
-# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 150 min of stages on 2 CPU
-# cores, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
+# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (132.5 min of stages on 2026-12-05's
+# 2-core Xeon, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
 # result (11.9 min on 2026-11-25's Xeon; on 2026-12-04's slower AMD EPYC 20.7 min, 16.0 after that day's
-# scoring and evaluation speed-ups, then 8 instead of 12 RL prompts).
+# scoring and evaluation speed-ups, then 8 instead of 12 RL prompts; 7.6-9.0 min on 2026-12-05's Xeon).
 BUDGETS = {
     "standard": dict(
         rm_steps=80,
