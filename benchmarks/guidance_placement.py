@@ -99,9 +99,8 @@ def with_system_prompt(shared: CachedTarget, system_prompt: str, cache: Path) ->
 
 
 def system_variant(shared: CachedTarget, system_prompt: str, name: str, cache: Path) -> Configuration:
-    config = FrozenAlone()
-    config.name = name
-    config.description = f"x verbatim, system prompt: {system_prompt}"
+    config = FrozenAlone(name=name, description=f"x verbatim, system prompt: {system_prompt}")
+    # Configuration.target is a plain class attribute, not a dataclass field, so it is set after construction.
     config.target = with_system_prompt(shared, system_prompt, cache)
     return config
 
