@@ -96,6 +96,11 @@ def main() -> None:
     ap.add_argument(
         "--no-zero-shot", action="store_true", help="leave out the untrained prompter (the slowest)"
     )
+    ap.add_argument(
+        "--label",
+        default="",
+        help="names this run's section (key suffix and title), so a rerun on other artifacts keeps the earlier one",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,7 +181,7 @@ def main() -> None:
         f"## Confirmation: gated retry on {len(prompts)} held-out prompts it never saw"
         if confirm
         else "## Experiment: gated retry — the prompter's rewrite only where the frozen answer scores poorly"
-    )
+    ) + (f" ({args.label})" if args.label else "")
     where = (
         f"prompts {args.offset + 1}–{args.offset + per_set} of dolly_eval and of self_instruct_eval ({len(prompts)} "
         "prompts; none trained on, none in the records that suggested the gate, budget and thresholds fixed before)"
@@ -217,8 +222,14 @@ def main() -> None:
     publish(
         "\n".join(md),
         ev_dir / "section.md",
-        "gated-retry-confirmation" if confirm else "gated-retry-experiment",
+        ("gated-retry-confirmation" if confirm else "gated-retry-experiment")
+        + (f"-{slug(args.label)}" if args.label else ""),
     )
+
+
+def slug(label: str) -> str:
+    """A section key from a free-text label: lowercase words joined by hyphens."""
+    return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
 
 
 def held_out_slice(budget: dict, offset: int, per_set: int) -> list[str]:
