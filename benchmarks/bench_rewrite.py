@@ -182,9 +182,10 @@ def render_section(meta: dict, rows: list[dict]) -> str:
 def write_section(path: Path, section: str) -> None:
     """Replace (or append) our section; everything else in the file stays as it is."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |\Z)", re.M | re.S)
+    # The section ends at the next heading or at the next section marker (other scripts own those).
+    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |^<!-- |\Z)", re.M | re.S)
     if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
+        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1).rstrip("\n") + "\n"
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)

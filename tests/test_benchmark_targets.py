@@ -91,3 +91,57 @@ def test_side_experiment_tables_pair_each_configuration_with_frozen_and_the_refe
     )
     assert f"| {lose:.1%}" in h2h[2] and f"| {mirrored:.1%}" in h2h[2] and lose < 0.5 < mirrored
     assert head_to_head_table(by, ["searched"], "searched") == []
+
+
+PAGE = """# Benchmarks
+
+intro
+
+## Prompter rewrite throughput
+
+old numbers
+
+<!-- padding-benchmark:start -->
+## Length-planned generate calls (padding)
+
+padding numbers
+<!-- padding-benchmark:end -->
+
+<!-- align-pro-comparison:start -->
+## Align-Pro comparison (standard budget)
+
+old table
+<!-- align-pro-comparison:end -->
+
+## Wider notes
+
+kept
+"""
+
+
+def test_rewrite_section_stops_at_the_next_scripts_marker(tmp_path):
+    from benchmarks.bench_rewrite import write_section as write_rewrite
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text(PAGE)
+    write_rewrite(page, "## Prompter rewrite throughput\n\nnew numbers\n")
+    text = page.read_text()
+    assert "new numbers" in text and "old numbers" not in text
+    # The padding script's section, with both markers, is untouched and still follows ours.
+    assert text.index("new numbers") < text.index("<!-- padding-benchmark:start -->")
+    assert "padding numbers\n<!-- padding-benchmark:end -->" in text
+    assert text.count("<!-- padding-benchmark:start -->") == 1
+
+
+def test_marked_section_is_replaced_in_place_and_new_ones_are_appended(tmp_path):
+    from benchmarks.run_benchmark import write_section
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text(PAGE)
+    write_section(page, "align-pro-comparison", "## Align-Pro comparison (standard budget)\n\nnew table")
+    write_section(page, "gated-retry-confirmation-seeded", "## Confirmation\n\nrows")
+    text = page.read_text()
+    assert "old table" not in text and "new table" in text
+    # Replaced where it was (the hand-written section after it stays after it); the new key goes last.
+    assert text.index("new table") < text.index("## Wider notes") < text.index("## Confirmation")
+    assert text.endswith("<!-- gated-retry-confirmation-seeded:end -->\n")

@@ -423,6 +423,44 @@ def test_relative_links_resolve():
             assert path.exists(), f"{page.relative_to(ROOT)}: broken link {target}"
 
 
+ANCHORED_LINK = re.compile(r"\]\(([^)\s#]*)#([^)\s]+)\)")
+
+
+def github_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lowercase, punctuation dropped, spaces to hyphens, -1 on repeats."""
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    in_fence = False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        if in_fence or not (m := re.match(r"#{1,6} (.+)", line)):
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_github_anchors_follow_githubs_rules(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("# A `code` title: it's done — twice\n```\n# not a heading\n```\n## Repeat\n## Repeat\n")
+    assert github_anchors(page) == {"a-code-title-its-done--twice", "repeat", "repeat-1"}
+
+
+def test_anchored_links_point_at_existing_headings():
+    broken = []
+    for page in [*pages(), ROOT / "README.md"]:
+        for target, anchor in ANCHORED_LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path = (page.parent / target).resolve() if target else page
+            if path.suffix == ".md" and path.exists() and anchor not in github_anchors(path):
+                broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}")
+    assert not broken, f"links to headings that do not exist: {broken}"
+
+
 def test_index_links_every_page():
     index = (DOCS / "index.md").read_text()
     linked = {(DOCS / t).resolve() for t in LINK.findall(index)}
