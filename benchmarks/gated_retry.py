@@ -176,6 +176,11 @@ def main() -> None:
         f"{win_cell(by['gated-retry', 'reward'], by[c.name, 'reward'])} |"
         for c in configs
         if c.name != "gated-retry"
+    ] + [  # the prompter alone against what a user tries first (issue 11's head-to-head targets)
+        f"| align-pro vs {c.name} | {win_cell(by['align-pro', 'independent'], by[c.name, 'independent'])} | "
+        f"{win_cell(by['align-pro', 'reward'], by[c.name, 'reward'])} |"
+        for c in tries
+        if c.name != "frozen"
     ]
     title = (
         f"## Confirmation: gated retry on {len(prompts)} held-out prompts it never saw"
