@@ -20,6 +20,7 @@ never picks anything; the gate is the training reward.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -224,12 +225,70 @@ def main() -> None:
         "|---|---|---|",
         *h2h,
     ]
+    names = [c.name for c in tries] + ["align-pro"]
+    if confirm and (
+        pooled := pooled_with_benchmark(out / "eval" / "records.jsonl", eval_prompts(budget), by, names)
+    ):
+        n = len(pooled["frozen", "independent"])
+        md += [
+            "",
+            f"On all {n} held-out prompts: the benchmark's {n - len(prompts)} (its own records, same artifacts) and "
+            f"these {len(prompts)}, paired within each set:",
+            "",
+            "| configuration | win vs frozen (independent) | mean gain (independent) | variance / frozen (independent) | "
+            "win vs frozen (reward) | mean gain (reward) | variance / frozen (reward) |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {name} | "
+                + " | ".join(against_frozen_cells(pooled, name, judge) for judge in ("independent", "reward"))
+                + " |"
+                for name in names
+                if name != "frozen"
+            ),
+            "",
+            "| head to head | independent | training reward |",
+            "|---|---|---|",
+            *(
+                f"| align-pro vs {name} | {win_cell(pooled['align-pro', 'independent'], pooled[name, 'independent'])}"
+                f" | {win_cell(pooled['align-pro', 'reward'], pooled[name, 'reward'])} |"
+                for name in names
+                if name != "align-pro"
+            ),
+        ]
     publish(
         "\n".join(md),
         ev_dir / "section.md",
         ("gated-retry-confirmation" if confirm else "gated-retry-experiment")
         + (f"-{slug(args.label)}" if args.label else ""),
     )
+
+
+def pooled_with_benchmark(
+    path: Path, bench_prompts: list[str], by_new: dict[tuple[str, str], list[float]], names: list[str]
+) -> dict[tuple[str, str], list[float]] | None:
+    """The benchmark's own held-out rewards followed by the new prompts', per (configuration, judge).
+
+    Pairs stay within each set (both lists are in prompt order). None unless the benchmark's records hold every
+    named configuration on every one of its prompts: a partial pool would not be paired.
+    """
+    if not path.exists():
+        return None
+    bench = set(bench_prompts)
+    latest: dict[tuple[str, str], dict] = {}  # a resumed evaluation may have written a record twice
+    with path.open() as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["prompt"] in bench and rec["config"] in names:
+                latest[rec["config"], rec["prompt"]] = rec
+    old = rewards_by_config(list(latest.values()))
+    pooled = {}
+    for (name, judge), values in by_new.items():
+        if name not in names:
+            continue
+        if len(old.get((name, judge), [])) != len(bench):
+            return None
+        pooled[name, judge] = old[name, judge] + values
+    return pooled
 
 
 def slug(label: str) -> str:

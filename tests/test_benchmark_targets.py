@@ -145,3 +145,31 @@ def test_marked_section_is_replaced_in_place_and_new_ones_are_appended(tmp_path)
     # Replaced where it was (the hand-written section after it stays after it); the new key goes last.
     assert text.index("new table") < text.index("## Wider notes") < text.index("## Confirmation")
     assert text.endswith("<!-- gated-retry-confirmation-seeded:end -->\n")
+
+
+def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
+    import json
+
+    from benchmarks.gated_retry import pooled_with_benchmark
+
+    bench = ["p0", "p1", "p2"]
+    path = tmp_path / "records.jsonl"
+
+    def record(config, idx, value):
+        return {"config": config, "idx": idx, "prompt": bench[idx], "rewards": {"independent": value}}
+
+    rows = [record("frozen", i, float(i)) for i in (2, 0, 1)]  # written out of order
+    rows += [record("align-pro", i, 10.0 + i) for i in range(3)]
+    rows += [record("align-pro", 1, 99.0)]  # a resumed run wrote prompt 1 again: the later record counts
+    rows += [{**record("frozen", 0, 5.0), "prompt": "not a benchmark prompt"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    new = {("frozen", "independent"): [7.0], ("align-pro", "independent"): [8.0]}
+
+    pooled = pooled_with_benchmark(path, bench, new, ["frozen", "align-pro"])
+    assert pooled == {
+        ("frozen", "independent"): [0.0, 1.0, 2.0, 7.0],
+        ("align-pro", "independent"): [10.0, 99.0, 12.0, 8.0],
+    }
+    # A configuration the benchmark did not evaluate on every prompt cannot be paired: no pool at all.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    assert pooled_with_benchmark(path, bench, new, ["frozen", "align-pro"]) is None
