@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignpro_plugins import batching  # noqa: E402
-from benchmarks.run_benchmark import first_eval_prompts, machine, publish  # noqa: E402
+from benchmarks.run_benchmark import command_line, first_eval_prompts, machine, publish  # noqa: E402
 
 FEWEST_CALLS = 1e12  # a call cost so high that the plan is the fewest calls (the baseline)
 
@@ -130,7 +130,7 @@ def main() -> None:
     md = [
         "## Length-planned generate calls (padding)",
         "",
-        "- command: `python benchmarks/bench_padding.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
+        f"- command: `{command_line()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
         f"{time.time() - t0:.0f} s",
         f"- prompts: the first {args.per_set} of dolly_eval and of self_instruct_eval (with context); target "

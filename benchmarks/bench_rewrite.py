@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import threading
@@ -250,8 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     meminfo = Path("/proc/meminfo").read_text().split("\n")[0] if Path("/proc/meminfo").exists() else ""
     mem_kb = int(re.findall(r"\d+", meminfo)[0]) if meminfo else 0
     meta = {
-        "command": ".venv/bin/python benchmarks/bench_rewrite.py"
-        + (" " + " ".join(argv if argv is not None else sys.argv[1:]) if (argv or sys.argv[1:]) else ""),
+        "command": shlex.join(
+            [".venv/bin/python", "benchmarks/bench_rewrite.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
         "cpu": cpu_model(),

@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import first_eval_prompts, machine, publish  # noqa: E402
+from benchmarks.run_benchmark import command_line, first_eval_prompts, machine, publish  # noqa: E402
 
 SERVED_NAME = "smollm2"
 
@@ -207,9 +207,7 @@ def main() -> None:
     md = [
         "## Frozen-target backends: transformers against a vLLM server",
         "",
-        "- command: `python benchmarks/bench_target_backends.py"
-        + "".join(" " + a for a in sys.argv[1:])
-        + "`",
+        f"- command: `{command_line()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
         f"{time.time() - t0:.0f} s",
         f"- prompts: the first {args.per_set} of dolly_eval and of self_instruct_eval (with context), "

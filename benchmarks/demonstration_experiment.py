@@ -47,6 +47,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     DATA,
     against_frozen_table,
     bootstrap_prompts,
+    command_line,
     eval_prompts,
     head_to_head_table,
     held_out_prompts,
@@ -200,9 +201,7 @@ def main() -> None:
     md = [
         "## Experiment: in-context demonstrations instead of guidance",
         "",
-        "- command: `python benchmarks/demonstration_experiment.py"
-        + "".join(" " + a for a in sys.argv[1:])
-        + "`",
+        f"- command: `{command_line()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         f"- demonstrations: {len(pool)} (training prompt, preferred answer of {MIN_WORDS}-{MAX_WORDS} words) pairs "
         "from the SFT bootstrap's BPO prompts (good_res) and the training reward's shard of AlpacaEval "

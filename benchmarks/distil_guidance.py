@@ -28,6 +28,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     against_frozen_cells,
     bootstrap_prompts,
+    command_line,
     eval_prompts,
     judges,
     machine,
@@ -105,7 +106,7 @@ def main() -> None:
     md = [
         f"## Experiment: the searched text distilled into a prompter ({args.name})",
         "",
-        f"- command: `python benchmarks/distil_guidance.py {' '.join(sys.argv[1:])}`",
+        f"- command: `{command_line()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; SFT stage "
         f"{sft_s:.0f} s ({budget['sft_epochs']:g} epochs), evaluation {eval_s:.0f} s",
         f"- text ({searched}): {text}",

@@ -43,6 +43,7 @@ from alignpro_plugins.stats import variance_ratio  # noqa: E402
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     against_frozen_cells,
+    command_line,
     eval_prompts,
     first_tries,
     frozen_validation_scores,
@@ -197,7 +198,7 @@ def main() -> None:
     md = [
         title,
         "",
-        "- command: `python benchmarks/gated_retry.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
+        f"- command: `{command_line()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         f"- prompter: `{args.prompter}` (mode {trained.manifest.mode}); gate: the training reward; thresholds: the "
         f"training reward's {', '.join(f'{s:.0%}' for s in shares)} quantiles of the frozen model's answers on "
@@ -205,8 +206,8 @@ def main() -> None:
         + ", ".join(f"{s:.0%}: {thresholds[s]:+.3f}" for s in shares)
         + f"); the main configuration `gated-retry` spends {args.retry_share:.0%}",
         f"- evaluation: {where}, answers capped at {budget['eval_tokens']} "
-        f"tokens, both judges; {target.stats.calls} new target answers",
-        "- times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
+        f"tokens, both judges; {target.stats.calls} new target answers in this invocation (the rest from its cache)",
+        "- times of this invocation (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
         "",
         f"On the {len(val)} validation prompts (training reward; the thresholds are set here), against frozen:",
         "",

@@ -30,6 +30,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     against_frozen_cells,
     bpo_validation_prompts,
+    command_line,
     eval_prompts,
     judges,
     machine,
@@ -207,7 +208,7 @@ def main() -> None:
         )
         + (f" ({args.tag})" if args.tag else ""),
         "",
-        "- command: `python benchmarks/guidance_objectives.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
+        f"- command: `{command_line()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         "- search: "
         + (

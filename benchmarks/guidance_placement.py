@@ -45,6 +45,7 @@ from benchmarks.demonstration_experiment import SEARCHED  # noqa: E402
 from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     against_frozen_table,
+    command_line,
     eval_prompts,
     head_to_head_table,
     judges,
@@ -167,7 +168,7 @@ def main() -> None:
     md = [
         "## Experiment: where the guidance goes (after x, before x, or the target's system prompt)",
         "",
-        "- command: `python benchmarks/guidance_placement.py" + "".join(" " + a for a in sys.argv[1:]) + "`",
+        f"- command: `{command_line()}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         f'- texts: the searched text ("{SEARCHED}"); for `expert-system`: "{EXPERT}"',
         f"- selection: {len(val)} held-out AlpacaEval validation prompts, training reward; a variant is evaluated "

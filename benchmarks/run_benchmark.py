@@ -140,6 +140,13 @@ def targets_table(summary: dict) -> str:
     return "| target | measured | |\n|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """How this benchmark script was invoked, quoted so that the line can be pasted back into a shell."""
+    return shlex.join(
+        ["python", f"benchmarks/{Path(sys.argv[0]).name}", *(sys.argv[1:] if argv is None else argv)]
+    )
+
+
 def write_section(path: Path, key: str, body: str) -> None:
     """Replace (or append) the marked section of docs/benchmarks.md, keeping every other section."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
@@ -928,7 +935,7 @@ def main() -> None:
     md = [
         f"## Align-Pro comparison ({'quick: smoke-sized, not a result' if q else 'standard budget'})",
         "",
-        "- command: `" + shlex.join(["python", "benchmarks/run_benchmark.py", *sys.argv[1:]]) + "`",
+        "- command: `" + command_line() + "`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {machine()}",
         f"- git: {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}",

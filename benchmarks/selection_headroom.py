@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import machine, publish, rewards_by_config, win_cell  # noqa: E402
+from benchmarks.run_benchmark import command_line, machine, publish, rewards_by_config, win_cell  # noqa: E402
 
 DEFAULT_INPUTS = ("frozen", "template", "template-picked")
 
@@ -77,8 +77,7 @@ def main() -> None:
     lines = [
         "## Analysis: where best-of-K's headroom comes from",
         "",
-        f"- command: `python benchmarks/selection_headroom.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
-        " (reads the evaluation's report; no new target calls)",
+        f"- command: `{command_line()}` (reads the evaluation's report; no new target calls)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
         f"- {n} held-out prompts; inputs chosen among: {', '.join(args.inputs)}; scored by the independent judge",
         "",

@@ -26,6 +26,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     BUDGETS,
     PICKED,
     bootstrap_prompts,
+    command_line,
     eval_prompts,
     judges,
     machine,
@@ -105,8 +106,7 @@ def main() -> None:
     md = [
         f"## Re-check: the SFT stage retrained with the current code (no RL), {budget['sft_epochs']:g} epochs",
         "",
-        f"- command: `python benchmarks/sft_recheck.py{sys.argv[1:] and ' ' + ' '.join(sys.argv[1:]) or ''}` "
-        "(after run_benchmark.py)",
+        f"- command: `{command_line()}` (after run_benchmark.py)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; SFT {sft_s:.0f} s, "
         f"evaluation {time.time() - t1:.0f} s",
         f"- bootstrap: neighbourhood {boot.get('neighbours')} (chosen by {boot.get('neighbours_chosen_by')}), "
