@@ -269,8 +269,9 @@ def pooled_with_benchmark(
 ) -> dict[tuple[str, str], list[float]] | None:
     """The benchmark's own held-out rewards followed by the new prompts', per (configuration, judge).
 
-    Pairs stay within each set (both lists are in prompt order). None unless the benchmark's records hold every
-    named configuration on every one of its prompts: a partial pool would not be paired.
+    Pairs stay within each set: the benchmark's rewards follow its prompt list (records are matched by prompt text,
+    as the evaluator resumes them), the new ones their report's order. None unless the benchmark's records hold
+    every named configuration on every one of its prompts: a partial pool would not be paired.
     """
     if not path.exists():
         return None
@@ -281,14 +282,13 @@ def pooled_with_benchmark(
             rec = json.loads(line)
             if rec["prompt"] in bench and rec["config"] in names:
                 latest[rec["config"], rec["prompt"]] = rec
-    old = rewards_by_config(list(latest.values()))
     pooled = {}
     for (name, judge), values in by_new.items():
         if name not in names:
             continue
-        if len(old.get((name, judge), [])) != len(bench):
+        if any((name, x) not in latest or judge not in latest[name, x]["rewards"] for x in bench_prompts):
             return None
-        pooled[name, judge] = old[name, judge] + values
+        pooled[name, judge] = [latest[name, x]["rewards"][judge] for x in bench_prompts] + values
     return pooled
 
 
