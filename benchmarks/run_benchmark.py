@@ -791,12 +791,25 @@ def main() -> None:
         action="store_true",
         help="with --rl-algorithm kl-optimum, also train and evaluate the GRPO prompter (align-pro-grpo)",
     )
+    ap.add_argument(
+        "--eval-per-set",
+        type=int,
+        default=None,
+        help="held-out prompts from each evaluation set (standard 50, quick 5); 150 narrows a win rate's interval "
+        "from about ±9 to about ±5 points. Every evaluation prompt is kept out of training whatever the number",
+    )
     args = ap.parse_args()
+    if args.eval_per_set is not None and not 1 <= args.eval_per_set <= 200:
+        ap.error(
+            f"--eval-per-set must be between 1 and 200 (the smaller evaluation set's size), got {args.eval_per_set}"
+        )
     started = time.time()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     q = args.quick
     budget = dict(BUDGETS["quick" if q else "standard"])
+    if args.eval_per_set is not None:
+        budget["eval_per_set"] = args.eval_per_set
     if args.target_base_url:  # in the budget, so every stage and the report's header see it
         budget |= dict(target_base_url=args.target_base_url, target_model_name=args.target_model_name)
     out = Path(args.out or ("runs/bench-quick" if q else "runs/bench"))
