@@ -150,6 +150,11 @@ def main() -> None:
 
     per_set = args.per_set or budget["eval_per_set"]
     prompts = held_out_slice(budget, args.offset, per_set)
+    if confirm and (already := benchmark_prompts(out / "eval" / "records.jsonl") & set(prompts)):
+        raise SystemExit(
+            f"{len(already)} of prompts {args.offset + 1}–{args.offset + per_set} were already evaluated by the "
+            f"benchmark in {out / 'eval'} (run with --eval-per-set?), so they are not new to it: raise --offset"
+        )
     seeded(out, tag, args.seed_caches)
     ev_dir, target = side_evaluation(out, budget, tag)
     configs = [*tries, align_pro, *(gated(s) for s in shares)]
@@ -227,9 +232,20 @@ def main() -> None:
         *h2h,
     ]
     names = [c.name for c in tries] + ["align-pro"]
-    if confirm and (
-        pooled := pooled_with_benchmark(out / "eval" / "records.jsonl", eval_prompts(budget), by, names)
-    ):
+    fingerprints = {r["config"]: r["fingerprint"] for r in report.records if r["config"] in names}
+    pooled = (
+        pooled_with_benchmark(out / "eval" / "records.jsonl", eval_prompts(budget), by, fingerprints)
+        if confirm
+        else None
+    )
+    if confirm and pooled is None:
+        logging.warning(
+            "no table on all held-out prompts: the benchmark's records in %s do not hold %s on every one of its "
+            "prompts with this run's setup (another prompter, target or judge)",
+            out / "eval",
+            ", ".join(names),
+        )
+    if pooled:
         n = len(pooled["frozen", "independent"])
         md += [
             "",
@@ -264,14 +280,27 @@ def main() -> None:
     )
 
 
+def benchmark_prompts(path: Path) -> set[str]:
+    """Every prompt the benchmark's own evaluation records hold."""
+    if not path.exists():
+        return set()
+    with path.open() as f:
+        return {json.loads(line)["prompt"] for line in f if line.strip()}
+
+
 def pooled_with_benchmark(
-    path: Path, bench_prompts: list[str], by_new: dict[tuple[str, str], list[float]], names: list[str]
+    path: Path,
+    bench_prompts: list[str],
+    by_new: dict[tuple[str, str], list[float]],
+    fingerprints: dict[str, str],
 ) -> dict[tuple[str, str], list[float]] | None:
     """The benchmark's own held-out rewards followed by the new prompts', per (configuration, judge).
 
-    Pairs stay within each set: the benchmark's rewards follow its prompt list (records are matched by prompt text,
-    as the evaluator resumes them), the new ones their report's order. None unless the benchmark's records hold
-    every named configuration on every one of its prompts: a partial pool would not be paired.
+    Only records with the configuration's fingerprint (same prompter, target and judges) count, so another
+    prompter's records in the same folder never join the pool. Pairs stay within each set: the benchmark's rewards
+    follow its prompt list (records are matched by prompt text, as the evaluator resumes them), the new ones their
+    report's order. None unless the benchmark's records hold every configuration on every one of its prompts: a
+    partial pool would not be paired.
     """
     if not path.exists():
         return None
@@ -280,11 +309,11 @@ def pooled_with_benchmark(
     with path.open() as f:
         for line in f:
             rec = json.loads(line)
-            if rec["prompt"] in bench and rec["config"] in names:
+            if rec["prompt"] in bench and rec.get("fingerprint") == fingerprints.get(rec["config"]):
                 latest[rec["config"], rec["prompt"]] = rec
-    pooled = {}
+    pooled: dict[tuple[str, str], list[float]] = {}
     for (name, judge), values in by_new.items():
-        if name not in names:
+        if name not in fingerprints:
             continue
         if any((name, x) not in latest or judge not in latest[name, x]["rewards"] for x in bench_prompts):
             return None

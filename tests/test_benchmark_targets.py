@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 from alignpro_plugins import stats
@@ -148,28 +149,56 @@ def test_marked_section_is_replaced_in_place_and_new_ones_are_appended(tmp_path)
 
 
 def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
-    import json
-
     from benchmarks.gated_retry import pooled_with_benchmark
 
     bench = ["p0", "p1", "p2"]
     path = tmp_path / "records.jsonl"
+    fingerprints = {"frozen": "f-frozen", "align-pro": "f-prompter"}
 
-    def record(config, idx, value):
-        return {"config": config, "idx": idx, "prompt": bench[idx], "rewards": {"independent": value}}
+    def record(config, i, value, fingerprint=None):
+        return {
+            "config": config,
+            "idx": i,
+            "prompt": bench[i],
+            "rewards": {"independent": value},
+            "fingerprint": fingerprint or fingerprints[config],
+        }
 
     rows = [record("frozen", i, float(i)) for i in (2, 0, 1)]  # written out of order
+    rows += [{**record("frozen", 0, 0.0), "idx": 7}]  # from a longer prompt list: the prompt text decides
     rows += [record("align-pro", i, 10.0 + i) for i in range(3)]
     rows += [record("align-pro", 1, 99.0)]  # a resumed run wrote prompt 1 again: the later record counts
+    rows += [record("align-pro", 2, -5.0, fingerprint="another prompter")]  # not this setup: ignored
     rows += [{**record("frozen", 0, 5.0), "prompt": "not a benchmark prompt"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     new = {("frozen", "independent"): [7.0], ("align-pro", "independent"): [8.0]}
 
-    pooled = pooled_with_benchmark(path, bench, new, ["frozen", "align-pro"])
+    pooled = pooled_with_benchmark(path, bench, new, fingerprints)
     assert pooled == {
         ("frozen", "independent"): [0.0, 1.0, 2.0, 7.0],
         ("align-pro", "independent"): [10.0, 99.0, 12.0, 8.0],
     }
     # A configuration the benchmark did not evaluate on every prompt cannot be paired: no pool at all.
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
-    assert pooled_with_benchmark(path, bench, new, ["frozen", "align-pro"]) is None
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    assert pooled_with_benchmark(path, bench, new, fingerprints) is None
+    # Nor can another prompter's records stand in for this one's.
+    only_other = [r for r in rows if r["config"] == "frozen"] + [
+        record("align-pro", i, 1.0, fingerprint="another prompter") for i in range(3)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in only_other))
+    assert pooled_with_benchmark(path, bench, new, fingerprints) is None
+
+
+def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
+    import shlex
+
+    from benchmarks.gated_retry import slug
+    from benchmarks.run_benchmark import command_line
+
+    argv = ["benchmarks/gated_retry.py", "--label", "seeded standard run", "--out", "runs/bench"]
+    monkeypatch.setattr("sys.argv", ["/abs/path/" + argv[0], *argv[1:]])
+    line = command_line()
+    assert line == "python benchmarks/gated_retry.py --label 'seeded standard run' --out runs/bench"
+    assert shlex.split(line)[1:] == argv
+    assert command_line(["--quick"]) == "python benchmarks/gated_retry.py --quick"
+    assert slug("Seeded standard run (2026-12-05)") == "seeded-standard-run-2026-12-05"
