@@ -52,6 +52,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     publish,
     rewards_by_config,
     side_evaluation,
+    slug,
     train_reward_models,
     validation_prompts,
     win_cell,
@@ -319,11 +320,6 @@ def pooled_with_benchmark(
             return None
         pooled[name, judge] = [latest[name, x]["rewards"][judge] for x in bench_prompts] + values
     return pooled
-
-
-def slug(label: str) -> str:
-    """A section key from a free-text label: lowercase words joined by hyphens."""
-    return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
 
 
 def held_out_slice(budget: dict, offset: int, per_set: int) -> list[str]:

@@ -147,6 +147,11 @@ def command_line(argv: list[str] | None = None) -> str:
     )
 
 
+def slug(label: str) -> str:
+    """A section key from a free-text label: lowercase words joined by hyphens."""
+    return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
+
+
 def write_section(path: Path, key: str, body: str) -> None:
     """Replace (or append) the marked section of docs/benchmarks.md, keeping every other section."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"

@@ -28,7 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_benchmark import command_line, machine, publish, rewards_by_config, win_cell  # noqa: E402
+from benchmarks.run_benchmark import (  # noqa: E402
+    command_line,
+    machine,
+    publish,
+    rewards_by_config,
+    slug,
+    win_cell,
+)
 
 DEFAULT_INPUTS = ("frozen", "template", "template-picked")
 
@@ -39,11 +46,17 @@ def main() -> None:
     ap.add_argument(
         "--inputs", nargs="+", default=list(DEFAULT_INPUTS), help="configurations to choose among"
     )
+    ap.add_argument(
+        "--eval-dirs",
+        nargs="+",
+        default=["eval"],
+        help="evaluation folders under --out whose reports to join (e.g. eval eval-gated-confirm: the benchmark's "
+        "prompts and a confirmation's); each must hold every input on its prompts",
+    )
+    ap.add_argument(
+        "--label", default="", help="names this run's section, so another run keeps the default one"
+    )
     args = ap.parse_args()
-    # results.json holds the finished report's rows; records.jsonl is the append-only resume log.
-    records_path = Path(args.out) / "eval" / "results.json"
-    if not records_path.exists():
-        raise SystemExit(f"{records_path} does not exist: run run_benchmark.py first")
 
     import json
 
@@ -52,12 +65,27 @@ def main() -> None:
     from alignpro_plugins.embeddings import Embedder
     from trainers.bootstrap_labels import NEIGHBOUR_GRID, leave_one_out_rewards, neighbour_order
 
-    records = json.loads(records_path.read_text())["records"]
+    records: list[dict] = []
+    for name in args.eval_dirs:
+        # results.json holds the finished report's rows; records.jsonl is the append-only resume log.
+        records_path = Path(args.out) / name / "results.json"
+        if not records_path.exists():
+            raise SystemExit(
+                f"{records_path} does not exist: run run_benchmark.py (or the confirmation) first"
+            )
+        rows = json.loads(records_path.read_text())["records"]
+        # Positions continue across reports, so each configuration's rewards stay in one shared prompt order.
+        offset = max((r["idx"] for r in records), default=-1) + 1
+        records += [r | {"idx": r["idx"] + offset} for r in rows if r["config"] in (*args.inputs, "frozen")]
     by = rewards_by_config(records)
-    missing = [c for c in args.inputs if (c, "independent") not in by]
+    missing = [
+        c for c in args.inputs if len(by.get((c, "independent"), [])) != len(by["frozen", "independent"])
+    ]
     if missing:
         have = sorted({c for c, _ in by})
-        raise SystemExit(f"no records for {missing} in {records_path}; it has {have}")
+        raise SystemExit(
+            f"{missing} are not on every prompt of {args.eval_dirs} under {args.out}; they have {have}"
+        )
     prompts = [r["prompt"] for r in sorted(records, key=lambda r: r["idx"]) if r["config"] == "frozen"]
     train = torch.tensor([by[c, "reward"] for c in args.inputs]).T  # prompts × inputs
     judge = torch.tensor([by[c, "independent"] for c in args.inputs]).T
@@ -75,7 +103,7 @@ def main() -> None:
     order = neighbour_order(Embedder().embed(prompts))
     sizes = sorted({min(k, n - 1) for k in NEIGHBOUR_GRID})
     lines = [
-        "## Analysis: where best-of-K's headroom comes from",
+        "## Analysis: where best-of-K's headroom comes from" + (f" ({args.label})" if args.label else ""),
         "",
         f"- command: `{command_line()}` (reads the evaluation's report; no new target calls)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
@@ -97,7 +125,8 @@ def main() -> None:
         ],
         row("the independent judge's own pick (ceiling)", ceiling, str(len(args.inputs))),
     ]
-    publish("\n".join(lines), Path(args.out) / "eval" / "selection_headroom.md", "selection-headroom")
+    key = "selection-headroom" + (f"-{slug(args.label)}" if args.label else "")
+    publish("\n".join(lines), Path(args.out) / args.eval_dirs[-1] / f"{key}.md", key)
 
 
 if __name__ == "__main__":

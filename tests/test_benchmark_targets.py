@@ -192,8 +192,7 @@ def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
 def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
     import shlex
 
-    from benchmarks.gated_retry import slug
-    from benchmarks.run_benchmark import command_line
+    from benchmarks.run_benchmark import command_line, slug
 
     argv = ["benchmarks/gated_retry.py", "--label", "seeded standard run", "--out", "runs/bench"]
     monkeypatch.setattr("sys.argv", ["/abs/path/" + argv[0], *argv[1:]])
