@@ -48,11 +48,11 @@ from benchmarks.run_benchmark import (  # noqa: E402
     first_tries,
     frozen_validation_scores,
     judges,
+    labelled,
     machine,
     publish,
     rewards_by_config,
     side_evaluation,
-    slug,
     train_reward_models,
     validation_prompts,
     win_cell,
@@ -190,11 +190,13 @@ def main() -> None:
         for c in tries
         if c.name != "frozen"
     ]
-    title = (
+    title, key = labelled(
         f"## Confirmation: gated retry on {len(prompts)} held-out prompts it never saw"
         if confirm
-        else "## Experiment: gated retry — the prompter's rewrite only where the frozen answer scores poorly"
-    ) + (f" ({args.label})" if args.label else "")
+        else "## Experiment: gated retry — the prompter's rewrite only where the frozen answer scores poorly",
+        "gated-retry-confirmation" if confirm else "gated-retry-experiment",
+        args.label,
+    )
     where = (
         f"prompts {args.offset + 1}–{args.offset + per_set} of dolly_eval and of self_instruct_eval ({len(prompts)} "
         "prompts; none trained on, none in the records that suggested the gate, budget and thresholds fixed before)"
@@ -276,8 +278,7 @@ def main() -> None:
     publish(
         "\n".join(md),
         ev_dir / "section.md",
-        ("gated-retry-confirmation" if confirm else "gated-retry-experiment")
-        + (f"-{slug(args.label)}" if args.label else ""),
+        key,
     )
 
 

@@ -152,6 +152,11 @@ def slug(label: str) -> str:
     return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
 
 
+def labelled(title: str, key: str, label: str) -> tuple[str, str]:
+    """A section's title and key for a run named by --label; unchanged without one, so reruns keep their section."""
+    return (f"{title} ({label})", f"{key}-{slug(label)}") if label else (title, key)
+
+
 def write_section(path: Path, key: str, body: str) -> None:
     """Replace (or append) the marked section of docs/benchmarks.md, keeping every other section."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"

@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_benchmark import (  # noqa: E402
     command_line,
+    labelled,
     machine,
     publish,
     rewards_by_config,
-    slug,
     win_cell,
 )
 
@@ -102,8 +102,11 @@ def main() -> None:
     ceiling = judge.max(1).values.tolist()
     order = neighbour_order(Embedder().embed(prompts))
     sizes = sorted({min(k, n - 1) for k in NEIGHBOUR_GRID})
+    title, key = labelled(
+        "## Analysis: where best-of-K's headroom comes from", "selection-headroom", args.label
+    )
     lines = [
-        "## Analysis: where best-of-K's headroom comes from" + (f" ({args.label})" if args.label else ""),
+        title,
         "",
         f"- command: `{command_line()}` (reads the evaluation's report; no new target calls)",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}",
@@ -125,7 +128,6 @@ def main() -> None:
         ],
         row("the independent judge's own pick (ceiling)", ceiling, str(len(args.inputs))),
     ]
-    key = "selection-headroom" + (f"-{slug(args.label)}" if args.label else "")
     publish("\n".join(lines), Path(args.out) / args.eval_dirs[-1] / f"{key}.md", key)
 
 
