@@ -140,6 +140,12 @@ def targets_table(summary: dict) -> str:
     return "| target | measured | |\n|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
+def align_pro_description(rl_algorithm: str) -> str:
+    """The benchmark's align-pro configuration's description: part of its records' fingerprint, so side
+    evaluations of the same prompter use it too and their records pool with the benchmark's."""
+    return f"(ii) Align-Pro prompter (RL: {rl_algorithm})"
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """How this benchmark script was invoked, quoted so that the line can be pasted back into a shell."""
     return shlex.join(
@@ -925,9 +931,7 @@ def main() -> None:
         # The stronger first try: the library text a user would pick with the same reward and training prompts.
         *([FixedTemplate(template=picked, name="template-picked", description=PICKED)] if picked else []),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
-        align_pro := WithPrompter(
-            prompter=trained, description=f"(ii) Align-Pro prompter (RL: {args.rl_algorithm})"
-        ),
+        align_pro := WithPrompter(prompter=trained, description=align_pro_description(args.rl_algorithm)),
         # How AlignedChatModel(retry_gate=...) deploys the same prompter: x first, the rewrite only where the
         # training reward scores the frozen answer in the lowest GATED_RETRY_SHARE of the validation prompts'.
         GatedRetry(
