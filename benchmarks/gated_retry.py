@@ -105,6 +105,19 @@ def main() -> None:
         default="",
         help="names this run's section (key suffix and title), so a rerun on other artifacts keeps the earlier one",
     )
+    ap.add_argument(
+        "--eval-dir",
+        default="",
+        help="evaluation folder under --out (default eval-gated-confirm with --offset, else eval-gated-retry): a "
+        "second confirmation on another slice gets its own, so each folder's records cover one slice",
+    )
+    ap.add_argument(
+        "--pool-with",
+        nargs="*",
+        default=[],
+        help="earlier confirmation folders under --out (e.g. eval-gated-confirm) whose prompts join the pooled "
+        "table after the benchmark's own; each must hold every configuration on every prompt it holds",
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,7 +141,7 @@ def main() -> None:
     if args.no_zero_shot:
         tries = [c for c in tries if c.name != "zero-shot"]
     confirm = args.offset > 0  # a fresh slice of prompts: a confirmation with nothing re-chosen
-    tag = "eval-gated-confirm" if confirm else "eval-gated-retry"
+    tag = args.eval_dir or ("eval-gated-confirm" if confirm else "eval-gated-retry")
 
     # Thresholds from the validation prompts, training reward only.
     val = validation_prompts(budget)
@@ -161,9 +174,14 @@ def main() -> None:
             f"{len(already)} of prompts {args.offset + 1}–{args.offset + per_set} were already evaluated by the "
             f"benchmark in {out / 'eval'} (run with --eval-per-set?), so they are not new to it: raise --offset"
         )
+    for folder in args.pool_with:  # a pooled table pairs each prompt once
+        if overlap := benchmark_prompts(out / folder / "records.jsonl") & set(prompts):
+            raise SystemExit(
+                f"{len(overlap)} of these prompts are also in {out / folder}: --pool-with takes other slices only"
+            )
     seeded(out, tag, args.seed_caches)
     ev_dir, target = side_evaluation(out, budget, tag)
-    configs = [*tries, align_pro, *(gated(s) for s in shares)]
+    configs = [*tries, align_pro, *(gated(s) for s in shares), *reranks(tries, align_pro)]
     t = time.time()
     report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="gated-retry").run(configs)
     times["evaluation"] = time.time() - t
@@ -184,17 +202,25 @@ def main() -> None:
         for c in configs
         if c.name != "frozen"
     ]
-    h2h = [
-        f"| gated-retry vs {c.name} | {win_cell(by['gated-retry', 'independent'], by[c.name, 'independent'])} | "
-        f"{win_cell(by['gated-retry', 'reward'], by[c.name, 'reward'])} |"
-        for c in configs
-        if c.name != "gated-retry"
-    ] + [  # the prompter alone against what a user tries first (issue 11's head-to-head targets)
-        f"| align-pro vs {c.name} | {win_cell(by['align-pro', 'independent'], by[c.name, 'independent'])} | "
-        f"{win_cell(by['align-pro', 'reward'], by[c.name, 'reward'])} |"
-        for c in tries
-        if c.name != "frozen"
-    ]
+    h2h = (
+        [
+            f"| gated-retry vs {c.name} | {win_cell(by['gated-retry', 'independent'], by[c.name, 'independent'])} | "
+            f"{win_cell(by['gated-retry', 'reward'], by[c.name, 'reward'])} |"
+            for c in configs
+            if c.name != "gated-retry"
+        ]
+        + [  # the prompter alone against what a user tries first (issue 11's head-to-head targets)
+            f"| align-pro vs {c.name} | {win_cell(by['align-pro', 'independent'], by[c.name, 'independent'])} | "
+            f"{win_cell(by['align-pro', 'reward'], by[c.name, 'reward'])} |"
+            for c in tries
+            if c.name != "frozen"
+        ]
+        + [  # what answering more than one input buys over the prompter alone and the default instruction
+            f"| {r} vs {c} | {win_cell(by[r, 'independent'], by[c, 'independent'])} | "
+            f"{win_cell(by[r, 'reward'], by[c, 'reward'])} |"
+            for r, c in (("rerank", "align-pro"), ("rerank-3", "align-pro"), ("rerank-3", "template"))
+        ]
+    )
     title, key = labelled(
         f"## Confirmation: gated retry on {len(prompts)} held-out prompts it never saw"
         if confirm
@@ -203,7 +229,7 @@ def main() -> None:
         args.label,
     )
     where = (
-        f"prompts {args.offset + 1}–{args.offset + per_set} of dolly_eval and of self_instruct_eval ({len(prompts)} "
+        f"prompts {slice_text(args.offset, per_set)} ({len(prompts)} "
         "prompts; none trained on, none in the records that suggested the gate, budget and thresholds fixed before)"
         if confirm
         else f"the benchmark's {len(prompts)} held-out prompts"
@@ -241,23 +267,28 @@ def main() -> None:
     ]
     names = [c.name for c in tries] + ["align-pro"]
     fingerprints = {r["config"]: r["fingerprint"] for r in report.records if r["config"] in names}
-    pooled = (
-        pooled_with_benchmark(out / "eval" / "records.jsonl", eval_prompts(budget), by, fingerprints)
-        if confirm
-        else None
-    )
-    if confirm and pooled is None:
-        logging.warning(
-            "no table on all held-out prompts: the benchmark's records in %s do not hold %s on every one of its "
-            "prompts with this run's setup (another prompter, target or judge)",
-            out / "eval",
-            ", ".join(names),
+    pool_dirs = ["eval", *args.pool_with]
+    pooled: dict | None = by if confirm else None
+    for folder in reversed(pool_dirs):  # each folder's prompts go before the ones pooled so far
+        if pooled is None:
+            break
+        records = out / folder / "records.jsonl"
+        earlier = (
+            eval_prompts(budget) if folder == "eval" else recorded_prompts(records, fingerprints["frozen"])
         )
+        pooled = pooled_with_benchmark(records, earlier, pooled, fingerprints)
+        if pooled is None:
+            logging.warning(
+                "no table on all held-out prompts: the records in %s do not hold %s on every one of its prompts "
+                "with this run's setup (another prompter, target or judge)",
+                out / folder,
+                ", ".join(names),
+            )
     if pooled:
         n = len(pooled["frozen", "independent"])
         md += [
             "",
-            f"On all {n} held-out prompts: the benchmark's {n - len(prompts)} (its own records, same artifacts) and "
+            f"On all {n} held-out prompts: {pooled_text(pool_dirs)} (their records, same artifacts) and "
             f"these {len(prompts)}, paired within each set:",
             "",
             "| configuration | win vs frozen (independent) | mean gain (independent) | variance / frozen (independent) | "
@@ -284,6 +315,47 @@ def main() -> None:
         "\n".join(md),
         ev_dir / "section.md",
         key,
+    )
+
+
+def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
+    """Every answer asked, the training reward's best kept: the gate with no threshold (2 or 3 target calls).
+
+    `rerank` answers x and the prompter's rewrite; `rerank-3` also the default instruction (the inputs of the
+    selection-headroom analysis's "answer in hand" row). No parameter is chosen anywhere.
+    """
+    template = next(c for c in tries if c.name == "template")
+    return [
+        GatedRetry(
+            retry=[align_pro],
+            threshold=float("inf"),
+            name="rerank",
+            description="x and the prompter's rewrite both answered; the training reward keeps the better",
+        ),
+        GatedRetry(
+            retry=[template, align_pro],
+            threshold=float("inf"),
+            name="rerank-3",
+            description="x, x with the default instruction and the prompter's rewrite; the training reward keeps the best",
+        ),
+    ]
+
+
+def pooled_text(folders: list[str]) -> str:
+    named = ["the benchmark's own (eval)" if f == "eval" else f"{f}'s" for f in folders]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
+def recorded_prompts(path: Path, fingerprint: str) -> list[str]:
+    """The prompts an evaluation folder's records hold for this frozen configuration, in first-written order."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return list(
+        dict.fromkeys(
+            r["prompt"] for r in rows if r["config"] == "frozen" and r.get("fingerprint") == fingerprint
+        )
     )
 
 
@@ -326,6 +398,20 @@ def pooled_with_benchmark(
             return None
         pooled[name, judge] = [latest[name, x]["rewards"][judge] for x in bench_prompts] + values
     return pooled
+
+
+def slice_text(offset: int, per_set: int) -> str:
+    """Which prompts of each evaluation set a slice holds, e.g. "151–200 of dolly_eval and 151–252 of ..."."""
+    from alignpro_plugins.data import load_prompts
+    from benchmarks.run_benchmark import DATA, EVAL_SETS
+
+    ends = {
+        Path(name).stem: min(offset + per_set, len(load_prompts(str(DATA / name), field="instruction")))
+        for name in EVAL_SETS
+    }
+    if len(set(ends.values())) == 1:
+        return f"{offset + 1}–{offset + per_set} of " + " and of ".join(ends)
+    return " and ".join(f"{offset + 1}–{end} of {name}" for name, end in ends.items())
 
 
 def held_out_slice(budget: dict, offset: int, per_set: int) -> list[str]:

@@ -201,3 +201,29 @@ def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
     assert shlex.split(line)[1:] == argv
     assert command_line(["--quick"]) == "python benchmarks/gated_retry.py --quick"
     assert slug("Seeded standard run (2026-12-05)") == "seeded-standard-run-2026-12-05"
+
+
+def test_a_pooled_folder_gives_its_prompts_in_written_order_for_this_setup_only(tmp_path):
+    from benchmarks.gated_retry import pooled_text, recorded_prompts
+
+    path = tmp_path / "records.jsonl"
+    rows = [
+        {"config": "frozen", "prompt": "b", "fingerprint": "f"},
+        {"config": "align-pro", "prompt": "z", "fingerprint": "f"},  # not the frozen configuration
+        {"config": "frozen", "prompt": "a", "fingerprint": "f"},
+        {"config": "frozen", "prompt": "b", "fingerprint": "f"},  # resumed: written twice, listed once
+        {"config": "frozen", "prompt": "c", "fingerprint": "another target"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert recorded_prompts(path, "f") == ["b", "a"]
+    assert recorded_prompts(tmp_path / "missing.jsonl", "f") == []
+    assert pooled_text(["eval"]) == "the benchmark's own (eval)"
+    assert pooled_text(["eval", "c1", "c2"]) == "the benchmark's own (eval), c1's and c2's"
+
+
+def test_a_slice_past_the_end_of_a_set_names_where_each_set_ends():
+    from benchmarks.gated_retry import slice_text
+
+    # The real evaluation sets (../shared/data, as in CI): dolly_eval holds 200 prompts, self_instruct_eval 252.
+    assert slice_text(50, 100) == "51–150 of dolly_eval and of self_instruct_eval"
+    assert slice_text(150, 102) == "151–200 of dolly_eval and 151–252 of self_instruct_eval"
