@@ -267,16 +267,14 @@ def main() -> None:
     ]
     names = [c.name for c in tries] + ["align-pro"]
     fingerprints = {r["config"]: r["fingerprint"] for r in report.records if r["config"] in names}
-    pool_dirs = ["eval", *args.pool_with]
+    slices = pool_slices(
+        out, ["eval", *args.pool_with], eval_prompts(budget), prompts, fingerprints["frozen"]
+    )
     pooled: dict | None = by if confirm else None
-    for folder in reversed(pool_dirs):  # each folder's prompts go before the ones pooled so far
+    for folder, earlier in reversed(slices):  # each folder's prompts go before the ones pooled so far
         if pooled is None:
             break
-        records = out / folder / "records.jsonl"
-        earlier = (
-            eval_prompts(budget) if folder == "eval" else recorded_prompts(records, fingerprints["frozen"])
-        )
-        pooled = pooled_with_benchmark(records, earlier, pooled, fingerprints)
+        pooled = pooled_with_benchmark(out / folder / "records.jsonl", earlier, pooled, fingerprints)
         if pooled is None:
             logging.warning(
                 "no table on all held-out prompts: the records in %s do not hold %s on every one of its prompts "
@@ -288,7 +286,7 @@ def main() -> None:
         n = len(pooled["frozen", "independent"])
         md += [
             "",
-            f"On all {n} held-out prompts: {pooled_text(pool_dirs)} (their records, same artifacts) and "
+            f"On all {n} held-out prompts: {pooled_text(slices)} (their records, same artifacts) and "
             f"these {len(prompts)}, paired within each set:",
             "",
             "| configuration | win vs frozen (independent) | mean gain (independent) | variance / frozen (independent) | "
@@ -341,9 +339,31 @@ def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
     ]
 
 
-def pooled_text(folders: list[str]) -> str:
-    named = ["the benchmark's own (eval)" if f == "eval" else f"{f}'s" for f in folders]
-    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+def pool_slices(
+    out: Path, folders: list[str], bench_prompts: list[str], new_prompts: list[str], frozen_fingerprint: str
+) -> list[tuple[str, list[str]]]:
+    """Per pooled folder, the prompts it adds: those no folder before it (nor the new slice) holds.
+
+    "eval" is the benchmark's own prompt list; another folder's prompts are those its frozen records hold with this
+    setup, in written order (a confirmation folder may also hold the benchmark's prompts: they count once).
+    """
+    slices: list[tuple[str, list[str]]] = []
+    pooled_so_far = set(new_prompts)
+    for folder in folders:
+        held = (
+            bench_prompts
+            if folder == "eval"
+            else recorded_prompts(out / folder / "records.jsonl", frozen_fingerprint)
+        )
+        slices.append((folder, [x for x in held if x not in pooled_so_far]))
+        pooled_so_far.update(held)
+    return slices
+
+
+def pooled_text(slices: list[tuple[str, list[str]]]) -> str:
+    """E.g. "the benchmark's 100 (eval), 200 from eval-gated-confirm": where the pooled table's prompts come from."""
+    named = [f"the benchmark's {len(p)} (eval)" if f == "eval" else f"{len(p)} from {f}" for f, p in slices]
+    return ", ".join(named)
 
 
 def recorded_prompts(path: Path, fingerprint: str) -> list[str]:

@@ -204,7 +204,7 @@ def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
 
 
 def test_a_pooled_folder_gives_its_prompts_in_written_order_for_this_setup_only(tmp_path):
-    from benchmarks.gated_retry import pooled_text, recorded_prompts
+    from benchmarks.gated_retry import pool_slices, pooled_text, recorded_prompts
 
     path = tmp_path / "records.jsonl"
     rows = [
@@ -217,8 +217,15 @@ def test_a_pooled_folder_gives_its_prompts_in_written_order_for_this_setup_only(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert recorded_prompts(path, "f") == ["b", "a"]
     assert recorded_prompts(tmp_path / "missing.jsonl", "f") == []
-    assert pooled_text(["eval"]) == "the benchmark's own (eval)"
-    assert pooled_text(["eval", "c1", "c2"]) == "the benchmark's own (eval), c1's and c2's"
+    # The confirmation folder also holds the benchmark's prompt "a": it is pooled once, with the benchmark's.
+    (tmp_path / "confirm").mkdir()
+    path.rename(tmp_path / "confirm" / "records.jsonl")
+    slices = pool_slices(tmp_path, ["eval", "confirm"], ["a", "x"], ["new"], "f")
+    assert slices == [("eval", ["a", "x"]), ("confirm", ["b"])]
+    assert pooled_text([("eval", ["p"] * 100)]) == "the benchmark's 100 (eval)"
+    assert (
+        pooled_text([("eval", ["p"] * 100), ("c1", ["q"] * 200)]) == "the benchmark's 100 (eval), 200 from c1"
+    )
 
 
 def test_a_slice_past_the_end_of_a_set_names_where_each_set_ends():

@@ -890,3 +890,11 @@ def test_retry_gate_validation_and_budget():
     assert gate.wants_retry(2.0) and not gate.wants_retry(3.0)
     with pytest.raises(ValueError, match="one answer per prompt"):
         RetryGate.for_budget(lambda ps, ans: [0.0] * len(ans), ["a"], [], 0.5)
+
+
+def test_rerank_gate_asks_both_inputs_however_good_the_first_answer(stub, echo):
+    rerank = RetryGate.rerank(lambda prompts, answers: [1e6 - len(a) for a in answers])  # shorter is better
+    assert rerank.wants_retry(1e300)
+    answer = AlignedChatModel(llm=echo, prompter=stub, retry_gate=rerank).invoke("tea?")
+    assert [m[-1].content for m in echo.seen] == ["tea?", augmented("tea?")]
+    assert answer.content == "tea?" and answer.response_metadata["alignpro_gate"]["kept"] == "first"
