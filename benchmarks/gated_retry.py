@@ -270,24 +270,27 @@ def main() -> None:
     slices = pool_slices(
         out, ["eval", *args.pool_with], eval_prompts(budget), prompts, fingerprints["frozen"]
     )
-    pooled: dict | None = by if confirm else None
-    for folder, earlier in reversed(slices):  # each folder's prompts go before the ones pooled so far
-        if pooled is None:
-            break
-        pooled = pooled_with_benchmark(out / folder / "records.jsonl", earlier, pooled, fingerprints)
-        if pooled is None:
+    pooled, used, left_out = by, [], []
+    # Each folder's prompts go before the pool so far, so the table follows the order the prompts were evaluated in.
+    for folder, earlier in reversed(slices if confirm else []):
+        more = pooled_with_benchmark(out / folder / "records.jsonl", earlier, pooled, fingerprints)
+        if more is None:  # e.g. records written before the evaluator's fingerprints changed
             logging.warning(
-                "no table on all held-out prompts: the records in %s do not hold %s on every one of its prompts "
-                "with this run's setup (another prompter, target or judge)",
+                "%s is left out of the pooled table: its records do not hold %s on every one of its prompts with "
+                "this run's setup (another prompter, target or judge, or an older record format)",
                 out / folder,
                 ", ".join(names),
             )
-    if pooled:
+            left_out.append(folder)
+            continue
+        pooled, used = more, [(folder, earlier), *used]
+    if used:
         n = len(pooled["frozen", "independent"])
+        gone = f"; {' and '.join(left_out)} left out (their records are not this setup's)" if left_out else ""
         md += [
             "",
-            f"On all {n} held-out prompts: {pooled_text(slices)} (their records, same artifacts) and "
-            f"these {len(prompts)}, paired within each set:",
+            f"On {n} held-out prompts: {pooled_text(used)} (their records, same artifacts) and these "
+            f"{len(prompts)}, paired within each set{gone}:",
             "",
             "| configuration | win vs frozen (independent) | mean gain (independent) | variance / frozen (independent) | "
             "win vs frozen (reward) | mean gain (reward) | variance / frozen (reward) |",
