@@ -289,8 +289,8 @@ def main() -> None:
         gone = f"; {' and '.join(left_out)} left out (their records are not this setup's)" if left_out else ""
         md += [
             "",
-            f"On {n} held-out prompts: {pooled_text(used)} (their records, same artifacts) and these "
-            f"{len(prompts)}, paired within each set{gone}:",
+            f"On {n} held-out prompts: {pooled_text(used)} and these {len(prompts)}, paired within each set (the "
+            f"earlier ones from their folders' records, same artifacts){gone}:",
             "",
             "| configuration | win vs frozen (independent) | mean gain (independent) | variance / frozen (independent) | "
             "win vs frozen (reward) | mean gain (reward) | variance / frozen (reward) |",
