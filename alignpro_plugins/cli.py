@@ -230,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Evaluator,
         FixedTemplate,
         FrozenAlone,
+        GatedRetry,
         Oracle,
         PairwiseLLMJudge,
         WithPrompter,
@@ -262,6 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
     elif args.gate_prompts:
         raise UsageError("--gate-prompts sets the threshold of --gated-retry-share: give that too")
+    if args.rerank and not args.prompter:
+        raise UsageError("--rerank answers x and the trained prompter's rewrite: give --prompter DIR")
     prompts: list[str] = []
     for source in args.prompts:
         prompts += load_prompts(source, field=args.field, context_field=args.context_field)
@@ -311,6 +314,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             configs.append(BestOfK(prompter=trained, k=args.best_of_k))
         if share is not None:
             configs.append(_gated_retry(args, share, align_pro, prompts, target, judges["reward"]))
+        if args.rerank:
+            # The gate with no threshold: both answers always exist, the training reward keeps the better.
+            configs.append(
+                GatedRetry(
+                    retry=[align_pro],
+                    threshold=float("inf"),
+                    name="rerank",
+                    description="x and the prompter's rewrite both answered; the training reward keeps the better",
+                )
+            )
     if args.oracle:
         # The oracle answers in the frozen target's dtype: only the adapter differs.
         base = TransformersTarget(
@@ -440,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--gate-prompts", nargs="+", help="prompts (never the evaluation's) that set that threshold"
+    )
+    p.add_argument(
+        "--rerank",
+        action="store_true",
+        help="adds rerank: x and the prompter's rewrite are both answered and the training reward keeps the "
+        "better answer (2 target calls per prompt; RetryGate.rerank at run time)",
     )
     p.add_argument("--oracle", help="LoRA adapter of the RLHF-tuned target")
     p.add_argument("--training-log", help="metrics.jsonl of the RL run, for the reward-curve plot")

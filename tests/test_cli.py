@@ -396,6 +396,8 @@ def test_eval_checks_extra_prompters_before_loading_anything(tmp_path, capsys):
     assert "--gated-retry-share needs --gate-prompts SRC ..." in _error(capsys)
     assert main([*base, "--gate-prompts", "g.json"]) == 2
     assert "--gate-prompts sets the threshold of --gated-retry-share: give that too" in _error(capsys)
+    assert main([*base, "--rerank"]) == 2
+    assert "--rerank answers x and the trained prompter's rewrite: give --prompter DIR" in _error(capsys)
 
 
 def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
@@ -538,12 +540,14 @@ def test_train_runs_reward_guidance_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_
     ]
     assert main([*ev, "--gated-retry-share", "0.5", "--gate-prompts", str(paths["heldout_prompts"])]) == 2
     assert "--gate-prompts shares" in capsys.readouterr().err  # the threshold never comes from eval prompts
-    assert main([*ev, "--gated-retry-share", "0.5", "--gate-prompts", str(paths["train_prompts"])]) == 0
+    gate = ["--gated-retry-share", "0.5", "--gate-prompts", str(paths["train_prompts"])]
+    assert main([*ev, *gate, "--rerank"]) == 0
     printed = capsys.readouterr().out
-    assert "gated-retry: threshold" in printed and "| gated-retry |" in printed
+    assert "gated-retry: threshold" in printed and "| gated-retry |" in printed and "| rerank |" in printed
     summary = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]["configs"]
-    assert set(summary) == {"frozen", "template", "zero-shot", "align-pro", "gated-retry"}
+    assert set(summary) == {"frozen", "template", "zero-shot", "align-pro", "gated-retry", "rerank"}
     assert 1.0 <= summary["gated-retry"]["target_calls_per_prompt"] <= 2.0
+    assert summary["rerank"]["target_calls_per_prompt"] == 2.0  # every prompt answered twice
 
 
 def test_rewrite_takes_the_base_of_a_moved_artifact(tiny_lm_dir, tmp_path, capsys):
