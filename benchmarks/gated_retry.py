@@ -218,7 +218,12 @@ def main() -> None:
         + [  # what answering more than one input buys over the prompter alone and the default instruction
             f"| {r} vs {c} | {win_cell(by[r, 'independent'], by[c, 'independent'])} | "
             f"{win_cell(by[r, 'reward'], by[c, 'reward'])} |"
-            for r, c in (("rerank", "align-pro"), ("rerank-3", "align-pro"), ("rerank-3", "template"))
+            for r, c in (
+                ("rerank", "align-pro"),
+                ("rerank", "rerank-template"),
+                ("rerank-3", "align-pro"),
+                ("rerank-3", "template"),
+            )
         ]
     )
     title, key = labelled(
@@ -323,10 +328,17 @@ def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
     """Every answer asked, the training reward's best kept: the gate with no threshold (2 or 3 target calls).
 
     `rerank` answers x and the prompter's rewrite; `rerank-3` also the default instruction (the inputs of the
-    selection-headroom analysis's "answer in hand" row). No parameter is chosen anywhere.
+    selection-headroom analysis's "answer in hand" row). `rerank-template` is what a user with the reward model
+    but no prompter would try: x and the default instruction. No parameter is chosen anywhere.
     """
     template = next(c for c in tries if c.name == "template")
     return [
+        GatedRetry(
+            retry=[template],
+            threshold=float("inf"),
+            name="rerank-template",
+            description="x and x with the default instruction both answered; the training reward keeps the better",
+        ),
         GatedRetry(
             retry=[align_pro],
             threshold=float("inf"),
