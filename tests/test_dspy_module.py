@@ -441,6 +441,18 @@ def test_gate_is_shared_by_copies_and_survives_save_and_load(tmp_path, tiny_enco
     )
 
 
+def test_a_saved_rerank_gate_is_valid_json_and_loads_back_as_rerank(tmp_path, tiny_encoder_dir):
+    module = AlignProModule(
+        program_with_demo(), AppendPrompter(), retry_gate=RetryGate.rerank(tiny_encoder_dir)
+    )
+    path = module.save(tmp_path / "program.json")
+    text = path.read_text()
+    assert "Infinity" not in text  # strict JSON readers reject it
+    assert json.loads(text)["alignpro"]["retry_gate"]["threshold"] == "inf"
+    loaded = AlignProModule(dspy.Predict("question -> answer"), AppendPrompter()).load(path)
+    assert loaded.retry_gate.threshold == float("inf") and loaded.retry_gate.wants_retry(1e300)
+
+
 def test_a_saved_gate_over_a_callable_must_be_given_again(tmp_path):
     prompter = AppendPrompter()
     module = AlignProModule(

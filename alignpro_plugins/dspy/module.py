@@ -12,6 +12,7 @@ import copy
 import hashlib
 import inspect
 import json
+import math
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -431,7 +432,8 @@ class AlignProModule(dspy.Module):
             gate.reward, "path", None
         )  # a reward-model folder can be loaded again; a callable cannot
         return {
-            "threshold": gate.threshold,
+            # A rerank gate's threshold is infinite: saved as "inf" (JSON has no infinity), read back by float().
+            "threshold": gate.threshold if math.isfinite(gate.threshold) else str(gate.threshold),
             "reward": gate.reward.identity,
             "reward_path": str(Path(path).resolve()) if path and Path(path).is_dir() else None,
             "answer_field": self.answer_field,
