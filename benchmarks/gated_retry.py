@@ -51,6 +51,7 @@ from benchmarks.run_benchmark import (  # noqa: E402
     judges,
     labelled,
     machine,
+    mean_words,
     publish,
     rewards_by_config,
     side_evaluation,
@@ -198,7 +199,8 @@ def main() -> None:
     held = [
         f"| {c.name} | "
         + " | ".join(against_frozen_cells(by, c.name, judge) for judge in ("independent", "reward"))
-        + f" | {calls[c.name]['target_calls_per_prompt']:.2f} |"
+        + f" | {length_controlled_cell(calls[c.name]['independent'])} | {mean_words(report.records, c.name):.0f} | "
+        f"{calls[c.name]['target_calls_per_prompt']:.2f} |"
         for c in configs
         if c.name != "frozen"
     ]
@@ -259,11 +261,13 @@ def main() -> None:
         "|---|---|---|---|---|",
         *(val_row(n) for n in ["align-pro", *(gated(s).name for s in shares)]),
         "",
-        f"On the {len(prompts)} held-out prompts, against frozen:",
+        f"On the {len(prompts)} held-out prompts, against frozen (its answers average "
+        f"{mean_words(report.records, 'frozen'):.0f} words):",
         "",
         "| configuration | win (independent) | mean gain (independent) | variance / frozen (independent) | "
-        "win (reward) | mean gain (reward) | variance / frozen (reward) | target calls / prompt |",
-        "|---|---|---|---|---|---|---|---|",
+        "win (reward) | mean gain (reward) | variance / frozen (reward) | win at equal length (independent) | "
+        "answer words | target calls / prompt |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *held,
         "",
         "| head to head | independent | training reward |",
@@ -352,6 +356,12 @@ def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
             description="x, x with the default instruction and the prompter's rewrite; the training reward keeps the best",
         ),
     ]
+
+
+def length_controlled_cell(entry: dict) -> str:
+    """The win rate against frozen at equal answer length (AlpacaEval-style), from an evaluation summary entry."""
+    lc = entry["vs_reference_length_controlled"]
+    return f"{lc['win_rate']:.1%} [{lc['ci_low']:.0%}–{lc['ci_high']:.0%}]"
 
 
 def pool_slices(
