@@ -83,7 +83,8 @@ class RetryGate:
 
     @classmethod
     def rerank(cls, reward: Any) -> RetryGate:
-        """A gate with no threshold: every prompt is answered twice (x and the rewrite), the better answer kept.
+        """A gate with no threshold: x is answered, and the rewrite too whenever the prompter changes x; the better
+        answer is kept.
 
         Twice the target calls for the highest win rate of the three modes (prompter alone, gated, rerank): see
         docs/benchmarks.md, "Confirmation ... the last 152 prompts".

@@ -72,9 +72,13 @@ def seeded(out: Path, name: str, seeds: list[str]) -> Path:
         with cache.open("w") as dst:
             for seed in seeds:
                 src = out / seed / "target_cache.jsonl"
-                if src.exists():
-                    with src.open() as f:
-                        shutil.copyfileobj(f, dst)
+                if not src.exists():
+                    logging.warning(
+                        "--seed-caches %s: %s does not exist, so none of its answers are reused", seed, src
+                    )
+                    continue
+                with src.open() as f:
+                    shutil.copyfileobj(f, dst)
     return folder
 
 
@@ -116,8 +120,9 @@ def main() -> None:
         "--pool-with",
         nargs="*",
         default=[],
-        help="earlier confirmation folders under --out (e.g. eval-gated-confirm) whose prompts join the pooled "
-        "table after the benchmark's own; each must hold every configuration on every prompt it holds",
+        help="with --offset: earlier confirmation folders under --out (e.g. eval-gated-confirm) whose prompts join "
+        "the pooled table after the benchmark's own; a folder is used only if it holds frozen, template, zero-shot "
+        "and align-pro with this setup on every prompt it adds",
     )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -125,6 +130,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     budget = BUDGETS["standard"]
+    confirm = args.offset > 0  # a fresh slice of prompts: a confirmation with nothing re-chosen
+    tag = args.eval_dir or ("eval-gated-confirm" if confirm else "eval-gated-retry")
+    per_set = args.per_set or budget["eval_per_set"]
+    prompts = held_out_slice(budget, args.offset, per_set)
+    check_slice(out, tag, confirm, prompts, args.pool_with, slice_text(args.offset, per_set))
     times = train_reward_models(out, budget)
 
     from alignpro_plugins.prompter import Prompter
@@ -141,8 +151,6 @@ def main() -> None:
     tries = first_tries(trained.manifest.mode)  # frozen, the default instruction, the untrained prompter
     if args.no_zero_shot:
         tries = [c for c in tries if c.name != "zero-shot"]
-    confirm = args.offset > 0  # a fresh slice of prompts: a confirmation with nothing re-chosen
-    tag = args.eval_dir or ("eval-gated-confirm" if confirm else "eval-gated-retry")
 
     # Thresholds from the validation prompts, training reward only.
     val = validation_prompts(budget)
@@ -168,18 +176,6 @@ def main() -> None:
     times["validation"] = time.time() - t
     vby = rewards_by_config(report_val.records)
 
-    per_set = args.per_set or budget["eval_per_set"]
-    prompts = held_out_slice(budget, args.offset, per_set)
-    if confirm and (already := benchmark_prompts(out / "eval" / "records.jsonl") & set(prompts)):
-        raise SystemExit(
-            f"{len(already)} of prompts {args.offset + 1}–{args.offset + per_set} were already evaluated by the "
-            f"benchmark in {out / 'eval'} (run with --eval-per-set?), so they are not new to it: raise --offset"
-        )
-    for folder in args.pool_with:  # a pooled table pairs each prompt once
-        if overlap := benchmark_prompts(out / folder / "records.jsonl") & set(prompts):
-            raise SystemExit(
-                f"{len(overlap)} of these prompts are also in {out / folder}: --pool-with takes other slices only"
-            )
     seeded(out, tag, args.seed_caches)
     ev_dir, target = side_evaluation(out, budget, tag)
     configs = [*tries, align_pro, *(gated(s) for s in shares), *reranks(tries, align_pro)]
@@ -276,26 +272,13 @@ def main() -> None:
     ]
     names = [c.name for c in tries] + ["align-pro"]
     fingerprints = {r["config"]: r["fingerprint"] for r in report.records if r["config"] in names}
-    slices = pool_slices(
-        out, ["eval", *args.pool_with], eval_prompts(budget), prompts, fingerprints["frozen"]
-    )
-    pooled, used, left_out = by, [], []
-    # Each folder's prompts go before the pool so far, so the table follows the order the prompts were evaluated in.
-    for folder, earlier in reversed(slices if confirm else []):
-        more = pooled_with_benchmark(out / folder / "records.jsonl", earlier, pooled, fingerprints)
-        if more is None:  # e.g. records written before the evaluator's fingerprints changed
-            logging.warning(
-                "%s is left out of the pooled table: its records do not hold %s on every one of its prompts with "
-                "this run's setup (another prompter, target or judge, or an older record format)",
-                out / folder,
-                ", ".join(names),
-            )
-            left_out.append(folder)
-            continue
-        pooled, used = more, [(folder, earlier), *used]
+    folders = ["eval", *args.pool_with] if confirm else []  # the benchmark's own run pools with nothing
+    pooled, used, left_out = pool(out, folders, eval_prompts(budget), by, fingerprints)
+    for folder, why in left_out:
+        logging.warning("%s is left out of the pooled table: %s", out / folder, why)
     if used:
         n = len(pooled["frozen", "independent"])
-        gone = f"; {' and '.join(left_out)} left out (their records are not this setup's)" if left_out else ""
+        gone = "; left out: " + "; ".join(f"{f} ({why})" for f, why in left_out) if left_out else ""
         md += [
             "",
             f"On {n} held-out prompts: {pooled_text(used)} and these {len(prompts)}, paired within each set (the "
@@ -364,25 +347,79 @@ def length_controlled_cell(entry: dict) -> str:
     return f"{lc['win_rate']:.1%} [{lc['ci_low']:.0%}–{lc['ci_high']:.0%}]"
 
 
-def pool_slices(
-    out: Path, folders: list[str], bench_prompts: list[str], new_prompts: list[str], frozen_fingerprint: str
-) -> list[tuple[str, list[str]]]:
-    """Per pooled folder, the prompts it adds: those no folder before it (nor the new slice) holds.
+def pool(
+    out: Path,
+    folders: list[str],
+    bench_prompts: list[str],
+    by_new: dict[tuple[str, str], list[float]],
+    fingerprints: dict[str, str],
+) -> tuple[dict[tuple[str, str], list[float]], list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """The new prompts' rewards with those of earlier evaluation folders in front, per (configuration, judge).
 
-    "eval" is the benchmark's own prompt list; another folder's prompts are those its frozen records hold with this
-    setup, in written order (a confirmation folder may also hold the benchmark's prompts: they count once).
+    "eval" stands for the benchmark's own prompt list; another folder gives the prompts its frozen records hold with
+    this setup, in written order. Each folder adds only prompts no folder before it added (a confirmation folder
+    also holds copies of the benchmark's records). A folder that cannot be paired on every prompt it adds is left
+    out, and its prompts stay free for the folders after it. Returns the pool, the (folder, prompts) used in table
+    order, and the (folder, reason) left out; every list in the pool follows the same prompt order.
     """
-    slices: list[tuple[str, list[str]]] = []
-    pooled_so_far = set(new_prompts)
+    taken: set[str] = set()
+    used: list[tuple[str, list[str]]] = []
+    left_out: list[tuple[str, str]] = []
     for folder in folders:
-        held = (
-            bench_prompts
-            if folder == "eval"
-            else recorded_prompts(out / folder / "records.jsonl", frozen_fingerprint)
+        path = out / folder / "records.jsonl"
+        held = bench_prompts if folder == "eval" else recorded_prompts(path, fingerprints["frozen"])
+        adds = [x for x in held if x not in taken]
+        if not adds:
+            left_out.append(
+                (folder, "no records of this setup's frozen configuration on prompts not pooled already")
+            )
+        elif pooled_with_folder(path, adds, by_new, fingerprints) is None:
+            left_out.append(
+                (
+                    folder,
+                    "its records do not hold every configuration with this setup on every prompt (another "
+                    "prompter, target or judge, or an older record format)",
+                )
+            )
+        else:
+            used.append((folder, adds))
+            taken.update(adds)
+    pooled = by_new
+    for folder, adds in reversed(used):  # each folder's prompts go in front of the pool so far
+        pooled = pooled_with_folder(out / folder / "records.jsonl", adds, pooled, fingerprints) or pooled
+    return pooled, used, left_out
+
+
+def check_slice(
+    out: Path, tag: str, confirm: bool, prompts: list[str], pool_with: list[str], where: str
+) -> None:
+    """Refuse, before any work, a slice the benchmark or a pooled folder already holds, and a pool that cannot be."""
+    if pool_with and not confirm:
+        raise SystemExit(
+            "--pool-with pools confirmation slices: give --offset N too (prompts past the benchmark's)"
         )
-        slices.append((folder, [x for x in held if x not in pooled_so_far]))
-        pooled_so_far.update(held)
-    return slices
+    if confirm and (already := recorded_prompt_set(out / "eval" / "records.jsonl") & set(prompts)):
+        raise SystemExit(
+            f"{len(already)} of prompts {where} were already evaluated by the benchmark in {out / 'eval'} (run "
+            "with --eval-per-set?), so they are not new to it: raise --offset"
+        )
+    for folder in pool_with:
+        path = out / folder / "records.jsonl"
+        if folder in (tag, "eval"):
+            raise SystemExit(
+                f"--pool-with {folder}: this run writes its records there (or it is the benchmark's own, always "
+                "pooled): give --eval-dir another folder, e.g. eval-gated-confirm-2, or leave it out of --pool-with"
+            )
+        if not path.exists():
+            raise SystemExit(
+                f"--pool-with {folder}: {path} does not exist; give a folder under --out that an earlier "
+                "confirmation wrote, e.g. eval-gated-confirm"
+            )
+        if overlap := recorded_prompt_set(path) & set(prompts):
+            raise SystemExit(
+                f"{len(overlap)} of these prompts are also in {out / folder}: a pooled table pairs each prompt "
+                "once, so raise --offset past that folder's slice or leave it out of --pool-with"
+            )
 
 
 def pooled_text(slices: list[tuple[str, list[str]]]) -> str:
@@ -404,44 +441,44 @@ def recorded_prompts(path: Path, fingerprint: str) -> list[str]:
     )
 
 
-def benchmark_prompts(path: Path) -> set[str]:
-    """Every prompt the benchmark's own evaluation records hold."""
+def recorded_prompt_set(path: Path) -> set[str]:
+    """Every prompt an evaluation folder's records hold, whatever the configuration or setup (none: no file)."""
     if not path.exists():
         return set()
     with path.open() as f:
         return {json.loads(line)["prompt"] for line in f if line.strip()}
 
 
-def pooled_with_benchmark(
+def pooled_with_folder(
     path: Path,
-    bench_prompts: list[str],
-    by_new: dict[tuple[str, str], list[float]],
+    folder_prompts: list[str],
+    by_rest: dict[tuple[str, str], list[float]],
     fingerprints: dict[str, str],
 ) -> dict[tuple[str, str], list[float]] | None:
-    """The benchmark's own held-out rewards followed by the new prompts', per (configuration, judge).
+    """A folder's rewards on ``folder_prompts`` followed by ``by_rest``'s, per (configuration, judge).
 
     Only records with the configuration's fingerprint (same prompter, target and judges) count, so another
-    prompter's records in the same folder never join the pool. Pairs stay within each set: the benchmark's rewards
-    follow its prompt list (records are matched by prompt text, as the evaluator resumes them), the new ones their
-    report's order. None unless the benchmark's records hold every configuration on every one of its prompts: a
-    partial pool would not be paired.
+    prompter's records in the same folder never join the pool. Pairs stay within each set: the folder's rewards
+    follow ``folder_prompts`` (records are matched by prompt text, as the evaluator resumes them), the rest keep
+    their order. None unless the records hold every configuration of ``fingerprints`` on every one of those
+    prompts: a partial pool would not be paired.
     """
     if not path.exists():
         return None
-    bench = set(bench_prompts)
+    wanted = set(folder_prompts)
     latest: dict[tuple[str, str], dict] = {}  # a resumed evaluation may have written a record twice
     with path.open() as f:
         for line in f:
             rec = json.loads(line)
-            if rec["prompt"] in bench and rec.get("fingerprint") == fingerprints.get(rec["config"]):
+            if rec["prompt"] in wanted and rec.get("fingerprint") == fingerprints.get(rec["config"]):
                 latest[rec["config"], rec["prompt"]] = rec
     pooled: dict[tuple[str, str], list[float]] = {}
-    for (name, judge), values in by_new.items():
+    for (name, judge), values in by_rest.items():
         if name not in fingerprints:
             continue
-        if any((name, x) not in latest or judge not in latest[name, x]["rewards"] for x in bench_prompts):
+        if any((name, x) not in latest or judge not in latest[name, x]["rewards"] for x in folder_prompts):
             return None
-        pooled[name, judge] = [latest[name, x]["rewards"][judge] for x in bench_prompts] + values
+        pooled[name, judge] = [latest[name, x]["rewards"][judge] for x in folder_prompts] + values
     return pooled
 
 
@@ -454,8 +491,11 @@ def slice_text(offset: int, per_set: int) -> str:
         Path(name).stem: min(offset + per_set, len(load_prompts(str(DATA / name), field="instruction")))
         for name in EVAL_SETS
     }
+    ends = {
+        name: end for name, end in ends.items() if end > offset
+    }  # a set that ended before the slice adds none
     if len(set(ends.values())) == 1:
-        return f"{offset + 1}–{offset + per_set} of " + " and of ".join(ends)
+        return f"{offset + 1}–{next(iter(ends.values()))} of " + " and of ".join(ends)
     return " and ".join(f"{offset + 1}–{end} of {name}" for name, end in ends.items())
 
 

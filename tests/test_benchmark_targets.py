@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from alignpro_plugins import stats
 from benchmarks.run_benchmark import (
     against_frozen_table,
@@ -149,7 +151,7 @@ def test_marked_section_is_replaced_in_place_and_new_ones_are_appended(tmp_path)
 
 
 def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
-    from benchmarks.gated_retry import pooled_with_benchmark
+    from benchmarks.gated_retry import pooled_with_folder
 
     bench = ["p0", "p1", "p2"]
     path = tmp_path / "records.jsonl"
@@ -173,20 +175,20 @@ def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     new = {("frozen", "independent"): [7.0], ("align-pro", "independent"): [8.0]}
 
-    pooled = pooled_with_benchmark(path, bench, new, fingerprints)
+    pooled = pooled_with_folder(path, bench, new, fingerprints)
     assert pooled == {
         ("frozen", "independent"): [0.0, 1.0, 2.0, 7.0],
         ("align-pro", "independent"): [10.0, 99.0, 12.0, 8.0],
     }
     # A configuration the benchmark did not evaluate on every prompt cannot be paired: no pool at all.
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
-    assert pooled_with_benchmark(path, bench, new, fingerprints) is None
+    assert pooled_with_folder(path, bench, new, fingerprints) is None
     # Nor can another prompter's records stand in for this one's.
     only_other = [r for r in rows if r["config"] == "frozen"] + [
         record("align-pro", i, 1.0, fingerprint="another prompter") for i in range(3)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in only_other))
-    assert pooled_with_benchmark(path, bench, new, fingerprints) is None
+    assert pooled_with_folder(path, bench, new, fingerprints) is None
 
 
 def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
@@ -204,7 +206,7 @@ def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
 
 
 def test_a_pooled_folder_gives_its_prompts_in_written_order_for_this_setup_only(tmp_path):
-    from benchmarks.gated_retry import pool_slices, pooled_text, recorded_prompts
+    from benchmarks.gated_retry import pooled_text, recorded_prompts
 
     path = tmp_path / "records.jsonl"
     rows = [
@@ -217,15 +219,53 @@ def test_a_pooled_folder_gives_its_prompts_in_written_order_for_this_setup_only(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert recorded_prompts(path, "f") == ["b", "a"]
     assert recorded_prompts(tmp_path / "missing.jsonl", "f") == []
-    # The confirmation folder also holds the benchmark's prompt "a": it is pooled once, with the benchmark's.
-    (tmp_path / "confirm").mkdir()
-    path.rename(tmp_path / "confirm" / "records.jsonl")
-    slices = pool_slices(tmp_path, ["eval", "confirm"], ["a", "x"], ["new"], "f")
-    assert slices == [("eval", ["a", "x"]), ("confirm", ["b"])]
     assert pooled_text([("eval", ["p"] * 100)]) == "the benchmark's 100 (eval)"
     assert (
         pooled_text([("eval", ["p"] * 100), ("c1", ["q"] * 200)]) == "the benchmark's 100 (eval), 200 from c1"
     )
+
+
+def test_pooling_folders_keeps_pairs_counts_a_prompt_once_and_names_what_it_leaves_out(tmp_path):
+    from benchmarks.gated_retry import pool
+
+    fingerprints = {"frozen": "F", "align-pro": "A"}
+
+    def write(folder, rows):
+        (tmp_path / folder).mkdir()
+        lines = [
+            {
+                "config": c,
+                "prompt": x,
+                "rewards": {"independent": v},
+                "fingerprint": fingerprints[c] if fp else "old",
+            }
+            for c, x, v, fp in rows
+        ]
+        (tmp_path / folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def both(x, f, a, fp=True):
+        return [("frozen", x, f, fp), ("align-pro", x, a, fp)]
+
+    write("eval", both("e1", 0.0, 1.0) + both("e2", 0.0, 2.0))
+    # A confirmation folder holds copies of the benchmark's records and its own slice, written out of order.
+    write("c1", both("e1", 9.0, 9.0) + both("c1-b", 0.0, 4.0) + both("c1-a", 0.0, 3.0))
+    write("stale", both("s1", 0.0, 5.0, fp=False))  # another setup's records only
+    write("partial", both("p1", 0.0, 6.0)[:1])  # frozen without align-pro: cannot be paired
+    new = {("frozen", "independent"): [0.5], ("align-pro", "independent"): [7.0]}
+
+    pooled, used, left_out = pool(
+        tmp_path, ["eval", "c1", "stale", "partial"], ["e1", "e2"], new, fingerprints
+    )
+    assert used == [("eval", ["e1", "e2"]), ("c1", ["c1-b", "c1-a"])]  # e1 counted once, with the benchmark
+    assert pooled[("frozen", "independent")] == [0.0, 0.0, 0.0, 0.0, 0.5]
+    assert pooled[("align-pro", "independent")] == [1.0, 2.0, 4.0, 3.0, 7.0]  # the same prompt order
+    assert [f for f, _ in left_out] == ["stale", "partial"]
+    assert "no records of this setup" in left_out[0][1] and "every configuration" in left_out[1][1]
+    # A folder left out does not take its prompts from the folders after it.
+    _, used, left_out = pool(tmp_path, ["partial", "c1"], ["e1", "e2"], new, fingerprints)
+    assert used == [("c1", ["e1", "c1-b", "c1-a"])] and [f for f, _ in left_out] == ["partial"]
+    # Without folders (the benchmark's own run) the pool is the new prompts alone.
+    assert pool(tmp_path, [], ["e1"], new, fingerprints) == (new, [], [])
 
 
 def test_a_slice_past_the_end_of_a_set_names_where_each_set_ends():
@@ -234,3 +274,24 @@ def test_a_slice_past_the_end_of_a_set_names_where_each_set_ends():
     # The real evaluation sets (../shared/data, as in CI): dolly_eval holds 200 prompts, self_instruct_eval 252.
     assert slice_text(50, 100) == "51–150 of dolly_eval and of self_instruct_eval"
     assert slice_text(150, 102) == "151–200 of dolly_eval and 151–252 of self_instruct_eval"
+
+
+def test_a_confirmation_refuses_a_pool_it_cannot_make_before_any_work(tmp_path):
+    from benchmarks.gated_retry import check_slice
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "records.jsonl").write_text(json.dumps({"prompt": "seen"}) + "\n")
+    (tmp_path / "c1").mkdir()
+    (tmp_path / "c1" / "records.jsonl").write_text(json.dumps({"prompt": "old"}) + "\n")
+
+    def refused(*args) -> str:
+        with pytest.raises(SystemExit) as err:
+            check_slice(tmp_path, *args)
+        return str(err.value)
+
+    assert "give --offset N too" in refused("eval-gated-retry", False, ["p"], ["c1"], "1–50")
+    assert "raise --offset" in refused("c2", True, ["seen", "p"], [], "1–50")
+    assert "give --eval-dir another folder" in refused("c1", True, ["p"], ["c1"], "51–150")
+    assert "does not exist" in refused("c2", True, ["p"], ["c3"], "51–150")
+    assert "leave it out of --pool-with" in refused("c2", True, ["old"], ["c1"], "51–150")
+    check_slice(tmp_path, "c2", True, ["p"], ["c1"], "51–150")  # a new slice, an earlier folder: fine
