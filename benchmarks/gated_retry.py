@@ -278,7 +278,7 @@ def main() -> None:
         logging.warning("%s is left out of the pooled table: %s", out / folder, why)
     if used:
         n = len(pooled["frozen", "independent"])
-        gone = "; left out: " + "; ".join(f"{f} ({why})" for f, why in left_out) if left_out else ""
+        gone = "".join(f"; {f} left out: {why}" for f, why in left_out)
         md += [
             "",
             f"On {n} held-out prompts: {pooled_text(used)} and these {len(prompts)}, paired within each set (the "
@@ -377,8 +377,8 @@ def pool(
             left_out.append(
                 (
                     folder,
-                    "its records do not hold every configuration with this setup on every prompt (another "
-                    "prompter, target or judge, or an older record format)",
+                    "its records do not hold every configuration with this setup on every prompt, e.g. an "
+                    "older record format or another prompter, target or judge",
                 )
             )
         else:
