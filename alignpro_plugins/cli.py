@@ -315,15 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if share is not None:
             configs.append(_gated_retry(args, share, align_pro, prompts, target, judges["reward"]))
         if args.rerank:
-            # The gate with no threshold: both answers always exist, the training reward keeps the better.
-            configs.append(
-                GatedRetry(
-                    retry=[align_pro],
-                    threshold=float("inf"),
-                    name="rerank",
-                    description="x and the prompter's rewrite both answered; the training reward keeps the better",
-                )
-            )
+            configs.append(GatedRetry.rerank([align_pro]))
     if args.oracle:
         # The oracle answers in the frozen target's dtype: only the adapter differs.
         base = TransformersTarget(

@@ -192,6 +192,16 @@ class GatedRetry(Configuration):
         if math.isnan(self.threshold):
             raise ValueError("threshold is NaN: give a number (retry_threshold() computes one)")
 
+    @classmethod
+    def rerank(
+        cls,
+        retry: Sequence[Configuration],
+        name: str = "rerank",
+        description: str = "x and the prompter's rewrite both answered; the training reward keeps the better",
+    ) -> GatedRetry:
+        """No threshold: every prompt is also asked with each retry input (``RetryGate.rerank`` at run time)."""
+        return cls(retry=retry, threshold=float("inf"), name=name, description=description)
+
     def inputs(self, prompts):
         return [[TargetInput(x)] for x in prompts]
 

@@ -320,21 +320,14 @@ def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
     """
     template = next(c for c in tries if c.name == "template")
     return [
-        GatedRetry(
-            retry=[template],
-            threshold=float("inf"),
+        GatedRetry.rerank(
+            [template],
             name="rerank-template",
             description="x and x with the default instruction both answered; the training reward keeps the better",
         ),
-        GatedRetry(
-            retry=[align_pro],
-            threshold=float("inf"),
-            name="rerank",
-            description="x and the prompter's rewrite both answered; the training reward keeps the better",
-        ),
-        GatedRetry(
-            retry=[template, align_pro],
-            threshold=float("inf"),
+        GatedRetry.rerank([align_pro]),
+        GatedRetry.rerank(
+            [template, align_pro],
             name="rerank-3",
             description="x, x with the default instruction and the prompter's rewrite; the training reward keeps the best",
         ),
@@ -364,16 +357,18 @@ def pool(
     """
     taken: set[str] = set()
     used: list[tuple[str, list[str]]] = []
+    parts: list[dict[tuple[str, str], list[float]]] = []  # each used folder's rewards, in table order
     left_out: list[tuple[str, str]] = []
     for folder in folders:
         path = out / folder / "records.jsonl"
         held = bench_prompts if folder == "eval" else recorded_prompts(path, fingerprints["frozen"])
         adds = [x for x in held if x not in taken]
+        part = pooled_with_folder(path, adds, {k: [] for k in by_new}, fingerprints) if adds else None
         if not adds:
             left_out.append(
                 (folder, "no records of this setup's frozen configuration on prompts not pooled already")
             )
-        elif pooled_with_folder(path, adds, by_new, fingerprints) is None:
+        elif part is None:
             left_out.append(
                 (
                     folder,
@@ -383,10 +378,13 @@ def pool(
             )
         else:
             used.append((folder, adds))
+            parts.append(part)
             taken.update(adds)
-    pooled = by_new
-    for folder, adds in reversed(used):  # each folder's prompts go in front of the pool so far
-        pooled = pooled_with_folder(out / folder / "records.jsonl", adds, pooled, fingerprints) or pooled
+    if not parts:
+        return by_new, used, left_out
+    pooled = {
+        k: [v for part in parts for v in part[k]] + values for k, values in by_new.items() if k in parts[0]
+    }
     return pooled, used, left_out
 
 
