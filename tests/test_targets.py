@@ -367,7 +367,7 @@ def test_openai_target_retries_transient_errors(statuses):
 def test_openai_target_backs_off_exponentially(monkeypatch):
     import asyncio
 
-    import alignpro_plugins.targets as targets_mod
+    import alignpro_plugins.targets.remote as targets_mod
 
     sleeps: list[float] = []
     real_sleep = asyncio.sleep

@@ -1,0 +1,78 @@
+"""Answers cached by (target identity, generation settings, prompt), optionally persisted as jsonl."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from alignpro_plugins.jsonl import append_jsonl, read_jsonl_rows
+from alignpro_plugins.targets.base import FrozenTarget
+
+
+class CachedTarget(FrozenTarget):
+    """Caches answers by (target identity, generation settings, prompt); optionally persisted as jsonl."""
+
+    def __init__(self, target: FrozenTarget, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        self.target = target
+        self.stats = target.stats
+        self._cache: dict[str, str] = {}
+        self._path = Path(path) if path else None
+        self._lock = threading.Lock()
+        if self._path and self._path.exists():
+            for row in read_jsonl_rows(self._path, required=("key", "answer")):
+                self._cache[row["key"]] = row["answer"]
+
+    @property
+    def identity(self) -> str:
+        return self.target.identity
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.target.settings
+
+    def key(self, prompt: str) -> str:
+        blob = json.dumps([self.target.identity, self.target.settings, prompt], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def cached(self, prompt: str) -> str | None:
+        """The stored answer for ``prompt`` under this target and settings, without generating one."""
+        return self._cache.get(self.key(prompt))
+
+    def _split(self, prompts: Sequence[str]) -> tuple[list[str], list[str]]:
+        keys = [self.key(p) for p in prompts]
+        todo = list(dict.fromkeys(p for p, k in zip(prompts, keys, strict=True) if k not in self._cache))
+        self.stats.cache_hits += len(prompts) - sum(1 for k in keys if k not in self._cache)
+        return keys, todo
+
+    def _store(self, todo: list[str], answers: list[str]) -> None:
+        with self._lock:
+            rows = []
+            for p, a in zip(todo, answers, strict=True):
+                if a == "" and self.target.stats.failures:
+                    continue  # do not cache failures; retry next time
+                k = self.key(p)
+                self._cache[k] = a
+                rows.append(json.dumps({"key": k, "answer": a}))
+            if self._path and rows:
+                append_jsonl(self._path, rows)
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        keys, todo = self._split(prompts)
+        if todo:
+            self._store(todo, self.target.generate(todo))
+        return [self._cache.get(k, "") for k in keys]
+
+    def generate(self, prompts: Sequence[str]) -> list[str]:
+        return self._generate(list(prompts))
+
+    async def agenerate(self, prompts: Sequence[str]) -> list[str]:
+        keys, todo = self._split(prompts)
+        if todo:
+            self._store(todo, await self.target.agenerate(todo))
+        return [self._cache.get(k, "") for k in keys]
