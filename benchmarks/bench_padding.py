@@ -9,25 +9,20 @@ script times both on the same prompts in one run, in alternating order, and chec
   did before (and the prompter made one call for all its queries);
 - the planned calls are what ``TransformersTarget`` and ``Prompter.generate_raw`` do now.
 
-    python benchmarks/bench_padding.py                   # 32 prompts (16 dolly + 16 self-instruct), ~30 min here
-    python benchmarks/bench_padding.py --per-set 8 --no-docs
+    python -m benchmarks.bench_padding                   # 32 prompts (16 dolly + 16 self-instruct), ~30 min here
+    python -m benchmarks.bench_padding --per-set 8 --no-docs
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from alignpro_plugins import batching  # noqa: E402
-from benchmarks.run_benchmark import command_line, first_eval_prompts, machine, publish  # noqa: E402
+from alignpro_plugins import batching
+from benchmarks.run_benchmark import ROOT, command_line, first_eval_prompts, machine, publish
 
 FEWEST_CALLS = 1e12  # a call cost so high that the plan is the fewest calls (the baseline)
 
@@ -59,8 +54,8 @@ def compare(
 
     calls = {cost: len(with_call_cost(cost, plan)[1]) for cost in runs}
     seconds = {cost: min(t for t, _ in rs) for cost, rs in runs.items()}  # the least-disturbed run
-    base, plan = runs[FEWEST_CALLS][0][1], runs[planned_cost][0][1]
-    agree = sum(a == b for a, b in zip(base, plan, strict=True))
+    base, planned = runs[FEWEST_CALLS][0][1], runs[planned_cost][0][1]
+    agree = sum(a == b for a, b in zip(base, planned, strict=True))
     b, p = seconds[FEWEST_CALLS], seconds[planned_cost]
     return (
         f"| {name} | {len(lengths)} | {calls[FEWEST_CALLS]} | {b:.1f} | {calls[planned_cost]} | {p:.1f} | "

@@ -5,25 +5,21 @@ a whole batch; sorted by length, each batch pads only to its own longest. Every 
 reward stage's held-out accuracy, the SFT bootstrap, the RL rounds and every evaluation judge. This script
 scores the same preference pairs both ways in one run, in alternating order, and checks that the scores agree.
 
-    python benchmarks/bench_reward_scoring.py              # 256 pairs (512 answers), about 1.5 minutes here
-    python benchmarks/bench_reward_scoring.py --pairs 64 --no-docs
+    python -m benchmarks.bench_reward_scoring              # 256 pairs (512 answers), about 1.5 minutes here
+    python -m benchmarks.bench_reward_scoring --pairs 64 --no-docs
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from alignpro_plugins.data import load_preferences  # noqa: E402
-from alignpro_plugins.rewards import RewardModel, encode_pairs  # noqa: E402
-from benchmarks.run_benchmark import DATA, machine, publish  # noqa: E402
+from alignpro_plugins.data import load_preferences
+from alignpro_plugins.rewards import RewardModel, encode_pairs
+from benchmarks.run_benchmark import DATA, ROOT, command_line, machine, publish
 
 
 @torch.inference_mode()
@@ -90,9 +86,7 @@ def main() -> None:
         [
             "## Reward-model scoring in length-sorted batches",
             "",
-            "- command: `python benchmarks/bench_reward_scoring.py"
-            + (f" --pairs {args.pairs}" if args.pairs != 256 else "")
-            + "`",
+            f"- command: `{command_line()}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
             f"{time.time() - started:.0f} s",
             f"- reward model: `{Path(path).name if Path(path).exists() else path}` (batch size {rm.batch_size}, "

@@ -6,8 +6,8 @@ into one batched ``generate`` call (the script checks this). It reports prompts/
 p50/p95 per-request latency, and writes the "Prompter rewrite throughput" section of ``docs/benchmarks.md``
 (other sections are left as they are).
 
-    .venv/bin/python benchmarks/bench_rewrite.py                      # batch 1/8/32, about 1 minute on 2 idle cores
-    .venv/bin/python benchmarks/bench_rewrite.py --batch-sizes 1 8 --waves 4 --no-docs   # more samples, no docs
+    python -m benchmarks.bench_rewrite                      # batch 1/8/32, about 1 minute on 2 idle cores
+    python -m benchmarks.bench_rewrite --batch-sizes 1 8 --waves 4 --no-docs   # more samples, no docs
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import statistics
 import sys
 import threading
@@ -26,10 +25,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dolly_eval.json"
-DEFAULT_DOCS = ROOT / "docs" / "benchmarks.md"
-SECTION = "## Prompter rewrite throughput"
+from benchmarks.run_benchmark import DATA, RESULTS_PAGE, command_line, write_section
+
+SECTION_KEY = "rewrite-benchmark"
 
 
 def cpu_model() -> str:
@@ -131,7 +129,7 @@ def run_batch_size(prompter, spy: GenerateSpy, prompts: list[str], batch: int, w
 
 def render_section(meta: dict, rows: list[dict]) -> str:
     lines = [
-        SECTION,
+        "## Prompter rewrite throughput",
         "",
         'Zero-shot SmolLM2-135M-Instruct prompter (`Prompter.from_base("smollm2-135m-instruct")`, '
         f"{meta['mode']} mode, greedy, max_new_tokens={meta['max_new_tokens']}, fp32 on CPU); prompts are the "
@@ -180,21 +178,6 @@ def render_section(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) our section; everything else in the file stays as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    # The section ends at the next heading or at the next section marker (other scripts own those).
-    pattern = re.compile(rf"^{re.escape(SECTION)}\s*$.*?(?=^## |^<!-- |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -202,8 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--mode", choices=["augment", "rewrite"], default="augment")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--docs", type=Path, default=DEFAULT_DOCS)
+    ap.add_argument("--data", type=Path, default=DATA / "dolly_eval.json")
+    ap.add_argument("--docs", type=Path, default=RESULTS_PAGE)
     ap.add_argument("--no-docs", action="store_true", help="print only; do not touch docs/benchmarks.md")
     ap.add_argument("--json", type=Path, help="also write the raw numbers here")
     args = ap.parse_args(argv)
@@ -251,9 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     meminfo = Path("/proc/meminfo").read_text().split("\n")[0] if Path("/proc/meminfo").exists() else ""
     mem_kb = int(re.findall(r"\d+", meminfo)[0]) if meminfo else 0
     meta = {
-        "command": shlex.join(
-            [".venv/bin/python", "benchmarks/bench_rewrite.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": command_line(argv),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
         "cpu": cpu_model(),
@@ -271,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(section)
     if not args.no_docs:
-        write_section(args.docs, section)
+        write_section(args.docs, SECTION_KEY, section.rstrip("\n"))
         print(f"wrote the section to {args.docs}")
     result = {"meta": meta, "rows": rows}
     if args.json:

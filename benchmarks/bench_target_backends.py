@@ -18,9 +18,9 @@ transformers, and how many answers are identical to transformers' (greedy decodi
 vLLM pins its own torch and transformers, so it lives in its own virtual environment:
 
     bash scripts/serve_vllm.sh --install-only                 # creates .venv-vllm (about 2 minutes, 3.4 GB)
-    python benchmarks/bench_target_backends.py                # 64 prompts, ~10 minutes here
-    python benchmarks/bench_target_backends.py --per-set 8 --dtypes float32 --no-docs
-    python benchmarks/bench_target_backends.py --dtypes                 # in process only (no vLLM)
+    python -m benchmarks.bench_target_backends                # 64 prompts, ~10 minutes here
+    python -m benchmarks.bench_target_backends --per-set 8 --dtypes float32 --no-docs
+    python -m benchmarks.bench_target_backends --dtypes                 # in process only (no vLLM)
 """
 
 from __future__ import annotations
@@ -37,10 +37,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.run_benchmark import command_line, first_eval_prompts, machine, publish  # noqa: E402
+from benchmarks.run_benchmark import ROOT, command_line, first_eval_prompts, machine, publish
 
 SERVED_NAME = "smollm2"
 
@@ -171,7 +168,7 @@ def main() -> None:
             f"{same}/{len(ref)} | {extra} |"
         )
 
-    base, ref = 0.0, []
+    base, ref = 0.0, list[str]()
     for dtype in args.local_dtypes:
         local = TransformersTarget(
             "smollm2-135m-instruct",

@@ -1,20 +1,23 @@
-"""Gated retry: ask again with the prompter's rewrite only where the reward model calls the frozen answer poor.
+"""The deployment modes on held-out prompts: the retry gate and rerank beside the prompter alone.
 
-Every prompter measured so far appends one guidance text to nearly every prompt. That wins about 65% against the
-bare prompt but widens the reward distribution: it moves good and poor answers alike. The selection-headroom
-analysis showed the per-prompt headroom lives in the answers, not in the prompt. A gated retry uses exactly that.
-The frozen target answers x. Where the training reward scores that answer below a threshold, the target also
-answers the trained prompter's rewrite, and the better-scored answer is kept. Extra target calls go only to the
-answers the reward model calls poor, which lifts the low tail instead of shifting everything.
+A trained prompter (default: the standard benchmark's, ``runs/bench/rl-kl``) is evaluated on held-out prompts
+under both judges, beside frozen, the default instruction and the untrained prompter, together with the ways to
+deploy it that ask the frozen target more than once and let the training reward keep the better answer:
 
-The threshold is a cost budget, not a tuned number: `--retry-share` (default 0.5, fixed before any held-out
-result of this script) is the share of the frozen model's answers on the 64 held-out AlpacaEval validation
-prompts that the training reward scores lowest. No evaluation prompt sets it. Shares 0.25 and 0.75 are reported
-too, as a sweep. Everything is evaluated on the benchmark's 100 held-out prompts under both judges, beside
-frozen, the default instruction, the untrained prompter and the trained prompter alone. The independent judge
-never picks anything; the gate is the training reward.
+- ``gated-retry``: x first; where the training reward scores that answer below a threshold, the rewrite too. The
+  threshold is a cost budget, ``--retry-share`` (default 0.5) of the frozen answers to the 64 held-out AlpacaEval
+  validation prompts scored lowest; no evaluation prompt sets it. Shares 0.25 and 0.75 are reported as a sweep.
+- ``rerank``: x and the rewrite both answered (2 target calls); ``rerank-3`` also x with the default instruction
+  (3 calls); ``rerank-template``: x and x with the default instruction, no prompter (2 calls).
 
-    python benchmarks/gated_retry.py --prompter runs/bench/sft-searched [--out runs/bench]
+The independent judge never picks anything. Every table gives target calls per prompt, the win at equal answer
+length and the answer length. ``--offset N`` evaluates a slice of prompts the standard benchmark never saw (a
+confirmation), and ``--pool-with`` joins earlier confirmation folders into one paired table.
+
+    python -m benchmarks.gated_retry --prompter runs/bench/rl-kl                        # the benchmark's 100 prompts
+    python -m benchmarks.gated_retry --prompter runs/bench/rl-kl --offset 50 --per-set 100 --label 'my run'
+
+Its section goes to docs/benchmarks-history.md (under a key from --label) and <out>/<eval-dir>/section.md.
 """
 
 from __future__ import annotations
@@ -23,41 +26,33 @@ import argparse
 import json
 import logging
 import shutil
-import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from alignpro_plugins.evaluation import (  # noqa: E402
-    Evaluator,
-    GatedRetry,
-    WithPrompter,
-    retry_threshold,
-)
-from alignpro_plugins.stats import variance_ratio  # noqa: E402
-from benchmarks.run_benchmark import (  # noqa: E402
+from alignpro_plugins.data import load_prompts
+from alignpro_plugins.evaluation import Evaluator, GatedRetry, WithPrompter, answer_words, retry_threshold
+from alignpro_plugins.stats import variance_ratio, win_rate
+from benchmarks.run_benchmark import (
     BUDGETS,
-    against_frozen_cells,
+    DATA,
+    EVAL_SETS,
+    HISTORY_PAGE,
     align_pro_description,
     command_line,
     eval_prompts,
     first_tries,
     frozen_validation_scores,
     judges,
-    labelled,
     machine,
-    mean_words,
     publish,
-    rewards_by_config,
     side_evaluation,
     train_reward_models,
+    training_prompts,
     validation_prompts,
-    win_cell,
 )
 
 SWEEP = (0.25, 0.5, 0.75)
@@ -85,13 +80,15 @@ def seeded(out: Path, name: str, seeds: list[str]) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench", help="the benchmark's output folder (reward/, judge/)")
-    ap.add_argument("--prompter", required=True, help="the trained prompter whose rewrite is the retry")
+    ap.add_argument(
+        "--prompter", default="runs/bench/rl-kl", help="the trained prompter whose rewrite is the retry"
+    )
     ap.add_argument("--retry-share", type=float, default=0.5, help="share of validation answers to retry")
     ap.add_argument(
         "--seed-caches",
         nargs="*",
-        default=["eval-demonstrations", "eval-sft-searched", "eval-demonstrations-validation"],
-        help="evaluation folders under --out whose target answers to reuse",
+        default=["eval", "eval-gate-validation"],
+        help="evaluation folders under --out whose target answers to reuse (default: the benchmark's)",
     )
     ap.add_argument(
         "--offset",
@@ -207,7 +204,7 @@ def main() -> None:
             for c in configs
             if c.name != "gated-retry"
         ]
-        + [  # the prompter alone against what a user tries first (issue 11's head-to-head targets)
+        + [  # the prompter alone against what a user tries first
             f"| align-pro vs {c.name} | {win_cell(by['align-pro', 'independent'], by[c.name, 'independent'])} | "
             f"{win_cell(by['align-pro', 'reward'], by[c.name, 'reward'])} |"
             for c in tries
@@ -304,11 +301,7 @@ def main() -> None:
                 if name != "align-pro"
             ),
         ]
-    publish(
-        "\n".join(md),
-        ev_dir / "section.md",
-        key,
-    )
+    publish("\n".join(md), ev_dir / "section.md", key, HISTORY_PAGE)
 
 
 def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
@@ -482,9 +475,6 @@ def pooled_with_folder(
 
 def slice_text(offset: int, per_set: int) -> str:
     """Which prompts of each evaluation set a slice holds, e.g. "151–200 of dolly_eval and 151–252 of ..."."""
-    from alignpro_plugins.data import load_prompts
-    from benchmarks.run_benchmark import DATA, EVAL_SETS
-
     ends = {
         Path(name).stem: min(offset + per_set, len(load_prompts(str(DATA / name), field="instruction")))
         for name in EVAL_SETS
@@ -499,9 +489,6 @@ def slice_text(offset: int, per_set: int) -> str:
 
 def held_out_slice(budget: dict, offset: int, per_set: int) -> list[str]:
     """Prompts offset+1 .. offset+per_set of each evaluation set; none may be a training prompt."""
-    from alignpro_plugins.data import load_prompts
-    from benchmarks.run_benchmark import DATA, EVAL_SETS, training_prompts
-
     if offset == 0 and per_set == budget["eval_per_set"]:
         return eval_prompts(budget)
     prompts = [
@@ -515,6 +502,43 @@ def held_out_slice(budget: dict, offset: int, per_set: int) -> list[str]:
     if leaked := [x for x in prompts if x in seen]:
         raise SystemExit(f"{len(leaked)} evaluation prompts are training prompts, e.g. {leaked[0][:80]!r}")
     return prompts
+
+
+def slug(label: str) -> str:
+    """A section key from a free-text label: lowercase words joined by hyphens."""
+    return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
+
+
+def labelled(title: str, key: str, label: str) -> tuple[str, str]:
+    """A section's title and key for a run named by --label; unchanged without one, so reruns keep their section."""
+    return (f"{title} ({label})", f"{key}-{slug(label)}") if label else (title, key)
+
+
+def rewards_by_config(records: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(configuration, judge) -> its rewards in prompt order, from an evaluation's per-prompt records."""
+    by: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for rec in sorted(records, key=lambda r: r["idx"]):
+        for judge, r in rec["rewards"].items():
+            by[rec["config"], judge].append(r)
+    return by
+
+
+def win_cell(a: list[float], b: list[float]) -> str:
+    """A paired win rate of a over b with its 95% interval, as a table cell."""
+    w = win_rate(a, b)
+    return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
+
+
+def against_frozen_cells(by: dict[tuple[str, str], list[float]], name: str, judge: str) -> str:
+    """Table cells of a configuration against frozen under one judge: win rate, mean gain, variance ratio."""
+    a, f = by[name, judge], by["frozen", judge]
+    v = variance_ratio(a, f)
+    return f"{win_cell(a, f)} | {fmean(a) - fmean(f):+.3f} | {v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
+
+
+def mean_words(records: list[dict], config: str) -> float:
+    """The mean answer length in words of one configuration's records."""
+    return fmean(answer_words(r["answer"]) for r in records if r["config"] == config)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ frozen / template / zero-shot / SFT / Align-Pro / Align-Pro behind the retry gat
 training reward scores the frozen answer poorly) / best-of-K / RLHF oracle, under both judges. Stages whose
 artifacts exist are reused, so an interrupted run resumes.
 
-    python benchmarks/run_benchmark.py            # standard budget, 2.2 hours of stages on 2 CPU cores (resumable)
-    python benchmarks/run_benchmark.py --quick    # every stage at smoke size, 7.6-9.0 minutes (2026-12-05)
+    python -m benchmarks.run_benchmark            # standard budget, 2.2 hours of stages on 2 CPU cores (resumable)
+    python -m benchmarks.run_benchmark --quick    # every stage at smoke size, 8-16 minutes
     bash scripts/serve_vllm.sh &                  # optional: the frozen target's answers from a vLLM server
-    python benchmarks/run_benchmark.py --quick --target-base-url http://127.0.0.1:8080/v1 --out runs/bench-quick-vllm
+    python -m benchmarks.run_benchmark --quick --target-base-url http://127.0.0.1:8080/v1 --out runs/bench-quick-vllm
+
+The standard run's section goes to docs/benchmarks.md; a --quick run (a pipeline check, not a result) to
+docs/benchmarks-history.md. Both are also saved beside the artifacts (<out>/eval/benchmark_section.md).
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# Results for a newcomer (the standard run, the speed benchmarks) and the lab notebook (confirmations, quick runs).
+RESULTS_PAGE = ROOT / "docs" / "benchmarks.md"
+HISTORY_PAGE = ROOT / "docs" / "benchmarks-history.md"
 DATA = Path(os.environ.get("ALIGNPRO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 # Held out everywhere: no reward pair, bootstrap or RL prompt is ever one of these.
 EVAL_SETS = ("dolly_eval.json", "self_instruct_eval.json")
@@ -50,7 +56,7 @@ def machine() -> str:
 
 
 def targets_table(summary: dict) -> str:
-    """The issues' targets, each with the measured value and whether it is met (independent judge first)."""
+    """The project's targets, each with the measured value and whether it is met (independent judge first)."""
     c, h = summary["configs"], summary["head_to_head"]
     rows = []
 
@@ -87,19 +93,19 @@ def targets_table(summary: dict) -> str:
                     w["win_rate"] >= goal and w["ci_low"] > 0.5,
                 )
         add(f"align-pro vs frozen ≥ 65% (paper-level, {judge})", wr["win_rate"], wr["win_rate"] >= 0.65)
-        if "template-picked" in h:  # not an issue target: the best fixed text picked on the training prompts
+        if "template-picked" in h:  # context: the best fixed text picked on the training prompts
             w = h["template-picked"][judge]
             rows.append(
                 f"| (context) align-pro vs template-picked, the best fixed text on the training prompts "
                 f"({judge}) | {w['win_rate']:.1%} [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}] | — |"
             )
         lc = c["align-pro"][judge].get("vs_reference_length_controlled")
-        if lc:  # not an issue target: how much of the win is the judges' preference for longer answers
+        if lc:  # context: how much of the win is the judges' preference for longer answers
             rows.append(
                 f"| (context) align-pro vs frozen at equal answer length, length-controlled ({judge}) | "
                 f"{lc['win_rate']:.1%} [{100 * lc['ci_low']:.0f}–{100 * lc['ci_high']:.0f}] | — |"
             )
-        for other in ("frozen", "sft"):  # the RL stage must raise the mean above both (issue #4)
+        for other in ("frozen", "sft"):  # the RL stage must raise the mean above both
             d = h.get(other, {}).get(judge, {})
             if "mean_diff" in d:
                 lo, hi = d["mean_diff_ci"]
@@ -147,24 +153,15 @@ def align_pro_description(rl_algorithm: str) -> str:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """How this benchmark script was invoked, quoted so that the line can be pasted back into a shell."""
+    """How this benchmark was invoked (``python -m benchmarks.<name> ...``, from the checkout's root), quoted so
+    that the line can be pasted back into a shell."""
     return shlex.join(
-        ["python", f"benchmarks/{Path(sys.argv[0]).name}", *(sys.argv[1:] if argv is None else argv)]
+        ["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *(sys.argv[1:] if argv is None else argv)]
     )
 
 
-def slug(label: str) -> str:
-    """A section key from a free-text label: lowercase words joined by hyphens."""
-    return "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
-
-
-def labelled(title: str, key: str, label: str) -> tuple[str, str]:
-    """A section's title and key for a run named by --label; unchanged without one, so reruns keep their section."""
-    return (f"{title} ({label})", f"{key}-{slug(label)}") if label else (title, key)
-
-
 def write_section(path: Path, key: str, body: str) -> None:
-    """Replace (or append) the marked section of docs/benchmarks.md, keeping every other section."""
+    """Replace (or append) the marked section of a benchmark page, keeping every other section."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{body}\n{end}"
@@ -175,11 +172,10 @@ def write_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
-# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (132.5 min of stages on 2026-12-05's
-# 2-core Xeon, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
-# result (11.9 min on 2026-11-25's Xeon; on 2026-12-04's slower AMD EPYC 20.7 min, 16.0 after that day's
-# scoring and evaluation speed-ups, then 8 instead of 12 RL prompts; 7.6-9.0 min on 2026-12-05's Xeon).
-BUDGETS = {
+# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 2.2 hours of stages on a
+# 2-core CPU, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
+# result (8 to 16 minutes on 2-core CPUs).
+BUDGETS: dict[str, dict[str, Any]] = {
     "standard": dict(
         rm_steps=80,
         rm_max_length=256,
@@ -192,7 +188,7 @@ BUDGETS = {
         # Guidance search (library + recombined sentences, successive halving from 16 prompts) before SFT; its
         # validated text joins the bootstrap's fixed candidates. 0 skips the stage.
         guidance_min_prompts=16,
-        # Measured (sft_recheck.py): with every target the searched two-sentence text, 3 epochs left the prompter
+        # Measured (docs/benchmarks-history.md, "Re-check"): with every target the searched two-sentence text, 3 epochs left the prompter
         # reproducing it on 24/100 held-out prompts (58.5% vs frozen), 6 epochs on 96/100 (65.0%).
         sft_epochs=6,
         kl_prompts=96,  # per round: every round samples fresh prompts (half BPO, half AlpacaEval)
@@ -215,7 +211,7 @@ BUDGETS = {
         boot_neighbours=-1,
         guidance_min_prompts=0,  # not run at quick size yet: the standard run is the one that measured it
         sft_epochs=2,
-        kl_prompts=8,  # 12 until 2026-12-04: RL and oracle sampling, scoring and distillation scale with it
+        kl_prompts=8,  # RL and oracle sampling, scoring and distillation scale with it
         kl_k=3,
         kl_anchors=False,
         kl_rounds=1,
@@ -289,16 +285,15 @@ def held_out_prompts() -> set[str]:
     }
 
 
-def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[str], list[str]]:
+def rl_prompt_pools(budget: dict) -> tuple[list[str], list[str]]:
     """(AlpacaEval instructions, kl-optimum's RL prompts), both disjoint from every evaluation prompt.
 
     kl-optimum takes the BPO prompts the bootstrap did not use interleaved with AlpacaEval instructions: BPO's
     task instructions with context are closer to what users send than AlpacaEval's open questions alone.
-    ``exclude_held_out=False`` gives the pools of runs before 2026-11-24, which only kept the evaluated prompts out.
     """
     from alignpro_plugins.data import load_prompts
 
-    held_out = held_out_prompts() if exclude_held_out else set()
+    held_out = held_out_prompts()
     alpaca = [
         x
         for x in dict.fromkeys(load_prompts(str(DATA / "alpaca_eval_prefs.jsonl.gz"), field="prompt"))
@@ -316,11 +311,11 @@ def rl_prompt_pools(budget: dict, exclude_held_out: bool = True) -> tuple[list[s
     return alpaca, list(dict.fromkeys(mixed))
 
 
-def reward_config(output_dir: Path, budget: dict, shard: int, **overrides: object):
+def reward_config(output_dir: Path, budget: dict, shard: int):
     """A reward stage on one prompt shard of the preference data (0: training reward, 1: independent judge)."""
     from trainers.reward_config import AlignProRewardConfig
 
-    kw: dict = dict(
+    return AlignProRewardConfig(
         output_dir=str(output_dir),
         preference_data=[str(DATA / "alpaca_eval_prefs.jsonl.gz"), str(DATA / "hh_rlhf_harmless.jsonl.gz")],
         max_pairs_per_source=6000,
@@ -334,8 +329,6 @@ def reward_config(output_dir: Path, budget: dict, shard: int, **overrides: objec
         logging_steps=10,
         save_steps=40,
     )
-    kw.update(overrides)
-    return AlignProRewardConfig(**kw)
 
 
 def train_reward_models(out: Path, budget: dict) -> dict[str, float]:
@@ -357,11 +350,11 @@ def validation_prompts(budget: dict) -> list[str]:
     return rl_prompts(budget)[-budget["kl_val_prompts"] :]
 
 
-def guidance_config(out: Path, budget: dict, **overrides: object):
+def guidance_config(out: Path, budget: dict):
     """The guidance search: the library and its recombinations on the bootstrap's prompts, training reward."""
     from trainers.guidance_search_config import GuidanceSearchConfig
 
-    kw: dict = dict(
+    return GuidanceSearchConfig(
         output_dir=str(out / "guidance"),
         reward_model=str(out / "reward"),
         seed_texts=sft_library(budget),
@@ -369,56 +362,44 @@ def guidance_config(out: Path, budget: dict, **overrides: object):
         validation_prompts=budget["kl_val_prompts"],
         **target_args(budget),
     )
-    kw.update(overrides)
-    return GuidanceSearchConfig(**kw)
 
 
-def run_guidance_search(out: Path, budget: dict, validation: list[str] | None = None, **overrides: object):
-    """The guidance search on the bootstrap's prompts, its finalists compared on the validation prompts
-    (`validation`, default: the RL stage's held-out AlpacaEval prompts)."""
+def run_guidance_search(out: Path, budget: dict):
+    """The guidance search on the bootstrap's prompts, its finalists compared on the RL stage's held-out
+    AlpacaEval prompts."""
     from trainers.guidance_search_trainer import search_guidance
 
     return search_guidance(
-        guidance_config(out, budget, **overrides),
+        guidance_config(out, budget),
         prompts=bootstrap_prompts(budget),
-        validation_prompts=validation_prompts(budget) if validation is None else validation,
+        validation_prompts=validation_prompts(budget),
     )
 
 
-def bpo_validation_prompts(n: int) -> list[str]:
-    """The last n BPO instructions: the users' kind of prompt, disjoint from the bootstrap's (the first ones)
-    and from every evaluation prompt."""
-    from alignpro_plugins.data import load_prompts
-
-    held_out = held_out_prompts()
-    bpo = load_prompts(str(DATA / "bpo_prompt_pairs.json"), field="instruction", context_field="context")
-    return [x for x in bpo if x not in held_out][-n:] if n else []
-
-
-def sft_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: object):
+def sft_config(output_dir: Path, reward_model: Path, budget: dict):
     """The benchmark's SFT stage: best-of-K bootstrap over sampled rewrites and the guidance library, then LoRA SFT.
 
     With a guidance search in the budget, the search's validated text is scored first among the fixed candidates.
     """
     from trainers.sft_config import AlignProSFTConfig
 
-    searched = Path(output_dir).parent / "guidance"
-    kw: dict = dict(
+    searched: dict[str, Any] = (
+        dict(templates_from=str(Path(output_dir).parent / "guidance"), templates_from_top=1)
+        if budget["guidance_min_prompts"]
+        else {}
+    )
+    return AlignProSFTConfig(
         output_dir=str(output_dir),
         reward_model=str(reward_model),
         num_candidates=budget["k"],
         templates=sft_library(budget),
-        **(
-            dict(templates_from=str(searched), templates_from_top=1) if budget["guidance_min_prompts"] else {}
-        ),
+        **searched,
         max_pairs=budget["boot_prompts"],
         bootstrap_neighbours=budget["boot_neighbours"],
         num_train_epochs=budget["sft_epochs"],
         save_steps=1000,
         **target_args(budget),
     )
-    kw.update(overrides)
-    return AlignProSFTConfig(**kw)
 
 
 def kl_budget(budget: dict) -> dict:
@@ -435,11 +416,11 @@ def kl_budget(budget: dict) -> dict:
     )
 
 
-def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str], **overrides: object):
-    """The benchmark's kl-optimum RL stage; experiments pass overrides to vary one setting."""
+def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str]):
+    """The benchmark's kl-optimum RL stage."""
     from trainers.rl_config import AlignProRLConfig
 
-    kw: dict = dict(
+    return AlignProRLConfig(
         output_dir=str(output_dir),
         sft_prompter=str(out / "sft"),
         reward_model=str(out / "reward"),
@@ -452,23 +433,19 @@ def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str]
         max_completion_length=48,
         **target_args(budget),
     )
-    kw.update(overrides)
-    return AlignProRLConfig(**kw)
 
 
-def oracle_config(output_dir: Path, reward_model: Path, budget: dict, **overrides: object):
+def oracle_config(output_dir: Path, reward_model: Path, budget: dict):
     """The RLHF oracle: the same reward, prompts, algorithm and sample budget as the prompter's RL stage."""
     from trainers.oracle_config import RLHFOracleConfig
 
-    kw: dict = dict(
+    return RLHFOracleConfig(
         output_dir=str(output_dir),
         target="smollm2-135m-instruct",
         reward_model=str(reward_model),
         **kl_budget(budget),
         max_completion_length=budget["target_tokens"],
     )
-    kw.update(overrides)
-    return RLHFOracleConfig(**kw)
 
 
 def oracle_target(adapter: Path, cache: Path, max_new_tokens: int):
@@ -498,49 +475,6 @@ def eval_target(out: Path, budget: dict, cache: Path | None = None):
     )
 
 
-def training_side(bootstrap: Path) -> dict[str, dict[str, float]]:
-    """Per fixed text: mean training reward and win rate against "no change" on the bootstrap's prompts."""
-    from alignpro_plugins.stats import win_rate
-
-    scores: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    for row in map(json.loads, bootstrap.read_text().splitlines()):
-        unchanged = [c["reward"] for c in row["candidates"] if c["fallback"] == "no_change"]
-        if not unchanged:
-            continue
-        for c in row["candidates"]:
-            scores[c["text"]][0].append(c["reward"])
-            scores[c["text"]][1].append(unchanged[0])
-    n = max(len(a) for a, _ in scores.values())
-    # Only texts scored on every prompt are fixed texts (sampled rewrites differ per prompt).
-    return {
-        text: {"mean": sum(a) / len(a), "vs_unchanged": win_rate(a, b)["win_rate"], "n": len(a)}
-        for text, (a, b) in scores.items()
-        if text and len(a) == n
-    }
-
-
-def bootstrap_answers(out: Path, budget: dict) -> list[tuple[str, list[dict]]]:
-    """Per bootstrap prompt: its candidates (bootstrap.jsonl rows) with the target's cached ``answer`` to each.
-
-    Candidates whose answer is not in the SFT stage's answer cache are left out.
-    """
-    from alignpro_plugins.prompter import compose
-    from alignpro_plugins.targets import CachedTarget
-
-    cache = CachedTarget(frozen_target(budget, budget["target_tokens"]), out / "sft" / "target_cache.jsonl")
-    rows = []
-    for row in map(json.loads, (out / "sft" / "bootstrap.jsonl").read_text().splitlines()):
-        x, found = row["prompt"], []
-        for c in row["candidates"]:
-            # Logs before "shown" was recorded: rebuild it (a guard-cleaned sampled rewrite then misses the cache).
-            shown = c.get("shown") or (x if c["fallback"] else compose(x, c["text"], "augment"))
-            answer = cache.cached(shown)
-            if answer is not None:
-                found.append({**c, "answer": answer})
-        rows.append((x, found))
-    return rows
-
-
 PICKED = (
     "the fixed text (library, or the guidance search's) with the best mean training reward on the SFT bootstrap's "
     "prompts, appended"
@@ -548,13 +482,21 @@ PICKED = (
 
 
 def picked_template(out: Path) -> str | None:
-    """The guidance text a user would append without a prompter: the library text with the best mean training
-    reward on the SFT bootstrap's prompts (None when the SFT stage did not bootstrap)."""
+    """The guidance text a user would append without a prompter: the fixed text (library, or the guidance
+    search's) with the best mean training reward on the SFT bootstrap's prompts (None without a bootstrap)."""
     log = out / "sft" / "bootstrap.jsonl"
     if not log.exists():
         return None
-    scores = training_side(log)
-    return max(scores, key=lambda t: scores[t]["mean"]) if scores else None
+    rewards: dict[str, list[float]] = defaultdict(list)
+    for row in map(json.loads, log.read_text().splitlines()):
+        if not any(c["fallback"] == "no_change" for c in row["candidates"]):
+            continue
+        for c in row["candidates"]:
+            rewards[c["text"]].append(c["reward"])
+    n = max((len(a) for a in rewards.values()), default=0)
+    # Only texts scored on every prompt are fixed texts (sampled rewrites differ per prompt).
+    means = {text: sum(a) / len(a) for text, a in rewards.items() if text and len(a) == n}
+    return max(means, key=lambda t: means[t]) if means else None
 
 
 def side_evaluation(out: Path, budget: dict, name: str):
@@ -590,77 +532,11 @@ def frozen_validation_scores(out: Path, budget: dict, name: str, gate) -> list[f
 GATED_RETRY_SHARE = 0.5
 
 
-def rewards_by_config(records: list[dict]) -> dict[tuple[str, str], list[float]]:
-    """(configuration, judge) -> its rewards in prompt order, from an evaluation's per-prompt records."""
-    by: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for rec in sorted(records, key=lambda r: r["idx"]):
-        for judge, r in rec["rewards"].items():
-            by[rec["config"], judge].append(r)
-    return by
-
-
-def win_cell(a: list[float], b: list[float]) -> str:
-    """A paired win rate of a over b with its 95% interval, as a table cell."""
-    from alignpro_plugins.stats import win_rate
-
-    w = win_rate(a, b)
-    return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
-
-
-def against_frozen_cells(by: dict[tuple[str, str], list[float]], name: str, judge: str) -> str:
-    """Table cells of a configuration against frozen under one judge: win rate, mean gain, variance ratio."""
-    from statistics import fmean
-
-    from alignpro_plugins.stats import variance_ratio
-
-    a, f = by[name, judge], by["frozen", judge]
-    v = variance_ratio(a, f)
-    return f"{win_cell(a, f)} | {fmean(a) - fmean(f):+.3f} | {v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
-
-
-def mean_words(records: list[dict], config: str) -> float:
-    """The mean answer length in words of one configuration's records."""
-    from statistics import fmean
-
-    from alignpro_plugins.evaluation import answer_words
-
-    return fmean(answer_words(r["answer"]) for r in records if r["config"] == config)
-
-
-def against_frozen_table(
-    by: dict[tuple[str, str], list[float]], records: list[dict], names: list[str]
-) -> list[str]:
-    """A side experiment's held-out table: each configuration against frozen under both judges, with answer words."""
-    return [
-        "| configuration | win (independent) | mean gain (independent) | variance / frozen (independent) | "
-        "win (reward) | mean gain (reward) | variance / frozen (reward) | answer words |",
-        "|---|---|---|---|---|---|---|---|",
-        *(
-            f"| {c} | "
-            + " | ".join(against_frozen_cells(by, c, judge) for judge in ("independent", "reward"))
-            + f" | {mean_words(records, c):.0f} |"
-            for c in names
-        ),
-        f"| frozen | — | — | — | — | — | — | {mean_words(records, 'frozen'):.0f} |",
-    ]
-
-
-def head_to_head_table(by: dict[tuple[str, str], list[float]], names: list[str], reference: str) -> list[str]:
-    """Each configuration's paired win rate against `reference` under both judges (empty when there is none)."""
-    rows = [
-        f"| {c} vs {reference} | {win_cell(by[c, 'independent'], by[reference, 'independent'])} | "
-        f"{win_cell(by[c, 'reward'], by[reference, 'reward'])} |"
-        for c in names
-        if c != reference
-    ]
-    return ["| head to head | independent | training reward |", "|---|---|---|", *rows] if rows else []
-
-
-def publish(section: str, copy: Path, key: str) -> None:
-    """A result section: saved beside its artifacts, written into docs/benchmarks.md under key, printed."""
+def publish(section: str, copy: Path, key: str, page: Path = RESULTS_PAGE) -> None:
+    """A result section: saved beside its artifacts, written into a benchmark page under key, printed."""
     copy.parent.mkdir(parents=True, exist_ok=True)
     copy.write_text(section)
-    write_section(ROOT / "docs" / "benchmarks.md", key, section)
+    write_section(page, key, section)
     print(section)
 
 
@@ -717,7 +593,7 @@ def rl_prompts(budget: dict) -> list[str]:
 
 
 def training_prompts(budget: dict) -> list[str]:
-    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage use (runs since 2026-11-24)."""
+    """Every prompt the benchmark's SFT bootstrap and kl-optimum RL stage use."""
     return list(dict.fromkeys(bootstrap_prompts(budget) + rl_prompts(budget)))
 
 
@@ -785,7 +661,7 @@ def main() -> None:
     ap.add_argument(
         "--quick",
         action="store_true",
-        help="every stage at smoke size (7.6 to 16 minutes on 2-core CPU machines, see docs/benchmarks.md)",
+        help="every stage at smoke size, a pipeline check (8 to 16 minutes on 2-core CPU machines)",
     )
     ap.add_argument("--out", default=None, help="artifact folder (default runs/bench or runs/bench-quick)")
     ap.add_argument("--threads", type=int, default=2)
@@ -988,8 +864,9 @@ def main() -> None:
         targets_table(report.summary),
     ]
     section = "\n".join(md)
-    key = "align-pro-comparison-quick" if q else "align-pro-comparison"  # quick never overwrites the result
-    publish(section, out / "eval" / "benchmark_section.md", key)
+    # A quick run is a pipeline check: it goes to the lab notebook and never overwrites the result.
+    key, page = ("align-pro-comparison-quick", HISTORY_PAGE) if q else ("align-pro-comparison", RESULTS_PAGE)
+    publish(section, out / "eval" / "benchmark_section.md", key, page)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The benchmark's targets table judges each target from the evaluation summary (no models needed)."""
+"""The benchmark scripts' tables, sections and pooling, from evaluation summaries and records (no models needed)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ import random
 import pytest
 
 from alignpro_plugins import stats
-from benchmarks.run_benchmark import (
-    against_frozen_table,
-    head_to_head_table,
-    rewards_by_config,
-    targets_table,
-)
+from benchmarks.gated_retry import against_frozen_cells, mean_words, rewards_by_config, win_cell
+from benchmarks.run_benchmark import targets_table
 
 RNG = random.Random(0)
 FROZEN = [RNG.gauss(0, 1) for _ in range(80)]
@@ -70,30 +66,22 @@ def _records(config: str, rewards: list[float], words: int) -> list[dict]:
     ]
 
 
-def test_side_experiment_tables_pair_each_configuration_with_frozen_and_the_reference():
-    records = (
-        _records("frozen", FROZEN, 10) + _records("searched", SHIFTED, 30) + _records("prefix", FROZEN, 20)
-    )
+def test_held_out_cells_pair_each_configuration_with_frozen():
+    records = _records("frozen", FROZEN, 10) + _records("searched", SHIFTED, 30)
+    RNG.shuffle(records)  # records are written as cells finish: the prompt index decides the pairing
     by = rewards_by_config(records)
-    table = "\n".join(against_frozen_table(by, records, ["searched", "prefix"]))
+    assert by["frozen", "independent"] == FROZEN and by["searched", "reward"] == [-x for x in SHIFTED]
     win = stats.win_rate(SHIFTED, FROZEN)
-    assert _row(table, "| searched |").startswith(
-        f"| searched | {win['win_rate']:.1%} [{win['ci_low']:.0%}–{win['ci_high']:.0%}] |"
-    )
-    assert _row(table, "| searched |").endswith("| 30 |")
-    # prefix equals frozen: every prompt a tie under both judges.
-    assert _row(table, "| prefix |").startswith("| prefix | 50.0% [50%–50%] | +0.000 | 1.00")
-    assert table.splitlines()[-1] == "| frozen | — | — | — | — | — | — | 10 |"
-
-    h2h = head_to_head_table(by, ["searched", "prefix"], "searched")
-    assert [line.split(" |")[0] for line in h2h[2:]] == ["| prefix vs searched"]
-    # The training reward here is the negated judge, so the two columns must mirror each other.
-    lose, mirrored = (
-        stats.win_rate(*pair)["win_rate"]
-        for pair in ((FROZEN, SHIFTED), ([-x for x in FROZEN], [-x for x in SHIFTED]))
-    )
-    assert f"| {lose:.1%}" in h2h[2] and f"| {mirrored:.1%}" in h2h[2] and lose < 0.5 < mirrored
-    assert head_to_head_table(by, ["searched"], "searched") == []
+    cell = f"{win['win_rate']:.1%} [{win['ci_low']:.0%}–{win['ci_high']:.0%}]"
+    assert win_cell(SHIFTED, FROZEN) == cell
+    cells = against_frozen_cells(by, "searched", "independent").split(" | ")
+    assert cells[0] == cell
+    assert float(cells[1]) == pytest.approx(sum(SHIFTED) / 80 - sum(FROZEN) / 80, abs=1e-3)
+    # The training reward here is the negated judge: the same configuration loses under it.
+    reward_cell = win_cell(by["searched", "reward"], by["frozen", "reward"])
+    assert against_frozen_cells(by, "searched", "reward").startswith(reward_cell)
+    assert stats.win_rate(by["searched", "reward"], by["frozen", "reward"])["win_rate"] < 0.5
+    assert (mean_words(records, "searched"), mean_words(records, "frozen")) == (30, 10)
 
 
 PAGE = """# Benchmarks
@@ -120,20 +108,6 @@ old table
 
 kept
 """
-
-
-def test_rewrite_section_stops_at_the_next_scripts_marker(tmp_path):
-    from benchmarks.bench_rewrite import write_section as write_rewrite
-
-    page = tmp_path / "benchmarks.md"
-    page.write_text(PAGE)
-    write_rewrite(page, "## Prompter rewrite throughput\n\nnew numbers\n")
-    text = page.read_text()
-    assert "new numbers" in text and "old numbers" not in text
-    # The padding script's section, with both markers, is untouched and still follows ours.
-    assert text.index("new numbers") < text.index("<!-- padding-benchmark:start -->")
-    assert "padding numbers\n<!-- padding-benchmark:end -->" in text
-    assert text.count("<!-- padding-benchmark:start -->") == 1
 
 
 def test_marked_section_is_replaced_in_place_and_new_ones_are_appended(tmp_path):
@@ -194,14 +168,15 @@ def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
 def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
     import shlex
 
-    from benchmarks.run_benchmark import command_line, slug
+    from benchmarks.gated_retry import slug
+    from benchmarks.run_benchmark import command_line
 
-    argv = ["benchmarks/gated_retry.py", "--label", "seeded standard run", "--out", "runs/bench"]
-    monkeypatch.setattr("sys.argv", ["/abs/path/" + argv[0], *argv[1:]])
+    args = ["--label", "seeded standard run", "--out", "runs/bench"]
+    monkeypatch.setattr("sys.argv", ["/abs/path/benchmarks/gated_retry.py", *args])  # as `python -m` sets it
     line = command_line()
-    assert line == "python benchmarks/gated_retry.py --label 'seeded standard run' --out runs/bench"
-    assert shlex.split(line)[1:] == argv
-    assert command_line(["--quick"]) == "python benchmarks/gated_retry.py --quick"
+    assert line == "python -m benchmarks.gated_retry --label 'seeded standard run' --out runs/bench"
+    assert shlex.split(line)[1:] == ["-m", "benchmarks.gated_retry", *args]
+    assert command_line(["--quick"]) == "python -m benchmarks.gated_retry --quick"
     assert slug("Seeded standard run (2026-12-05)") == "seeded-standard-run-2026-12-05"
 
 
