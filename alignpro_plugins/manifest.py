@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +23,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "alignpro.json"
 MODES = ("augment", "rewrite")
 DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` accepts besides "auto" and a torch.dtype
+_BASE = "the base model's name, hub id or folder (a non-empty string)"
 
 
 def check_dtype(value: object, what: str = "dtype") -> None:
@@ -42,6 +45,41 @@ DEFAULT_INSTRUCTIONS = {
 }
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    # NaN and infinity parse from JSON ("NaN") but make every comparison in the guard meaningless.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Per field: (the check, what is accepted). A manifest value outside these would make every prompt fail or
+# fall back at run time, so it is refused when the manifest is built or loaded.
+Rule = tuple[Any, str]
+GENERATION_RULES: dict[str, Rule] = {
+    "max_new_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "repetition_penalty": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+}
+GUARD_RULES: dict[str, Rule] = {
+    "max_length_ratio": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "max_length_slack": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "min_similarity": (lambda v: _is_number(v) and -1 <= v <= 1, "a number in [-1, 1] (a cosine similarity)"),
+    "check_protected_spans": (lambda v: isinstance(v, bool), "true or false"),
+}
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def check_value(name: str, value: object, rule: Rule) -> None:
+    """Raise a ValueError naming the field, the value (and its type) and what is accepted."""
+    ok, accepted = rule
+    if not ok(value):
+        raise ValueError(f"{name} must be {accepted}, got {value!r} ({type(value).__name__})")
+
+
 @dataclass
 class GenerationDefaults:
     max_new_tokens: int = 64
@@ -49,6 +87,10 @@ class GenerationDefaults:
     temperature: float = 0.7
     top_p: float = 0.95
     repetition_penalty: float = 1.05
+
+    def __post_init__(self) -> None:
+        for name, rule in GENERATION_RULES.items():
+            check_value(f"generation.{name}", getattr(self, name), rule)
 
 
 def _check_keys(what: str, given: Mapping[str, Any], accepted: list[str]) -> None:
@@ -87,11 +129,28 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        check_value("base_model", self.base_model, (lambda v: isinstance(v, str) and v.strip(), _BASE))
+        check_value(
+            "base_model_hash",
+            self.base_model_hash,
+            (
+                lambda v: v is None or isinstance(v, str) and _HASH.fullmatch(v),
+                "null or 'sha256:' + 64 hex digits",
+            ),
+        )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_value(
+            "system_prompt", self.system_prompt, (lambda v: isinstance(v, str), "a string (may be empty)")
+        )
         if not isinstance(self.instructions, dict):
             raise ValueError(
                 f"instructions must map a mode to its template, got {type(self.instructions).__name__}"
+            )
+        unknown = [m for m in self.instructions if m not in MODES]
+        if unknown:
+            raise ValueError(
+                f"instructions has templates for unknown mode(s) {unknown}; known modes: {list(MODES)}"
             )
         for mode, text in self.instructions.items():
             if not isinstance(text, str) or "{prompt}" not in text:
@@ -105,6 +164,20 @@ class Manifest:
         if not isinstance(self.guard, dict):
             raise ValueError(f"guard must be an object of guard settings, got {type(self.guard).__name__}")
         _check_keys("guard setting(s)", self.guard, [f.name for f in fields(GuardConfig)])
+        for name, value in self.guard.items():
+            check_value(f"guard.{name}", value, GUARD_RULES[name])
+        if not isinstance(self.generation, GenerationDefaults):
+            raise ValueError(f"generation must be GenerationDefaults, got {type(self.generation).__name__}")
+        check_value(
+            "similarity_model",
+            self.similarity_model,
+            (
+                lambda v: v is None or isinstance(v, str) and v.strip(),
+                "null or a model name, hub id or folder",
+            ),
+        )
+        check_value("has_adapter", self.has_adapter, (lambda v: isinstance(v, bool), "true or false"))
+        check_value("provenance", self.provenance, (lambda v: isinstance(v, dict), "an object"))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -115,15 +188,14 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version", FORMAT_VERSION)
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ValueError(f"format_version must be an integer, got {version!r}")
+        check_value("format_version", version, (_is_int, "an integer"))
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"{MANIFEST_NAME} has format_version {version}; this alignpro-plugins reads up to "
                 f"{FORMAT_VERSION}. Upgrade with: pip install -U alignpro-plugins"
             )
         if "base_model" not in data:
-            raise ValueError("missing required key 'base_model' (the base model's name, hub id or folder)")
+            raise ValueError(f"missing required key 'base_model' ({_BASE})")
         generation = data.get("generation", {})
         if not isinstance(generation, dict):
             raise ValueError(f"generation must be an object, got {type(generation).__name__}")
@@ -188,3 +260,17 @@ def weights_hash(model_dir: str | os.PathLike[str]) -> str:
     except OSError:
         pass  # read-only model folder: hash again next time
     return value
+
+
+def model_weights_hash(name_or_path: str) -> str | None:
+    """:func:`weights_hash` of a model folder, or of a hub id's snapshot in the local Hugging Face cache; None
+    when there are no local weights to hash (a hub id not downloaded yet)."""
+    if Path(name_or_path).is_dir():
+        return weights_hash(name_or_path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(name_or_path, local_files_only=True)
+    except Exception:  # not a valid hub id, or not in the cache: nothing local to hash
+        return None
+    return weights_hash(str(snapshot)) if isinstance(snapshot, str) else None

@@ -20,6 +20,8 @@ from typing import Any, cast
 import torch
 
 from alignpro_plugins import guard
+from alignpro_plugins.artifact import BaseModelMismatchError as BaseModelMismatchError  # re-exported
+from alignpro_plugins.artifact import check_before_loading, load_adapter, verify_base_model
 from alignpro_plugins.batching import MicroBatcher, plan_batches
 from alignpro_plugins.manifest import (
     MODES,
@@ -35,10 +37,6 @@ from alignpro_plugins.models import resolve_model
 logger = logging.getLogger(__name__)
 
 SimilarityFn = Callable[[Sequence[str], Sequence[str]], list[float]]
-
-
-class BaseModelMismatchError(ValueError):
-    """The base model's weights differ from the ones the adapter was trained on."""
 
 
 @dataclass(frozen=True)
@@ -154,14 +152,26 @@ class Prompter:
         *,
         base_model: str | None = None,
         verify_base: bool = True,
+        allow_unverified_base: bool = False,
         device: str | None = "auto",
         dtype: str | torch.dtype | None = "auto",
         is_trainable: bool = False,
         **kwargs: Any,
     ) -> Prompter:
-        """Load an artifact folder written by :meth:`save_pretrained` or a trainer."""
+        """Load an artifact folder written by :meth:`save_pretrained` or a trainer.
+
+        A tampered or broken folder is refused (``ArtifactError``, see :mod:`alignpro_plugins.artifact`). An
+        adapter whose base model cannot be verified loads only with ``allow_unverified_base=True``.
+        """
         folder = Path(path)
         manifest = Manifest.load(folder)
+        check_before_loading(
+            folder,
+            manifest,
+            verify_base=verify_base,
+            allow_unverified_base=allow_unverified_base,
+            similarity=kwargs.get("similarity", "default"),
+        )
         base = base_model or manifest.base_model
         recorded = Path(manifest.base_model)
         if base_model is None and recorded.is_absolute() and not recorded.exists():
@@ -174,20 +184,16 @@ class Prompter:
             )
         dev = _select_device(device)
         model, tokenizer, resolved = load_causal_lm(base, device=dev, dtype=_select_dtype(dtype, dev))
-        if verify_base and manifest.base_model_hash:
-            actual = _hash_or_none(resolved)
-            if actual is not None and actual != manifest.base_model_hash:
-                raise BaseModelMismatchError(
-                    f"The prompter in {folder} was trained on base model {manifest.base_model!r} with weights "
-                    f"{manifest.base_model_hash}, but {base!r} resolves to weights {actual}. Pass the right "
-                    "base_model=..., or verify_base=False if you know the weights are compatible."
-                )
+        verify_base_model(
+            folder,
+            manifest,
+            base,
+            resolved,
+            verify_base=verify_base,
+            allow_unverified_base=allow_unverified_base,
+        )
         if manifest.has_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
-            if not is_trainable:
-                model.eval()
+            model = load_adapter(model, folder, is_trainable=is_trainable)
         if (folder / "tokenizer_config.json").exists():
             from transformers import AutoTokenizer
 
