@@ -32,6 +32,16 @@ DESCRIPTIONS = {
     "oracle": "RLHF oracle: fine-tune the target itself by GRPO (LoRA) on the same reward, for comparison",
     "train": "run reward -> (guidance) -> sft -> rl from one YAML recipe",
     "eval": "compare frozen / template / zero-shot / prompter / best-of-K / oracle under several judges",
+    "export": "merge a prompter into a standalone model folder (safetensors, and GGUF with --gguf) for any server",
+    "serve": "an OpenAI-compatible proxy that rewrites each request's latest user message, then forwards it",
+}
+# Deployment commands: (module:add_arguments, module:command), imported only when used.
+DEPLOY_COMMANDS = {
+    "export": ("alignpro_plugins.export:add_export_arguments", "alignpro_plugins.export:cmd_export"),
+    "serve": (
+        "alignpro_plugins.serving.command:add_serve_arguments",
+        "alignpro_plugins.serving.command:cmd_serve",
+    ),
 }
 
 
@@ -230,10 +240,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Evaluator,
         FixedTemplate,
         FrozenAlone,
-        GatedRetry,
         Oracle,
         PairwiseLLMJudge,
         WithPrompter,
+        WithRetryGate,
     )
     from alignpro_plugins.manifest import weights_hash
     from alignpro_plugins.prompter import Prompter
@@ -315,7 +325,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if share is not None:
             configs.append(_gated_retry(args, share, align_pro, prompts, target, judges["reward"]))
         if args.rerank:
-            configs.append(GatedRetry.rerank([align_pro]))
+            configs.append(WithRetryGate.rerank([align_pro]))
     if args.oracle:
         # The oracle answers in the frozen target's dtype: only the adapter differs.
         base = TransformersTarget(
@@ -344,11 +354,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _gated_retry(
-    args: argparse.Namespace, share: float, retry: Any, prompts: list[str], target: Any, gate: Any
+    args: argparse.Namespace, share: float, retry: Any, prompts: list[str], target: Any, reward: Any
 ):
-    """GatedRetry whose threshold spends `share` on the frozen answers to --gate-prompts (training reward)."""
+    """WithRetryGate whose threshold spends `share` on the frozen answers to --gate-prompts (training reward)."""
     from alignpro_plugins.data import load_prompts
-    from alignpro_plugins.evaluation import GatedRetry, retry_threshold
+    from alignpro_plugins.evaluation import WithRetryGate
+    from alignpro_plugins.gate import RetryGate
 
     gate_prompts: list[str] = []
     for source in args.gate_prompts:
@@ -359,12 +370,12 @@ def _gated_retry(
             f"--gate-prompts shares {len(shared)} prompts with --prompts (e.g. {next(iter(shared))[:60]!r}): the "
             "threshold must be set on prompts the evaluation does not use"
         )
-    scores = gate(gate_prompts, target.generate(gate_prompts))
-    threshold = retry_threshold(scores, share)
+    threshold = RetryGate.for_budget(reward, gate_prompts, target.generate(gate_prompts), share).threshold
     print(
-        f"gated-retry: threshold {threshold:+.4f} (the training reward's {share:.0%} quantile on {len(scores)} gate prompts)"
+        f"gated-retry: threshold {threshold:+.4f} (the training reward's {share:.0%} quantile on "
+        f"{len(gate_prompts)} gate prompts)"
     )
-    return GatedRetry(
+    return WithRetryGate(
         retry=[retry],
         threshold=threshold,
         description=f"x; the prompter's rewrite too where the training reward scores the answer below {threshold:+.3f}",
@@ -455,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", help="LoRA adapter of the RLHF-tuned target")
     p.add_argument("--training-log", help="metrics.jsonl of the RL run, for the reward-curve plot")
     p.add_argument("--out", required=True)
+    for name, (add_arguments, _) in DEPLOY_COMMANDS.items():
+        _load(add_arguments)(sub.add_parser(name, help=DESCRIPTIONS[name]))
     return parser
 
 
@@ -480,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        if args.command in DEPLOY_COMMANDS:
+            return _load(DEPLOY_COMMANDS[args.command][1])(args)
         run = {"models": cmd_models, "rewrite": cmd_rewrite, "train": cmd_train, "eval": cmd_eval}[
             args.command
         ]

@@ -17,12 +17,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tqdm.auto import tqdm
 
 from alignpro_plugins import stats
-from alignpro_plugins.gate import retry_threshold  # noqa: F401 - re-exported: it sets GatedRetry.threshold
+from alignpro_plugins.gate import RetryGate, retry_threshold  # noqa: F401 - retry_threshold sets a threshold
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import RewardFunction, judge_identity, prompts_trained_on
@@ -38,6 +38,23 @@ class TargetInput:
     fallback_reason: str | None = None
 
 
+@dataclass
+class _Judged:
+    """A target answer and every judge's score of it against its original prompt."""
+
+    text: str
+    rewards: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Chosen:
+    """The input and answer kept for one prompt, and how many target calls it took."""
+
+    input: TargetInput
+    answer: _Judged
+    k: int
+
+
 class Configuration:
     """How x becomes the target's input; ``target`` overrides the shared frozen target (RLHF oracle)."""
 
@@ -45,6 +62,7 @@ class Configuration:
     description: str = ""
     target: FrozenTarget | None = None
     k: int = 1
+    fingerprint_name: ClassVar[str | None] = None  # the class name in the fingerprint, if not this class's
 
     def inputs(self, prompts: Sequence[str]) -> list[list[TargetInput]]:
         """Per prompt, one input (or k candidates for best-of-k)."""
@@ -63,7 +81,8 @@ class Configuration:
 
     def fingerprint(self) -> str:
         """What makes this configuration's records reusable on resume (same name + same setup)."""
-        parts = [type(self).__name__, self.name, self.description, str(self.k), getattr(self, "template", "")]
+        kind = self.fingerprint_name or type(self).__name__
+        parts = [kind, self.name, self.description, str(self.k), getattr(self, "template", "")]
         prompter = getattr(self, "prompter", None)
         if prompter is not None:
             # behaviour_id adds the weights, device and dtype: records from another of those are not reused.
@@ -102,7 +121,7 @@ class WithPrompter(Configuration):
     description: str = "(ii) the frozen model on the prompter's rewrite of x"
 
     def __post_init__(self) -> None:
-        # Greedy rewrites of a frozen artifact, kept so a GatedRetry over this configuration reuses them.
+        # Greedy rewrites of a frozen artifact, kept so a WithRetryGate over this configuration reuses them.
         self._rewrites: dict[tuple[str, str], TargetInput] = {}
 
     def inputs(self, prompts):
@@ -117,7 +136,7 @@ class WithPrompter(Configuration):
         return [[self._rewrites[(key, x)]] for x in prompts]
 
     def remember(self, rows: Sequence[dict]) -> None:
-        # Records answered, copied from a same-inputs twin, or resumed: a GatedRetry reuses their rewrites.
+        # Records answered, copied from a same-inputs twin, or resumed: a WithRetryGate reuses their rewrites.
         key = self.same_inputs_key()
         if key is not None:
             for r in rows:
@@ -163,15 +182,19 @@ class BestOfK(Configuration):
 
 
 @dataclass
-class GatedRetry(Configuration):
-    """x first; only where the gate (the selection judge) scores that answer below ``threshold`` is the target
-    also asked with each retry configuration's input, and the answer the gate scores best is kept.
+class WithRetryGate(Configuration):
+    """x first; where the retry gate (:class:`RetryGate` over the selection judge) scores that answer below
+    ``threshold``, the target is also asked with each retry configuration's input, and the best-scored answer
+    is kept: what ``AlignedChatModel(retry_gate=RetryGate(...))`` does at run time, for one call.
 
     Spends extra target calls only on the answers the reward model calls poor, which lifts the low tail of the
     reward distribution instead of moving every answer. ``k`` in the records is the target calls per prompt.
-    Choose ``threshold`` on prompts other than the evaluation prompts: see :func:`retry_threshold`. At run
-    time, ``AlignedChatModel(retry_gate=RetryGate(...))`` does the same for one chat call.
+    Choose ``threshold`` on prompts other than the evaluation prompts: see :func:`retry_threshold`.
+    :meth:`rerank` has no threshold, as ``RetryGate.rerank``.
     """
+
+    # Records were first written under this class name; the fingerprint keeps it so they are still reused.
+    fingerprint_name: ClassVar[str] = "GatedRetry"
 
     retry: Sequence[Configuration] = ()
     threshold: float = float("-inf")
@@ -181,9 +204,9 @@ class GatedRetry(Configuration):
     def __post_init__(self) -> None:
         if not self.retry:
             raise ValueError(
-                "GatedRetry needs at least one retry configuration, e.g. retry=[WithPrompter(...)]"
+                "WithRetryGate needs at least one retry configuration, e.g. retry=[WithPrompter(...)]"
             )
-        bad = [type(c).__name__ for c in self.retry if isinstance(c, GatedRetry) or c.target is not None]
+        bad = [type(c).__name__ for c in self.retry if isinstance(c, WithRetryGate) or c.target is not None]
         if bad:
             raise ValueError(
                 f"retry configurations must give the shared target an input (FixedTemplate, WithPrompter, "
@@ -198,7 +221,7 @@ class GatedRetry(Configuration):
         retry: Sequence[Configuration],
         name: str = "rerank",
         description: str = "x and the prompter's rewrite both answered; the training reward keeps the better",
-    ) -> GatedRetry:
+    ) -> WithRetryGate:
         """No threshold: every prompt is also asked with each retry input (``RetryGate.rerank`` at run time)."""
         return cls(retry=retry, threshold=float("inf"), name=name, description=description)
 
@@ -352,16 +375,45 @@ class Evaluator:
         if path:
             append_jsonl(path, [json.dumps(r, ensure_ascii=False) for r in rows])
 
-    def _answer_and_score(
+    def _best_of(
         self, target: FrozenTarget, prompts: list[str], cands: list[list[TargetInput]]
-    ) -> tuple[list[tuple[int, TargetInput]], list[str], dict[str, list[float]]]:
-        """Every candidate input answered by the target and scored, against its original prompt, by every judge."""
+    ) -> list[_Chosen]:
+        """Every candidate input answered and scored, against its original prompt, by every judge; per prompt the
+        one the selection judge scores best (best-of-k: all judges then score the same chosen answer)."""
         flat = [(j, c) for j, row in enumerate(cands) for c in row]
-        answers = list(target.generate([c.text for _, c in flat]))
+        answers = self._judged(target.generate([c.text for _, c in flat]))
+        self._score([prompts[j] for j, _ in flat], answers)
+        chosen = []
+        for j in range(len(prompts)):
+            members = [m for m, (jj, _) in enumerate(flat) if jj == j]
+            best = max(members, key=lambda m: answers[m].rewards[self.selection_judge])
+            chosen.append(_Chosen(flat[best][1], answers[best], len(members)))
+        return chosen
+
+    def _gated(self, cfg: WithRetryGate, target: FrozenTarget, prompts: list[str]) -> list[_Chosen]:
+        """x answered; the retry inputs too where the selection judge scores that answer below the threshold."""
+        gate = RetryGate(self.judges[self.selection_judge], cfg.threshold)
+        results = gate.choose(
+            prompts,
+            [c for [c] in cfg.inputs(prompts)],
+            lambda inputs: self._judged(target.generate([c.text for c in inputs])),
+            lambda below: cfg.retry_inputs([prompts[j] for j in below]),
+            score=self._score,
+        )
+        return [_Chosen(r.input, r.answer, len(r.candidates)) for r in results]
+
+    @staticmethod
+    def _judged(answers: Sequence[str]) -> list[_Judged]:
+        return [_Judged(a) for a in answers]
+
+    def _score(self, prompts: list[str], answers: list[_Judged]) -> list[float]:
+        """Every judge scores these answers (one call each); returns the selection judge's scores."""
         scores = {
-            name: list(judge([prompts[j] for j, _ in flat], answers)) for name, judge in self.judges.items()
+            name: list(judge(prompts, [a.text for a in answers])) for name, judge in self.judges.items()
         }
-        return flat, answers, scores
+        for m, a in enumerate(answers):
+            a.rewards = {name: s[m] for name, s in scores.items()}
+        return scores[self.selection_judge]
 
     def _run_config(self, cfg: Configuration, done: dict) -> list[dict]:
         fingerprint = self._fingerprint(cfg)
@@ -371,38 +423,25 @@ class Evaluator:
         for s in tqdm(range(0, len(todo), self.chunk_size), desc=f"eval {cfg.name}", disable=not todo):
             idx = todo[s : s + self.chunk_size]
             prompts = [self.prompts[i] for i in idx]
-            flat, answers, scores = self._answer_and_score(target, prompts, cfg.inputs(prompts))
-            if isinstance(cfg, GatedRetry):
-                # Only the answers the gate scores below the threshold are asked again.
-                # GatedRetry.inputs gives one input per prompt, so flat position m is prompt m.
-                below = [m for m in range(len(flat)) if scores[self.selection_judge][m] < cfg.threshold]
-                if below:
-                    more = cfg.retry_inputs([prompts[j] for j in below])
-                    f2, a2, s2 = self._answer_and_score(target, [prompts[j] for j in below], more)
-                    flat += [(below[j], c) for j, c in f2]
-                    answers += a2
-                    for name in scores:
-                        scores[name] += s2[name]
-            new = []
-            for j, i in enumerate(idx):
-                members = [m for m, (jj, _) in enumerate(flat) if jj == j]
-                # best-of-k: the selection judge picks; all judges then score the same chosen answer.
-                best = max(members, key=lambda m: scores[self.selection_judge][m])
-                c = flat[best][1]
-                new.append(
-                    {
-                        "config": cfg.name,
-                        "idx": i,
-                        "prompt": self.prompts[i],
-                        "input": c.text,
-                        "rewrite": c.generated,
-                        "fallback_reason": c.fallback_reason,
-                        "answer": answers[best],
-                        "rewards": {name: s[best] for name, s in scores.items()},
-                        "k": len(members),
-                        "fingerprint": fingerprint,
-                    }
-                )
+            if isinstance(cfg, WithRetryGate):
+                chosen = self._gated(cfg, target, prompts)
+            else:
+                chosen = self._best_of(target, prompts, cfg.inputs(prompts))
+            new = [
+                {
+                    "config": cfg.name,
+                    "idx": i,
+                    "prompt": self.prompts[i],
+                    "input": c.input.text,
+                    "rewrite": c.input.generated,
+                    "fallback_reason": c.input.fallback_reason,
+                    "answer": c.answer.text,
+                    "rewards": c.answer.rewards,
+                    "k": c.k,
+                    "fingerprint": fingerprint,
+                }
+                for i, c in zip(idx, chosen, strict=True)
+            ]
             self._append(new)
             rows += new
         return sorted(rows, key=lambda r: r["idx"])

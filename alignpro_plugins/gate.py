@@ -2,18 +2,32 @@
 
 A prompter that rewrites every prompt moves good and poor answers alike. A gate spends the extra target call
 only where the reward model (the one the prompter was trained against) scores the answer to the original prompt
-below a threshold, and then keeps whichever answer scores higher. `AlignedChatModel(retry_gate=...)` uses it;
-`evaluation.GatedRetry` measures it.
+below a threshold, and then keeps whichever answer scores higher. ``RetryGate.rerank`` has no threshold: the
+rewrite is always asked too.
+
+The flow is written once, here: :meth:`RetryGate.choose` (and :meth:`RetryGate.achoose`) asks the target with
+x, scores the answers, asks again with the retry inputs where the score is below the threshold, and keeps the
+best-scored answer. ``AlignedChatModel(retry_gate=...)``, ``AlignProModule(retry_gate=...)`` and the evaluation's
+``WithRetryGate`` configuration only say how to ask their target and how to build a retry input.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from alignpro_plugins.rewards import RewardFunction, as_reward
+
+I = TypeVar("I")  # noqa: E741 - what the target is asked with (messages, a program's inputs, a TargetInput)
+A = TypeVar("A")  # what the target answers
+
+#: ``GateDecision.reason`` when the answer to x scored low but there was no other input to ask.
+PROMPTER_KEPT_X = "the prompter kept x"
+
+#: ``score(prompts, answers)``: the reward's score of each answer against its original prompt (None: no text).
+Score = Callable[[list[str], list[Any]], Sequence[float | None]]
 
 
 def retry_threshold(first_scores: Sequence[float], retry_share: float) -> float:
@@ -42,7 +56,7 @@ class GateDecision:
     first_score: float
     threshold: float
     retried: bool
-    retry_score: float | None = None
+    retry_score: float | None = None  # the best retry's score (None: no retry answer could be scored)
     kept: str = "first"  # "first" or "retry"
     reason: str | None = None  # why no retry was made although the score was low
 
@@ -54,8 +68,52 @@ class GateDecision:
         return GateDecision(**{**self.as_dict(), "retried": False, "reason": reason})
 
 
+@dataclass
+class Candidate(Generic[I, A]):
+    """One input the target was asked with, its answer, and the reward's score of that answer against x."""
+
+    input: I
+    answer: A
+    score: float | None  # None: the answer has no text the reward can score (e.g. a tool call)
+
+
+@dataclass
+class GateResult(Generic[I, A]):
+    """One prompt through the gate: the answer to x first, then each retry's; ``kept`` indexes the chosen one.
+
+    ``decision`` is None when the answer to x could not be scored (it is then the only candidate).
+    """
+
+    candidates: list[Candidate[I, A]]
+    decision: GateDecision | None
+    kept: int = 0
+
+    @property
+    def answer(self) -> A:
+        return self.candidates[self.kept].answer
+
+    @property
+    def input(self) -> I:
+        return self.candidates[self.kept].input
+
+
+@dataclass
+class _Ask:
+    inputs: list[Any]
+
+
+@dataclass
+class _Retries:
+    positions: list[int]
+
+
+# The gate's flow yields what it needs (answers to inputs, retry inputs for positions) and is sent the results,
+# so one generator serves the sync and the async driver.
+_Flow = Generator[_Ask | _Retries, Any, list[GateResult]]
+
+
 class RetryGate:
-    """Retry when ``reward(x, answer) < threshold``; keep the higher-scored of the two answers.
+    """Retry when ``reward(x, answer) < threshold``; keep the higher-scored of the answers.
 
     ``reward`` is a reward-model folder, a :class:`RewardFunction` or ``fn(prompts, answers) -> scores``.
     Set ``threshold`` with :meth:`for_budget` (or :func:`retry_threshold`) on prompts you do not evaluate on.
@@ -91,11 +149,121 @@ class RetryGate:
         """
         return cls(reward, float("inf"))
 
-    def score(self, prompt: str, answer: str) -> float:
-        return float(self.reward([prompt], [answer])[0])
-
     def wants_retry(self, score: float) -> bool:
         return score < self.threshold
 
+    # ------------------------------------------------------------------ the flow
+    def choose(
+        self,
+        prompts: Sequence[str],
+        inputs: Sequence[I],
+        ask: Callable[[list[I]], Sequence[A]],
+        retries: Callable[[list[int]], Sequence[Sequence[I]]],
+        *,
+        text: Callable[[A], str | None] | None = None,
+        score: Score | None = None,
+    ) -> list[GateResult[I, A]]:
+        """Answer each prompt through the gate.
+
+        ``prompts`` are the original texts x the reward scores answers against; ``inputs`` what the target is
+        first asked with (one per prompt). ``ask(inputs)`` answers a list of inputs; ``retries(positions)`` gives,
+        for each position of a prompt whose answer scored below the threshold, the inputs to ask next (none: the
+        prompter kept x, and no second call is made). ``text(answer)`` is what the reward scores (None: it cannot
+        be scored; an unscored answer to x is returned without a retry, an unscored retry is never kept). Give
+        ``score(prompts, answers)`` instead to score some other way (the evaluation scores every judge at once).
+        """
+        return _run(self._flow(prompts, inputs, score or self._scorer(text)), ask, retries)
+
+    async def achoose(
+        self,
+        prompts: Sequence[str],
+        inputs: Sequence[I],
+        ask: Callable[[list[I]], Awaitable[Sequence[A]]],
+        retries: Callable[[list[int]], Awaitable[Sequence[Sequence[I]]]],
+        *,
+        text: Callable[[A], str | None] | None = None,
+        score: Score | None = None,
+    ) -> list[GateResult[I, A]]:
+        """:meth:`choose` with an async ``ask`` and ``retries`` (the reward is called as it is, in this thread)."""
+        return await _arun(self._flow(prompts, inputs, score or self._scorer(text)), ask, retries)
+
+    def _flow(self, prompts: Sequence[str], inputs: Sequence[Any], score: Score) -> _Flow:
+        prompts, inputs = list(prompts), list(inputs)
+        if len(prompts) != len(inputs):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(inputs)} inputs; give one input per prompt"
+            )
+        answers = list((yield _Ask(inputs)))
+        results = [
+            GateResult([Candidate(x, a, s)], self._decide(s))
+            for x, a, s in zip(inputs, answers, score(prompts, answers), strict=True)
+        ]
+        below = [j for j, r in enumerate(results) if r.decision is not None and r.decision.retried]
+        if not below:
+            return results
+        more = list((yield _Retries(below)))
+        asked = [(j, x) for j, xs in zip(below, more, strict=True) for x in xs]
+        if asked:
+            answers = list((yield _Ask([x for _, x in asked])))
+            scores = score([prompts[j] for j, _ in asked], answers)
+            for (j, x), a, s in zip(asked, answers, scores, strict=True):
+                results[j].candidates.append(Candidate(x, a, s))
+        for j in below:
+            _settle(results[j])
+        return results
+
+    def _decide(self, score: float | None) -> GateDecision | None:
+        if score is None:
+            return None
+        return GateDecision(first_score=score, threshold=self.threshold, retried=self.wants_retry(score))
+
+    def _scorer(self, text: Callable[[Any], str | None] | None) -> Score:
+        def score(prompts: list[str], answers: list[Any]) -> list[float | None]:
+            texts: list[str | None] = [a if text is None else text(a) for a in answers]
+            todo = [(m, t) for m, t in enumerate(texts) if t is not None]
+            out: list[float | None] = [None] * len(answers)
+            if todo:  # one reward call for every answer it can score
+                scored = self.reward([prompts[m] for m, _ in todo], [t for _, t in todo])
+                for (m, _), s in zip(todo, scored, strict=True):
+                    out[m] = float(s)
+            return out
+
+        return score
+
     def __repr__(self) -> str:
         return f"RetryGate(reward={self.reward.identity!r}, threshold={self.threshold:+.4f})"
+
+
+def _settle(result: GateResult) -> None:
+    """Keep the best-scored candidate (the first of equals, so x's answer wins a tie) and say so in the decision."""
+    decision = result.decision
+    assert decision is not None
+    if len(result.candidates) == 1:
+        result.decision = decision.not_retried(PROMPTER_KEPT_X)
+        return
+    scored = [m for m, c in enumerate(result.candidates) if c.score is not None]
+    result.kept = max(scored, key=lambda m: result.candidates[m].score)  # type: ignore[arg-type, return-value]
+    retry_scores = [c.score for c in result.candidates[1:] if c.score is not None]
+    decision.retry_score = max(retry_scores) if retry_scores else None
+    decision.kept = "retry" if result.kept else "first"
+
+
+def _run(flow: _Flow, ask: Callable, retries: Callable) -> list[GateResult]:
+    request = next(flow)
+    try:
+        while True:
+            request = flow.send(
+                ask(request.inputs) if isinstance(request, _Ask) else retries(request.positions)
+            )
+    except StopIteration as done:
+        return done.value
+
+
+async def _arun(flow: _Flow, ask: Callable, retries: Callable) -> list[GateResult]:
+    request = next(flow)
+    try:
+        while True:
+            pending = ask(request.inputs) if isinstance(request, _Ask) else retries(request.positions)
+            request = flow.send(await pending)
+    except StopIteration as done:
+        return done.value

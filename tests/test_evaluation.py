@@ -14,11 +14,11 @@ from alignpro_plugins.evaluation import (
     Evaluator,
     FixedTemplate,
     FrozenAlone,
-    GatedRetry,
     Oracle,
     PairwiseLLMJudge,
     TargetInput,
     WithPrompter,
+    WithRetryGate,
     retry_threshold,
 )
 from alignpro_plugins.prompter import Prompter
@@ -451,7 +451,7 @@ def _counting_echo(asked: list[str]):
 def test_gated_retry_asks_again_only_below_the_threshold_and_keeps_the_best(tmp_path):
     asked: list[str] = []
     # Lengths of the echoed prompts: 12, 11, 12, 13; only the 13-character one is at or above 12.5.
-    cfg = GatedRetry(retry=[FixedTemplate(template="Be thorough.")], threshold=12.5)
+    cfg = WithRetryGate(retry=[FixedTemplate(template="Be thorough.")], threshold=12.5)
     ev = Evaluator(
         PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path, reference="frozen"
     )
@@ -471,7 +471,7 @@ def test_gated_retry_asks_again_only_below_the_threshold_and_keeps_the_best(tmp_
 
 def test_gated_retry_keeps_the_first_answer_when_the_retry_scores_no_better(tmp_path):
     shorter_is_better = CallableReward(lambda ps, ans: [-float(len(a)) for a in ans], name="short")
-    cfg = GatedRetry(retry=[FixedTemplate(), FixedTemplate(template="More.", name="more")], threshold=0.0)
+    cfg = WithRetryGate(retry=[FixedTemplate(), FixedTemplate(template="More.", name="more")], threshold=0.0)
     report = Evaluator(PROMPTS, echo_target(), {"short": shorter_is_better}, reference="gated-retry").run(
         [cfg]
     )
@@ -482,22 +482,58 @@ def test_gated_retry_keeps_the_first_answer_when_the_retry_scores_no_better(tmp_
 
 def test_gated_retry_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="at least one retry configuration"):
-        GatedRetry()
+        WithRetryGate()
     with pytest.raises(ValueError, match="shared target"):
-        GatedRetry(retry=[Oracle(target=echo_target())])
+        WithRetryGate(retry=[Oracle(target=echo_target())])
     with pytest.raises(ValueError, match="NaN"):
-        GatedRetry(retry=[FixedTemplate()], threshold=float("nan"))
+        WithRetryGate(retry=[FixedTemplate()], threshold=float("nan"))
+
+
+def test_gate_and_rerank_fingerprints_are_those_their_stored_records_carry():
+    # Values computed by the code that wrote the stored benchmark records (GatedRetry, commit 0015c10): a changed
+    # fingerprint would make every gated and rerank record be answered again.
+    t, more = FixedTemplate(), FixedTemplate(template="More.", name="more")
+    assert WithRetryGate(retry=[t], threshold=0.5).fingerprint() == "6ecc4fa3d4bb9c56"
+    assert WithRetryGate(retry=[t, more], threshold=-1.25, name="g2", description="d").fingerprint() == (
+        "0be0d8b7a7055021"
+    )
+    assert WithRetryGate(retry=[t], threshold=float("-inf")).fingerprint() == "e6662764e4a7d477"
+    assert WithRetryGate.rerank([t]).fingerprint() == "99149f00eabc4af0"
+    assert (
+        WithRetryGate.rerank([t, more], name="rerank-3", description="x").fingerprint() == "e8b44b68d35f9fb3"
+    )
+
+
+def test_gated_retry_keeps_the_best_of_several_retries_and_scores_each_answer_once_per_judge():
+    calls: list[int] = []
+
+    def longer(ps, ans):
+        calls.append(len(ans))
+        return [float(len(a)) for a in ans]
+
+    cfg = WithRetryGate(
+        retry=[FixedTemplate(template="Be."), FixedTemplate(template="Be very thorough.", name="t2")],
+        threshold=12.5,
+    )
+    report = Evaluator(PROMPTS, echo_target(), {"len": CallableReward(longer, name="len")}).run(
+        [FrozenAlone(), cfg]
+    )
+    rows = {r["prompt"]: r for r in report.records if r["config"] == "gated-retry"}
+    assert rows["write a poem"]["k"] == 3 and rows["write a poem"]["rewrite"] == "Be very thorough."
+    assert rows["give examples"]["k"] == 1  # 13 characters: not below the threshold
+    # frozen's answers, the gate's first answers, then one call for the three retried prompts' six answers.
+    assert calls == [4, 4, 6]
 
 
 def test_gated_retry_records_are_not_reused_under_another_threshold(tmp_path):
     asked: list[str] = []
     judges = {"len": length_judge()}
     Evaluator(PROMPTS, _counting_echo(asked), judges, out_dir=tmp_path, reference="gated-retry").run(
-        [GatedRetry(retry=[FixedTemplate()], threshold=0.0)]
+        [WithRetryGate(retry=[FixedTemplate()], threshold=0.0)]
     )
     assert len(asked) == len(PROMPTS)  # nothing scored below 0
     Evaluator(PROMPTS, _counting_echo(asked), judges, out_dir=tmp_path, reference="gated-retry").run(
-        [GatedRetry(retry=[FixedTemplate()], threshold=100.0)]
+        [WithRetryGate(retry=[FixedTemplate()], threshold=100.0)]
     )
     assert len(asked) == 3 * len(PROMPTS)  # a new threshold: every prompt answered again, and retried
 
@@ -544,7 +580,7 @@ def test_configurations_with_the_same_inputs_are_answered_once(tiny_lm_dir, tmp_
         FixedTemplate(),
         FixedTemplate(template=DEFAULT_TEMPLATE, name="template-picked"),
         # Retried everywhere, with the rewrites align-pro got from its twin: still no rewrite by rl.
-        GatedRetry(retry=[align_pro], threshold=float("inf")),
+        WithRetryGate(retry=[align_pro], threshold=float("inf")),
     ]
     asked: list[str] = []
     ev = Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval")
@@ -569,7 +605,7 @@ def test_configurations_with_the_same_inputs_are_answered_once(tiny_lm_dir, tmp_
     # A new gate over resumed records: its retries take the rewrites from those records, not from a prompter.
     sft.rewrite_results = must_not_run  # type: ignore[method-assign]
     align_pro = WithPrompter(prompter=rl, name="align-pro")
-    regated = GatedRetry(retry=[align_pro], threshold=1e9, name="regated")
+    regated = WithRetryGate(retry=[align_pro], threshold=1e9, name="regated")
     Evaluator(PROMPTS, _counting_echo(asked), {"len": length_judge()}, out_dir=tmp_path / "eval").run(
         [*configs[:2], align_pro, regated]
     )
@@ -590,7 +626,7 @@ def test_gated_retry_reuses_the_rewrites_its_retry_configuration_made(tiny_lm_di
 
         prompter.rewrite_results = counting  # type: ignore[method-assign]
         align_pro = WithPrompter(prompter=prompter)
-        gated = GatedRetry(retry=[align_pro], threshold=float("inf"))  # every prompt is retried
+        gated = WithRetryGate(retry=[align_pro], threshold=float("inf"))  # every prompt is retried
         report = Evaluator(PROMPTS, echo_target(), {"len": length_judge()}).run(
             [FrozenAlone(), align_pro, gated]
         )

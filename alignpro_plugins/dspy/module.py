@@ -18,11 +18,11 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dspy
 
-from alignpro_plugins.gate import GateDecision, RetryGate
+from alignpro_plugins.gate import GateDecision, GateResult, RetryGate
 from alignpro_plugins.manifest import MANIFEST_NAME
 from alignpro_plugins.specs import classify_prompter_spec
 
@@ -281,34 +281,44 @@ class AlignProModule(dspy.Module):
         records = self._apply(inputs, names, results)
         return self._finish(await self.program.acall(**inputs), records)
 
-    # ------------------------------------------------------------------ retry gate
+    # ------------------------------------------------------------------ retry gate (the flow is RetryGate's)
     def _gated_forward(self, prompter: Any, inputs: dict[str, Any], names: list[str]) -> Any:
-        first = self.program(**inputs)
-        decision = self._gate_first(inputs, names, first)
-        if decision is None or not decision.retried:
-            return self._gate_finish(first, decision, self._kept_original(inputs, names, decision))
-        results = prompter.rewrite_results([inputs[n] for n in names])
-        if all(r.fallback_reason is not None for r in results):  # the prompter kept x: nothing new to ask
-            return self._gate_finish(
-                first, decision.not_retried("the prompter kept x"), self._unused(names, results)
-            )
-        second = self.program(**{**inputs, **{n: r.text for n, r in zip(names, results, strict=True)}})
-        return self._gate_choose(inputs, names, decision, first, second, results)
+        rewrites: list[Any] = []  # the prompter's results, once the gate asks for a retry
+
+        def retries(_: list[int]) -> list[list[dict[str, Any]]]:
+            rewrites.extend(prompter.rewrite_results([inputs[n] for n in names]))
+            return [self._retry_inputs(inputs, names, rewrites)]
+
+        [result] = cast(RetryGate, self.retry_gate).choose(
+            [self._gate_text(inputs, names)],
+            [inputs],
+            lambda batch: [self.program(**x) for x in batch],
+            retries,
+            text=self._answer,
+        )
+        return self._gate_finish(result, inputs, names, rewrites)
 
     async def _agated_forward(self, prompter: Any, inputs: dict[str, Any], names: list[str]) -> Any:
-        first = await self.program.acall(**inputs)
-        decision = self._gate_first(inputs, names, first)
-        if decision is None or not decision.retried:
-            return self._gate_finish(first, decision, self._kept_original(inputs, names, decision))
-        results = await prompter.arewrite_results([inputs[n] for n in names])
-        if all(r.fallback_reason is not None for r in results):
-            return self._gate_finish(
-                first, decision.not_retried("the prompter kept x"), self._unused(names, results)
-            )
-        second = await self.program.acall(
-            **{**inputs, **{n: r.text for n, r in zip(names, results, strict=True)}}
+        rewrites: list[Any] = []
+
+        async def ask(batch: list[dict[str, Any]]) -> list[Any]:
+            return [await self.program.acall(**x) for x in batch]
+
+        async def retries(_: list[int]) -> list[list[dict[str, Any]]]:
+            rewrites.extend(await prompter.arewrite_results([inputs[n] for n in names]))
+            return [self._retry_inputs(inputs, names, rewrites)]
+
+        [result] = await cast(RetryGate, self.retry_gate).achoose(
+            [self._gate_text(inputs, names)], [inputs], ask, retries, text=self._answer
         )
-        return self._gate_choose(inputs, names, decision, first, second, results)
+        return self._gate_finish(result, inputs, names, rewrites)
+
+    @staticmethod
+    def _retry_inputs(inputs: dict[str, Any], names: list[str], rewrites: list[Any]) -> list[dict[str, Any]]:
+        """The rewritten inputs, or none when the prompter kept every field (nothing new to ask)."""
+        if all(r.fallback_reason is not None for r in rewrites):
+            return []
+        return [{**inputs, **{n: r.text for n, r in zip(names, rewrites, strict=True)}}]
 
     def _gate_text(self, inputs: dict[str, Any], names: list[str]) -> str:
         return "\n\n".join(inputs[n] for n in names)
@@ -317,45 +327,28 @@ class AlignProModule(dspy.Module):
         value = getattr(prediction, self.answer_field, None) if self.answer_field else None
         return value if isinstance(value, str) else None
 
-    def _gate_first(self, inputs: dict[str, Any], names: list[str], first: Any) -> GateDecision | None:
-        """The gate's verdict on the answer to the original inputs (None: it has no str answer to score)."""
-        gate = self.retry_gate
-        answer = self._answer(first)
-        if gate is None or answer is None:
-            return None
-        score = gate.score(self._gate_text(inputs, names), answer)
-        return GateDecision(first_score=score, threshold=gate.threshold, retried=gate.wants_retry(score))
-
-    def _gate_choose(
-        self,
-        inputs: dict[str, Any],
-        names: list[str],
-        decision: GateDecision,
-        first: Any,
-        second: Any,
-        results: list[Any],
-    ) -> Any:
-        answer = self._answer(second)
-        gate = self.retry_gate
-        assert gate is not None
-        # A retry without a str answer cannot be compared: keep the answer that was scored.
-        decision.retry_score = (
-            gate.score(self._gate_text(inputs, names), answer) if answer is not None else None
-        )
-        if decision.retry_score is not None and decision.retry_score > decision.first_score:
-            decision.kept = "retry"
-            records = [
+    def _gate_records(
+        self, result: GateResult, inputs: dict[str, Any], names: list[str], rewrites: list[Any]
+    ) -> list[RewriteRecord]:
+        """Per field: what the returned prediction was run on, and why that is not the rewrite (if it is not)."""
+        decision = result.decision
+        if not rewrites:  # the gate did not ask for a retry
+            return self._kept_original(inputs, names, decision)
+        if result.kept:
+            return [
                 RewriteRecord(n, r.original, r.text, r.fallback_reason, r.generated)
-                for n, r in zip(names, results, strict=True)
+                for n, r in zip(names, rewrites, strict=True)
             ]
-            return self._gate_finish(second, decision, records)
+        if len(result.candidates) == 1:  # the prompter kept x: no second call
+            return self._unused(names, rewrites)
+        assert decision is not None
         why = (
             f"retry gate: the answer to the original input scored higher ({decision.first_score:+.3f} vs "
             f"{decision.retry_score:+.3f})"
             if decision.retry_score is not None
             else f"retry gate: the retry's {self.answer_field!r} is not text, so the first answer was kept"
         )
-        return self._gate_finish(first, decision, self._unused(names, results, why))
+        return self._unused(names, rewrites, why)
 
     def _kept_original(
         self, inputs: dict[str, Any], names: list[str], decision: GateDecision | None
@@ -375,11 +368,14 @@ class AlignProModule(dspy.Module):
             for n, r in zip(names, results, strict=True)
         ]
 
-    def _gate_finish(self, output: Any, decision: GateDecision | None, records: list[RewriteRecord]) -> Any:
-        self.last_gate = decision.as_dict() if decision is not None else None
+    def _gate_finish(
+        self, result: GateResult, inputs: dict[str, Any], names: list[str], rewrites: list[Any]
+    ) -> Any:
+        output = result.answer
+        self.last_gate = result.decision.as_dict() if result.decision is not None else None
         if isinstance(output, dspy.Example):
             output._alignpro_gate = self.last_gate
-        return self._finish(output, records)
+        return self._finish(output, self._gate_records(result, inputs, names, rewrites))
 
     # ------------------------------------------------------------------ copying
     def __deepcopy__(self, memo: dict[int, Any]) -> AlignProModule:

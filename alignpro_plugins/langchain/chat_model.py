@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextvars import ContextVar, copy_context
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import Context, ContextVar, copy_context
 from typing import Any, cast
 from uuid import uuid4
 
@@ -19,13 +20,13 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.language_models.chat_models import agenerate_from_stream, generate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig, ensure_config
 from langchain_core.runnables.utils import coro_with_context
 from langchain_core.tools import BaseTool
 from pydantic import model_validator
 
-from alignpro_plugins.gate import GateDecision, RetryGate
+from alignpro_plugins.gate import GateResult, RetryGate
 from alignpro_plugins.langchain.runnable import AlignProRunnable
 
 #: Environment variable read when no ``prompter=`` is given: an artifact folder or a base model name.
@@ -186,13 +187,15 @@ class AlignedChatModel(BaseChatModel):
         merged = stop if stop is not None else self.stop
         return list(merged) if merged else None  # some APIs reject an empty stop list
 
-    def _inner_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _llm_kwargs(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What every call to ``llm`` gets: the stop list and this model's temperature / max_tokens, then the
+        call's kwargs."""
         defaults = {
             k: v
             for k, v in (("temperature", self.temperature), ("max_tokens", self.max_tokens))
             if v is not None
         }
-        return {**defaults, **kwargs}
+        return {"stop": self._stop(stop), **defaults, **kwargs}
 
     def _rewrite(self, messages: list[BaseMessage], config: RunnableConfig) -> list[BaseMessage]:
         return self.prompter.invoke(messages, config) if self.enabled else messages
@@ -201,98 +204,56 @@ class AlignedChatModel(BaseChatModel):
         return await self.prompter.ainvoke(messages, config) if self.enabled else messages
 
     def _call_llm(
-        self,
-        prompt: list[BaseMessage],
-        stop: list[str] | None,
-        config: RunnableConfig,
-        kwargs: dict[str, Any],
+        self, prompt: list[BaseMessage], config: RunnableConfig, kwargs: dict[str, Any]
     ) -> ChatResult:
         if isinstance(self.llm, BaseChatModel):
             # generate() keeps every generation and llm_output (invoke() keeps only the message).
-            res = self.llm.generate(
-                [prompt],
-                stop=self._stop(stop),
-                callbacks=config.get("callbacks"),
-                **self._inner_kwargs(kwargs),
-            )
-            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
-        out = self.llm.invoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
-        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+            return _first(self.llm.generate([prompt], callbacks=config.get("callbacks"), **kwargs))
+        return _as_result(self.llm.invoke(prompt, config, **kwargs))
 
     async def _acall_llm(
-        self,
-        prompt: list[BaseMessage],
-        stop: list[str] | None,
-        config: RunnableConfig,
-        kwargs: dict[str, Any],
+        self, prompt: list[BaseMessage], config: RunnableConfig, kwargs: dict[str, Any]
     ) -> ChatResult:
         if isinstance(self.llm, BaseChatModel):
-            res = await self.llm.agenerate(
-                [prompt],
-                stop=self._stop(stop),
-                callbacks=config.get("callbacks"),
-                **self._inner_kwargs(kwargs),
-            )
-            return ChatResult(generations=list(res.generations[0]), llm_output=res.llm_output)  # type: ignore[arg-type]
-        out = await self.llm.ainvoke(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs))
-        return ChatResult(generations=[ChatGeneration(message=_as_ai_message(out))])
+            return _first(await self.llm.agenerate([prompt], callbacks=config.get("callbacks"), **kwargs))
+        return _as_result(await self.llm.ainvoke(prompt, config, **kwargs))
 
-    def _gate_first(
-        self, messages: list[BaseMessage], first: ChatResult
-    ) -> tuple[str | None, GateDecision | None]:
-        """The original prompt text and the gate's verdict on the first answer (None: nothing to score)."""
-        gate = cast(RetryGate, self.retry_gate)
-        answer = first.generations[0].message
-        x = _latest_human_text(messages)
-        if x is None or (isinstance(answer, AIMessage) and answer.tool_calls):
-            return None, None  # a tool call or a turn without human text: nothing the reward model can score
-        score = gate.score(x, answer.text)
-        return x, GateDecision(first_score=score, threshold=gate.threshold, retried=gate.wants_retry(score))
-
-    def _gate_choose(
-        self, x: str, decision: GateDecision, first: ChatResult, second: ChatResult
-    ) -> ChatResult:
-        gate = cast(RetryGate, self.retry_gate)
-        decision.retry_score = gate.score(x, second.generations[0].message.text)
-        if decision.retry_score > decision.first_score:
-            decision.kept = "retry"
-            return _with_gate(second, decision)
-        return _with_gate(first, decision)
-
-    def _gated_generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        config: RunnableConfig,
-        kwargs: dict[str, Any],
-    ) -> ChatResult:
-        first = self._call_llm(messages, stop, config, kwargs)
-        x, decision = self._gate_first(messages, first)
-        if x is None or decision is None or not decision.retried:
-            return _with_gate(first, decision)
-        prompt = self._rewrite(messages, config)
-        if prompt == messages:  # the prompter passed x through (its reason is in the rewrite run)
-            return _with_gate(first, decision.not_retried("the prompter kept x"))
-        return self._gate_choose(x, decision, first, self._call_llm(prompt, stop, config, kwargs))
-
-    async def _agated_generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        config: RunnableConfig,
-        kwargs: dict[str, Any],
-    ) -> ChatResult:
-        first = await self._acall_llm(messages, stop, config, kwargs)
-        x, decision = self._gate_first(messages, first)
-        if x is None or decision is None or not decision.retried:
-            return _with_gate(first, decision)
-        prompt = await self._arewrite(messages, config)
-        if prompt == messages:
-            return _with_gate(first, decision.not_retried("the prompter kept x"))
-        return self._gate_choose(x, decision, first, await self._acall_llm(prompt, stop, config, kwargs))
-
+    # ------------------------------------------------------------------ retry gate (the flow is RetryGate's)
     def _gated(self) -> bool:
         return self.retry_gate is not None and self.enabled
+
+    def _gated_generate(
+        self, messages: list[BaseMessage], config: RunnableConfig, kwargs: dict[str, Any]
+    ) -> ChatResult:
+        x = _latest_human_text(messages)
+        if x is None:  # a turn without human text: nothing the reward model can score
+            return self._call_llm(messages, config, kwargs)
+        [result] = cast(RetryGate, self.retry_gate).choose(
+            [x],
+            [messages],
+            lambda prompts: [self._call_llm(p, config, kwargs) for p in prompts],
+            lambda _: [_changed(messages, self._rewrite(messages, config))],
+            text=_scorable_text,
+        )
+        return _with_gate(result)
+
+    async def _agated_generate(
+        self, messages: list[BaseMessage], config: RunnableConfig, kwargs: dict[str, Any]
+    ) -> ChatResult:
+        x = _latest_human_text(messages)
+        if x is None:
+            return await self._acall_llm(messages, config, kwargs)
+
+        async def ask(prompts: list[list[BaseMessage]]) -> list[ChatResult]:
+            return [await self._acall_llm(p, config, kwargs) for p in prompts]
+
+        async def retries(_: list[int]) -> list[list[list[BaseMessage]]]:
+            return [_changed(messages, await self._arewrite(messages, config))]
+
+        [result] = await cast(RetryGate, self.retry_gate).achoose(
+            [x], [messages], ask, retries, text=_scorable_text
+        )
+        return _with_gate(result)
 
     # ------------------------------------------------------------------ BaseChatModel hooks
     def _should_stream(self, *, async_api: bool, run_manager: Any = None, **kwargs: Any) -> bool:
@@ -314,12 +275,12 @@ class AlignedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        if self._gated():  # the answer is scored before anyone sees it, so it is not streamed
-            return self._gated_generate(messages, stop, self._child_config(run_manager), kwargs)
-        if self._wants_stream(False, run_manager, kwargs):  # streaming=True or a streaming handler
+        if not self._gated() and self._wants_stream(False, run_manager, kwargs):
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-        config = self._child_config(run_manager)
-        return self._call_llm(self._rewrite(messages, config), stop, config, kwargs)
+        config, llm_kwargs = self._child_config(run_manager), self._llm_kwargs(stop, kwargs)
+        if self._gated():  # the answer is scored before anyone sees it, so it is not streamed
+            return self._gated_generate(messages, config, llm_kwargs)
+        return self._call_llm(self._rewrite(messages, config), config, llm_kwargs)
 
     async def _agenerate(
         self,
@@ -328,14 +289,12 @@ class AlignedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        if self._gated():
-            return await self._agated_generate(
-                messages, stop, self._child_config(run_manager, async_=True), kwargs
-            )
-        if self._wants_stream(True, run_manager, kwargs):
+        if not self._gated() and self._wants_stream(True, run_manager, kwargs):
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
-        config = self._child_config(run_manager, async_=True)
-        return await self._acall_llm(await self._arewrite(messages, config), stop, config, kwargs)
+        config, llm_kwargs = self._child_config(run_manager, async_=True), self._llm_kwargs(stop, kwargs)
+        if self._gated():
+            return await self._agated_generate(messages, config, llm_kwargs)
+        return await self._acall_llm(await self._arewrite(messages, config), config, llm_kwargs)
 
     def _stream(
         self,
@@ -344,12 +303,12 @@ class AlignedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        config = self._child_config(run_manager)
+        config, llm_kwargs = self._child_config(run_manager), self._llm_kwargs(stop, kwargs)
         if self._gated():
-            yield _one_chunk(self._gated_generate(messages, stop, config, kwargs), run_manager)
-            return
-        prompt = self._rewrite(messages, config)
-        for chunk in self.llm.stream(prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs)):
+            chunks: Iterable[Any] = [_one_chunk(self._gated_generate(messages, config, llm_kwargs))]
+        else:
+            chunks = self.llm.stream(self._rewrite(messages, config), config, **llm_kwargs)
+        for chunk in chunks:
             gen = ChatGenerationChunk(message=_as_chunk(chunk))
             if run_manager:
                 run_manager.on_llm_new_token(gen.text, chunk=gen)
@@ -362,23 +321,21 @@ class AlignedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        config = self._child_config(run_manager, async_=True)
+        config, llm_kwargs = self._child_config(run_manager, async_=True), self._llm_kwargs(stop, kwargs)
         if self._gated():
-            gen = _one_chunk(await self._agated_generate(messages, stop, config, kwargs), None)
-            if run_manager:
-                await run_manager.on_llm_new_token(gen.text, chunk=gen)
-            yield gen
-            return
-        prompt = await self._arewrite(messages, config)
-        async for chunk in self.llm.astream(
-            prompt, config, stop=self._stop(stop), **self._inner_kwargs(kwargs)
-        ):
+            chunks: AsyncIterator[Any] = _aiter(
+                [_one_chunk(await self._agated_generate(messages, config, llm_kwargs))]
+            )
+        else:
+            chunks = self.llm.astream(await self._arewrite(messages, config), config, **llm_kwargs)
+        async for chunk in chunks:
             gen = ChatGenerationChunk(message=_as_chunk(chunk))
             if run_manager:
                 await run_manager.on_llm_new_token(gen.text, chunk=gen)
             yield gen
 
     # ------------------------------------------------------------------ entry points
+    # Each puts its config where _generate / _stream can read it (see _CALL_CONFIG).
     def invoke(
         self,
         input: LanguageModelInput,
@@ -388,11 +345,8 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AIMessage:
         config = ensure_config(config)
-        token = _CALL_CONFIG.set((self, config))
-        try:
+        with self._calling(config):
             return super().invoke(input, config, stop=stop, **kwargs)
-        finally:
-            _CALL_CONFIG.reset(token)
 
     async def ainvoke(
         self,
@@ -403,11 +357,8 @@ class AlignedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AIMessage:
         config = ensure_config(config)
-        token = _CALL_CONFIG.set((self, config))
-        try:
+        with self._calling(config):
             return await super().ainvoke(input, config, stop=stop, **kwargs)
-        finally:
-            _CALL_CONFIG.reset(token)
 
     def stream(
         self,
@@ -417,10 +368,7 @@ class AlignedChatModel(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
-        config = ensure_config(config)
-        config["run_id"] = config.get("run_id") or uuid4()  # known up front: the parent of our child runs
-        ctx = copy_context()
-        ctx.run(_CALL_CONFIG.set, (self, config))
+        config, ctx = self._stream_context(config)
         iterator = super().stream(input, config, stop=stop, **kwargs)
         try:
             while True:
@@ -440,10 +388,7 @@ class AlignedChatModel(BaseChatModel):
         stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
-        config = ensure_config(config)
-        config["run_id"] = config.get("run_id") or uuid4()
-        ctx = copy_context()
-        ctx.run(_CALL_CONFIG.set, (self, config))
+        config, ctx = self._stream_context(config)
         iterator = super().astream(input, config, stop=stop, **kwargs)
 
         async def step() -> AIMessageChunk:
@@ -458,6 +403,23 @@ class AlignedChatModel(BaseChatModel):
                 yield chunk
         finally:
             await iterator.aclose()  # type: ignore[attr-defined]
+
+    @contextmanager
+    def _calling(self, config: RunnableConfig) -> Iterator[None]:
+        token = _CALL_CONFIG.set((self, config))
+        try:
+            yield
+        finally:
+            _CALL_CONFIG.reset(token)
+
+    def _stream_context(self, config: RunnableConfig | None) -> tuple[RunnableConfig, Context]:
+        """The config, with a run id known up front (the parent of our child runs), set in a context of its own:
+        a generator's steps may run in different contexts, so each step is run in this one."""
+        config = ensure_config(config)
+        config["run_id"] = config.get("run_id") or uuid4()
+        ctx = copy_context()
+        ctx.run(_CALL_CONFIG.set, (self, config))
+        return config, ctx
 
     # ------------------------------------------------------------------ delegation
     def bind_tools(
@@ -492,8 +454,21 @@ def _latest_human_text(messages: list[BaseMessage]) -> str | None:
     return None
 
 
-def _with_gate(result: ChatResult, decision: GateDecision | None) -> ChatResult:
-    """The result with the gate's decision in its message's response_metadata["alignpro_gate"]."""
+def _changed(messages: list[BaseMessage], prompt: list[BaseMessage]) -> list[list[BaseMessage]]:
+    """The retry input: the rewritten messages, or none when the prompter passed x through (its reason is in
+    the rewrite run)."""
+    return [] if prompt == messages else [prompt]
+
+
+def _scorable_text(result: ChatResult) -> str | None:
+    """What the gate's reward scores: the answer's text (None for a tool call: nothing the reward can score)."""
+    message = result.generations[0].message
+    return None if isinstance(message, AIMessage) and message.tool_calls else message.text
+
+
+def _with_gate(gated: GateResult[Any, ChatResult]) -> ChatResult:
+    """The kept result with the gate's decision in its message's response_metadata["alignpro_gate"]."""
+    result, decision = gated.answer, gated.decision
     if decision is None:
         return result
     gen = result.generations[0]
@@ -509,9 +484,10 @@ def _with_gate(result: ChatResult, decision: GateDecision | None) -> ChatResult:
     )
 
 
-def _one_chunk(result: ChatResult, run_manager: CallbackManagerForLLMRun | None) -> ChatGenerationChunk:
+def _one_chunk(result: ChatResult) -> AIMessageChunk:
+    """A whole answer as the last (and only) chunk of a stream."""
     message = result.generations[0].message
-    chunk = AIMessageChunk(
+    return AIMessageChunk(
         content=message.content,
         response_metadata=message.response_metadata,
         usage_metadata=getattr(message, "usage_metadata", None),
@@ -528,10 +504,11 @@ def _one_chunk(result: ChatResult, run_manager: CallbackManagerForLLMRun | None)
         id=message.id,
         chunk_position="last",
     )
-    gen = ChatGenerationChunk(message=chunk)
-    if run_manager:
-        run_manager.on_llm_new_token(gen.text, chunk=gen)
-    return gen
+
+
+async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
 
 
 def _child_manager(manager_cls: type, parent: Any, parent_run_id: Any) -> Any:
@@ -545,12 +522,16 @@ def _child_manager(manager_cls: type, parent: Any, parent_run_id: Any) -> Any:
     return child
 
 
-def _as_ai_message(out: Any) -> AIMessage:
-    if isinstance(out, AIMessage):
-        return out
-    if isinstance(out, BaseMessage):
-        return AIMessage(content=out.content)
-    return AIMessage(content=str(out))
+def _first(result: LLMResult) -> ChatResult:
+    """The ChatResult of a one-prompt generate()."""
+    return ChatResult(generations=list(result.generations[0]), llm_output=result.llm_output)  # type: ignore[arg-type]
+
+
+def _as_result(out: Any) -> ChatResult:
+    """A runnable's output as a ChatResult (an AIMessage as it is; other messages and values as their text)."""
+    if not isinstance(out, AIMessage):
+        out = AIMessage(content=out.content if isinstance(out, BaseMessage) else str(out))
+    return ChatResult(generations=[ChatGeneration(message=out)])
 
 
 def _as_chunk(out: Any) -> AIMessageChunk:
