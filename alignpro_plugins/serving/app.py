@@ -1,0 +1,164 @@
+"""The ASGI app of ``alignpro serve``: an OpenAI-compatible proxy that puts a prompter in front of a model.
+
+``POST /v1/chat/completions`` (streamed or not): the latest user message is rewritten or augmented by the
+prompter, the request goes to the upstream endpoint, and its answer comes back as the upstream sent it, plus
+what the prompter did: the ``x-alignpro-rewrite`` response header (``rewritten``, ``fallback:<reason>`` or
+``skipped:<reason>``) and, in a JSON answer, an ``alignpro`` field with the original and forwarded text.
+``GET /v1/models`` is the upstream's list. Concurrent requests share the prompter's batched generation
+(``Prompter`` micro-batches concurrent calls). An upstream error comes back with its own status and body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.background import BackgroundTask
+except ImportError as exc:  # the proxy is an extra
+    raise ImportError(
+        f"alignpro serve needs FastAPI and uvicorn ({exc.name} is missing); install them with: "
+        "pip install 'alignpro-plugins[serve]'"
+    ) from exc
+
+from alignpro_plugins.serving.rewriting import (
+    EXTENSION_FIELD,
+    HEADER,
+    RewriteOutcome,
+    Rewriter,
+    rewrite_latest_user,
+)
+from alignpro_plugins.serving.upstream import Upstream, relayed_headers
+
+logger = logging.getLogger("alignpro_plugins.serving")
+
+
+def error_response(
+    status: int, message: str, kind: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error in the OpenAI shape, so OpenAI clients show its message."""
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": None}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def create_app(
+    rewriter: Rewriter,
+    upstream: Upstream,
+    *,
+    mode: str | None = None,
+    upstream_model: str | None = None,
+) -> FastAPI:
+    """The proxy app. ``mode`` overrides the prompter's manifest mode; ``upstream_model`` replaces the model
+    name clients send (when the upstream serves one model under a name clients need not know)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await upstream.aclose()
+
+    app = FastAPI(title="alignpro proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.upstream_url = upstream.public_url
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            resp = await upstream.get("/models", request.headers.get("authorization"))
+        except httpx.HTTPError as exc:
+            return _unreachable(upstream, exc)
+        return Response(resp.content, status_code=resp.status_code, headers=relayed_headers(resp))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error_response(400, f"the request body is not JSON: {exc}", "invalid_request_error")
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return error_response(
+                400,
+                "expected a JSON object with a 'messages' list (an OpenAI chat completions request)",
+                "invalid_request_error",
+            )
+        outcome = await rewrite_latest_user(body["messages"], rewriter, mode)
+        forwarded = {**body, "messages": outcome.messages}
+        if upstream_model is not None:
+            forwarded["model"] = upstream_model
+        authorization = request.headers.get("authorization")
+        try:
+            if body.get("stream") is True:
+                response = await _relay_stream(upstream, forwarded, authorization, outcome)
+            else:
+                response = await _relay(upstream, forwarded, authorization, outcome)
+        except httpx.HTTPError as exc:
+            response = _unreachable(upstream, exc, {HEADER: outcome.header_value})
+        logger.info(
+            "chat/completions -> %d (%s) in %.3fs",
+            response.status_code,
+            outcome.header_value,
+            time.perf_counter() - start,
+        )
+        return response
+
+    return app
+
+
+async def _relay(
+    upstream: Upstream, body: dict[str, Any], authorization: str | None, outcome: RewriteOutcome
+) -> Response:
+    resp = await upstream.post("/chat/completions", body, authorization)
+    headers = {**relayed_headers(resp), HEADER: outcome.header_value}
+    if resp.status_code == 200:
+        try:
+            answer = resp.json()
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict):
+            answer[EXTENSION_FIELD] = outcome.extension()
+            headers.pop("content-type", None)  # JSONResponse sets it for the re-encoded body
+            return JSONResponse(answer, status_code=200, headers=headers)
+    return Response(resp.content, status_code=resp.status_code, headers=headers)
+
+
+async def _relay_stream(
+    upstream: Upstream, body: dict[str, Any], authorization: str | None, outcome: RewriteOutcome
+) -> Response:
+    resp = await upstream.open_stream("/chat/completions", body, authorization)
+    headers = {**relayed_headers(resp), HEADER: outcome.header_value}
+    if resp.status_code >= 400:  # an error is one JSON body, not a stream
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+        return Response(content, status_code=resp.status_code, headers=headers)
+    media_type = headers.pop("content-type", "text/event-stream")
+    return StreamingResponse(
+        resp.aiter_bytes(),
+        status_code=resp.status_code,
+        headers=headers,
+        media_type=media_type,
+        background=BackgroundTask(resp.aclose),
+    )
+
+
+def _unreachable(upstream: Upstream, exc: httpx.HTTPError, headers: dict[str, str] | None = None) -> Response:
+    """502 (or 504 on a timeout) naming the upstream, without its credentials."""
+    status = 504 if isinstance(exc, httpx.TimeoutException) else 502
+    logger.warning("upstream %s failed: %s", upstream.public_url, type(exc).__name__)
+    return error_response(
+        status,
+        f"the upstream {upstream.public_url} did not answer ({type(exc).__name__})",
+        "upstream_error",
+        headers,
+    )

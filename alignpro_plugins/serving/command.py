@@ -1,0 +1,43 @@
+"""The ``alignpro serve`` flags and command (cli.py registers them)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from alignpro_plugins.serving.config import ServeConfig
+
+HELP = {
+    "upstream": "base URL of the OpenAI-compatible API that answers, e.g. http://127.0.0.1:8000/v1",
+    "prompter": "prompter artifact folder",
+    "prompter_base": "the prompter's base model, when the folder alignpro.json records has moved",
+    "upstream_model": "model name sent upstream instead of each client's",
+    "upstream_api_key_env": "environment variable with the upstream API key, sent when a client sends none",
+    "mode": "augment or rewrite (default: the prompter's mode)",
+    "host": "address to listen on (default loopback only)",
+    "port": "port to listen on",
+    "timeout": "seconds to wait for the upstream's answer",
+    "max_batch_size": "most rewrites generated in one batch",
+}
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ServeConfig` field."""
+    for f in fields(ServeConfig):
+        required = f.name in ("upstream", "prompter")
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=int if f.type == "int" else float if f.type == "float" else str,
+            choices=["augment", "rewrite"] if f.name == "mode" else None,
+            required=required,
+            default=None if required else f.default,
+            help=HELP[f.name],
+        )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from alignpro_plugins.serving.server import serve
+
+    serve(ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)}))
+    return 0

@@ -1,0 +1,39 @@
+"""Settings of ``alignpro serve`` (the proxy), as a dataclass like the trainers' configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alignpro_plugins.manifest import MODES
+
+
+@dataclass
+class ServeConfig:
+    """Where the prompter comes from, where requests go, and where the proxy listens."""
+
+    upstream: str
+    """Base URL of the OpenAI-compatible API answering the requests, e.g. ``http://127.0.0.1:8000/v1``."""
+    prompter: str
+    """Prompter artifact folder (``alignpro.json`` + adapter)."""
+    prompter_base: str | None = None
+    """The prompter's base model, when the folder its manifest records has moved (its hash is still checked)."""
+    upstream_model: str | None = None
+    """Model name sent upstream instead of the one each client sends."""
+    upstream_api_key_env: str | None = None
+    """Environment variable holding the upstream key, sent when a client sends no ``Authorization`` header."""
+    mode: str | None = None
+    """``augment`` or ``rewrite``; default: the prompter's manifest mode."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    timeout: float = 600.0
+    """Seconds to wait for the upstream's answer."""
+    max_batch_size: int = 16
+    """Most rewrites generated together (concurrent requests are batched up to this)."""
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None (the manifest's), got {self.mode!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout}")
