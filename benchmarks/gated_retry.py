@@ -34,7 +34,7 @@ from statistics import fmean
 import torch
 
 from alignpro_plugins.data import load_prompts
-from alignpro_plugins.evaluation import Evaluator, GatedRetry, WithPrompter, answer_words, retry_threshold
+from alignpro_plugins.evaluation import Evaluator, WithPrompter, WithRetryGate, answer_words, retry_threshold
 from alignpro_plugins.stats import variance_ratio, win_rate
 from benchmarks.run_benchmark import (
     BUDGETS,
@@ -158,9 +158,9 @@ def main() -> None:
     thresholds = {s: retry_threshold(val_scores, s) for s in shares}
     val_dir, val_target = side_evaluation(out, budget, "eval-gated-validation")
 
-    def gated(share: float) -> GatedRetry:
+    def gated(share: float) -> WithRetryGate:
         main_share = share == args.retry_share
-        return GatedRetry(
+        return WithRetryGate(
             retry=[align_pro],
             threshold=thresholds[share],
             name="gated-retry" if main_share else f"gated-retry-{share:g}",
@@ -304,7 +304,7 @@ def main() -> None:
     publish("\n".join(md), ev_dir / "section.md", key, HISTORY_PAGE)
 
 
-def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
+def reranks(tries: list, align_pro: WithPrompter) -> list[WithRetryGate]:
     """Every answer asked, the training reward's best kept: the gate with no threshold (2 or 3 target calls).
 
     `rerank` answers x and the prompter's rewrite; `rerank-3` also the default instruction (the inputs of the
@@ -313,13 +313,13 @@ def reranks(tries: list, align_pro: WithPrompter) -> list[GatedRetry]:
     """
     template = next(c for c in tries if c.name == "template")
     return [
-        GatedRetry.rerank(
+        WithRetryGate.rerank(
             [template],
             name="rerank-template",
             description="x and x with the default instruction both answered; the training reward keeps the better",
         ),
-        GatedRetry.rerank([align_pro]),
-        GatedRetry.rerank(
+        WithRetryGate.rerank([align_pro]),
+        WithRetryGate.rerank(
             [template, align_pro],
             name="rerank-3",
             description="x, x with the default instruction and the prompter's rewrite; the training reward keeps the best",

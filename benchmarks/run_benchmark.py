@@ -781,9 +781,9 @@ def main() -> None:
         BestOfK,
         Evaluator,
         FixedTemplate,
-        GatedRetry,
         Oracle,
         WithPrompter,
+        WithRetryGate,
         retry_threshold,
     )
     from alignpro_plugins.prompter import Prompter
@@ -810,7 +810,7 @@ def main() -> None:
         align_pro := WithPrompter(prompter=trained, description=align_pro_description(args.rl_algorithm)),
         # How AlignedChatModel(retry_gate=...) deploys the same prompter: x first, the rewrite only where the
         # training reward scores the frozen answer in the lowest GATED_RETRY_SHARE of the validation prompts'.
-        GatedRetry(
+        WithRetryGate(
             retry=[align_pro],
             threshold=gate_threshold,
             name="align-pro-gated",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 
 from alignpro_plugins import stats
 from benchmarks.gated_retry import against_frozen_cells, mean_words, rewards_by_config, win_cell
-from benchmarks.run_benchmark import targets_table
+from benchmarks.run_benchmark import RESULTS_PAGE, targets_table
 
 RNG = random.Random(0)
 FROZEN = [RNG.gauss(0, 1) for _ in range(80)]
@@ -270,3 +272,33 @@ def test_a_confirmation_refuses_a_pool_it_cannot_make_before_any_work(tmp_path):
     assert "does not exist" in refused("c2", True, ["p"], ["c3"], "51–150")
     assert "leave it out of --pool-with" in refused("c2", True, ["old"], ["c1"], "51–150")
     check_slice(tmp_path, "c2", True, ["p"], ["c1"], "51–150")  # a new slice, an earlier folder: fine
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# The sections each kept script writes into docs/benchmarks.md (run_benchmark's quick runs and gated_retry's
+# confirmations go to docs/benchmarks-history.md instead).
+RESULTS_PAGE_KEYS = (
+    "align-pro-comparison",
+    "rewrite-benchmark",
+    "padding-benchmark",
+    "backends-benchmark",
+    "reward-scoring-benchmark",
+)
+
+
+def test_the_results_page_holds_each_scripts_section_once_and_stays_short():
+    text = RESULTS_PAGE.read_text()
+    for key in RESULTS_PAGE_KEYS:
+        assert text.count(f"<!-- {key}:start -->") == 1 and text.count(f"<!-- {key}:end -->") == 1, key
+        assert text.index(f"<!-- {key}:start -->") < text.index(f"<!-- {key}:end -->"), key
+    assert len(text.splitlines()) < 400, (
+        "docs/benchmarks.md is the five-minute page: details go to the history"
+    )
+
+
+def test_documented_benchmark_commands_name_kept_scripts():
+    pages = [RESULTS_PAGE, ROOT / "benchmarks" / "README.md", ROOT / "README.md"]
+    named = {m for page in pages for m in re.findall(r"python -m benchmarks\.(\w+)", page.read_text())}
+    assert named >= {"run_benchmark", "gated_retry"}
+    assert named <= {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    assert len(list((ROOT / "benchmarks").glob("*.py"))) <= 8
