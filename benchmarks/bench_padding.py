@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from alignpro_plugins import batching
-from benchmarks.run_benchmark import ROOT, command_line, first_eval_prompts, machine, publish
+from benchmarks.run_benchmark import ROOT, first_eval_prompts, publish, run_lines
 
 FEWEST_CALLS = 1e12  # a call cost so high that the plan is the fewest calls (the baseline)
 
@@ -125,9 +125,7 @@ def main() -> None:
     md = [
         "## Length-planned generate calls (padding)",
         "",
-        f"- command: `{command_line()}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
-        f"{time.time() - t0:.0f} s",
+        *run_lines(t0),
         f"- prompts: the first {args.per_set} of dolly_eval and of self_instruct_eval (with context); target "
         f"prompt lengths {min(t_len)}–{max(t_len)} tokens (median {sorted(t_len)[len(t_len) // 2]})",
         f"- baseline: the fewest calls, shortest first (the target's old batching; the prompter made one call); "
@@ -141,11 +139,12 @@ def main() -> None:
         "Sampled rollouts draw different random numbers per call, so their outputs differ by construction; greedy "
         "ones may differ only where padding changes floating-point sums.",
     ]
-    section = "\n".join(md)
-    if args.no_docs:
-        print(section)
-    else:
-        publish(section, ROOT / "runs" / "bench-padding" / "section.md", "padding-benchmark")
+    publish(
+        "\n".join(md),
+        ROOT / "runs" / "bench-padding" / "section.md",
+        "padding-benchmark",
+        docs=not args.no_docs,
+    )
 
 
 if __name__ == "__main__":

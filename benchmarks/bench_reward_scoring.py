@@ -19,7 +19,7 @@ import torch
 
 from alignpro_plugins.data import load_preferences
 from alignpro_plugins.rewards import RewardModel, encode_pairs
-from benchmarks.run_benchmark import DATA, ROOT, command_line, machine, publish
+from benchmarks.run_benchmark import DATA, ROOT, publish, run_lines
 
 
 @torch.inference_mode()
@@ -86,9 +86,7 @@ def main() -> None:
         [
             "## Reward-model scoring in length-sorted batches",
             "",
-            f"- command: `{command_line()}`",
-            f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
-            f"{time.time() - started:.0f} s",
+            *run_lines(started),
             f"- reward model: `{Path(path).name if Path(path).exists() else path}` (batch size {rm.batch_size}, "
             f"max length {rm.max_length}); {len(pairs)} preference pairs, the first {args.pairs // 2} of "
             f"alpaca_eval_prefs and of hh_rlhf_harmless, chosen and rejected scored: {len(answers)} answers, "
@@ -104,10 +102,8 @@ def main() -> None:
             "input order either way.",
         ]
     )
-    if args.no_docs:
-        print(section)
-    else:
-        publish(section, ROOT / "runs" / "bench-reward-scoring" / "section.md", "reward-scoring-benchmark")
+    copy = ROOT / "runs" / "bench-reward-scoring" / "section.md"
+    publish(section, copy, "reward-scoring-benchmark", docs=not args.no_docs)
 
 
 if __name__ == "__main__":

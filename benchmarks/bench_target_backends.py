@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.run_benchmark import ROOT, command_line, first_eval_prompts, machine, publish
+from benchmarks.run_benchmark import ROOT, first_eval_prompts, publish, run_lines
 
 SERVED_NAME = "smollm2"
 
@@ -204,9 +204,7 @@ def main() -> None:
     md = [
         "## Frozen-target backends: transformers against a vLLM server",
         "",
-        f"- command: `{command_line()}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
-        f"{time.time() - t0:.0f} s",
+        *run_lines(t0),
         f"- prompts: the first {args.per_set} of dolly_eval and of self_instruct_eval (with context), "
         f"{len(prompts)} in all; greedy, at most {args.max_new_tokens} new tokens, SmolLM2-135M-Instruct",
         f"- {args.repeats} timing(s) of each backend, the fastest kept; the server's start-up is not in its time",
@@ -217,10 +215,9 @@ def main() -> None:
         *rows,
     ]
     section = "\n".join(md)
-    if args.no_docs:
-        print(section)
-    else:
-        publish(section, ROOT / "runs" / "bench-backends" / "section.md", "backends-benchmark")
+    publish(
+        section, ROOT / "runs" / "bench-backends" / "section.md", "backends-benchmark", docs=not args.no_docs
+    )
 
 
 if __name__ == "__main__":

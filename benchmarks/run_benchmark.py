@@ -152,6 +152,15 @@ def align_pro_description(rl_algorithm: str) -> str:
     return f"(ii) Align-Pro prompter (RL: {rl_algorithm})"
 
 
+def run_lines(started: float) -> list[str]:
+    """A speed section's first lines: how it was invoked, when, on what machine and how long it took."""
+    return [
+        f"- command: `{command_line()}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {machine()}; "
+        f"{time.time() - started:.0f} s",
+    ]
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """How this benchmark was invoked (``python -m benchmarks.<name> ...``, from the checkout's root), quoted so
     that the line can be pasted back into a shell."""
@@ -532,12 +541,14 @@ def frozen_validation_scores(out: Path, budget: dict, name: str, gate) -> list[f
 GATED_RETRY_SHARE = 0.5
 
 
-def publish(section: str, copy: Path, key: str, page: Path = RESULTS_PAGE) -> None:
-    """A result section: saved beside its artifacts, written into a benchmark page under key, printed."""
-    copy.parent.mkdir(parents=True, exist_ok=True)
-    copy.write_text(section)
-    write_section(page, key, section)
+def publish(section: str, copy: Path, key: str, page: Path = RESULTS_PAGE, docs: bool = True) -> None:
+    """A result section: printed, and unless ``docs`` is False (a script's --no-docs) saved beside its artifacts
+    and written into a benchmark page under key."""
     print(section)
+    if docs:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(section)
+        write_section(page, key, section)
 
 
 def first_tries(mode: str) -> list:

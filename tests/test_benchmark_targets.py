@@ -126,6 +126,21 @@ def test_marked_section_is_replaced_in_place_and_new_ones_are_appended(tmp_path)
     assert text.endswith("<!-- gated-retry-confirmation-seeded:end -->\n")
 
 
+def test_publish_writes_the_page_it_is_given_and_nothing_with_no_docs(tmp_path, capsys):
+    from benchmarks.run_benchmark import publish
+
+    page, copy = tmp_path / "history.md", tmp_path / "run" / "section.md"
+    page.write_text(PAGE)
+    publish("## Quick\n\nrows", copy, "align-pro-comparison-quick", page, docs=False)
+    assert "## Quick" in capsys.readouterr().out
+    assert not copy.exists() and page.read_text() == PAGE
+    publish("## Quick\n\nrows", copy, "align-pro-comparison-quick", page)
+    assert copy.read_text() == "## Quick\n\nrows"
+    assert page.read_text().endswith(
+        "<!-- align-pro-comparison-quick:start -->\n## Quick\n\nrows\n<!-- align-pro-comparison-quick:end -->\n"
+    )
+
+
 def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
     from benchmarks.gated_retry import pooled_with_folder
 
