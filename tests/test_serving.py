@@ -1,0 +1,375 @@
+"""`alignpro serve`: the OpenAI-compatible proxy, over real HTTP (uvicorn on loopback).
+
+The fast tests put the proxy in front of a small upstream app (FastAPI, recording what it receives); the
+tests marked ``server`` put it in front of a real vLLM server (see tests/servers.py), started once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from alignpro_plugins.manifest import GenerationDefaults, Manifest
+from alignpro_plugins.prompter import Prompter, RewriteResult
+from alignpro_plugins.serving.app import create_app
+from alignpro_plugins.serving.rewriting import HEADER
+from alignpro_plugins.serving.upstream import Upstream
+from alignpro_plugins.testing import tiny_causal_lm
+from tests.servers import ThreadedUvicorn, free_port, sse_payloads, wait_for_http
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"question {i}: " + "why " * (i % 5) + f"is {i * 7} blue" for i in range(12)]
+SECRET = "sk-test-secret-0123456789"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class RecordingUpstream:
+    """An OpenAI-compatible app that answers ``echo: <latest user text>`` and records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.fail: tuple[int, dict[str, Any], dict[str, str]] | None = None
+        self.app = FastAPI()
+        self.app.post("/v1/chat/completions")(self.chat)
+        self.app.get("/v1/models")(self.models)
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": "echo", "object": "model"}]}
+
+    async def chat(self, request: Request) -> Any:
+        body = await request.json()
+        self.requests.append({"headers": dict(request.headers), "body": body})
+        if self.fail is not None:
+            status, payload, headers = self.fail
+            return JSONResponse(payload, status_code=status, headers=headers)
+        user = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+        text = f"echo: {user if isinstance(user, str) else json.dumps(user)}"
+        if body.get("stream"):
+            return StreamingResponse(self._chunks(text), media_type="text/event-stream")
+        return {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": body.get("model"),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
+
+    async def _chunks(self, text: str):
+        for i in range(0, len(text), 7):
+            delta = {"content": text[i : i + 7]}
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+            await asyncio.sleep(0)
+        yield "data: [DONE]\n\n"
+
+
+class ScriptedRewriter:
+    """A prompter stand-in: ``fn(prompt) -> RewriteResult`` (or raises)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    async def arewrite_results(self, prompts: Sequence[str], *, mode: str | None = None) -> list[Any]:
+        self.calls.append((list(prompts), mode))
+        return [self.fn(p) for p in prompts]
+
+
+def rewritten(prompt: str) -> RewriteResult:
+    return RewriteResult(prompt, f"{prompt}\n\nAnswer in detail.", "augment", "Answer in detail.")
+
+
+@pytest.fixture
+def upstream_app():
+    rec = RecordingUpstream()
+    with ThreadedUvicorn(rec.app) as server:
+        rec.base_url = server.base_url  # type: ignore[attr-defined]
+        yield rec
+
+
+def proxy(rewriter: Any, upstream_url: str, **kwargs: Any) -> ThreadedUvicorn:
+    api_key = kwargs.pop("api_key", None)
+    return ThreadedUvicorn(create_app(rewriter, Upstream(upstream_url, api_key=api_key), **kwargs))
+
+
+def chat(url: str, content: Any = "Tell me about tea", **body: Any) -> httpx.Response:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "an earlier question"},
+        {"role": "assistant", "content": "an earlier answer"},
+        {"role": "user", "content": content},
+    ]
+    return httpx.post(
+        f"{url}/chat/completions", json={"model": "m", "messages": messages, **body}, timeout=60
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the proxy
+def test_the_latest_user_message_is_rewritten_and_the_answer_says_so(upstream_app):
+    rewriter = ScriptedRewriter(rewritten)
+    with proxy(rewriter, upstream_app.base_url, mode="augment") as p:
+        resp = chat(p.base_url, temperature=0.2, seed=7)
+    assert resp.status_code == 200
+    assert resp.headers[HEADER] == "rewritten"
+    sent = upstream_app.requests[0]["body"]
+    # Only the latest user message changed; every other field went upstream as the client sent it.
+    assert [m["content"] for m in sent["messages"]] == [
+        "Be brief.",
+        "an earlier question",
+        "an earlier answer",
+        "Tell me about tea\n\nAnswer in detail.",
+    ]
+    assert sent["model"] == "m" and sent["temperature"] == 0.2 and sent["seed"] == 7
+    assert rewriter.calls == [(["Tell me about tea"], "augment")]
+    answer = resp.json()
+    assert answer["choices"][0]["message"]["content"] == "echo: Tell me about tea\n\nAnswer in detail."
+    assert answer["usage"]["total_tokens"] == 5
+    assert answer["alignpro"] == {
+        "rewrite": "rewritten",
+        "mode": "augment",
+        "original": "Tell me about tea",
+        "sent": "Tell me about tea\n\nAnswer in detail.",
+        "fallback_reason": None,
+    }
+
+
+def test_upstream_model_replaces_the_clients_model_name(upstream_app):
+    with proxy(ScriptedRewriter(rewritten), upstream_app.base_url, upstream_model="served-name") as p:
+        assert chat(p.base_url).status_code == 200
+    assert upstream_app.requests[0]["body"]["model"] == "served-name"
+
+
+def test_text_parts_are_rewritten_and_other_parts_kept(upstream_app):
+    parts = [
+        {"type": "text", "text": "Describe"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "this picture"},
+    ]
+    rewriter = ScriptedRewriter(rewritten)
+    with proxy(rewriter, upstream_app.base_url) as p:
+        assert chat(p.base_url, parts).headers[HEADER] == "rewritten"
+    assert rewriter.calls[0][0] == ["Describe\nthis picture"]
+    assert upstream_app.requests[0]["body"]["messages"][-1]["content"] == [
+        {"type": "text", "text": "Describe\nthis picture\n\nAnswer in detail."},
+        parts[1],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "header", "reason"),
+    [
+        (
+            lambda p: RewriteResult(p, p, "augment", "!!!", "only_punctuation"),
+            "fallback:only_punctuation",
+            "only_punctuation",
+        ),
+        (
+            lambda p: (_ for _ in ()).throw(ConnectionError("prompter endpoint down\r\nx-evil: 1")),
+            "fallback:prompter_error: ConnectionError: prompter endpoint down x-evil: 1",
+            "prompter_error: ConnectionError: prompter endpoint down\r\nx-evil: 1",
+        ),
+    ],
+    ids=["guard-rejected", "prompter-raised"],
+)
+def test_a_prompter_failure_passes_the_original_through_and_says_why(upstream_app, rewrite, header, reason):
+    with proxy(ScriptedRewriter(rewrite), upstream_app.base_url) as p:
+        resp = chat(p.base_url)
+    assert resp.status_code == 200
+    assert resp.headers[HEADER] == header  # one printable line, whatever the exception said
+    assert "x-evil" not in {k.lower() for k in resp.headers}
+    assert upstream_app.requests[0]["body"]["messages"][-1]["content"] == "Tell me about tea"
+    assert resp.json()["alignpro"]["fallback_reason"] == reason
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: Tell me about tea"
+
+
+def test_nothing_to_rewrite_is_skipped_and_forwarded(upstream_app):
+    rewriter = ScriptedRewriter(rewritten)
+    with proxy(rewriter, upstream_app.base_url) as p:
+        no_user = httpx.post(
+            f"{p.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "system", "content": "hi"}]},
+        )
+        image_only = chat(p.base_url, [{"type": "image_url", "image_url": {"url": "data:,"}}])
+    assert no_user.headers[HEADER] == "skipped:no_user_message"
+    assert image_only.headers[HEADER] == "skipped:no_text"
+    assert rewriter.calls == [] and len(upstream_app.requests) == 2
+
+
+def test_streaming_relays_the_upstream_events_with_the_rewrite_header(upstream_app):
+    with proxy(ScriptedRewriter(rewritten), upstream_app.base_url) as p:
+        with httpx.stream(
+            "POST",
+            f"{p.base_url}/chat/completions",
+            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "Tell me"}]},
+        ) as resp:
+            assert resp.status_code == 200
+            assert resp.headers[HEADER] == "rewritten"
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            raw = resp.read().decode()
+    payloads = sse_payloads(raw)
+    assert payloads[-1] == "[DONE]" and len(payloads) > 3
+    text = "".join(json.loads(d)["choices"][0]["delta"]["content"] for d in payloads[:-1])
+    assert text == "echo: Tell me\n\nAnswer in detail."
+    assert upstream_app.requests[0]["body"]["stream"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_error_comes_back_with_its_status_body_and_retry_after(upstream_app, stream):
+    error = {"error": {"message": "Rate limit reached", "type": "rate_limit_error", "code": "rate_limit"}}
+    upstream_app.fail = (429, error, {"retry-after": "3", "x-ratelimit-remaining-requests": "0"})
+    with proxy(ScriptedRewriter(rewritten), upstream_app.base_url) as p:
+        resp = chat(p.base_url, stream=stream)
+    assert resp.status_code == 429
+    assert resp.json() == error
+    assert resp.headers["retry-after"] == "3" and resp.headers["x-ratelimit-remaining-requests"] == "0"
+    assert resp.headers[HEADER] == "rewritten"
+
+
+def test_the_openai_client_gets_the_upstream_error_as_its_own_exception(upstream_app):
+    import openai
+
+    upstream_app.fail = (400, {"error": {"message": "bad max_tokens", "type": "invalid_request_error"}}, {})
+    with proxy(ScriptedRewriter(rewritten), upstream_app.base_url) as p:
+        client = openai.OpenAI(base_url=p.base_url, api_key="k", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="bad max_tokens"):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_the_api_key_is_passed_through_and_never_logged(upstream_app, caplog):
+    caplog.set_level(logging.DEBUG)
+    with proxy(ScriptedRewriter(rewritten), upstream_app.base_url, api_key="sk-configured-key") as p:
+        chat_with_key = httpx.post(
+            f"{p.base_url}/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )
+        chat_without = chat(p.base_url)
+        models = httpx.get(f"{p.base_url}/models", headers={"Authorization": f"Bearer {SECRET}"})
+    assert chat_with_key.status_code == chat_without.status_code == models.status_code == 200
+    received = [r["headers"].get("authorization") for r in upstream_app.requests]
+    assert received == [f"Bearer {SECRET}", "Bearer sk-configured-key"]  # the client's own key wins
+    assert models.json()["data"][0]["id"] == "echo"
+    assert SECRET not in caplog.text and "sk-configured-key" not in caplog.text
+    assert "chat/completions -> 200" in caplog.text  # the proxy did log the requests
+
+
+def test_no_key_is_sent_when_neither_the_client_nor_the_config_has_one(upstream_app):
+    with proxy(ScriptedRewriter(rewritten), upstream_app.base_url) as p:
+        chat(p.base_url)
+    assert "authorization" not in upstream_app.requests[0]["headers"]
+
+
+def test_bad_requests_get_an_openai_shaped_400():
+    with proxy(ScriptedRewriter(rewritten), "http://127.0.0.1:9/v1") as p:
+        not_json = httpx.post(f"{p.base_url}/chat/completions", content=b"{nope")
+        no_messages = httpx.post(f"{p.base_url}/chat/completions", json={"model": "m", "prompt": "hi"})
+    assert not_json.status_code == no_messages.status_code == 400
+    assert "not JSON" in not_json.json()["error"]["message"]
+    assert "'messages' list" in no_messages.json()["error"]["message"]
+    assert no_messages.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unreachable_upstream_is_a_502_that_names_it_without_credentials():
+    port = free_port()  # nothing listens there
+    with proxy(ScriptedRewriter(rewritten), f"http://user:pw-secret@127.0.0.1:{port}/v1?key=q-secret") as p:
+        resp = chat(p.base_url)
+        models = httpx.get(f"{p.base_url}/models")
+    assert resp.status_code == models.status_code == 502
+    message = resp.json()["error"]["message"]
+    assert f"http://127.0.0.1:{port}/v1" in message and "ConnectError" in message
+    assert "pw-secret" not in resp.text and "q-secret" not in resp.text
+    assert resp.headers[HEADER] == "rewritten"
+
+
+def test_upstream_must_be_an_http_url():
+    with pytest.raises(ValueError, match="upstream must be an http"):
+        Upstream("127.0.0.1:8000/v1")
+
+
+# ---------------------------------------------------------------------------------------------- a real prompter
+@pytest.fixture(scope="module")
+def tiny_prompter():
+    model, tok = tiny_causal_lm(0, varied=True)
+    manifest = Manifest(base_model="tiny", generation=GenerationDefaults(max_new_tokens=12))
+    prompter = Prompter(model.eval(), tok, manifest, similarity=None)
+    yield prompter
+    prompter.close()
+
+
+def test_concurrent_requests_share_batched_rewrites_and_each_gets_its_own(
+    upstream_app, tiny_prompter, monkeypatch
+):
+    expected = {p: r for p, r in zip(PROMPTS, tiny_prompter.rewrite_results(PROMPTS), strict=True)}
+    assert len({r.text for r in expected.values()}) > 5  # outputs differ by prompt: a mix-up would show
+    assert any(r.rewritten for r in expected.values()) and not all(r.rewritten for r in expected.values())
+    batches: list[int] = []
+    generate = tiny_prompter.model.generate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        batches.append(int(kwargs["input_ids"].shape[0]))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_prompter.model, "generate", spy)
+
+    async def ask_all(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{url}/chat/completions",
+                        json={"model": "m", "messages": [{"role": "user", "content": p}]},
+                    )
+                    for p in PROMPTS
+                )
+            )
+
+    with proxy(tiny_prompter, upstream_app.base_url) as p:
+        responses = asyncio.run(ask_all(p.base_url))
+    for prompt, resp in zip(PROMPTS, responses, strict=True):
+        want = expected[prompt]
+        assert resp.status_code == 200
+        assert resp.headers[HEADER] == ("rewritten" if want.rewritten else f"fallback:{want.fallback_reason}")
+        assert resp.json()["choices"][0]["message"]["content"] == f"echo: {want.text}"
+        assert resp.json()["alignpro"]["sent"] == want.text
+    assert sum(batches) == len(PROMPTS)
+    assert max(batches) > 1 and len(batches) < len(PROMPTS) / 2  # micro-batched, not one by one
+
+
+def test_alignpro_serve_command_runs_the_proxy(upstream_app, tmp_path, tiny_lm_dir):
+    """`alignpro serve` as a user runs it: a prompter folder, an upstream, a port."""
+    prompter = Prompter.from_base(tiny_lm_dir, device="cpu", similarity=None)
+    prompter.manifest.generation.max_new_tokens = 8
+    prompter.save_pretrained(tmp_path / "prompter")
+    prompter.close()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "UPSTREAM_KEY": "sk-from-env"}
+    cmd = [sys.executable, "-m", "alignpro_plugins.cli", "serve", "--prompter", str(tmp_path / "prompter")]
+    cmd += ["--upstream", upstream_app.base_url, "--upstream-model", "echo", "--port", str(port)]
+    cmd += ["--upstream-api-key-env", "UPSTREAM_KEY", "--mode", "rewrite"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v1/models", process)
+        resp = chat(f"http://127.0.0.1:{port}/v1")
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert resp.status_code == 200, output
+    assert resp.headers[HEADER].startswith(("rewritten", "fallback:"))
+    assert resp.json()["alignpro"]["mode"] == "rewrite"
+    sent = upstream_app.requests[-1]
+    assert sent["body"]["model"] == "echo" and sent["headers"]["authorization"] == "Bearer sk-from-env"
+    assert f"http://127.0.0.1:{port}/v1" in output and "sk-from-env" not in output
