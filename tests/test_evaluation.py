@@ -560,8 +560,9 @@ def _frozen_artifacts(tiny_lm_dir, tmp_path):
     sft = pr.save_pretrained(tmp_path / "sft")
     pr.close()
     rl = shutil.copytree(sft, tmp_path / "rl")
+    # Another manifest, same behaviour (a recorded training stage would need an adapter: the folder is zero-shot).
     data = json.loads((rl / "alignpro.json").read_text())
-    data["provenance"]["stages"].append({"stage": "rl", "selected_round": 0})
+    data["provenance"]["copied_from"] = "sft"
     (rl / "alignpro.json").write_text(json.dumps(data))
     return [Prompter.from_pretrained(p, device="cpu", similarity=None) for p in (sft, rl)]
 

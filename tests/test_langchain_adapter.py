@@ -178,10 +178,16 @@ def test_only_latest_human_message_text_changes(rewriter):
     assert messages[4].content[0]["text"] == "What is in this picture?"  # the input is not mutated
 
 
-def test_multiple_text_parts_are_joined_into_the_first(rewriter):
-    msg = HumanMessage(["part one", {"type": "text", "text": "part two"}, {"type": "image", "url": "u"}])
-    out = rewriter.invoke([msg])[0]
-    assert out.content == [augmented("part one\npart two"), {"type": "image", "url": "u"}]
+def test_a_multi_part_message_has_its_last_text_part_rewritten_in_place(rewriter):
+    # Issue 39 item 6: the text parts were merged into the first one, moving text across the image.
+    image = {"type": "image", "url": "u"}
+    msg = HumanMessage(["part one", image, {"type": "text", "text": "part two", "id": "t2"}])
+    recorder = RewriteRecorder()
+    out = rewriter.invoke([msg], config={"callbacks": [recorder]})[0]
+    assert out.content == ["part one", image, {"type": "text", "text": augmented("part two"), "id": "t2"}]
+    assert recorder.records[-1]["original"] == "part two"  # the prompter saw the last text part alone
+    two_texts = rewriter.invoke(HumanMessage([{"type": "text", "text": "one"}, "two", image]))
+    assert two_texts.content == [{"type": "text", "text": "one"}, augmented("two"), image]
 
 
 def test_chat_prompt_value_message_likes_and_chat_message(rewriter):
@@ -225,8 +231,14 @@ def test_dict_input_and_input_key(stub):
     out = r.invoke({"question": "q", "context": "ctx"})
     assert out == {"question": augmented("q"), "context": "ctx"}
     assert r.invoke({"question": [HumanMessage("q")]}) == {"question": [HumanMessage(augmented("q"))]}
-    with pytest.raises(KeyError, match="question"):
-        r.invoke({"input": "q"})
+
+
+def test_a_dict_without_the_input_key_is_a_value_error_naming_the_key_and_the_keys_given(stub):
+    # Issue 39 item 6: it was a KeyError; a key of another type must not break the message either.
+    r = AlignProRunnable(stub, input_key="question")
+    with pytest.raises(ValueError, match=r"without its input key 'question' \(keys given: \['input', 3\]\)"):
+        r.invoke({"input": "q", 3: "x"})
+    assert isinstance(r.batch([{"input": "q"}], return_exceptions=True)[0], ValueError)
 
 
 @pytest.mark.parametrize("bad", [3, None, b"bytes", {1, 2}, [object()]])

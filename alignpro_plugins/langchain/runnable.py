@@ -93,23 +93,18 @@ def _plan_message(message: BaseMessage) -> _Plan:
     if isinstance(message.content, str):
         return _Plan(message, message.content, lambda t: message.model_copy(update={"content": t}))
     content: list[Any] = list(message.content)
-    text_idx = [i for i, part in enumerate(content) if _is_text_part(part)]
-    if not text_idx:
+    at = next((i for i in range(len(content) - 1, -1, -1) if _is_text_part(content[i])), None)
+    if at is None:
         return _Plan(message, None, None, NO_TEXT_CONTENT)
-    texts = [content[i] if isinstance(content[i], str) else str(content[i].get("text", "")) for i in text_idx]
+    part = content[at]
+    text = part if isinstance(part, str) else str(part.get("text", ""))
 
-    def rebuild(text: str) -> BaseMessage:
-        # One text part carries the rewrite; images, files and other parts keep their place.
-        first = text_idx[0]
-        parts: list[Any] = []
-        for i, part in enumerate(content):
-            if i == first:
-                parts.append(text if isinstance(part, str) else {**part, "text": text})
-            elif i not in text_idx:
-                parts.append(part)
+    def rebuild(new: str) -> BaseMessage:
+        # Only the last text part changes, in place: no text moves across an image or file part.
+        parts = [*content[:at], new if isinstance(part, str) else {**part, "text": new}, *content[at + 1 :]]
         return message.model_copy(update={"content": parts})
 
-    return _Plan(message, "\n".join(texts), rebuild)
+    return _Plan(message, text, rebuild)
 
 
 def _plan_messages(messages: list[BaseMessage], original: Any) -> _Plan:
@@ -142,7 +137,10 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
     single message, or a dict (the value under ``input_key`` is rewritten) and returns the same kind, whether
     or not the text was rewritten. A list of message-likes (``("human", "...")`` tuples, role dicts, strings)
     always comes back as a list of ``BaseMessage``. In message inputs only the text of the latest human
-    message changes; system, AI and tool messages and non-text content parts are untouched.
+    message changes; system, AI and tool messages and non-text content parts are untouched. When that message
+    has several content parts (e.g. text, image, text), its last text part is the prompt: the prompter sees
+    it alone and its rewrite replaces it in place, so the parts keep their order and no text moves across an
+    image. A dict without ``input_key`` raises ``ValueError`` naming the key and the keys it has.
 
     Never breaks a chain by default: when the prompter fails, is switched off, or its output is rejected by
     the intent guard, the original input passes through. With ``on_error="raise"`` a prompter failure raises
@@ -216,17 +214,8 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         **prompter_kwargs: Any,
     ) -> AlignProRunnable:
         """Load a prompter artifact folder now, so a bad path fails here and not inside a running chain."""
-        runnable = cls(
-            prompter_path=str(path),
-            mode=mode,
-            input_key=input_key,
-            enabled=enabled,
-            generation_kwargs=generation_kwargs or {},
-            on_error=on_error,
-            prompter_kwargs=prompter_kwargs,
-        )
-        runnable.get_prompter()
-        return runnable
+        options = {"input_key": input_key, "enabled": enabled, "on_error": on_error}
+        return cls._loaded(str(path), None, mode, options, generation_kwargs, prompter_kwargs)
 
     @classmethod
     def from_base(
@@ -241,14 +230,26 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         **prompter_kwargs: Any,
     ) -> AlignProRunnable:
         """A zero-shot prompter: the base model asked to improve prompts with the default instructions."""
+        options = {"input_key": input_key, "enabled": enabled, "on_error": on_error}
+        return cls._loaded(None, base_model, mode, options, generation_kwargs, prompter_kwargs)
+
+    @classmethod
+    def _loaded(
+        cls,
+        path: str | None,
+        base_model: str | None,
+        mode: str | None,
+        options: dict[str, Any],
+        generation_kwargs: dict[str, Any] | None,
+        prompter_kwargs: dict[str, Any],
+    ) -> AlignProRunnable:
         runnable = cls(
+            prompter_path=path,
             base_model=base_model,
             mode=mode,
-            input_key=input_key,
-            enabled=enabled,
             generation_kwargs=generation_kwargs or {},
-            on_error=on_error,
             prompter_kwargs=prompter_kwargs,
+            **options,
         )
         runnable.get_prompter()
         return runnable
@@ -321,9 +322,10 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             return _plan_message(value)
         if isinstance(value, dict) and not nested:
             if self.input_key not in value:
-                raise KeyError(
-                    f"AlignProRunnable got a dict without the key {self.input_key!r} (keys: {sorted(value)}); "
-                    "set input_key=... to the key that holds the prompt"
+                raise ValueError(
+                    f"AlignProRunnable got a dict without its input key {self.input_key!r} (keys given: "
+                    f"{list(value)}); put the prompt under {self.input_key!r} or set input_key=... to the key "
+                    "that holds it"
                 )
             inner = self._plan(value[self.input_key], nested=True)
             # A nested list of message-likes passes through as messages too (see the list case below).
@@ -419,22 +421,13 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
             records.append(record)
         return outputs, records
 
-    def _error_results(self, texts: Sequence[str], exc: BaseException) -> list[Any]:
-        from alignpro_plugins.prompter import RewriteResult
-
-        logger.warning("prompter failed (%s: %s); passing the prompt through", type(exc).__name__, exc)
-        mode = self._prompter_mode() or "augment"
-        return [RewriteResult(t, t, mode, None, _error_reason(exc)) for t in texts]
-
     def _rewrite(self, texts: list[str]) -> list[Any]:
         if not texts:
             return []
         try:
             return self.get_prompter().rewrite_results(texts, mode=self.mode, **self.generation_kwargs)
         except Exception as exc:
-            if self.on_error == "raise":
-                raise
-            return self._error_results(texts, exc)
+            return self._failed(texts, exc)
 
     async def _arewrite(self, texts: list[str]) -> list[Any]:
         if not texts:
@@ -444,75 +437,73 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
                 await asyncio.to_thread(self.get_prompter)
             return await self.get_prompter().arewrite_results(texts, mode=self.mode, **self.generation_kwargs)
         except Exception as exc:
-            if self.on_error == "raise":
-                raise
-            return self._error_results(texts, exc)
+            return self._failed(texts, exc)
 
-    def _process(self, inputs: list[Any], run_manager: list[Any], config: list[RunnableConfig]) -> list[Any]:
-        plans, enabled, todo = self._prepare(inputs, config)
-        children = [
+    def _failed(self, texts: Sequence[str], exc: Exception) -> list[Any]:
+        """The prompter raised: re-raise it (on_error="raise") or pass every text through, saying why."""
+        if self.on_error == "raise":
+            raise exc
+        from alignpro_plugins.prompter import RewriteResult
+
+        logger.warning("prompter failed (%s: %s); passing the prompt through", type(exc).__name__, exc)
+        mode = self._prompter_mode() or "augment"
+        return [RewriteResult(t, t, mode, None, _error_reason(exc)) for t in texts]
+
+    @staticmethod
+    def _open_runs(plans: list[_Plan | Exception], run_manager: list[Any]) -> list[Any]:
+        """One ``alignpro_rewrite`` child run per readable input (async managers return coroutines to await)."""
+        return [
             None
             if isinstance(p, Exception)
             else rm.get_child().on_chain_start(None, {"input": p.text}, name=REWRITE_RUN_NAME)
             for p, rm in zip(plans, run_manager, strict=True)
         ]
+
+    @staticmethod
+    def _close_runs(children: list[Any], outcome: Exception | list[Any]) -> list[Any]:
+        """End each child run with its record or its error (async managers return coroutines to await)."""
+        ends = [outcome] * len(children) if isinstance(outcome, Exception) else outcome
+        calls = []
+        for child, end in zip(children, ends, strict=True):
+            if child is not None:
+                calls.append(
+                    child.on_chain_error(end) if isinstance(end, Exception) else child.on_chain_end(end)
+                )
+        return calls
+
+    def _process(self, inputs: list[Any], run_manager: list[Any], config: list[RunnableConfig]) -> list[Any]:
+        plans, enabled, todo = self._prepare(inputs, config)
+        children = self._open_runs(plans, run_manager)
         # One prompter call for the whole batch: the prompter generates it as real batches.
         try:
             results = self._rewrite([plans[i].text for i in todo])  # type: ignore[union-attr]
         except Exception as exc:  # on_error="raise": close the rewrite runs, then fail the call
-            for child in children:
-                if child is not None:
-                    child.on_chain_error(exc)
+            self._close_runs(children, exc)
             raise
         outputs, records = self._finish(plans, enabled, todo, results)
-        for child, record in zip(children, records, strict=True):
-            if child is None:
-                continue
-            if isinstance(record, Exception):
-                child.on_chain_error(record)
-            else:
-                child.on_chain_end(record)
+        self._close_runs(children, records)
         return outputs
 
     async def _aprocess(
         self, inputs: list[Any], run_manager: list[Any], config: list[RunnableConfig]
     ) -> list[Any]:
         plans, enabled, todo = self._prepare(inputs, config)
-        children = [
-            None
-            if isinstance(p, Exception)
-            else await rm.get_child().on_chain_start(None, {"input": p.text}, name=REWRITE_RUN_NAME)
-            for p, rm in zip(plans, run_manager, strict=True)
-        ]
+        children = [c if c is None else await c for c in self._open_runs(plans, run_manager)]
         try:
             results = await self._arewrite([plans[i].text for i in todo])  # type: ignore[union-attr]
         except Exception as exc:
-            for child in children:
-                if child is not None:
-                    await child.on_chain_error(exc)
+            await _each(self._close_runs(children, exc))
             raise
         outputs, records = self._finish(plans, enabled, todo, results)
-        for child, record in zip(children, records, strict=True):
-            if child is None:
-                continue
-            if isinstance(record, Exception):
-                await child.on_chain_error(record)
-            else:
-                await child.on_chain_end(record)
+        await _each(self._close_runs(children, records))
         return outputs
 
     # ------------------------------------------------------------------ Runnable API
     def _invoke_one(self, value: Any, run_manager: Any, config: RunnableConfig, **_: Any) -> Any:
-        out = self._process([value], [run_manager], [config])[0]
-        if isinstance(out, Exception):
-            raise out
-        return out
+        return _raised(self._process([value], [run_manager], [config])[0])
 
     async def _ainvoke_one(self, value: Any, run_manager: Any, config: RunnableConfig, **_: Any) -> Any:
-        out = (await self._aprocess([value], [run_manager], [config]))[0]
-        if isinstance(out, Exception):
-            raise out
-        return out
+        return _raised((await self._aprocess([value], [run_manager], [config]))[0])
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return self._call_with_config(self._invoke_one, input, config, run_type="prompt", **kwargs)
@@ -531,7 +522,7 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         if not inputs:
             return []
         return self._batch_with_config(
-            self._batch_func, list(inputs), config, return_exceptions=return_exceptions, run_type="prompt"
+            self._process, list(inputs), config, return_exceptions=return_exceptions, run_type="prompt"
         )
 
     async def abatch(
@@ -545,18 +536,20 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         if not inputs:
             return []
         return await self._abatch_with_config(
-            self._abatch_func, list(inputs), config, return_exceptions=return_exceptions, run_type="prompt"
+            self._aprocess, list(inputs), config, return_exceptions=return_exceptions, run_type="prompt"
         )
 
-    def _batch_func(
-        self, inputs: list[Any], run_manager: list[Any], config: list[RunnableConfig]
-    ) -> list[Any]:
-        return self._process(inputs, run_manager, config)
 
-    async def _abatch_func(
-        self, inputs: list[Any], run_manager: list[Any], config: list[RunnableConfig]
-    ) -> list[Any]:
-        return await self._aprocess(inputs, run_manager, config)
+def _raised(out: Any) -> Any:
+    """One input's output, or its error raised (a batch returns errors in place)."""
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+async def _each(calls: list[Any]) -> None:
+    for call in calls:
+        await call
 
 
 class RewriteRecorder(BaseCallbackHandler):
