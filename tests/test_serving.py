@@ -373,3 +373,165 @@ def test_alignpro_serve_command_runs_the_proxy(upstream_app, tmp_path, tiny_lm_d
     sent = upstream_app.requests[-1]
     assert sent["body"]["model"] == "echo" and sent["headers"]["authorization"] == "Bearer sk-from-env"
     assert f"http://127.0.0.1:{port}/v1" in output and "sk-from-env" not in output
+
+
+# ---------------------------------------------------------------------------------------------- a real vLLM server
+def smollm2_adapter_prompter(folder: Path) -> Path:
+    """A prompter artifact on the packaged SmolLM2 with a small random LoRA (its rewrites differ from the base's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignpro_plugins.manifest import weights_hash
+    from alignpro_plugins.models import resolve_model
+
+    base = resolve_model("smollm2-135m-instruct")
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.1)  # a nudge: still fluent English, but not the base model's words
+    manifest = Manifest(
+        base_model="smollm2-135m-instruct",
+        base_model_hash=weights_hash(base),
+        generation=GenerationDefaults(max_new_tokens=24),
+    )
+    prompter = Prompter(model.eval(), AutoTokenizer.from_pretrained(base), manifest, similarity=None)
+    prompter.save_pretrained(folder)
+    prompter.close()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """The SmolLM2 adapter prompter, its `alignpro export`, and vLLM serving that export (once per session)."""
+    from alignpro_plugins.export import export_prompter
+    from tests.servers import VLLMServer
+
+    root = tmp_path_factory.mktemp("deployment")
+    artifact = smollm2_adapter_prompter(root / "prompter")
+    exported = export_prompter(artifact, root / "prompter-merged").folder
+    server = VLLMServer(str(exported), served_name="prompter").start()
+    try:
+        yield {"artifact": artifact, "export": exported, "server": server}
+    finally:
+        server.stop()
+
+
+def vllm_chat(server: Any, messages: list[dict[str, Any]], **body: Any) -> dict[str, Any]:
+    resp = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": server.served_name, "messages": messages, "temperature": 0, **body},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.mark.server
+def test_proxy_in_front_of_vllm_streamed_and_not(deployment, tiny_prompter):
+    server = deployment["server"]
+    question = [{"role": "user", "content": PROMPTS[3]}]
+    with proxy(tiny_prompter, server.base_url, upstream_model=server.served_name) as p:
+        resp = httpx.post(
+            f"{p.base_url}/chat/completions",
+            json={"model": "any", "messages": question, "temperature": 0, "max_tokens": 16},
+            timeout=120,
+        )
+        with httpx.stream(
+            "POST",
+            f"{p.base_url}/chat/completions",
+            json={"model": "any", "messages": question, "temperature": 0, "max_tokens": 16, "stream": True},
+            timeout=120,
+        ) as streamed:
+            stream_header = streamed.headers[HEADER]
+            events = sse_payloads(streamed.read().decode())
+    assert resp.status_code == 200
+    answer = resp.json()
+    sent = answer["alignpro"]["sent"]
+    assert resp.headers[HEADER] == answer["alignpro"]["rewrite"] == stream_header
+    assert sent == tiny_prompter.rewrite_results([PROMPTS[3]])[0].text
+    # vLLM answered exactly what it answers to the forwarded message directly (greedy).
+    direct = vllm_chat(server, [{"role": "user", "content": sent}], max_tokens=16)
+    assert answer["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+    assert answer["model"] == "prompter" and answer["usage"]["completion_tokens"] > 0
+    assert events[-1] == "[DONE]"
+    streamed_text = "".join(
+        (json.loads(e)["choices"][0]["delta"].get("content") or "")
+        for e in events[:-1]
+        if json.loads(e)["choices"]
+    )
+    assert streamed_text == answer["choices"][0]["message"]["content"]
+
+
+@pytest.mark.server
+def test_proxy_passes_vllms_error_status_and_body_through(deployment, tiny_prompter):
+    import openai
+
+    server = deployment["server"]
+    with proxy(tiny_prompter, server.base_url) as p:
+        resp = chat(p.base_url, model="no-such-model")
+        client = openai.OpenAI(base_url=p.base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.NotFoundError, match="no-such-model"):
+            client.chat.completions.create(
+                model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+            )
+        answer = client.chat.completions.create(
+            model="prompter", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
+        models = httpx.get(f"{p.base_url}/models")
+    direct = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+    )
+    assert resp.status_code == direct.status_code == 404
+    assert resp.json()["error"]["type"] == direct.json()["error"]["type"]
+    assert "no-such-model" in resp.json()["error"]["message"]
+    assert answer.choices[0].message.content and answer.usage.completion_tokens <= 4
+    assert [m["id"] for m in models.json()["data"]] == ["prompter"]
+
+
+@pytest.mark.server
+def test_openai_compatible_target_against_vllm(deployment):
+    from alignpro_plugins.targets import OpenAICompatibleTarget
+
+    server = deployment["server"]
+    prompts = ["Name a color.", "Say hello.", "Count to three."]
+    target = OpenAICompatibleTarget(server.base_url, server.served_name, max_tokens=12, temperature=0.0)
+    answers = target.generate(prompts)
+    direct = [
+        vllm_chat(server, [{"role": "user", "content": p}], max_tokens=12)["choices"][0]["message"]["content"]
+        for p in prompts
+    ]
+    assert answers == [d.strip() for d in direct]
+    assert all(answers) and len(set(answers)) == len(answers)
+
+
+@pytest.mark.server
+def test_vllm_serves_the_export_with_the_prompters_query_and_rewrites(deployment):
+    """A plain chat request to the served export is the prompter's query; its greedy answer is the rewrite."""
+    from alignpro_plugins.engine import GenerationSettings
+
+    server = deployment["server"]
+    adapter = Prompter.from_pretrained(deployment["artifact"], device="cpu", similarity=None)
+    try:
+        queries = [adapter.format_query(p) for p in PROMPTS[:4]]
+        settings = GenerationSettings.from_defaults(adapter.manifest.generation)
+        want = [rows[0].text for rows in adapter.engine.generate(queries, settings)]
+    finally:
+        adapter.close()
+    got = []
+    for prompt in PROMPTS[:4]:
+        answer = vllm_chat(
+            server,
+            [{"role": "user", "content": prompt}],
+            max_tokens=24,
+            repetition_penalty=1.05,
+            return_token_ids=True,
+        )
+        got.append(answer["choices"][0]["message"]["content"])
+    assert got == want
