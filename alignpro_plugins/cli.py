@@ -123,7 +123,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
-    from alignpro_plugins.data import DataError, read_records
+    from alignpro_plugins.data import DataError, read_located
     from alignpro_plugins.prompter import Prompter
 
     if not args.input and not args.text:
@@ -132,10 +132,13 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     if args.input:
         if not Path(args.input).is_file():
             raise UsageError(f"--input {args.input}: file not found")
-        rows = read_records(args.input)  # invalid JSON: DataError with the row number
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict) or not isinstance(row.get(args.field), str):
-                raise DataError(args.input, i, None, f"expected an object with a text field {args.field!r}")
+        located = read_located(args.input)  # bad bytes or JSON: DataError with the line number
+        if not located:
+            raise DataError(args.input, None, None, "no rows (an empty file or list)")
+        for at in located:
+            if not isinstance(at.row, dict) or not isinstance(at.row.get(args.field), str):
+                raise at.error(args.input, None, f"expected an object with a text field {args.field!r}")
+        rows = [at.row for at in located]
     # Input is checked before the prompter loads.
     prompter = (
         Prompter.from_pretrained(args.prompter, base_model=args.prompter_base)

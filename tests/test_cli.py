@@ -190,7 +190,7 @@ def test_rewrite_rejects_bad_input(prompter_dir, tmp_path, capsys):
     src.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt field"}) + "\n")
     assert main(["rewrite", "--prompter", prompter_dir, "--input", str(src)]) == 2
     assert "alignpro rewrite: error: " in (err := _error(capsys))
-    assert "bad.jsonl, row 1: expected an object with a text field 'prompt'" in err
+    assert "bad.jsonl, line 2: expected an object with a text field 'prompt'" in err
     assert main(["rewrite", "--prompter", prompter_dir]) == 2
     assert "alignpro rewrite: error: give prompt text arguments or --input FILE.jsonl" in _error(capsys)
 
@@ -202,7 +202,7 @@ def test_rewrite_names_the_row_of_invalid_json(tmp_path, capsys):
     missing = str(tmp_path / "no-prompter")
     assert main(["rewrite", "--prompter", missing, "--input", str(src)]) == 2
     assert "alignpro rewrite: error: " in (err := _error(capsys))
-    assert "broken.jsonl, row 1: invalid JSON" in err
+    assert "broken.jsonl, line 2: invalid JSON" in err
     assert main(["rewrite", "--prompter", missing, "--input", str(tmp_path / "absent.jsonl")]) == 2
     assert "absent.jsonl: file not found" in _error(capsys)
 

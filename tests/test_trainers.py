@@ -288,19 +288,19 @@ def test_hh_dialogues_and_bad_rows(tmp_path):
         + json.dumps({"prompt": "y", "chosen": "", "rejected": "b"})
         + "\n"
     )
-    with pytest.raises(DataError, match=r"bad.jsonl, row 1, field 'chosen': empty text"):
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2, field 'chosen': empty text"):
         load_preferences(str(bad))
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps([{"instruction": "a", "optimized_prompt": "b"}, {"instruction": "c"}]))
     from alignpro_plugins.data import load_prompt_pairs
 
-    with pytest.raises(DataError, match=r"row 1, field 'optimized_prompt': missing field"):
+    with pytest.raises(DataError, match=r"row 2, field 'optimized_prompt': missing field"):
         load_prompt_pairs(str(missing))
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps([{"prompt": 3}]))
     from alignpro_plugins.data import load_prompts
 
-    with pytest.raises(DataError, match=r"row 0, field 'prompt': expected text, got int"):
+    with pytest.raises(DataError, match=r"row 1, field 'prompt': expected text, got int"):
         load_prompts(str(wrong))
 
 
