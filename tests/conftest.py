@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# alignpro_plugins.dspy leaves DSPY_CACHEDIR to its user; the tests keep DSPy's cache out of the home folder.
+os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="alignpro-tests-dspy-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

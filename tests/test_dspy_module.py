@@ -556,17 +556,26 @@ def test_import_without_dspy_gives_the_install_command():
     assert "ERR" in out.stdout and "pip install 'alignpro-plugins[dspy]'" in out.stdout
 
 
-def test_import_sets_offline_dspy_environment(tmp_path):
+def test_import_changes_no_environment_variable_whatever_the_import_order(tmp_path):
+    # Issue 37 item 5: the import used to set LITELLM_LOCAL_MODEL_COST_MAP and DSPY_CACHEDIR, so where DSPy kept
+    # its cache depended on which package was imported first.
     env = {k: v for k, v in os.environ.items() if k not in ("LITELLM_LOCAL_MODEL_COST_MAP", "DSPY_CACHEDIR")}
-    env["ALIGNPRO_CACHE"] = str(tmp_path)
+    env |= {"ALIGNPRO_CACHE": str(tmp_path / "alignpro"), "HOME": str(tmp_path / "home")}
     code = (
-        "import os, alignpro_plugins.dspy, dspy\n"
-        "print(os.environ['LITELLM_LOCAL_MODEL_COST_MAP'], os.environ['DSPY_CACHEDIR'])\n"
-        "from dspy.utils.caching import default_cache_dir; print(default_cache_dir())\n"
+        "import os\n"
+        "before = dict(os.environ)\n"
+        "import {first}, {second}\n"
+        "from dspy.utils.caching import default_cache_dir\n"
+        "print(dict(os.environ) == before, default_cache_dir())\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    first, second = out.stdout.split("\n")[:2]
-    assert first == f"True {tmp_path / 'dspy'}" and second == str(tmp_path / "dspy")
+    for first, second in (("alignpro_plugins.dspy", "dspy"), ("dspy", "alignpro_plugins.dspy")):
+        out = subprocess.run(
+            [sys.executable, "-c", code.format(first=first, second=second)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True", str(tmp_path / "home" / ".dspy_cache")]  # DSPy's own default

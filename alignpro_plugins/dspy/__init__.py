@@ -6,26 +6,12 @@
 * :func:`LocalTransformersLM` is a ``dspy.LM`` over a local transformers model (a custom lm15 engine), and
   :class:`SimpleFieldAdapter` lets small models that cannot follow DSPy's field markers answer plainly.
 
-Install with ``pip install 'alignpro-plugins[dspy]'``.
+Install with ``pip install 'alignpro-plugins[dspy]'``. Importing this package changes no environment variable:
+set ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (no cost-map download when LiteLLM is imported) and ``DSPY_CACHEDIR``
+yourself, before DSPy is imported, if you want them.
 """
 
 from __future__ import annotations
-
-import os
-
-from alignpro_plugins.models import CACHE_ENV
-
-# Both must be set before dspy (and litellm) are imported: litellm fetches a cost map from the network at
-# import unless told to use its local copy, and DSPy would otherwise create its cache under the home folder.
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-os.environ.setdefault(
-    "DSPY_CACHEDIR",
-    os.path.join(
-        os.environ.get(CACHE_ENV)
-        or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "alignpro"),
-        "dspy",
-    ),
-)
 
 try:
     import dspy  # noqa: F401
@@ -35,12 +21,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "pip install 'alignpro-plugins[dspy]'"
     ) from exc
 
-from alignpro_plugins.dspy.lm import (  # noqa: E402
+from alignpro_plugins.dspy.lm import (
     LocalTransformersLM,
     SimpleFieldAdapter,
     TransformersEngine,
 )
-from alignpro_plugins.dspy.module import (  # noqa: E402
+from alignpro_plugins.dspy.module import (
     AlignProModule,
     PrompterMismatchError,
     RewriteRecord,
@@ -50,7 +36,7 @@ from alignpro_plugins.dspy.module import (  # noqa: E402
     get_rewrites,
     manifest_sha256,
 )
-from alignpro_plugins.dspy.optimizer import AlignProOptimizer, metric_score  # noqa: E402
+from alignpro_plugins.dspy.optimizer import AlignProOptimizer, metric_score
 
 __all__ = [
     "AlignProModule",

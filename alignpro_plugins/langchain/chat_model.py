@@ -335,41 +335,27 @@ class AlignedChatModel(BaseChatModel):
             yield gen
 
     # ------------------------------------------------------------------ entry points
-    # Each puts its config where _generate / _stream can read it (see _CALL_CONFIG).
+    # Each puts its config where _generate / _stream can read it (see _CALL_CONFIG); stop and the call's other
+    # kwargs go on to BaseChatModel as they came.
     def invoke(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AIMessage:
         config = ensure_config(config)
         with self._calling(config):
-            return super().invoke(input, config, stop=stop, **kwargs)
+            return super().invoke(input, config, **kwargs)
 
     async def ainvoke(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AIMessage:
         config = ensure_config(config)
         with self._calling(config):
-            return await super().ainvoke(input, config, stop=stop, **kwargs)
+            return await super().ainvoke(input, config, **kwargs)
 
     def stream(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[AIMessageChunk]:
         config, ctx = self._stream_context(config)
-        iterator = super().stream(input, config, stop=stop, **kwargs)
+        iterator = super().stream(input, config, **kwargs)
         try:
             while True:
                 try:
@@ -381,15 +367,10 @@ class AlignedChatModel(BaseChatModel):
             ctx.run(iterator.close)  # type: ignore[attr-defined]
 
     async def astream(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[AIMessageChunk]:
         config, ctx = self._stream_context(config)
-        iterator = super().astream(input, config, stop=stop, **kwargs)
+        iterator = super().astream(input, config, **kwargs)
 
         async def step() -> AIMessageChunk:
             return await iterator.__anext__()
