@@ -11,10 +11,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import dspy
 import pytest
 from dspy.utils import DummyLM
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from alignpro_plugins.dspy import (
     AlignProModule,
@@ -579,3 +582,62 @@ def test_import_changes_no_environment_variable_whatever_the_import_order(tmp_pa
         )
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["True", str(tmp_path / "home" / ".dspy_cache")]  # DSPy's own default
+
+
+# ---------------------------------------------------------------------------------------------- property
+# Any code point, control characters and lone surrogates included.
+ANY_TEXT = st.one_of(
+    st.text(st.characters(exclude_categories=()), max_size=80),
+    st.text(st.characters(categories=["Cc", "Cs", "Zs", "Po"]), max_size=12),
+)
+PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Echo(dspy.Module):
+    """Answers with the question it received; records every call's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Any, Any]] = []
+
+    def forward(self, question, context=None):
+        self.seen.append((question, context))
+        return dspy.Prediction(answer=question if isinstance(question, str) else repr(question))
+
+    async def aforward(self, question, context=None):
+        return self.forward(question, context)
+
+
+@pytest.fixture(scope="module")
+def real_prompter(tiny_lm_dir):
+    """A real Prompter (batcher, guard, composition) whose model output is fixed."""
+    from tests.test_langchain_adapter import StubPrompter
+
+    return StubPrompter.build(tiny_lm_dir)
+
+
+@PROPERTY
+@given(text=ANY_TEXT, context=ANY_TEXT, gated=st.booleans())
+def test_any_text_reaches_the_program_as_the_prompters_result(real_prompter, text, context, gated):
+    (result,) = real_prompter.rewrite_results([text])
+    assert result.text.startswith(text.rstrip())  # augment mode keeps the user's text in front
+    echo = Echo()
+    # This gate scores every answer -1, below its threshold: the program runs on x, then on the rewrite.
+    gate = RetryGate(lambda ps, ans: [-1.0] * len(ans), 0.0) if gated else None
+    module = AlignProModule(echo, real_prompter, fields=["question"], retry_gate=gate, answer_field="answer")
+    pred = module(text, context=context)
+    assert echo.seen[-1] == (result.text, context)  # the context field is not rewritten
+    if gated:
+        assert echo.seen[0] == (text, context) and get_gate(pred)["first_score"] == -1.0
+    else:
+        (record,) = get_rewrites(pred)
+        assert record.original == text and record.rewritten == result.text
+    assert asyncio.run(module.acall(question=text, context=context)).answer == pred.answer
+
+
+@PROPERTY
+@given(value=st.one_of(st.none(), st.integers(), st.binary(max_size=6), st.lists(ANY_TEXT, max_size=2)))
+def test_a_field_that_is_not_text_reaches_the_program_unchanged(real_prompter, value):
+    echo = Echo()
+    pred = AlignProModule(echo, real_prompter, fields=["question"])(question=value)
+    assert echo.seen == [(value, None)] and get_rewrites(pred) == []

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from langchain_core.callbacks import BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, FakeListChatModel, GenericFakeChatModel
 from langchain_core.load import dumpd, load
@@ -34,6 +36,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from alignpro_plugins import guard
 from alignpro_plugins.gate import RetryGate
 from alignpro_plugins.langchain import (
+    ACCEPTED_INPUTS,
     ENABLED_CONFIG_KEY,
     GENERATION_KEYS,
     NO_HUMAN_MESSAGE,
@@ -910,3 +913,65 @@ def test_rerank_gate_asks_both_inputs_however_good_the_first_answer(stub, echo):
     answer = AlignedChatModel(llm=echo, prompter=stub, retry_gate=rerank).invoke("tea?")
     assert [m[-1].content for m in echo.seen] == ["tea?", augmented("tea?")]
     assert answer.content == "tea?" and answer.response_metadata["alignpro_gate"]["kept"] == "first"
+
+
+# ---------------------------------------------------------------------- property: any user text
+# Any code point, control characters and lone surrogates included (json.loads('"\\ud800"') makes one).
+ANY_TEXT = st.one_of(
+    st.text(st.characters(exclude_categories=()), max_size=80),
+    st.text(st.characters(categories=["Cc", "Cs", "Zs", "Po"]), max_size=12),
+)
+# What a chain may hand the runnable by mistake: scalars, bytes, and lists, tuples and dicts of them.
+ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.binary(max_size=6) | ANY_TEXT,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(
+            st.one_of(st.sampled_from(["input", "role", "content"]), ANY_TEXT, st.integers()),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PICTURE = {"type": "image", "url": "https://example.org/cat.png"}
+
+
+def prompter_text(prompter: Prompter, text: str) -> str:
+    """What the prompter makes of this text on its own: the rewrite, or the text itself when it falls back."""
+    (result,) = prompter.rewrite_results([text])
+    assert result.text.startswith(text.rstrip())  # augment mode keeps the user's text in front
+    return result.text
+
+
+@PROPERTY
+@given(text=ANY_TEXT)
+def test_any_text_as_str_dict_or_messages_comes_back_as_the_prompters_result(stub, text):
+    r = AlignProRunnable(stub)
+    expected = prompter_text(stub, text)
+    assert r.invoke(text) == expected
+    assert r.invoke(StringPromptValue(text=text)).text == expected
+    assert r.invoke({"input": text, "other": text}) == {"input": expected, "other": text}
+    messages = [
+        SystemMessage(text),
+        AIMessage(text),
+        HumanMessage(["Look:", PICTURE, {"type": "text", "text": text}]),
+    ]
+    out = asyncio.run(r.ainvoke(messages))
+    assert out[:2] == messages[:2]  # only the latest human message's last text part changes
+    assert out[2].content == ["Look:", PICTURE, {"type": "text", "text": expected}]
+    assert r.invoke([("human", text)]) == [HumanMessage(expected)]
+
+
+@PROPERTY
+@given(value=ANY_VALUE)
+def test_any_input_is_rewritten_passed_through_or_refused_with_a_clear_error(stub, value):
+    r = AlignProRunnable(stub)
+    try:
+        r.invoke(value)
+    except TypeError as exc:
+        assert f"AlignProRunnable accepts {ACCEPTED_INPUTS}" in str(exc)
+    except ValueError as exc:
+        assert "AlignProRunnable got a dict without its input key 'input' (keys given: " in str(exc)
