@@ -126,7 +126,8 @@ def export_prompter(
         prompter_dir, base_model=base_model, device="cpu", dtype=dtype, similarity=None
     )
     model = prompter.model.merge_and_unload() if hasattr(prompter.model, "peft_config") else prompter.model
-    template = prompter_chat_template(_base_template(prompter.tokenizer), manifest, mode)
+    query_template = _base_template(prompter.tokenizer)
+    template = prompter_chat_template(query_template, manifest, mode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -139,6 +140,9 @@ def export_prompter(
             "format_version": EXPORT_FORMAT_VERSION,
             "mode": mode,
             "manifest": asdict(exported),
+            # The template Prompter.format_query renders with (the tokenizer's own one was replaced), so a
+            # remote prompter formats queries locally exactly as the adapter did.
+            "query_chat_template": query_template,
             "source": {
                 "base_model": manifest.base_model,
                 "base_model_hash": manifest.base_model_hash,

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -375,6 +376,148 @@ def test_alignpro_serve_command_runs_the_proxy(upstream_app, tmp_path, tiny_lm_d
     assert f"http://127.0.0.1:{port}/v1" in output and "sk-from-env" not in output
 
 
+# ---------------------------------------------------------------------------------------------- a remote prompter
+class CompletionsFromEngine:
+    """``/v1/completions`` answered by a local GenerationEngine, recording each request; scripted failures first."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.requests: list[dict[str, Any]] = []
+        self.failures: list[tuple[int, dict[str, str]]] = []
+        self.app = FastAPI()
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        from alignpro_plugins.engine import GenerationSettings
+
+        body = await request.json()
+        self.requests.append({"body": body, "headers": dict(request.headers), "at": time.monotonic()})
+        if self.failures:
+            status, headers = self.failures.pop(0)
+            return JSONResponse(
+                {"error": {"message": "busy", "type": "server_error"}}, status, headers=headers
+            )
+        sample = body["temperature"] > 0
+        settings = GenerationSettings(
+            max_new_tokens=body["max_tokens"],
+            do_sample=sample,
+            temperature=body["temperature"] if sample else None,
+            top_p=body.get("top_p") if sample else None,
+            repetition_penalty=body.get("repetition_penalty"),
+            stop=tuple(body.get("stop") or ()),
+        )
+        rows = await asyncio.to_thread(self.engine.generate, [body["prompt"]], settings, body["n"])
+        choices = [
+            {"index": i, "text": g.text, "finish_reason": "stop" if g.ended else "length"}
+            for i, g in enumerate(rows[0])
+        ]
+        n_out = sum(g.output_tokens for g in rows[0])
+        return {
+            "object": "text_completion",
+            "choices": choices,
+            "usage": {"prompt_tokens": rows[0][0].input_tokens, "completion_tokens": n_out},
+        }
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A tiny adapter prompter and its export (see tests/test_export.py)."""
+    from alignpro_plugins.export import export_prompter
+    from tests.test_export import save_adapter_prompter
+
+    root = tmp_path_factory.mktemp("tiny-export")
+    model, tok = tiny_causal_lm(0, varied=True)
+    model.save_pretrained(str(root / "base"))
+    tok.save_pretrained(str(root / "base"))
+    artifact = save_adapter_prompter(root / "prompter", str(root / "base"), max_new_tokens=12)
+    return artifact, export_prompter(artifact, root / "export").folder
+
+
+@pytest.fixture
+def served_tiny_export(tiny_export):
+    from alignpro_plugins.engine import GenerationEngine
+
+    engine, _ = GenerationEngine.load(str(tiny_export[1]), device="cpu", dtype="float32")
+    served = CompletionsFromEngine(engine)
+    with ThreadedUvicorn(served.app) as server:
+        served.base_url = server.base_url  # type: ignore[attr-defined]
+        yield served
+    engine.close()
+
+
+def test_remote_prompter_gives_the_adapters_rewrites(tiny_export, served_tiny_export):
+    from alignpro_plugins.serving.remote_prompter import remote_prompter
+
+    artifact, export = tiny_export
+    local = Prompter.from_pretrained(artifact, device="cpu", similarity=None)
+    remote = remote_prompter(export, served_tiny_export.base_url, "prompter", similarity=None, api_key=SECRET)
+    try:
+        want = local.rewrite_results(PROMPTS)
+        assert len({r.text for r in want}) > 5 and any(r.rewritten for r in want)
+        assert any(r.fallback_reason == "truncated" for r in want)  # "ended" crosses the wire too
+        assert remote.rewrite_results(PROMPTS) == want
+        assert asyncio.run(remote.arewrite_results(PROMPTS)) == want
+        assert remote.rewrite_results(["", "   "])[0].fallback_reason == "empty_input"  # prechecked locally
+        sampled = remote.sample_rewrites(PROMPTS[:2], 3)
+        assert [len(row) for row in sampled] == [3, 3]
+    finally:
+        local.close()
+        remote.close()
+    # Concurrent requests arrive in any order: find the first prompt's.
+    first = next(
+        r for r in served_tiny_export.requests if r["body"]["prompt"] == local.format_query(PROMPTS[0])
+    )
+    assert first["body"] | {"prompt": None} == {
+        "model": "prompter",
+        "prompt": None,
+        "max_tokens": 12,
+        "n": 1,
+        "add_special_tokens": False,
+        "temperature": 0.0,
+        "repetition_penalty": 1.05,
+    }
+    assert first["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert served_tiny_export.requests[-1]["body"]["n"] == 3
+    assert SECRET not in repr(remote.engine)
+
+
+def test_remote_prompter_honours_retry_after_and_falls_back_when_the_server_fails(
+    tiny_export, served_tiny_export
+):
+    from alignpro_plugins.serving.remote_prompter import remote_prompter
+
+    remote = remote_prompter(tiny_export[1], served_tiny_export.base_url, "prompter", similarity=None)
+    try:
+        served_tiny_export.failures = [(429, {"retry-after": "1"})]
+        recovered = remote.rewrite_results([PROMPTS[1]])[0]
+        waited = served_tiny_export.requests[1]["at"] - served_tiny_export.requests[0]["at"]
+        served_tiny_export.failures = [(503, {})] * 3
+        failed = remote.rewrite_results([PROMPTS[1]])[0]
+    finally:
+        remote.close()
+    assert waited >= 1.0
+    assert recovered.fallback_reason is None or not recovered.fallback_reason.startswith("prompter_error")
+    assert failed.text == PROMPTS[1] and failed.fallback_reason is not None
+    assert failed.fallback_reason.startswith("prompter_error") and "HTTP 503" in failed.fallback_reason
+    assert len(served_tiny_export.requests) == 2 + 3  # two tries, then three (the retries ran out)
+
+
+def test_remote_prompter_needs_an_exported_folder(tiny_export):
+    from alignpro_plugins.serving.remote_prompter import remote_prompter
+
+    with pytest.raises(FileNotFoundError, match="not an exported prompter.*alignpro export"):
+        remote_prompter(tiny_export[0], "http://127.0.0.1:9/v1", "prompter")
+
+
+def test_serve_config_pairs_the_prompter_endpoint_with_its_model_name():
+    from alignpro_plugins.serving.config import ServeConfig
+
+    with pytest.raises(ValueError, match="prompter_endpoint and prompter_model go together"):
+        ServeConfig(upstream="http://x/v1", prompter="p", prompter_endpoint="http://y/v1")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ServeConfig(upstream="http://x/v1", prompter="p", mode="shout")
+
+
 # ---------------------------------------------------------------------------------------------- a real vLLM server
 def smollm2_adapter_prompter(folder: Path) -> Path:
     """A prompter artifact on the packaged SmolLM2 with a small random LoRA (its rewrites differ from the base's)."""
@@ -416,9 +559,11 @@ def deployment(tmp_path_factory):
     artifact = smollm2_adapter_prompter(root / "prompter")
     exported = export_prompter(artifact, root / "prompter-merged").folder
     server = VLLMServer(str(exported), served_name="prompter").start()
+    adapter = Prompter.from_pretrained(artifact, device="cpu", similarity=None)
     try:
-        yield {"artifact": artifact, "export": exported, "server": server}
+        yield {"artifact": artifact, "export": exported, "server": server, "adapter": adapter}
     finally:
+        adapter.close()
         server.stop()
 
 
@@ -516,14 +661,10 @@ def test_vllm_serves_the_export_with_the_prompters_query_and_rewrites(deployment
     """A plain chat request to the served export is the prompter's query; its greedy answer is the rewrite."""
     from alignpro_plugins.engine import GenerationSettings
 
-    server = deployment["server"]
-    adapter = Prompter.from_pretrained(deployment["artifact"], device="cpu", similarity=None)
-    try:
-        queries = [adapter.format_query(p) for p in PROMPTS[:4]]
-        settings = GenerationSettings.from_defaults(adapter.manifest.generation)
-        want = [rows[0].text for rows in adapter.engine.generate(queries, settings)]
-    finally:
-        adapter.close()
+    server, adapter = deployment["server"], deployment["adapter"]
+    queries = [adapter.format_query(p) for p in PROMPTS[:4]]
+    settings = GenerationSettings.from_defaults(adapter.manifest.generation)
+    want = [rows[0].text for rows in adapter.engine.generate(queries, settings)]
     got = []
     for prompt in PROMPTS[:4]:
         answer = vllm_chat(
@@ -535,3 +676,53 @@ def test_vllm_serves_the_export_with_the_prompters_query_and_rewrites(deployment
         )
         got.append(answer["choices"][0]["message"]["content"])
     assert got == want
+
+
+@pytest.mark.server
+def test_remote_prompter_on_vllm_gives_the_adapters_rewrites(deployment):
+    from alignpro_plugins.serving.remote_prompter import remote_prompter
+
+    server = deployment["server"]
+    prompts = [*PROMPTS[:3], "What are the health benefits of green tea?", "Write a poem about the sea."]
+    remote = remote_prompter(deployment["export"], server.base_url, server.served_name, similarity=None)
+    try:
+        want = deployment["adapter"].rewrite_results(prompts)
+        assert remote.rewrite_results(prompts) == want
+        assert any(r.rewritten for r in want)
+    finally:
+        remote.close()
+
+
+@pytest.mark.server
+def test_proxy_with_a_remote_prompter_holds_no_prompter_weights(deployment):
+    """`alignpro serve --prompter-endpoint`: rewrites come from vLLM, and so does the answer."""
+    from alignpro_plugins.serving.config import ServeConfig
+    from alignpro_plugins.serving.server import build_app
+
+    server = deployment["server"]
+    config = ServeConfig(
+        upstream=server.base_url,
+        prompter=str(deployment["export"]),
+        prompter_endpoint=server.base_url,
+        prompter_model=server.served_name,
+    )
+    app = build_app(config)
+    with ThreadedUvicorn(app) as p:
+        resp = httpx.post(
+            f"{p.base_url}/chat/completions",
+            json={
+                "model": "prompter",
+                "messages": [{"role": "user", "content": "Write a poem about the sea."}],
+            },
+            timeout=120,
+        )
+    assert resp.status_code == 200
+    ext = resp.json()["alignpro"]
+    want = deployment["adapter"].rewrite_results(["Write a poem about the sea."])[0]
+    assert type(app.state.rewriter.engine).__name__ == "RemoteEngine" and app.state.rewriter.model is None
+    assert (
+        resp.headers[HEADER]
+        == ext["rewrite"]
+        == ("rewritten" if want.rewritten else f"fallback:{want.fallback_reason}")
+    )
+    assert ext["sent"] == want.text

@@ -69,6 +69,7 @@ def create_app(
 
     app = FastAPI(title="alignpro proxy", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.upstream_url = upstream.public_url
+    app.state.rewriter = rewriter
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

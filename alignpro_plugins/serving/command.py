@@ -9,8 +9,11 @@ from alignpro_plugins.serving.config import ServeConfig
 
 HELP = {
     "upstream": "base URL of the OpenAI-compatible API that answers, e.g. http://127.0.0.1:8000/v1",
-    "prompter": "prompter artifact folder",
+    "prompter": "prompter artifact folder; with --prompter-endpoint, the folder `alignpro export` wrote",
     "prompter_base": "the prompter's base model, when the folder alignpro.json records has moved",
+    "prompter_endpoint": "OpenAI-compatible server generating the rewrites (e.g. vLLM serving the export)",
+    "prompter_model": "the name --prompter-endpoint serves the exported prompter under",
+    "prompter_api_key_env": "environment variable with the key for --prompter-endpoint",
     "upstream_model": "model name sent upstream instead of each client's",
     "upstream_api_key_env": "environment variable with the upstream API key, sent when a client sends none",
     "mode": "augment or rewrite (default: the prompter's mode)",

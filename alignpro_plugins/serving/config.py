@@ -14,9 +14,17 @@ class ServeConfig:
     upstream: str
     """Base URL of the OpenAI-compatible API answering the requests, e.g. ``http://127.0.0.1:8000/v1``."""
     prompter: str
-    """Prompter artifact folder (``alignpro.json`` + adapter)."""
+    """Prompter artifact folder (``alignpro.json`` + adapter), or with ``prompter_endpoint`` the folder
+    ``alignpro export`` wrote (the model that endpoint serves)."""
     prompter_base: str | None = None
     """The prompter's base model, when the folder its manifest records has moved (its hash is still checked)."""
+    prompter_endpoint: str | None = None
+    """Base URL of an OpenAI-compatible server generating the rewrites (e.g. vLLM serving the export);
+    default: the prompter runs in this process."""
+    prompter_model: str | None = None
+    """The name ``prompter_endpoint`` serves the export under (needed with ``prompter_endpoint``)."""
+    prompter_api_key_env: str | None = None
+    """Environment variable holding the key for ``prompter_endpoint``."""
     upstream_model: str | None = None
     """Model name sent upstream instead of the one each client sends."""
     upstream_api_key_env: str | None = None
@@ -31,6 +39,13 @@ class ServeConfig:
     """Most rewrites generated together (concurrent requests are batched up to this)."""
 
     def __post_init__(self) -> None:
+        if (self.prompter_endpoint is None) != (self.prompter_model is None):
+            raise ValueError(
+                "prompter_endpoint and prompter_model go together: the server's URL and the name it serves "
+                "the exported prompter under"
+            )
+        if self.prompter_endpoint is not None and self.prompter_base is not None:
+            raise ValueError("prompter_base is for a local prompter; a remote one needs no base model")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None (the manifest's), got {self.mode!r}")
         if not 0 < self.port < 65536:

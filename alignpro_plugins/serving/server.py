@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -14,26 +15,39 @@ from alignpro_plugins.serving.upstream import Upstream
 logger = logging.getLogger("alignpro_plugins.serving")
 
 
-def upstream_key(config: ServeConfig) -> str | None:
-    if config.upstream_api_key_env is None:
+def key_from_env(name: str | None, what: str) -> str | None:
+    if name is None:
         return None
-    value = os.environ.get(config.upstream_api_key_env, "")
+    value = os.environ.get(name, "")
     if not value:
-        logger.warning(
-            "upstream_api_key_env=%r is not set or empty: only clients' own keys are sent",
-            config.upstream_api_key_env,
-        )
+        logger.warning("%s=%r is not set or empty: no key is sent from it", what, name)
     return value or None
+
+
+def load_prompter(config: ServeConfig) -> Any:
+    """The local prompter, or the remote one generating on ``config.prompter_endpoint``."""
+    if config.prompter_endpoint is not None:
+        from alignpro_plugins.serving.remote_prompter import remote_prompter
+
+        return remote_prompter(
+            config.prompter,
+            config.prompter_endpoint,
+            str(config.prompter_model),
+            api_key=key_from_env(config.prompter_api_key_env, "prompter_api_key_env"),
+            timeout=config.timeout,
+        )
+    from alignpro_plugins.prompter import Prompter
+
+    return Prompter.from_pretrained(
+        config.prompter, base_model=config.prompter_base, max_batch_size=config.max_batch_size
+    )
 
 
 def build_app(config: ServeConfig) -> FastAPI:
     """Load the prompter and connect the upstream (the upstream URL is checked before the prompter loads)."""
-    from alignpro_plugins.prompter import Prompter
-
-    upstream = Upstream(config.upstream, api_key=upstream_key(config), timeout=config.timeout)
-    prompter = Prompter.from_pretrained(
-        config.prompter, base_model=config.prompter_base, max_batch_size=config.max_batch_size
-    )
+    api_key = key_from_env(config.upstream_api_key_env, "upstream_api_key_env")
+    upstream = Upstream(config.upstream, api_key=api_key, timeout=config.timeout)
+    prompter = load_prompter(config)
     if config.mode is not None and config.mode not in prompter.manifest.instructions:
         raise ValueError(
             f"mode {config.mode!r} has no instruction template in {config.prompter}/alignpro.json; it has "
