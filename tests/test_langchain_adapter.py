@@ -915,6 +915,21 @@ def test_rerank_gate_asks_both_inputs_however_good_the_first_answer(stub, echo):
     assert answer.content == "tea?" and answer.response_metadata["alignpro_gate"]["kept"] == "first"
 
 
+def test_gate_never_keeps_a_retry_answered_with_a_tool_call(stub):
+    call = AIMessage("", tool_calls=[{"name": "search", "args": {"q": "tea"}, "id": "c1"}])
+    llm = GenericFakeChatModel(messages=iter([AIMessage("ok"), call]))
+    scored: list[str] = []
+
+    def reward(prompts, answers):
+        scored.extend(answers)
+        return [0.0] * len(answers)
+
+    out = AlignedChatModel(llm=llm, prompter=stub, retry_gate=RetryGate(reward, 1.0)).invoke("tea?")
+    assert out.content == "ok" and scored == ["ok"]  # the tool call had no text to score
+    gate = out.response_metadata["alignpro_gate"]
+    assert gate["retried"] and gate["kept"] == "first" and "retry_score" not in gate
+
+
 # ---------------------------------------------------------------------- property: any user text
 # Any code point, control characters and lone surrogates included (json.loads('"\\ud800"') makes one).
 ANY_TEXT = st.one_of(
