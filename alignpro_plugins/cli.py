@@ -482,6 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     from alignpro_plugins.models import ModelNotAvailableError
+    from alignpro_plugins.targets import TargetError
 
     command = argv[first] if first is not None else None
     try:
@@ -502,9 +503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command
         ]
         return run(args)
-    # Bad input (config values, data rows, paths, models): one line naming the problem, as argparse does;
-    # -v adds the traceback. Other exception types are bugs and keep theirs.
-    except (ValueError, OSError, ModelNotAvailableError) as exc:
+    # Bad input (config values, data rows, paths, models) or a target that gave no answer after its retries:
+    # one line naming the problem, as argparse does; -v adds the traceback. Other exception types are bugs and
+    # keep theirs.
+    except (ValueError, OSError, ModelNotAvailableError, TargetError) as exc:
         if verbose:
             traceback.print_exc()
         prog = f"alignpro {command}" if command else "alignpro"

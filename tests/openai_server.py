@@ -4,8 +4,10 @@
 talk HTTP to this server instead: a ``ThreadingHTTPServer`` in a daemon thread that answers
 ``POST /v1/chat/completions`` (and ``GET /v1/models``) in the OpenAI response shape. It answers with a
 deterministic echo or any responder (e.g. :func:`transformers_responder` around a tiny local model), can return
-scripted HTTP errors for the first requests (to exercise retries and backoff), can check a bearer key, and
-records every request and the peak number of requests in flight.
+scripted HTTP errors (with headers such as ``Retry-After``) for the first requests, fail a share of all
+requests at random (seeded), echo the credentials it received in its error bodies (as careless servers do),
+can check a bearer key, and records every request (with the connection it came on) and the peak number of
+requests in flight.
 
 Standalone: ``python -m tests.openai_server [--model DIR] [--port 8000]``.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -54,10 +57,15 @@ def transformers_responder(model: Any, tokenizer: Any) -> Responder:
 
 @dataclass
 class Recorded:
-    path: str
+    path: str  # without the query string
     headers: dict[str, str]
     body: dict[str, Any]
     status: int
+    query: str = ""
+    peer: tuple[str, int] | None = None  # the client's address and port: one per connection
+
+
+Failure = int | tuple[int, dict[str, str]]  # an HTTP status, or a status and the response headers to send
 
 
 @dataclass
@@ -65,7 +73,10 @@ class OpenAIServer:
     """``with OpenAIServer(...) as server: OpenAICompatibleTarget(server.base_url, "tiny")``."""
 
     responder: Responder = echo_responder
-    failures: Sequence[int] = ()  # HTTP statuses returned, in order, for the first len(failures) requests
+    failures: Sequence[Failure] = ()  # returned, in order, for the first len(failures) requests
+    fail_rate: float = 0.0  # then this share of requests gets HTTP 500, drawn per request index from seed
+    seed: int = 0
+    echo_secrets: bool = False  # error bodies repeat the Authorization header and the query string received
     delay: float = 0.0  # seconds each successful request takes
     api_key: str | None = None  # when set, requests without "Bearer <api_key>" get 401
     model_name: str = "tiny"
@@ -108,41 +119,56 @@ class OpenAIServer:
         self.stop()
 
     # ------------------------------------------------------------------ request handling
-    def _handle(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _handle(
+        self, path: str, query: str, headers: dict[str, str], body: dict[str, Any], peer: tuple[str, int]
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
         with self._lock:
             index = len(self.requests)
-            record = Recorded(path, headers, body, 200)
+            record = Recorded(path, headers, body, 200, query, peer)
             self.requests.append(record)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        echoed = (
+            f" (received Authorization: {headers.get('authorization')}; query: {query})"
+            if self.echo_secrets
+            else ""
+        )
         try:
             if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
                 record.status = 401
-                return 401, _error("Incorrect API key provided.", "invalid_request_error")
+                return 401, _error("Incorrect API key provided." + echoed, "invalid_request_error"), {}
             if index < len(self.failures):
-                record.status = self.failures[index]
-                return record.status, _error(f"scripted failure {index}", "server_error")
+                failure = self.failures[index]
+                record.status, extra = failure if isinstance(failure, tuple) else (failure, {})
+                return record.status, _error(f"scripted failure {index}{echoed}", "server_error"), extra
+            if random.Random(self.seed * 1_000_003 + index).random() < self.fail_rate:
+                record.status = 500
+                return 500, _error(f"random failure {index}{echoed}", "server_error"), {}
             if self.delay:
                 time.sleep(self.delay)
             try:
                 content = self.responder(body.get("messages", []), body)
             except Exception as exc:  # a broken model is a 500, like a real server
                 record.status = 500
-                return 500, _error(f"{type(exc).__name__}: {exc}", "server_error")
-            return 200, {
-                "id": f"chatcmpl-{index}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": body.get("model", self.model_name),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": content},
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            }
+                return 500, _error(f"{type(exc).__name__}: {exc}", "server_error"), {}
+            return (
+                200,
+                {
+                    "id": f"chatcmpl-{index}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", self.model_name),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": content},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                },
+                {},
+            )
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -159,11 +185,13 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def _send(self, status: int, payload: dict[str, Any]) -> None:
+        def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 
@@ -176,7 +204,8 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
-            if self.path.rstrip("/") != "/v1/chat/completions":
+            path, _, query = self.path.partition("?")
+            if path.rstrip("/") != "/v1/chat/completions":
                 self._send(404, _error(f"no route {self.path}", "not_found"))
                 return
             try:
@@ -185,8 +214,8 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
                 self._send(400, _error("body is not JSON", "invalid_request_error"))
                 return
             headers = {k.lower(): v for k, v in self.headers.items()}
-            status, payload = server._handle(self.path, headers, body)
-            self._send(status, payload)
+            status, payload, extra = server._handle(path, query, headers, body, self.client_address[:2])
+            self._send(status, payload, extra)
 
         def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
             pass
@@ -202,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     responder: Responder = echo_responder
     if args.model:
-        from alignpro_plugins.prompter import load_causal_lm
+        from alignpro_plugins.engine import load_causal_lm
 
         model, tok, _ = load_causal_lm(args.model)
         responder = transformers_responder(model, tok)

@@ -18,7 +18,7 @@ import yaml
 from alignpro_plugins.cli import DESCRIPTIONS, STAGES, main, parse_stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["models", "rewrite", "reward", "guidance", "sft", "rl", "oracle", "train", "eval"]
+SUBCOMMANDS = "models rewrite reward guidance sft rl oracle train eval export serve".split()
 
 
 # ---------------------------------------------------------------------------------------------- help

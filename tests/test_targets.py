@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import threading
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -16,10 +18,12 @@ from alignpro_plugins.targets import (
     CallableTarget,
     FrozenTarget,
     OpenAICompatibleTarget,
+    TargetError,
     TransformersTarget,
     as_target,
     public_url,
 )
+from alignpro_plugins.targets.remote import retry_after
 from tests.openai_server import OpenAIServer, transformers_responder
 from tests.test_prompter import varied_lm
 
@@ -334,6 +338,13 @@ def openai_target(server: OpenAIServer, **kw) -> OpenAICompatibleTarget:
     return OpenAICompatibleTarget(server.base_url, "tiny", **kw)
 
 
+def no_answer(call) -> TargetError:
+    """The TargetError a call raises (a failure is never an empty answer)."""
+    with pytest.raises(TargetError) as err:
+        call()
+    return err.value
+
+
 @pytest.mark.server
 def test_openai_target_answers_in_order_and_sends_the_request():
     with OpenAIServer(api_key=KEY) as server:
@@ -354,7 +365,62 @@ def test_openai_target_answers_in_order_and_sends_the_request():
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("statuses", [[500, 503], [429], [502, 429, 500]])
+def test_openai_target_sends_the_sampling_fields_and_extra_body():
+    with OpenAIServer() as server:
+        target = openai_target(
+            server, top_p=0.9, seed=7, stop=["\n\n", "END"], extra_body={"top_k": 20, "min_p": 0.05}
+        )
+        assert target.generate(["hi"]) == ["echo: hi"]
+        assert asyncio.run(target.agenerate(["ho"])) == ["echo: ho"]
+    for req in server.requests:
+        assert {k: req.body[k] for k in ("top_p", "seed", "stop", "top_k", "min_p")} == {
+            "top_p": 0.9,
+            "seed": 7,
+            "stop": ["\n\n", "END"],
+            "top_k": 20,
+            "min_p": 0.05,
+        }
+    # They change answers, so they are part of the cache key; unset, the key is what it always was.
+    assert target.settings == {
+        "max_tokens": 128,
+        "temperature": 0.0,
+        "system": None,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["\n\n", "END"],
+        "extra_body": {"top_k": 20, "min_p": 0.05},
+    }
+    assert OpenAICompatibleTarget("http://127.0.0.1:9/v1", "m", stop="END").stop == ["END"]
+    assert OpenAICompatibleTarget("http://127.0.0.1:9/v1", "m").settings == {
+        "max_tokens": 128,
+        "temperature": 0.0,
+        "system": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"top_p": 0}, r"top_p must be None or a number in \(0, 1\], got 0"),
+        ({"top_p": 1.5}, r"top_p must be None or a number in \(0, 1\]"),
+        ({"seed": "7"}, "seed must be None or an integer, got '7'"),
+        ({"seed": True}, "seed must be None or an integer"),
+        ({"stop": []}, "stop must be None, a non-empty string or a non-empty list"),
+        ({"stop": ["ok", 3]}, "stop must be None"),
+        ({"extra_body": {"temperature": 1.0, "top_k": 5}}, r"extra_body may not set \['temperature'\]"),
+        ({"extra_body": {"messages": []}}, r"extra_body may not set \['messages'\]"),
+        ({"concurrency": 0}, "concurrency must be an integer >= 1, got 0"),
+        ({"max_retries": -1}, "max_retries must be an integer >= 0, got -1"),
+        ({"timeout": 0}, "timeout must be a number of seconds > 0, got 0"),
+    ],
+)
+def test_openai_target_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OpenAICompatibleTarget("http://127.0.0.1:9/v1", "m", **kwargs)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("statuses", [[500, 503], [429], [502, 429, 500], [408, 409]])
 def test_openai_target_retries_transient_errors(statuses):
     with OpenAIServer(failures=statuses) as server:
         target = openai_target(server, max_retries=3)
@@ -365,8 +431,6 @@ def test_openai_target_retries_transient_errors(statuses):
 
 @pytest.mark.server
 def test_openai_target_backs_off_exponentially(monkeypatch):
-    import asyncio
-
     import alignpro_plugins.targets.remote as targets_mod
 
     sleeps: list[float] = []
@@ -379,7 +443,7 @@ def test_openai_target_backs_off_exponentially(monkeypatch):
     monkeypatch.setattr(targets_mod.asyncio, "sleep", recording_sleep)
     with OpenAIServer(failures=[500, 500, 500]) as server:
         target = openai_target(server, max_retries=3, backoff=0.1)
-        assert target.generate(["hello"]) == ["echo: hello"]
+        assert asyncio.run(target.agenerate(["hello"])) == ["echo: hello"]
     # Sleeps of 0.1, 0.2 and 0.4 s, each scaled by a jitter in [0.5, 1.5).
     assert len(sleeps) == 3
     for k, slept in enumerate(sleeps):
@@ -387,25 +451,159 @@ def test_openai_target_backs_off_exponentially(monkeypatch):
 
 
 @pytest.mark.server
-def test_openai_target_counts_exhausted_retries_without_raising(caplog):
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_openai_target_waits_what_retry_after_asks(path):
+    # Before: the 429's Retry-After was ignored and the request retried after the backoff alone.
+    with OpenAIServer(failures=[(429, {"Retry-After": "3"})]) as server:
+        target = openai_target(server, max_retries=2, backoff=0.01)
+        start = time.perf_counter()
+        call = target.generate if path == "sync" else lambda ps: asyncio.run(target.agenerate(ps))
+        assert call(["hello"]) == ["echo: hello"]
+        waited = time.perf_counter() - start
+    assert server.statuses() == [429, 200]
+    assert 2.9 <= waited < 4.5
+
+
+@pytest.mark.server
+def test_openai_target_does_not_wait_minutes_for_a_retry_after():
+    with OpenAIServer(failures=[(503, {"Retry-After": "3600"})]) as server:
+        target = openai_target(server, max_retries=3)
+        start = time.perf_counter()
+        err = no_answer(lambda: target.generate(["x"]))
+        assert time.perf_counter() - start < 2
+    assert server.statuses() == [503] and err.answers == [None]
+    assert "asks to retry after 3600 s, more than the 120 s this target waits" in target.stats.last_error
+
+
+@pytest.mark.parametrize(
+    "headers, seconds",
+    [
+        ({"retry-after": "3"}, 3.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after-ms": "soon", "retry-after": "2"}, 2.0),
+        ({"retry-after": "-4"}, 0.0),
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "tomorrow-ish"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_reads_seconds_milliseconds_and_dates(headers, seconds):
+    assert retry_after(headers) == seconds
+
+
+def test_retry_after_reads_an_http_date():
+    from email.utils import format_datetime
+
+    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    assert 28 <= retry_after({"retry-after": format_datetime(when, usegmt=True)}) <= 30
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_openai_target_raises_after_exhausted_retries_and_counts_them(path, caplog):
+    # Before: the failed prompt came back as "" (an answer no caller could tell from a real empty one).
     with OpenAIServer(failures=[500] * 5) as server:
         target = openai_target(server, max_retries=2)
-        assert target.generate(["a"]) == [""]
+        call = target.generate if path == "sync" else lambda ps: asyncio.run(target.agenerate(ps))
+        err = no_answer(lambda: call(["a"]))
         assert len(server.requests) == 3
         # The next prompt gets a fresh budget and (after the scripted failures) succeeds.
         target.max_retries = 10
-        assert target.generate(["b"]) == ["echo: b"]
+        assert call(["b"]) == ["echo: b"]
         base_url = server.base_url
+    assert err.answers == [None] and "1 of 1 prompts got no answer" in str(err)
     assert target.stats.failures == 1
     assert target.stats.last_error == f"RuntimeError: HTTP 500 from {base_url}"
     assert "failed on a prompt" in caplog.text
 
 
 @pytest.mark.server
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_a_server_failing_20_percent_never_yields_an_empty_answer(concurrency):
+    # Before (max_retries=1): 5 of 50 answers came back as "" with no error.
+    prompts = [f"p{i}" for i in range(50)]
+    # Seed 3: with requests in order (concurrency 1), 3 prompts fail twice in a row; no run of 7 failures in the
+    # first 300 requests, so 6 retries always suffice.
+    with OpenAIServer(fail_rate=0.2, seed=3) as server:
+        target = openai_target(server, max_retries=1, concurrency=concurrency)
+        try:
+            answers: list[str | None] = list(target.generate(prompts))
+        except TargetError as err:
+            answers = err.answers
+    assert 500 in server.statuses()
+    missing = [i for i, a in enumerate(answers) if a is None]
+    assert len(missing) == target.stats.failures and (concurrency > 1 or len(missing) == 3)
+    assert all(a == f"echo: {p}" for p, a in zip(prompts, answers, strict=True) if a is not None)
+    # With enough retries every prompt is answered, each with its own answer.
+    with OpenAIServer(fail_rate=0.2, seed=3) as server:
+        patient = openai_target(server, max_retries=6, concurrency=concurrency)
+        assert patient.generate(prompts) == [f"echo: {p}" for p in prompts]
+        assert asyncio.run(patient.agenerate(prompts)) == [f"echo: {p}" for p in prompts]
+    assert server.statuses().count(500) > 0 and patient.stats.failures == 0
+
+
+@pytest.mark.server
+def test_cached_target_keeps_what_arrived_and_asks_again_only_for_the_rest():
+    down = {"b"}
+
+    def respond(messages, body):
+        text = messages[-1]["content"]
+        if text in down:
+            raise RuntimeError(f"{text} is down")
+        return f"echo: {text}"
+
+    with OpenAIServer(responder=respond) as server:
+        cached = CachedTarget(openai_target(server, max_retries=0, concurrency=1))
+        err = no_answer(lambda: cached.generate(["a", "b", "a"]))
+        assert err.answers == ["echo: a", None, "echo: a"]  # lined up with the caller's prompts
+        assert "calling again asks only for the rest" in str(err)
+        assert cached.cached("a") == "echo: a" and cached.cached("b") is None
+        down.clear()
+        assert cached.generate(["a", "b"]) == ["echo: a", "echo: b"]
+        asked = [r.body["messages"][-1]["content"] for r in server.requests]
+    assert asked == ["a", "b", "b"]
+
+
+def test_training_scores_a_missing_answer_as_empty_and_counts_it():
+    from trainers.scoring import RewriteScorer
+
+    class Flaky(OpenAICompatibleTarget):
+        def _ask(self, prompt: str) -> str | BaseException:
+            return RuntimeError("HTTP 500 from here") if "bad" in prompt else f"answer to {prompt}"
+
+    target = Flaky("http://127.0.0.1:9/v1", "m")
+    scorer = RewriteScorer(None, target, lambda xs, answers: [float(len(a)) for a in answers])  # type: ignore[arg-type]
+    rewards, answers, _ = scorer.score_texts(["x1", "x2"], ["good one", "bad one"])
+    assert answers == ["answer to good one", ""] and rewards == [18.0, 0.0]
+    assert target.stats.failures == 1 and target.stats.last_error == "RuntimeError: HTTP 500 from here"
+
+
+@pytest.mark.server
+def test_openai_target_reuses_one_client_and_its_connections():
+    # Before: a new HTTP client (and connection) per generate call.
+    with OpenAIServer() as server:
+        target = openai_target(server, concurrency=1)
+        for i in range(3):
+            assert target.generate([f"s{i}"]) == [f"echo: s{i}"]
+        client = target._client()
+        assert target.generate(["s3"]) == ["echo: s3"] and target._client() is client
+
+        async def twice() -> list[str]:
+            return (await target.agenerate(["a0"])) + (await target.agenerate(["a1"]))
+
+        assert asyncio.run(twice()) == ["echo: a0", "echo: a1"]
+        assert asyncio.run(target.agenerate(["a2"])) == ["echo: a2"]  # another event loop: its own client
+    peers = [r.peer for r in server.requests]
+    assert len(set(peers[:4])) == 1  # four sync calls, one keep-alive connection
+    assert peers[4] == peers[5] and len(set(peers)) == 3
+
+
+@pytest.mark.server
 def test_openai_target_does_not_retry_a_rejected_key():
     with OpenAIServer(api_key=KEY) as server:
         target = openai_target(server, api_key="sk-wrong", max_retries=3, backoff=0.5)
-        assert target.generate(["a"]) == [""]
+        assert no_answer(lambda: target.generate(["a"])).answers == [None]
         base_url = server.base_url
     assert server.statuses() == [401]  # one request: a rejected key is not retried
     assert target.stats.failures == 1
@@ -421,7 +619,7 @@ def test_openai_target_404_says_what_the_server_said_without_secrets(caplog):
     with OpenAIServer() as server:
         # A wrong path, and a key in the query string: the path is extended before the query.
         target = OpenAICompatibleTarget(f"{server.base_url}/v2?key=SECRET123", "tiny", backoff=0.01)
-        assert target.generate(["a"]) == [""]
+        no_answer(lambda: target.generate(["a"]))
         base_url = server.base_url
     assert target.stats.last_error == (
         f"RuntimeError: HTTP 404 from {base_url}/v2 (not retried): "
@@ -431,12 +629,18 @@ def test_openai_target_404_says_what_the_server_said_without_secrets(caplog):
 
 
 def test_openai_target_error_excerpt_is_short_and_redacted():
-    target = OpenAICompatibleTarget("http://user:pw-77@127.0.0.1:9/v1", "tiny", api_key=KEY)
+    target = OpenAICompatibleTarget(
+        "http://user:pw-77@127.0.0.1:9/v1?api_key=q-secret-9", "tiny", api_key=KEY
+    )
     excerpt = target._excerpt(f"bad key {KEY}\n  " + "x" * 1000)
     assert excerpt.startswith("bad key *** xxx") and KEY not in excerpt
     assert len(excerpt) == 300 + 1 and excerpt.endswith("…")
     assert target._excerpt("") == ""
     assert target._excerpt("user pw-77 rejected") == "user *** rejected"
+    basic = target._headers()["Authorization"]
+    assert basic == "Basic dXNlcjpwdy03Nw=="  # user:pw-77
+    assert target._excerpt(f"you sent Authorization: {basic}") == "you sent Authorization: ***"
+    assert target._excerpt("got dXNlcjpwdy03Nw== and q-secret-9") == "got *** and ***"
 
 
 def test_identity_and_repr_never_hold_url_credentials():
@@ -445,7 +649,9 @@ def test_identity_and_repr_never_hold_url_credentials():
     secret = OpenAICompatibleTarget("https://bob:hunter2@llm.example.com:8443/v1?api_key=abc123", "m")
     assert secret.identity == "openai:https://llm.example.com:8443/v1:m"
     assert "hunter2" not in repr(secret) and "abc123" not in repr(secret)
-    assert secret._endpoint == "https://bob:hunter2@llm.example.com:8443/v1/chat/completions?api_key=abc123"
+    # Still sent: the credentials as Basic auth, the query on each request.
+    assert secret._headers() == {"Authorization": "Basic Ym9iOmh1bnRlcjI="}
+    assert secret._query == "api_key=abc123"
     assert public_url("https://LLM.example.com/v1") == "https://LLM.example.com/v1"
     assert public_url("https://llm.example.com/v1#frag") == "https://llm.example.com/v1"
 
@@ -479,11 +685,16 @@ def test_openai_api_key_from_the_environment_goes_only_to_openai(monkeypatch, ca
 
 
 @pytest.mark.server
-def test_openai_target_sends_no_openai_key_to_a_local_server(monkeypatch):
+def test_openai_target_sends_no_openai_key_or_organisation_to_a_local_server(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
     with OpenAIServer() as server:
         assert openai_target(server).generate(["x"]) == ["echo: x"]
-    assert "authorization" not in server.requests[0].headers
+        assert asyncio.run(openai_target(server).agenerate(["y"])) == ["echo: y"]
+    for req in server.requests:
+        assert "authorization" not in req.headers
+        assert not {"openai-organization", "openai-project"} & set(req.headers)
 
 
 @pytest.mark.server
@@ -491,23 +702,68 @@ def test_openai_target_runs_requests_concurrently_up_to_its_limit():
     with OpenAIServer(delay=0.2) as server:
         target = openai_target(server, concurrency=4)
         answers = target.generate([f"p{i}" for i in range(12)])
+        assert server.max_in_flight == 4  # concurrent, and never past the limit
+        server.max_in_flight = 0
+        assert asyncio.run(target.agenerate([f"q{i}" for i in range(12)])) == [
+            f"echo: q{i}" for i in range(12)
+        ]
     assert answers == [f"echo: p{i}" for i in range(12)]
-    assert server.max_in_flight == 4  # concurrent, and never past the limit
+    assert server.max_in_flight == 4
+
+
+def _all_logging_at_debug(caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "alignpro_plugins"):
+        caplog.set_level(logging.DEBUG, logger=name)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_no_log_line_holds_a_secret_with_verbose_logging(caplog, path):
+    # Before: httpx's INFO line printed the full URL, query key and user:password included, and an error
+    # body echoing the Basic-auth header was shown as it was.
+    _all_logging_at_debug(caplog)
+    query_key, password = "qk-3c9d81aa07", "pw-5e21f0c6bb"
+    with OpenAIServer(failures=[500, (429, {"Retry-After": "0"}), 401], echo_secrets=True) as server:
+        url = server.base_url.replace("http://", f"http://alice:{password}@") + f"?api_key={query_key}"
+        target = OpenAICompatibleTarget(url, "tiny", max_retries=1, backoff=0.01, concurrency=1)
+        call = target.generate if path == "sync" else lambda ps: asyncio.run(target.agenerate(ps))
+        errors = []
+        try:
+            call(["first", "second"])  # 500 then 429: first fails; 401: second fails
+        except TargetError as exc:
+            errors.append(str(exc))
+        assert call(["third"]) == ["echo: third"]
+        basic = server.requests[0].headers["authorization"]
+    # The secrets were sent ...
+    assert basic.startswith("Basic ") and all(r.query == f"api_key={query_key}" for r in server.requests)
+    assert "HTTP Request: POST" in caplog.text  # ... the transport's INFO line was logged ...
+    shown = (
+        caplog.text + "".join(errors) + repr(target) + target.identity + json.dumps(target.stats.as_dict())
+    )
+    for secret in (query_key, password, basic, basic.split()[1]):  # ... but never shown
+        assert secret not in shown, secret
+    assert "received Authorization: ***; query: ***" in (target.stats.last_error or "")  # the echo, redacted
 
 
 @pytest.mark.server
 def test_openai_target_never_reveals_the_api_key(monkeypatch, caplog):
-    caplog.set_level(logging.DEBUG)  # httpx / httpcore debug logging included
+    _all_logging_at_debug(caplog)
     monkeypatch.setenv("ALIGNPRO_TEST_TARGET_KEY", KEY)
-    with OpenAIServer(api_key=KEY, failures=[500, 500]) as server:
-        target = openai_target(server, max_retries=0, api_key_env="ALIGNPRO_TEST_TARGET_KEY")  # from the env
-        assert target.generate(["x", "y", "z"]).count("") == 2
-        assert server.requests[-1].headers["authorization"] == f"Bearer {KEY}"
+    with OpenAIServer(api_key=KEY, failures=[500, 500], echo_secrets=True) as server:
+        target = openai_target(server, max_retries=0, api_key_env="ALIGNPRO_TEST_TARGET_KEY", concurrency=1)
         wrong = openai_target(server, api_key=KEY[::-1], max_retries=0)
-        assert wrong.generate(["x"]) == [""]
+        errors = []
+        for call in (lambda: target.generate(["x", "y", "z"]), lambda: wrong.generate(["x"])):
+            try:
+                call()
+            except TargetError as exc:
+                errors.append(str(exc))
+        assert server.requests[2].headers["authorization"] == f"Bearer {KEY}"
     shown = [
         repr(target),
         str(target),
+        *errors,
         target.identity,
         json.dumps(target.settings),
         json.dumps(target.stats.as_dict()),
@@ -517,7 +773,7 @@ def test_openai_target_never_reveals_the_api_key(monkeypatch, caplog):
     assert "HTTP 500" in caplog.text  # failures were logged ...
     for text in shown:
         assert KEY not in text and KEY[::-1] not in text  # ... but never the key
-    assert KEY not in repr(vars(target).get("stats"))
+    assert "received Authorization: Bearer ***" in (wrong.stats.last_error or "")  # the echo, redacted
 
 
 @pytest.mark.server
@@ -525,7 +781,7 @@ async def test_openai_target_async_and_sync_inside_a_running_loop():
     with OpenAIServer() as server:
         target = openai_target(server)
         assert await target.agenerate(["a", "b"]) == ["echo: a", "echo: b"]
-        # Sync generate from inside a running event loop runs on a helper thread instead of failing.
+        # Sync generate from inside a running event loop works too (its requests run on worker threads).
         assert target.generate(["c"]) == ["echo: c"]
         cached = CachedTarget(target)
         assert await cached.agenerate(["a", "d"]) == ["echo: a", "echo: d"]
@@ -552,8 +808,8 @@ def test_server_reports_broken_responder_as_500_and_target_survives():
 
     with OpenAIServer(responder=broken) as server:
         target = openai_target(server, max_retries=1)
-        answers = asyncio.run(target.agenerate(["a"]))
-    assert answers == [""] and server.statuses() == [500, 500] and target.stats.failures == 1
+        err = no_answer(lambda: asyncio.run(target.agenerate(["a"])))
+    assert err.answers == [None] and server.statuses() == [500, 500] and target.stats.failures == 1
 
 
 @pytest.mark.server

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from alignpro_plugins.prompter import compose
 from alignpro_plugins.rewards import as_reward
 from alignpro_plugins.stats import win_indicators
+from alignpro_plugins.targets import TargetError
 from trainers.common import build_target, check_reward_source, target_cache_path, wrap_target
 from trainers.guidance_search_config import GuidanceSearchConfig
 
@@ -206,7 +207,11 @@ class GuidanceSearchTrainer:
             step = 64
             for s in tqdm(range(0, len(pairs), step), desc=desc, disable=len(pairs) <= step):
                 chunk = pairs[s : s + step]
-                answers = target.generate([compose(x, t, "augment") if t else x for x, t in chunk])
+                inputs = [compose(x, t, "augment") if t else x for x, t in chunk]
+                try:
+                    answers = target.generate(inputs)
+                except TargetError as exc:  # counted in target.stats; a missing answer scores as empty
+                    answers = exc.answers_or_empty()
                 rewards += reward([x for x, _ in chunk], answers)
             return [rewards[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(texts))]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from alignpro_plugins.prompter import Prompter, RewriteResult
 from alignpro_plugins.rewards import RewardFunction
-from alignpro_plugins.targets import FrozenTarget
+from alignpro_plugins.targets import FrozenTarget, TargetError
 
 
 @dataclass
@@ -48,7 +48,10 @@ class RewriteScorer:
         if self.on_target_inputs is not None:
             self.on_target_inputs(list(originals), list(target_inputs))
         t0 = time.perf_counter()
-        answers = self.target.generate(list(target_inputs))
+        try:
+            answers = self.target.generate(list(target_inputs))
+        except TargetError as exc:  # counted in target.stats; training scores a missing answer as empty
+            answers = exc.answers_or_empty()
         t1 = time.perf_counter()
         rewards = self.reward(list(originals), answers)
         t2 = time.perf_counter()

@@ -3,7 +3,8 @@
 ``generate(prompts) -> answers`` (and ``agenerate``). Backends: a local transformers model (batched, KV
 cache), any OpenAI-compatible endpoint, any LangChain Runnable / chat model, any DSPy LM, or a Python
 callable. ``CachedTarget`` caches answers by (target, prompt, generation settings). A failed call is counted
-and logged, and yields an empty answer instead of crashing a training run.
+and logged. ``OpenAICompatibleTarget`` then raises ``TargetError`` (carrying the answers that did arrive; the
+trainers score a missing one as an empty answer, as before); the other backends yield an empty answer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from typing import Any
 
 from alignpro_plugins.jsonl import append_jsonl, read_jsonl_rows
-from alignpro_plugins.targets.base import FrozenTarget, TargetStats
+from alignpro_plugins.targets.base import FrozenTarget, TargetError, TargetStats
 from alignpro_plugins.targets.cache import CachedTarget
 from alignpro_plugins.targets.frameworks import CallableTarget, DSPyTarget, LangChainTarget
 from alignpro_plugins.targets.local import TransformersTarget
@@ -50,6 +51,7 @@ __all__ = [
     "FrozenTarget",
     "LangChainTarget",
     "OpenAICompatibleTarget",
+    "TargetError",
     "TargetStats",
     "TransformersTarget",
     "append_jsonl",

@@ -26,6 +26,21 @@ class TargetStats:
         return dict(self.__dict__)
 
 
+class TargetError(RuntimeError):
+    """Some prompts got no answer (each failure already counted in the target's ``stats``).
+
+    ``answers`` lines up with the prompts: the answer, or None where the request failed. Inference lets this
+    raise; training code that scores a failed answer as an empty one says so with :meth:`answers_or_empty`.
+    """
+
+    def __init__(self, message: str, answers: list[str | None]) -> None:
+        super().__init__(message)
+        self.answers = answers
+
+    def answers_or_empty(self) -> list[str]:
+        return ["" if a is None else a for a in self.answers]
+
+
 class FrozenTarget(ABC):
     """Answers prompts. Subclasses implement ``_generate`` and/or ``_agenerate``."""
 

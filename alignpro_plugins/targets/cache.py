@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpro_plugins.jsonl import append_jsonl, read_jsonl_rows
-from alignpro_plugins.targets.base import FrozenTarget
+from alignpro_plugins.targets.base import FrozenTarget, TargetError
 
 
 class CachedTarget(FrozenTarget):
@@ -50,11 +50,11 @@ class CachedTarget(FrozenTarget):
         self.stats.cache_hits += len(prompts) - sum(1 for k in keys if k not in self._cache)
         return keys, todo
 
-    def _store(self, todo: list[str], answers: list[str]) -> None:
+    def _store(self, todo: list[str], answers: Sequence[str | None]) -> None:
         with self._lock:
             rows = []
             for p, a in zip(todo, answers, strict=True):
-                if a == "" and self.target.stats.failures:
+                if a is None or a == "" and self.target.stats.failures:
                     continue  # do not cache failures; retry next time
                 k = self.key(p)
                 self._cache[k] = a
@@ -65,7 +65,10 @@ class CachedTarget(FrozenTarget):
     def _generate(self, prompts: list[str]) -> list[str]:
         keys, todo = self._split(prompts)
         if todo:
-            self._store(todo, self.target.generate(todo))
+            try:
+                self._store(todo, self.target.generate(todo))
+            except TargetError as exc:
+                raise self._partly_answered(keys, todo, exc) from None
         return [self._cache.get(k, "") for k in keys]
 
     def generate(self, prompts: Sequence[str]) -> list[str]:
@@ -74,5 +77,15 @@ class CachedTarget(FrozenTarget):
     async def agenerate(self, prompts: Sequence[str]) -> list[str]:
         keys, todo = self._split(prompts)
         if todo:
-            self._store(todo, await self.target.agenerate(todo))
+            try:
+                self._store(todo, await self.target.agenerate(todo))
+            except TargetError as exc:
+                raise self._partly_answered(keys, todo, exc) from None
         return [self._cache.get(k, "") for k in keys]
+
+    def _partly_answered(self, keys: list[str], todo: list[str], exc: TargetError) -> TargetError:
+        """Cache the answers that arrived; the error again, its answers lined up with the caller's prompts."""
+        self._store(todo, exc.answers)
+        failed = {self.key(r) for r, a in zip(todo, exc.answers, strict=True) if a is None}
+        message = f"{exc} (the answers that arrived are cached: calling again asks only for the rest)"
+        return TargetError(message, [None if k in failed else self._cache.get(k) for k in keys])
