@@ -301,6 +301,137 @@ def test_upstream_must_be_an_http_url():
         Upstream("127.0.0.1:8000/v1")
 
 
+# ---------------------------------------------------------------------------------------------- the retry gate
+def detail_reward(prompts: list[str], answers: list[str]) -> list[float]:
+    """Scores 1 for an answer that mentions detail, 0 otherwise."""
+    return [1.0 if "detail" in a else 0.0 for a in answers]
+
+
+def gated_proxy(rewriter: Any, upstream_url: str, gate: Any) -> ThreadedUvicorn:
+    return ThreadedUvicorn(create_app(rewriter, Upstream(upstream_url), gate=gate))
+
+
+def test_the_gate_asks_the_rewrite_only_below_the_threshold_and_keeps_the_better_answer(upstream_app):
+    from alignpro_plugins.gate import RetryGate
+    from alignpro_plugins.serving.gating import GATE_HEADER
+
+    rewriter = ScriptedRewriter(rewritten)
+    with gated_proxy(rewriter, upstream_app.base_url, RetryGate(detail_reward, 0.5)) as p:
+        low = chat(p.base_url, "Tell me about tea")  # "echo: Tell me about tea" scores 0: retried
+        high = chat(p.base_url, "Tea in detail")  # its echo scores 1: answered once
+    assert low.status_code == high.status_code == 200
+    assert [r["body"]["messages"][-1]["content"] for r in upstream_app.requests] == [
+        "Tell me about tea",
+        "Tell me about tea\n\nAnswer in detail.",
+        "Tea in detail",
+    ]
+    assert rewriter.calls == [(["Tell me about tea"], None)]  # the prompter ran only where the gate retried
+    assert low.json()["choices"][0]["message"]["content"] == "echo: Tell me about tea\n\nAnswer in detail."
+    assert low.headers[HEADER] == "rewritten"
+    assert (
+        low.headers[GATE_HEADER]
+        == "first_score=+0.0000; threshold=+0.5000; retried=true; retry_score=+1.0000; kept=retry"
+    )
+    assert low.json()["alignpro"]["sent"] == "Tell me about tea\n\nAnswer in detail."
+    assert low.json()["alignpro"]["gate"]["kept"] == "retry"
+    assert high.headers[HEADER] == "skipped:gate_not_needed"
+    assert high.json()["alignpro"]["gate"] == {
+        "first_score": 1.0,
+        "threshold": 0.5,
+        "retried": False,
+        "kept": "first",
+    }
+    assert high.json()["alignpro"]["sent"] == "Tea in detail"
+
+
+def test_rerank_answers_both_and_keeps_x_when_it_scores_higher(upstream_app):
+    from alignpro_plugins.gate import RetryGate
+
+    def prefers_short(prompts: list[str], answers: list[str]) -> list[float]:
+        return [-len(a) for a in answers]
+
+    with gated_proxy(
+        ScriptedRewriter(rewritten), upstream_app.base_url, RetryGate.rerank(prefers_short)
+    ) as p:
+        resp = chat(p.base_url, "Tell me about tea")
+    assert len(upstream_app.requests) == 2
+    assert resp.json()["choices"][0]["message"]["content"] == "echo: Tell me about tea"
+    assert resp.json()["alignpro"]["gate"]["kept"] == "first"
+    assert resp.json()["alignpro"]["gate"]["threshold"] == "inf"
+    assert resp.json()["alignpro"]["sent"] == "Tell me about tea"
+
+
+def test_a_gated_stream_is_the_chosen_answer_as_events(upstream_app):
+    import openai
+
+    from alignpro_plugins.gate import RetryGate
+
+    with gated_proxy(ScriptedRewriter(rewritten), upstream_app.base_url, RetryGate(detail_reward, 0.5)) as p:
+        client = openai.OpenAI(base_url=p.base_url, api_key="k")
+        chunks = list(
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Hi"}], stream=True
+            )
+        )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "echo: Hi\n\nAnswer in detail."
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(r["body"]["stream"] is False for r in upstream_app.requests)  # scored before anyone sees it
+
+
+def test_the_gate_returns_an_upstream_error_and_keeps_x_when_the_prompter_falls_back(upstream_app):
+    from alignpro_plugins.gate import PROMPTER_KEPT_X, RetryGate
+
+    fallback = ScriptedRewriter(lambda p: RewriteResult(p, p, "augment", None, "truncated"))
+    with gated_proxy(fallback, upstream_app.base_url, RetryGate(detail_reward, 0.5)) as p:
+        kept = chat(p.base_url, "Tell me about tea")
+        upstream_app.fail = (
+            503,
+            {"error": {"message": "overloaded", "type": "server_error"}},
+            {"retry-after": "2"},
+        )
+        failed = chat(p.base_url, "Tell me about tea")
+    assert kept.status_code == 200 and len(upstream_app.requests) == 2  # no second call for an unchanged x
+    assert kept.headers[HEADER] == "fallback:truncated"
+    assert kept.json()["alignpro"]["gate"]["reason"] == PROMPTER_KEPT_X
+    assert failed.status_code == 503 and failed.headers["retry-after"] == "2"
+    assert failed.json()["error"]["message"] == "overloaded"
+    assert len(fallback.calls) == 1  # an error is not scored, so nothing is retried
+
+
+def test_build_app_wires_a_reward_model_gate(upstream_app, tmp_path, tiny_lm_dir, tiny_encoder_dir):
+    from alignpro_plugins.serving.config import ServeConfig
+    from alignpro_plugins.serving.gating import GATE_HEADER
+    from alignpro_plugins.serving.server import build_app
+
+    prompter = Prompter.from_base(tiny_lm_dir, device="cpu", similarity=None)
+    prompter.save_pretrained(tmp_path / "prompter")
+    prompter.close()
+    config = ServeConfig(
+        upstream=upstream_app.base_url,
+        prompter=str(tmp_path / "prompter"),
+        gate_reward=tiny_encoder_dir,
+        rerank=True,
+    )
+    with ThreadedUvicorn(build_app(config)) as p:
+        resp = chat(p.base_url, PROMPTS[1])
+    gate = resp.json()["alignpro"]["gate"]
+    assert resp.status_code == 200 and "first_score=" in resp.headers[GATE_HEADER]
+    assert isinstance(gate["first_score"], float) and gate["threshold"] == "inf"
+    # Rerank: the rewrite is answered too whenever the prompter changed x.
+    assert len(upstream_app.requests) == (2 if resp.headers[HEADER] == "rewritten" else 1)
+
+
+def test_serve_config_checks_the_gate_flags():
+    from alignpro_plugins.serving.config import ServeConfig
+
+    with pytest.raises(ValueError, match="score answers with gate_reward"):
+        ServeConfig(upstream="http://x/v1", prompter="p", rerank=True)
+    with pytest.raises(ValueError, match="exactly one of gate_threshold"):
+        ServeConfig(upstream="http://x/v1", prompter="p", gate_reward="r", gate_threshold=0.1, rerank=True)
+    with pytest.raises(ValueError, match="exactly one of gate_threshold"):
+        ServeConfig(upstream="http://x/v1", prompter="p", gate_reward="r")
+
+
 # ---------------------------------------------------------------------------------------------- a real prompter
 @pytest.fixture(scope="module")
 def tiny_prompter():

@@ -29,6 +29,8 @@ except ImportError as exc:  # the proxy is an extra
         "pip install 'alignpro-plugins[serve]'"
     ) from exc
 
+from alignpro_plugins.gate import RetryGate
+from alignpro_plugins.serving.gating import GATE_HEADER, GatedAnswer, completion_as_events, gated_answer
 from alignpro_plugins.serving.rewriting import (
     EXTENSION_FIELD,
     HEADER,
@@ -58,9 +60,11 @@ def create_app(
     *,
     mode: str | None = None,
     upstream_model: str | None = None,
+    gate: RetryGate | None = None,
 ) -> FastAPI:
     """The proxy app. ``mode`` overrides the prompter's manifest mode; ``upstream_model`` replaces the model
-    name clients send (when the upstream serves one model under a name clients need not know)."""
+    name clients send (when the upstream serves one model under a name clients need not know); with ``gate``
+    the prompter is asked only where the gate retries (see :mod:`alignpro_plugins.serving.gating`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,22 +96,30 @@ def create_app(
                 "expected a JSON object with a 'messages' list (an OpenAI chat completions request)",
                 "invalid_request_error",
             )
-        outcome = await rewrite_latest_user(body["messages"], rewriter, mode)
-        forwarded = {**body, "messages": outcome.messages}
         if upstream_model is not None:
-            forwarded["model"] = upstream_model
+            body = {**body, "model": upstream_model}
         authorization = request.headers.get("authorization")
-        try:
-            if body.get("stream") is True:
-                response = await _relay_stream(upstream, forwarded, authorization, outcome)
-            else:
-                response = await _relay(upstream, forwarded, authorization, outcome)
-        except httpx.HTTPError as exc:
-            response = _unreachable(upstream, exc, {HEADER: outcome.header_value})
+        stream = body.get("stream") is True
+        if gate is not None:
+            try:
+                gated = await gated_answer(gate, upstream, body, authorization, rewriter, mode)
+                response = _gated_response(gated, stream)
+            except httpx.HTTPError as exc:
+                response = _unreachable(upstream, exc)
+        else:
+            outcome = await rewrite_latest_user(body["messages"], rewriter, mode)
+            forwarded = {**body, "messages": outcome.messages}
+            try:
+                if stream:
+                    response = await _relay_stream(upstream, forwarded, authorization, outcome)
+                else:
+                    response = await _relay(upstream, forwarded, authorization, outcome)
+            except httpx.HTTPError as exc:
+                response = _unreachable(upstream, exc, {HEADER: outcome.header_value})
         logger.info(
             "chat/completions -> %d (%s) in %.3fs",
             response.status_code,
-            outcome.header_value,
+            response.headers.get(HEADER, "-"),
             time.perf_counter() - start,
         )
         return response
@@ -151,6 +163,22 @@ async def _relay_stream(
         media_type=media_type,
         background=BackgroundTask(resp.aclose),
     )
+
+
+def _gated_response(gated: GatedAnswer, stream: bool) -> Response:
+    answer = gated.answer
+    headers = {**answer.headers, HEADER: gated.outcome.header_value}
+    gate_header = gated.header_value()
+    if gate_header is not None:
+        headers[GATE_HEADER] = gate_header
+    if answer.status != 200 or not isinstance(answer.json, dict):
+        return Response(answer.content, status_code=answer.status, headers=headers)
+    headers.pop("content-type", None)
+    body = {**answer.json, EXTENSION_FIELD: gated.extension()}
+    if stream:
+        events = list(completion_as_events(body))
+        return StreamingResponse(iter(events), headers=headers, media_type="text/event-stream")
+    return JSONResponse(body, headers=headers)
 
 
 def _unreachable(upstream: Upstream, exc: httpx.HTTPError, headers: dict[str, str] | None = None) -> Response:

@@ -17,6 +17,9 @@ HELP = {
     "upstream_model": "model name sent upstream instead of each client's",
     "upstream_api_key_env": "environment variable with the upstream API key, sent when a client sends none",
     "mode": "augment or rewrite (default: the prompter's mode)",
+    "gate_reward": "reward model folder: ask the prompter only where the gate retries (with --gate-threshold or --rerank)",
+    "gate_threshold": "retry with the rewrite where the reward scores the answer to the original below this",
+    "rerank": "always answer the rewrite too and return the answer the reward scores higher",
     "host": "address to listen on (default loopback only)",
     "port": "port to listen on",
     "timeout": "seconds to wait for the upstream's answer",
@@ -27,11 +30,16 @@ HELP = {
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`ServeConfig` field."""
     for f in fields(ServeConfig):
+        if f.type == "bool":
+            p.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, action="store_true", help=HELP[f.name]
+            )
+            continue
         required = f.name in ("upstream", "prompter")
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=int if f.type == "int" else float if f.type == "float" else str,
+            type=int if f.type == "int" else float if f.type in ("float", "float | None") else str,
             choices=["augment", "rewrite"] if f.name == "mode" else None,
             required=required,
             default=None if required else f.default,

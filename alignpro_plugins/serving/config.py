@@ -31,6 +31,12 @@ class ServeConfig:
     """Environment variable holding the upstream key, sent when a client sends no ``Authorization`` header."""
     mode: str | None = None
     """``augment`` or ``rewrite``; default: the prompter's manifest mode."""
+    gate_reward: str | None = None
+    """Reward model folder for the retry gate (with ``gate_threshold``) or rerank (with ``rerank``)."""
+    gate_threshold: float | None = None
+    """Retry with the prompter's rewrite where the reward scores the answer to x below this."""
+    rerank: bool = False
+    """Always answer the rewrite too and keep the answer the reward scores higher (two upstream calls)."""
     host: str = "127.0.0.1"
     port: int = 8000
     timeout: float = 600.0
@@ -46,6 +52,14 @@ class ServeConfig:
             )
         if self.prompter_endpoint is not None and self.prompter_base is not None:
             raise ValueError("prompter_base is for a local prompter; a remote one needs no base model")
+        if self.gate_reward is None and (self.gate_threshold is not None or self.rerank):
+            raise ValueError(
+                "gate_threshold and rerank score answers with gate_reward: give the reward model folder"
+            )
+        if self.gate_reward is not None and (self.gate_threshold is None) == (not self.rerank):
+            raise ValueError(
+                "gate_reward needs exactly one of gate_threshold (retry below that score) or rerank (always both)"
+            )
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None (the manifest's), got {self.mode!r}")
         if not 0 < self.port < 65536:

@@ -94,6 +94,12 @@ def _with_text(content: Any, text: str) -> Any:
     return out
 
 
+def latest_user_text(messages: list[Any]) -> str | None:
+    """The text of the latest user message (None: no user message, or one without text)."""
+    index = _latest_user(messages)
+    return None if index is None else _text_of(messages[index].get("content"))
+
+
 async def rewrite_latest_user(messages: list[Any], rewriter: Rewriter, mode: str | None) -> RewriteOutcome:
     """Rewrite (or augment) the latest user message; never raises for what the prompter does."""
     index = _latest_user(messages)

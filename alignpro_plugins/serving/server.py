@@ -53,7 +53,16 @@ def build_app(config: ServeConfig) -> FastAPI:
             f"mode {config.mode!r} has no instruction template in {config.prompter}/alignpro.json; it has "
             f"{sorted(prompter.manifest.instructions)}"
         )
-    return create_app(prompter, upstream, mode=config.mode, upstream_model=config.upstream_model)
+    gate = None
+    if config.gate_reward is not None:
+        from alignpro_plugins.gate import RetryGate
+
+        gate = (
+            RetryGate.rerank(config.gate_reward)
+            if config.rerank
+            else RetryGate(config.gate_reward, float(config.gate_threshold))  # type: ignore[arg-type]
+        )
+    return create_app(prompter, upstream, mode=config.mode, upstream_model=config.upstream_model, gate=gate)
 
 
 def serve(config: ServeConfig) -> None:
