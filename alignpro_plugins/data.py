@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -396,7 +396,3 @@ def split_by_prompt(
     n_eval = int(round(len(prompts) * eval_fraction))
     held = set(prompts[:n_eval])
     return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
-
-
-def dedupe(texts: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(texts))

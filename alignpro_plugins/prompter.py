@@ -1,7 +1,8 @@
 """The prompter runtime: a small LM (+ LoRA adapter) that rewrites a user prompt for a frozen target LLM.
 
-``Prompter`` owns generation, batching, the intent guard and the artifact format. The LangChain and DSPy
-adapters, the trainers and the evaluation harness all go through it.
+``Prompter`` owns the query format, the intent guard and the artifact format; generation and batching are
+its :class:`~alignpro_plugins.engine.GenerationEngine`'s. The LangChain and DSPy adapters, the trainers and the
+evaluation harness all go through it.
 """
 
 from __future__ import annotations
@@ -13,26 +14,32 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from alignpro_plugins import guard
 from alignpro_plugins.artifact import BaseModelMismatchError as BaseModelMismatchError  # re-exported
 from alignpro_plugins.artifact import check_before_loading, load_adapter, verify_base_model
-from alignpro_plugins.batching import MicroBatcher, plan_batches
+from alignpro_plugins.engine import (
+    Generation,
+    GenerationEngine,
+    GenerationSettings,
+    folder_weights_hash,
+    load_causal_lm,
+    select_device,
+    select_dtype,
+)
 from alignpro_plugins.manifest import (
     MODES,
-    GenerationDefaults,
     Manifest,
     available_modes,
-    check_dtype,
     check_generation_kwargs,
     weights_hash,
 )
-from alignpro_plugins.models import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,39 +69,15 @@ class RewriteResult:
 
 
 def compose(original: str, generated: str, mode: str) -> str:
-    """The target's input for a given prompter output."""
-    return f"{original.rstrip()}\n\n{generated.strip()}" if mode == "augment" else generated.strip()
+    """The target's input for a given prompter output.
 
-
-def _select_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _select_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        # fp32 on CPU: most CPUs emulate bf16 (about 5x slower), and where it is native (AMX) it is faster but
-        # gives other outputs (docs/benchmarks.md, "Frozen-target backends"), so bf16 there is an explicit choice.
-        return (
-            torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-        )
-    check_dtype(dtype)
-    return getattr(torch, str(dtype))
-
-
-def load_causal_lm(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)  # type: ignore[arg-type]
-    model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, path
+    Augment keeps the prompt byte for byte (trailing whitespace and control characters included) and adds the
+    guidance after a blank line; a prompt that already ends in line breaks gets only the missing ones.
+    """
+    if mode != "augment":
+        return generated.strip()
+    newlines = len(original) - len(original.rstrip("\n"))
+    return original + "\n" * max(0, 2 - newlines) + generated.strip()
 
 
 class Prompter:
@@ -108,22 +91,32 @@ class Prompter:
         *,
         similarity: SimilarityFn | str | None = "default",
         max_batch_size: int = 16,
+        engine: Any = None,
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
+        # ``engine``: a backend with GenerationEngine's interface instead of the local model (a served model:
+        # alignpro_plugins.serving.remote_prompter); ``model`` and ``tokenizer`` are then unused.
+        self.engine = engine or GenerationEngine(
+            model, tokenizer, max_batch_size=max_batch_size, name="alignpro-prompter"
+        )
         self.manifest = manifest
-        self.tokenizer.padding_side = "left"  # batched decoder-only generation needs left padding
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.guard_config = guard.GuardConfig(**manifest.guard)
         self._similarity_spec = manifest.similarity_model if similarity == "default" else similarity
         self._similarity: SimilarityFn | None = None
         self._sim_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
-        self._batcher: MicroBatcher[str, tuple[str, bool]] = MicroBatcher(
-            self._generate_key, max_batch_size=max_batch_size, name="alignpro-prompter"
-        )
         self._weights_id: str | None = None  # set by from_pretrained for a frozen artifact
+
+    @property
+    def model(self) -> Any:
+        """The prompter model (base + adapter); a trainer may replace it, generation follows."""
+        return self.engine.model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self.engine.model = model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
 
     # ------------------------------------------------------------------ construction and artifacts
     @classmethod
@@ -137,11 +130,11 @@ class Prompter:
         **kwargs: Any,
     ) -> Prompter:
         """An untrained (zero-shot) prompter: the base model asked to rewrite with the default template."""
-        dev = _select_device(device)
-        model, tokenizer, path = load_causal_lm(base_model, device=dev, dtype=_select_dtype(dtype, dev))
+        dev = select_device(device)
+        model, tokenizer, path = load_causal_lm(base_model, device=dev, dtype=select_dtype(dtype, dev))
         if Path(base_model).is_dir():  # a relative folder must still resolve from another working directory
             base_model = str(Path(base_model).resolve())
-        manifest = Manifest(base_model=base_model, base_model_hash=_hash_or_none(path), mode=mode)
+        manifest = Manifest(base_model=base_model, base_model_hash=folder_weights_hash(path), mode=mode)
         manifest.provenance.setdefault("stages", [])
         return cls(model, tokenizer, manifest, **kwargs)
 
@@ -182,8 +175,8 @@ class Prompter:
                 "Prompter.from_pretrained(path, base_model=<name, hub id or folder>); its weights are still "
                 "checked against the recorded hash."
             )
-        dev = _select_device(device)
-        model, tokenizer, resolved = load_causal_lm(base, device=dev, dtype=_select_dtype(dtype, dev))
+        dev = select_device(device)
+        model, tokenizer, resolved = load_causal_lm(base, device=dev, dtype=select_dtype(dtype, dev))
         verify_base_model(
             folder,
             manifest,
@@ -240,117 +233,14 @@ class Prompter:
         """The exact text the prompter model sees for ``prompt`` (trainers use this too)."""
         mode = self._check_mode(mode)
         user = self.manifest.instructions[mode].replace("{prompt}", prompt)
-        messages = [
-            {"role": "system", "content": self.manifest.system_prompt},
-            {"role": "user", "content": user},
-        ]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"{self.manifest.system_prompt}\n\n{user}\n\nAnswer:\n"
+        system = self.manifest.system_prompt
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        # Without a chat template: the plain format prompters have always been trained on.
+        return self.engine.format_chat(messages, plain=lambda _: f"{system}\n\n{user}\n\nAnswer:\n")
 
     @property
     def context_limit(self) -> int:
-        cfg = getattr(self.model, "config", None)
-        limit = getattr(cfg, "max_position_embeddings", None) or 2048
-        return int(limit) - self.manifest.generation.max_new_tokens
-
-    # ------------------------------------------------------------------ generation
-    def generate_raw(
-        self,
-        queries: Sequence[str],
-        settings: GenerationDefaults | None = None,
-        num_return_sequences: int = 1,
-    ) -> list[list[tuple[str, bool]]]:
-        """Batched generation on formatted queries: per query, ``num_return_sequences`` (text, hit_limit)."""
-        settings = settings or self.manifest.generation
-        return cast(
-            list[list[tuple[str, bool]]], self._generate_rows(queries, settings, num_return_sequences)
-        )
-
-    def _generate_rows(
-        self,
-        queries: Sequence[str],
-        settings: GenerationDefaults,
-        num_return_sequences: int,
-        *,
-        per_batch_errors: bool = False,
-    ) -> list[list[tuple[str, bool]] | Exception]:
-        """Per query, its rows; with ``per_batch_errors`` a failing call fails only its own queries (their
-        entry is the error, the other calls still run) instead of raising."""
-        if not queries:
-            return []
-        results: list[list[tuple[str, bool]] | Exception] = [[] for _ in queries]
-        try:
-            # Calls grouped by query length so that few rows are padded far (see plan_batches); order restored.
-            lengths = [
-                len(ids) for ids in self.tokenizer(list(queries), add_special_tokens=False)["input_ids"]
-            ]
-            plan = plan_batches(
-                lengths, new_tokens=settings.max_new_tokens, rows_per_item=num_return_sequences
-            )
-        except Exception as exc:  # e.g. the tokenizer failed: every query falls back
-            if not per_batch_errors:
-                raise
-            logger.warning("prompter generation failed (%s); passing %d prompts through", exc, len(queries))
-            return [exc] * len(queries)
-        for idx in plan:
-            try:
-                rows: list[Any] = self._generate_call(
-                    [queries[i] for i in idx], settings, num_return_sequences
-                )
-                if len(rows) != len(idx):
-                    raise RuntimeError(f"generate returned {len(rows)} rows for {len(idx)} queries")
-            except Exception as exc:  # the other batches' candidates still count
-                if not per_batch_errors:
-                    raise
-                logger.warning("prompter generation failed (%s); passing %d prompts through", exc, len(idx))
-                rows = [exc] * len(idx)
-            for i, row in zip(idx, rows, strict=True):
-                results[i] = row
-        return results
-
-    def _generate_call(
-        self, queries: list[str], settings: GenerationDefaults, num_return_sequences: int
-    ) -> list[list[tuple[str, bool]]]:
-        """One batched ``generate`` call on formatted queries."""
-        tok = self.tokenizer
-        enc = tok(queries, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
-        gen_kwargs: dict[str, Any] = dict(
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=settings.do_sample,
-            repetition_penalty=settings.repetition_penalty,
-            num_return_sequences=num_return_sequences,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            use_cache=True,
-        )
-        if settings.do_sample:
-            gen_kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        with self._generate_lock, torch.inference_mode():
-            was_training = self.model.training
-            self.model.eval()
-            out = self.model.generate(**enc, **gen_kwargs)
-            if was_training:
-                self.model.train()
-        new = out[:, enc["input_ids"].shape[1] :]
-        results: list[list[tuple[str, bool]]] = []
-        for i in range(len(queries)):
-            row = []
-            for j in range(num_return_sequences):
-                ids = new[i * num_return_sequences + j]
-                hit_limit = not bool((ids == tok.eos_token_id).any()) and not bool(
-                    (ids == tok.pad_token_id).any()
-                )
-                row.append((tok.decode(ids, skip_special_tokens=True), hit_limit))
-            results.append(row)
-        return results
-
-    def _generate_key(self, key: Any, queries: list[str]) -> list[tuple[str, bool]]:
-        settings = GenerationDefaults(**dict(key))
-        return [r[0] for r in self.generate_raw(queries, settings)]
+        return (self.engine.max_positions or 2048) - self.manifest.generation.max_new_tokens
 
     # ------------------------------------------------------------------ guard
     def _similarity_fn(self) -> SimilarityFn | None:
@@ -380,9 +270,7 @@ class Prompter:
         if not prompt.strip():
             return RewriteResult(prompt, prompt, mode, None, guard.EMPTY_INPUT)
         try:
-            n_tokens = len(
-                self.tokenizer(self.format_query(prompt, mode), add_special_tokens=False)["input_ids"]
-            )
+            n_tokens = len(self.engine.token_ids([self.format_query(prompt, mode)])[0])
         except Exception as exc:  # e.g. a lone surrogate (json.loads('"\\ud800"')) the tokenizer rejects
             logger.warning("cannot tokenize the prompt (%s); passing it through", exc)
             return RewriteResult(
@@ -411,36 +299,55 @@ class Prompter:
         return RewriteResult(prompt, compose(prompt, cleaned, mode), mode, cleaned, None)
 
     # ------------------------------------------------------------------ public API
-    def _settings_key(self, **overrides: Any) -> tuple:
+    def _settings(self, overrides: dict[str, Any]) -> GenerationSettings:
         check_generation_kwargs(overrides)
-        settings = replace(self.manifest.generation, **{k: v for k, v in overrides.items() if v is not None})
-        return tuple(sorted(asdict(settings).items()))
+        # The manifest is read per call: a changed generation setting applies to the next rewrite.
+        defaults = replace(self.manifest.generation, **{k: v for k, v in overrides.items() if v is not None})
+        return GenerationSettings.from_defaults(defaults)
 
-    def _submit(self, prompts: Sequence[Any], mode: str | None, overrides: dict[str, Any]):
+    def _submit(
+        self, prompts: Any, mode: str | None, overrides: dict[str, Any]
+    ) -> tuple[list[str], str, list[RewriteResult | None], dict[int, Future[Generation]]]:
         prompts = _checked_prompts(prompts)
         mode = self._check_mode(mode)
-        key = self._settings_key(**overrides)
+        settings = self._settings(overrides)
         prechecked = [self._precheck(p, mode) for p in prompts]
         futures = {
-            i: self._batcher.submit(key, self.format_query(p, mode))
+            i: self.engine.submit(self.format_query(p, mode), settings)
             for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True))
             if pre is None
         }
         return prompts, mode, prechecked, futures
 
-    def _collect(self, prompts, mode, prechecked, raws: dict[int, Any]) -> list[RewriteResult]:
+    def _collect(
+        self,
+        prompts: list[str],
+        mode: str,
+        prechecked: list[RewriteResult | None],
+        generated: dict[int, Generation | BaseException],
+    ) -> list[RewriteResult]:
         out = []
         for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True)):
             if pre is not None:
                 out.append(pre)
                 continue
-            raw = raws[i]
-            if isinstance(raw, BaseException):
-                logger.warning("prompter generation failed (%s); passing the prompt through", raw)
-                out.append(RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {raw}"))
+            gen = generated[i]
+            if isinstance(gen, BaseException):
+                logger.warning("prompter generation failed (%s); passing the prompt through", gen)
+                out.append(RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {gen}"))
             else:
-                out.append(self.finalize(p, raw[0], raw[1], mode))
+                out.append(self.finalize(p, gen.text, not gen.ended, mode))
         return out
+
+    def rewrite(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> str:
+        """The target's input for ``prompt`` (the original when the prompter's output was rejected)."""
+        return self.rewrite_results([_checked_prompt(prompt)], mode=mode, **overrides)[0].text
+
+    def rewrite_batch(
+        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
+    ) -> list[str]:
+        """The target's input for each prompt, in order (see :meth:`rewrite_results`)."""
+        return [r.text for r in self.rewrite_results(prompts, mode=mode, **overrides)]
 
     def rewrite_results(
         self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
@@ -449,18 +356,37 @@ class Prompter:
 
         A prompt that cannot be rewritten (empty, too long, untokenizable, generation or guard failure) comes
         back unchanged with ``fallback_reason`` set; that never raises. Bad call arguments do raise, before
-        any generation: a non-str element (``TypeError`` naming its index), an unknown ``mode`` or one
-        without an instruction template, or an unknown generation override (``ValueError`` listing the
-        accepted ones).
+        any generation: prompts that are not a list or tuple of str (``TypeError`` naming what was given),
+        an unknown ``mode`` or one without an instruction template, or an unknown generation override
+        (``ValueError`` listing the accepted ones).
         """
         prompts, mode, prechecked, futures = self._submit(prompts, mode, overrides)
-        raws: dict[int, Any] = {}
+        generated: dict[int, Generation | BaseException] = {}
         for i, fut in futures.items():
             try:
-                raws[i] = fut.result()
+                generated[i] = fut.result()
             except Exception as exc:
-                raws[i] = exc
-        return self._collect(prompts, mode, prechecked, raws)
+                generated[i] = exc
+        return self._collect(prompts, mode, prechecked, generated)
+
+    async def arewrite(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> str:
+        """Async :meth:`rewrite`."""
+        return (await self.arewrite_results([_checked_prompt(prompt)], mode=mode, **overrides))[0].text
+
+    async def arewrite_batch(
+        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
+    ) -> list[str]:
+        """Async :meth:`rewrite_batch`."""
+        return [r.text for r in await self.arewrite_results(prompts, mode=mode, **overrides)]
+
+    async def arewrite_results(
+        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
+    ) -> list[RewriteResult]:
+        """Async :meth:`rewrite_results`, with the same contract; the event loop keeps serving meanwhile."""
+        prompts, mode, prechecked, futures = self._submit(prompts, mode, overrides)
+        wrapped = [asyncio.wrap_future(f) for f in futures.values()]
+        done = await asyncio.gather(*wrapped, return_exceptions=True)
+        return self._collect(prompts, mode, prechecked, dict(zip(futures.keys(), done, strict=True)))
 
     def sample_rewrites(
         self, prompts: Sequence[str], k: int, *, mode: str | None = None, **overrides: Any
@@ -478,7 +404,7 @@ class Prompter:
         overrides.setdefault("do_sample", True)
         prompts = _checked_prompts(prompts)
         mode = self._check_mode(mode)
-        settings = GenerationDefaults(**dict(self._settings_key(**overrides)))
+        settings = self._settings(overrides)
         if k > 1 and not settings.do_sample:
             raise ValueError(
                 f"k={k} candidates need sampling, but the settings are greedy (do_sample={overrides['do_sample']!r}"
@@ -488,84 +414,57 @@ class Prompter:
         prechecked = [self._precheck(p, mode) for p in prompts]
         todo = [i for i, pre in enumerate(prechecked) if pre is None]
         queries = [self.format_query(prompts[i], mode) for i in todo]
-        rows = dict(zip(todo, self._generate_rows(queries, settings, k, per_batch_errors=True), strict=True))
+        generated = self.engine.generate(queries, settings, k, return_exceptions=True)
+        rows = dict(zip(todo, generated, strict=True))
         out: list[list[RewriteResult]] = []
         for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True)):
             row = rows.get(i)
             if pre is not None:
                 out.append([pre] * k)
             elif isinstance(row, list):
-                out.append([self.finalize(p, raw, hit_limit, mode) for raw, hit_limit in row])
+                out.append([self.finalize(p, g.text, not g.ended, mode) for g in row])
             else:  # nothing the user gave is lost: its candidates are the prompt
+                logger.warning("prompter generation failed (%s); passing the prompt through", row)
                 out.append([RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {row}")] * k)
         return out
 
-    async def asample_rewrites(
-        self, prompts: Sequence[str], k: int, *, mode: str | None = None, **overrides: Any
-    ) -> list[list[RewriteResult]]:
-        """Async :meth:`sample_rewrites`, run in a worker thread so the event loop keeps serving."""
-        return await asyncio.to_thread(self.sample_rewrites, prompts, k, mode=mode, **overrides)
-
-    def rewrite_result(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> RewriteResult:
-        return self.rewrite_results([prompt], mode=mode, **overrides)[0]
-
-    def rewrite(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> str:
-        """The target's input for ``prompt`` (the original when the prompter's output was rejected)."""
-        return self.rewrite_result(prompt, mode=mode, **overrides).text
-
-    def rewrite_batch(
-        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
-    ) -> list[str]:
-        return [r.text for r in self.rewrite_results(prompts, mode=mode, **overrides)]
-
-    async def arewrite_results(
-        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
-    ) -> list[RewriteResult]:
-        """Async :meth:`rewrite_results`, with the same contract."""
-        prompts, mode, prechecked, futures = self._submit(prompts, mode, overrides)
-        wrapped = [asyncio.wrap_future(f) for f in futures.values()]
-        done = await asyncio.gather(*wrapped, return_exceptions=True)
-        return self._collect(prompts, mode, prechecked, dict(zip(futures.keys(), done, strict=True)))
-
-    async def arewrite_result(
-        self, prompt: str, *, mode: str | None = None, **overrides: Any
-    ) -> RewriteResult:
-        return (await self.arewrite_results([prompt], mode=mode, **overrides))[0]
-
-    async def arewrite(self, prompt: str, *, mode: str | None = None, **overrides: Any) -> str:
-        return (await self.arewrite_result(prompt, mode=mode, **overrides)).text
-
-    async def arewrite_batch(
-        self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
-    ) -> list[str]:
-        return [r.text for r in await self.arewrite_results(prompts, mode=mode, **overrides)]
-
     def close(self) -> None:
-        self._batcher.close()
+        self.engine.close()
 
     def __repr__(self) -> str:
         m = self.manifest
         return f"Prompter(base_model={m.base_model!r}, mode={m.mode!r}, adapter={hasattr(self.model, 'peft_config')})"
 
 
-def _checked_prompts(prompts: Sequence[Any]) -> list[str]:
-    """The prompts as a list; bad call arguments raise before any work starts, so none is half-processed."""
-    if isinstance(prompts, (str, bytes)):
+def _given(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _checked_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
         raise TypeError(
-            f"expected a list of str prompts, got one {type(prompts).__name__}; use "
-            "rewrite_result(prompt) for a single prompt"
+            f"Prompter accepts one str prompt here, got {_given(prompt)}; for many prompts pass a list or "
+            "tuple of str to rewrite_batch / rewrite_results"
         )
-    prompts = list(prompts)
+    return prompt
+
+
+def _checked_prompts(prompts: object) -> list[str]:
+    """The prompts as a list; bad call arguments raise before any work starts, so none is half-processed."""
+    if isinstance(prompts, str):  # iterating it would rewrite it character by character
+        raise TypeError(
+            "expected a list or tuple of str prompts, got one str; use rewrite(prompt) for one prompt"
+        )
+    if not isinstance(prompts, (list, tuple)):  # a dict or a set would silently rewrite keys in no set order
+        raise TypeError(
+            f"Prompter accepts a list or tuple of str prompts, got {_given(prompts)}; nothing was rewritten"
+        )
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(
-                f"Prompter accepts str prompts only: prompts[{i}] is {type(p).__name__}; nothing was rewritten"
+                f"Prompter accepts str prompts only: prompts[{i}] is {_given(p)}; nothing was rewritten"
             )
-    return prompts
-
-
-def _hash_or_none(path: str) -> str | None:
-    return weights_hash(path) if Path(path).is_dir() else None
+    return list(prompts)
 
 
 _TOKENIZER_FILES = (
@@ -587,7 +486,7 @@ _TOKENIZER_FILES = (
 def _artifact_weights_id(folder: Path, manifest: Manifest, base_path: str, runtime: str) -> str:
     """The files and runtime half of :attr:`Prompter.behaviour_id`: base and adapter weights, tokenizer."""
     # A base model given by name (not a folder) is identified by the name: its files are transformers' business.
-    digest = hashlib.sha256(f"base={_hash_or_none(base_path) or base_path};{runtime}".encode())
+    digest = hashlib.sha256(f"base={folder_weights_hash(base_path) or base_path};{runtime}".encode())
     if manifest.has_adapter:
         digest.update(weights_hash(folder).encode())
     # The artifact's tokenizer if it has one, else the base folder's (from_pretrained loads it from there).

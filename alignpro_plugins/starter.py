@@ -83,13 +83,6 @@ def _gerund(topic: str) -> str:
     return topic if topic.split()[0].endswith("ing") else f"doing {topic}"
 
 
-def starter_prompts(seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    prompts = [task.format(t=t, g=_gerund(t)) for t in TOPICS for task in TASKS]
-    rng.shuffle(prompts)
-    return prompts
-
-
 def write_starter_set(folder: str | Path, *, seed: int = 0, n_heldout_topics: int = 6) -> dict[str, str]:
     """Write preferences.jsonl, train_prompts.json and heldout_prompts.json; held-out TOPICS never appear in
     training, so evaluation measures generalisation, not memory."""

@@ -7,7 +7,7 @@ script times both on the same prompts in one run, in alternating order, and chec
 
 - the baseline is the fewest calls (at most ``batch_size`` rows each, shortest first), which is what the target
   did before (and the prompter made one call for all its queries);
-- the planned calls are what ``TransformersTarget`` and ``Prompter.generate_raw`` do now.
+- the planned calls are what ``TransformersTarget`` and the prompter's ``GenerationEngine.generate`` do now.
 
     python -m benchmarks.bench_padding                   # 32 prompts (16 dolly + 16 self-instruct), ~30 min here
     python -m benchmarks.bench_padding --per-set 8 --no-docs
@@ -91,7 +91,7 @@ def main() -> None:
 
     def rollouts():  # the RL stage's shape: 4 sampled rewrites per prompt, short; seeded so both runs sample alike
         torch.manual_seed(0)
-        return prompter.generate_raw(queries, sampled, 4)
+        return prompter.engine.generate(queries, sampled, 4)
 
     rows = [
         compare(
@@ -105,7 +105,7 @@ def main() -> None:
         ),
         compare(
             "prompter rewrites, greedy, 64 new tokens",
-            lambda: prompter.generate_raw(queries, greedy),
+            lambda: prompter.engine.generate(queries, greedy),
             q_len,
             greedy.max_new_tokens,
             None,

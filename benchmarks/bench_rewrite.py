@@ -1,10 +1,10 @@
 """Prompter rewrite throughput and latency for the packaged zero-shot SmolLM2 prompter.
 
-For each batch size b, waves of b concurrent callers (threads calling ``Prompter.rewrite_result``, the way a
-server or a LangChain ``batch`` drives it) each rewrite one prompt; the prompter's micro-batcher turns a wave
-into one batched ``generate`` call (the script checks this). It reports prompts/s, generated tokens/s and
-p50/p95 per-request latency, and writes the "Prompter rewrite throughput" section of ``docs/benchmarks.md``
-(other sections are left as they are).
+For each batch size b, waves of b concurrent callers (threads calling ``Prompter.rewrite_results([prompt])``,
+the way a server or a LangChain ``batch`` drives it) each rewrite one prompt; the prompter's micro-batcher
+turns a wave into one batched ``generate`` call (the script checks this). It reports prompts/s, generated
+tokens/s and p50/p95 per-request latency, and writes the "Prompter rewrite throughput" section of
+``docs/benchmarks.md`` (other sections are left as they are).
 
     python -m benchmarks.bench_rewrite                      # batch 1/8/32, about 1 minute on 2 idle cores
     python -m benchmarks.bench_rewrite --batch-sizes 1 8 --waves 4 --no-docs   # more samples, no docs
@@ -103,7 +103,7 @@ def run_batch_size(prompter, spy: GenerateSpy, prompts: list[str], batch: int, w
             def call(p: str, barrier: threading.Barrier = barrier):
                 barrier.wait()
                 t0 = time.perf_counter()
-                r = prompter.rewrite_result(p)
+                (r,) = prompter.rewrite_results([p])
                 return time.perf_counter() - t0, r
 
             for latency, result in pool.map(call, wave):
@@ -134,10 +134,10 @@ def render_section(meta: dict, rows: list[dict]) -> str:
         'Zero-shot SmolLM2-135M-Instruct prompter (`Prompter.from_base("smollm2-135m-instruct")`, '
         f"{meta['mode']} mode, greedy, max_new_tokens={meta['max_new_tokens']}, fp32 on CPU); prompts are the "
         "`instruction` field of `../shared/data/dolly_eval.json`. For batch size b, waves of b concurrent "
-        "callers (threads calling `Prompter.rewrite_result`) each rewrite one prompt; the micro-batcher turns "
-        'each wave into one `generate` call ("generate calls" below checks it). Latency is per request, from '
-        "call to result, so at batch b it is the time of a whole batched generation. Throughput counts "
-        "generated tokens up to and including EOS.",
+        "callers (threads calling `Prompter.rewrite_results([prompt])`) each rewrite one prompt; the "
+        'micro-batcher turns each wave into one `generate` call ("generate calls" below checks it). Latency '
+        "is per request, from call to result, so at batch b it is the time of a whole batched generation. "
+        "Throughput counts generated tokens up to and including EOS.",
         "",
         f"- Command: `{meta['command']}`",
         f"- Date: {meta['date']}",
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompter.manifest.generation.max_new_tokens = args.max_new_tokens
     tok = prompter.tokenizer
     spy = GenerateSpy(prompter.model, tok.eos_token_id, tok.pad_token_id)
-    prompter.rewrite_result("Warm up.", max_new_tokens=4)
+    prompter.rewrite_results(["Warm up."], max_new_tokens=4)
 
     rows = []
     offset = 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from alignpro_plugins.data import DataError
+from alignpro_plugins.engine import Generation
 from alignpro_plugins.prompter import Prompter
 from trainers.reward_config import AlignProRewardConfig
 from trainers.reward_trainer import AlignProRewardTrainer, prompt_shard_of
@@ -611,15 +612,15 @@ def test_kl_optimum_scores_the_deployed_rewrite_beside_the_samples(sft_dir, tmp_
 
     deployed = "Explain each point in detail with concrete examples and a short summary at the end."
 
-    def generate_raw(queries, settings=None, num_return_sequences=1):  # sampled: short; deployed: long
+    def generate(queries, settings, num_return_sequences=1):  # sampled: short; deployed: long
         texts = ["Be brief.", "Short."] if settings.do_sample else [deployed]
-        return [[(t, False) for t in texts[:num_return_sequences]] for _ in queries]
+        return [[Generation(t, True, 1, 1) for t in texts[:num_return_sequences]] for _ in queries]
 
     cfg = _rl_config(
         tmp_path, sft_dir, algorithm="kl-optimum", num_generations=2, beta=0.5, per_device_train_batch_size=2
     )
     trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
-    monkeypatch.setattr(trainer.prompter, "generate_raw", generate_raw)
+    monkeypatch.setattr(trainer.prompter.engine, "generate", generate)
     sampled = GenerationDefaults(max_new_tokens=6, do_sample=True)
     kw = dict(k=2, lam=0.05, settings=sampled, mode="augment", rng=random.Random(0))
     pairs, stats = kl_optimum.run_round(trainer.scorer, PROMPTS[:3], greedy=GenerationDefaults(), **kw)
@@ -643,8 +644,9 @@ def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir,
     exact = "Be exact."
     samples = ["Add detail and more detail.", "Go.", "Expand on this a lot, please."]
 
-    def generate_raw(queries, settings=None, num_return_sequences=1):
-        return [[(t, False) for t in (samples + [exact, padded])[:num_return_sequences]] for _ in queries]
+    def generate(queries, settings, num_return_sequences=1):
+        texts = (samples + [exact, padded])[:num_return_sequences]
+        return [[Generation(t, True, 1, 1) for t in texts] for _ in queries]
 
     def reward(prompts, answers):  # a judge that counts words, plus a real bonus for exactness
         return [len(a.split()) + 8.0 * ("exact" in a) for a in answers]
@@ -653,7 +655,7 @@ def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir,
         tmp_path, sft_dir, algorithm="kl-optimum", num_generations=5, beta=0.5, per_device_train_batch_size=2
     )
     trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=reward)
-    monkeypatch.setattr(trainer.prompter, "generate_raw", generate_raw)
+    monkeypatch.setattr(trainer.prompter.engine, "generate", generate)
     kw = dict(k=5, lam=0.05, settings=GenerationDefaults(max_new_tokens=6, do_sample=True), mode="augment")
     raw, stats = kl_optimum.run_round(trainer.scorer, PROMPTS[:3], rng=random.Random(0), **kw)
     assert [y for _, y in raw].count(padded) > 0.8 * len(raw)  # raw reward: the longest guidance wins
@@ -1129,9 +1131,9 @@ def test_sft_fit_check_counts_exact_reproductions(
         assert settings.do_sample is False  # greedy, at the deployed length cap
         assert settings.max_new_tokens == trainer.prompter.manifest.generation.max_new_tokens
         seen.extend(queries)
-        return [[(emitted[len(seen) - len(queries) + i], False)] for i in range(len(queries))]
+        return [[Generation(emitted[len(seen) - len(queries) + i], True, 1, 1)] for i in range(len(queries))]
 
-    trainer.prompter.generate_raw = deployed
+    trainer.prompter.engine.generate = deployed
     with caplog.at_level("WARNING", logger="trainers.sft_trainer"):
         fit = trainer.fit_check(pairs)
     assert fit["reproduced"] == reproduced and fit["top_target_reproduced"] == top_reproduced
@@ -1148,8 +1150,8 @@ def test_sft_fit_check_counts_guard_fallbacks_and_the_length_cap(tiny_lm_dir, tm
     pairs = [(p, T) for p in PROMPTS[:4]]
     trainer = AlignProSFTTrainer(cfg, pairs=pairs)
     # Output cut mid-sentence at the token limit: the guard falls back (the prompt passes through): no match.
-    trainer.prompter.generate_raw = lambda queries, settings, n=1: [
-        [("Answer in detail, with", True)] for _ in queries
+    trainer.prompter.engine.generate = lambda queries, settings, n=1: [
+        [Generation("Answer in detail, with", False, 1, 1)] for _ in queries
     ]
     with caplog.at_level("WARNING", logger="trainers.sft_trainer"):
         fit = trainer.fit_check(pairs)

@@ -89,10 +89,13 @@ def run_round(
     for s in tqdm(range(0, len(prompts), gen_batch), desc="kl-optimum: sampling rewrites"):
         chunk = prompts[s : s + gen_batch]
         queries = [prompter.format_query(x, mode) for x in chunk]
-        rows = prompter.generate_raw(queries, settings, k)
+        rows = [
+            [(g.text, not g.ended) for g in row] for row in prompter.engine.generate(queries, settings, k)
+        ]
         if greedy is not None:
             rows = [
-                [*row, *g] for row, g in zip(rows, prompter.generate_raw(queries, greedy, 1), strict=True)
+                [*row, (g.text, not g.ended)]
+                for row, (g,) in zip(rows, prompter.engine.generate(queries, greedy), strict=True)
             ]
         samples += [
             (x, g, h)
@@ -176,7 +179,7 @@ def deployed_reward(
     rows: list[tuple[str, bool]] = []
     for s in range(0, len(prompts), gen_batch):
         queries = [prompter.format_query(x, mode) for x in prompts[s : s + gen_batch]]
-        rows += [row[0] for row in prompter.generate_raw(queries, settings, 1)]
+        rows += [(g.text, not g.ended) for (g,) in prompter.engine.generate(queries, settings)]
     batch = scorer.score(list(prompts), [g for g, _ in rows], [h for _, h in rows], mode)
     return sum(batch.rewards) / len(batch.rewards)
 

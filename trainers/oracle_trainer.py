@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignpro_plugins.prompter import load_causal_lm
+from alignpro_plugins.engine import load_causal_lm
 from alignpro_plugins.rewards import as_reward
 from trainers.common import (
     JsonlMetricsCallback,

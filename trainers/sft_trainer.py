@@ -115,8 +115,9 @@ class AlignProSFTTrainer:
             for s in tqdm(range(0, len(prompts), bs), desc="bootstrap: sampling rewrites"):
                 chunk = prompts[s : s + bs]
                 queries = [self.prompter.format_query(p, cfg.mode) for p in chunk]
-                for i, row in enumerate(self.prompter.generate_raw(queries, settings, cfg.num_candidates)):
-                    sampled[s + i] = row
+                rows = self.prompter.engine.generate(queries, settings, cfg.num_candidates)
+                for i, row in enumerate(rows):
+                    sampled[s + i] = [(g.text, not g.ended) for g in row]
         out = []
         for row in sampled:
             cands = list(row)
@@ -331,8 +332,8 @@ class AlignProSFTTrainer:
         for s in range(0, n, 8):
             chunk = sample[s : s + 8]
             queries = [self.prompter.format_query(x, cfg.mode) for x, _ in chunk]
-            for (x, _), row in zip(chunk, self.prompter.generate_raw(queries, settings), strict=True):
-                raw, hit = row[0]
+            for (x, _), (g,) in zip(chunk, self.prompter.engine.generate(queries, settings), strict=True):
+                raw, hit = g.text, not g.ended
                 at_limit += hit
                 res = self.prompter.finalize(x, raw, hit, cfg.mode)
                 # A guard fallback passes the prompt through unchanged, which is what "no change" ("") teaches.

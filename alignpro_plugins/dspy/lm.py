@@ -30,6 +30,8 @@ from dspy.lm15 import (
 )
 from dspy.utils.exceptions import AdapterParseError
 
+from alignpro_plugins.engine import GenerationEngine, GenerationSettings, folder_weights_hash
+
 
 def _system_text(system: Any) -> str:
     if system is None:
@@ -44,7 +46,8 @@ _LOADED_LOCK = threading.Lock()
 
 
 class TransformersEngine:
-    """lm15 engine: a local causal LM answering through its chat template (one request at a time).
+    """lm15 engine: a local causal LM answering through its chat template (one request at a time), a thin
+    wrapper over :class:`~alignpro_plugins.engine.GenerationEngine`.
 
     The engine is borrowed by every ``dspy.LM`` (and every copy of one) that uses it, so deep copies share it
     instead of duplicating the weights.
@@ -58,17 +61,21 @@ class TransformersEngine:
         dtype: str | None = "auto",
         max_new_tokens: int = 256,
     ) -> None:
-        from alignpro_plugins.prompter import _select_device, _select_dtype, load_causal_lm
-
         self.model_name = str(model)
         self.device = device
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
-        dev = _select_device(device)
-        self.model, self.tokenizer, self.path = load_causal_lm(
-            self.model_name, device=dev, dtype=_select_dtype(dtype, dev)
+        self.engine, self.path = GenerationEngine.load(
+            self.model_name, device=device, dtype=dtype, name=f"alignpro-dspy:{self.model_name}"
         )
-        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        return self.engine.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
 
     # --- persistence: DSPy saves a custom engine as its class path + this JSON state -------------------------
     def dump_state(self) -> dict[str, Any]:
@@ -111,60 +118,37 @@ class TransformersEngine:
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": m.text})
         return messages
 
-    def _format(self, messages: list[dict[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        body = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-        return f"{body}\nAssistant:"
-
     def complete(self, request: Request) -> Response:
-        import torch
-
         if request.tools:
             raise UnsupportedFeatureError(f"{self.model_name}: tool calling is not supported")
         cfg = request.config
-        text = self._format(self._messages(request))
-        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        n_in = int(enc["input_ids"].shape[1])
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        text = self.engine.format_chat(self._messages(request))
+        n_in = len(self.engine.token_ids([text])[0])
+        limit = self.engine.max_positions
         max_new = int(cfg.max_tokens or self.max_new_tokens)
-        if limit is not None and n_in >= int(limit):
+        if limit is not None and n_in >= limit:
             raise InvalidRequestError(
                 f"{self.model_name}: prompt of {n_in} tokens exceeds the context ({limit})"
             )
         if limit is not None:
-            max_new = max(1, min(max_new, int(limit) - n_in))
-        sample = bool(cfg.temperature and cfg.temperature > 0)
-        gen: dict[str, Any] = dict(
+            max_new = max(1, min(max_new, limit - n_in))
+        settings = GenerationSettings(
             max_new_tokens=max_new,
-            do_sample=sample,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            use_cache=True,
+            do_sample=bool(cfg.temperature and cfg.temperature > 0),
+            temperature=cfg.temperature,
+            # Unset top_p / top_k mean no filter (1.0 and 0), not the model's defaults.
+            top_p=1.0 if cfg.top_p is None else cfg.top_p,
+            top_k=0 if cfg.top_k is None else cfg.top_k,
+            stop=tuple(s for s in cfg.stop or () if s),
+            seed=cfg.seed,
         )
-        if sample:
-            gen.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-        else:
-            gen.update(temperature=None, top_p=None, top_k=None)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
-        with self._lock, torch.inference_mode():
-            if sample and cfg.seed is not None:
-                torch.manual_seed(cfg.seed)
-            out = self.model.generate(**enc, **gen)
-        new = out[0, n_in:]
-        answer = self.tokenizer.decode(new, skip_special_tokens=True)
-        ended = bool((new == self.tokenizer.eos_token_id).any())
-        finish = "stop" if ended else "length"
-        for stop in cfg.stop:
-            # Stop sequences are applied after generation: cheap and exact for short answers.
-            if stop and stop in answer:
-                answer, finish = answer[: answer.index(stop)], "stop"
+        ((out,),) = self.engine.generate([text], settings)
         return Response(
             id=None,
             model=request.model,
-            message=Message.assistant((TextPart(answer.strip()),)),
-            finish_reason=finish,
-            usage=Usage(input_tokens=n_in, output_tokens=int(new.shape[0])),
+            message=Message.assistant((TextPart(out.text.strip()),)),
+            finish_reason="stop" if out.ended else "length",
+            usage=Usage(input_tokens=out.input_tokens, output_tokens=out.output_tokens),
         )
 
     def stream(self, request: Request):
@@ -205,10 +189,8 @@ class AsyncTransformersEngine:
 
 
 def _model_label(engine: TransformersEngine) -> str:
-    from alignpro_plugins.prompter import _hash_or_none
-
     name = Path(engine.model_name).name if Path(engine.model_name).is_dir() else engine.model_name
-    digest = _hash_or_none(engine.path)
+    digest = folder_weights_hash(engine.path)
     # The weights' hash is part of the model string because DSPy's response cache is keyed by it: two
     # different local models saved under the same folder name must not share cached answers.
     return f"local/{name}@{digest.split(':')[-1][:12]}" if digest else f"local/{name}"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from alignpro_plugins.batching import plan_batches
+from alignpro_plugins.engine import GenerationEngine, GenerationSettings
 from alignpro_plugins.manifest import weights_hash
 from alignpro_plugins.targets.base import FrozenTarget
 
@@ -37,13 +36,10 @@ class TransformersTarget(FrozenTarget):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        from alignpro_plugins.prompter import _select_device, _select_dtype, load_causal_lm
-
         self._weights: str | None = None
         if isinstance(model, str):
-            dev = _select_device(device)
-            self.model, self.tokenizer, path = load_causal_lm(
-                model, device=dev, dtype=_select_dtype(dtype, dev)
+            self.engine, path = GenerationEngine.load(
+                model, device=device, dtype=dtype, name="alignpro-target"
             )
             self._name = name or model
             # Cached answers are keyed by identity: a folder whose weights change in place is another target.
@@ -52,16 +48,24 @@ class TransformersTarget(FrozenTarget):
         else:
             if tokenizer is None:
                 raise TypeError("TransformersTarget(model=<PreTrainedModel>) also needs tokenizer=...")
-            self.model, self.tokenizer = model, tokenizer
+            self.engine = GenerationEngine(model, tokenizer, name="alignpro-target")
             self._name = name or str(getattr(model.config, "_name_or_path", None) or type(model).__name__)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.batch_size = batch_size
         self.system_prompt = system_prompt
-        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        return self.engine.model
+
+    @model.setter
+    def model(self, model: Any) -> None:  # e.g. an oracle: the target's model with an adapter on top
+        self.engine.model = model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
 
     @property
     def identity(self) -> str:
@@ -82,9 +86,7 @@ class TransformersTarget(FrozenTarget):
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + [
             {"role": "user", "content": prompt}
         ]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return f"User: {prompt}\nAssistant:"
+        return self.engine.format_chat(messages)
 
     def _generate(self, prompts: list[str]) -> list[str]:
         return [answer for answer, _ in self._generate_ended(prompts)]
@@ -97,44 +99,22 @@ class TransformersTarget(FrozenTarget):
         """
         return self._counted(self._generate_ended, prompts)
 
-    def _stop_ids(self) -> set[int]:
-        """The token ids ``generate`` stops on (its generation config's EOS ids)."""
-        ids = getattr(self.model.generation_config, "eos_token_id", None)
-        return set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-
     def _generate_ended(self, prompts: list[str]) -> list[tuple[str, bool]]:
-        import torch
-
-        texts = [self.format(p) for p in prompts]
-        if not texts:
-            return []
-        eos = self._stop_ids()
-        # Calls grouped by prompt length so that few rows are padded far (see plan_batches); order restored.
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        answers: list[tuple[str, bool]] = [("", True)] * len(texts)
-        sample = self.temperature > 0
-        for idx in plan_batches(lengths, new_tokens=self.max_new_tokens, max_rows=self.batch_size):
-            try:
-                enc = self.tokenizer(
-                    [texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-                )
-                enc = {k: v.to(self.model.device) for k, v in enc.items()}
-                with self._lock, torch.inference_mode():
-                    out = self.model.generate(
-                        **enc,
-                        max_new_tokens=self.max_new_tokens,
-                        do_sample=sample,
-                        temperature=self.temperature if sample else None,
-                        top_p=None,
-                        top_k=None,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        use_cache=True,
-                    )
-                new = out[:, enc["input_ids"].shape[1] :]
-                for i, ids in zip(idx, new, strict=True):
-                    ended = any(int(t) in eos for t in ids)  # a cut answer holds no EOS (nor EOS padding)
-                    answers[i] = (self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ended)
-            except Exception as exc:  # e.g. out of memory: count it, keep going
-                for i in idx:  # not an answer that ended: nothing here for a trainer to learn to stop on
-                    answers[i] = (self._failed(exc, prompts[i]), False)
+        # Sampling with temperature alone: top-k and top-p off (0 and 1.0), whatever the model's defaults say.
+        settings = GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.temperature > 0,
+            temperature=self.temperature,
+            top_p=1.0,
+            top_k=0,
+        )
+        rows = self.engine.generate(
+            [self.format(p) for p in prompts], settings, max_rows=self.batch_size, return_exceptions=True
+        )
+        answers: list[tuple[str, bool]] = []
+        for prompt, row in zip(prompts, rows, strict=True):
+            if isinstance(row, Exception):  # e.g. out of memory: count it, keep going; nothing here ended
+                answers.append((self._failed(row, prompt), False))
+            else:
+                answers.append((row[0].text.strip(), row[0].ended))
         return answers
