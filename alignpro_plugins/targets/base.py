@@ -71,14 +71,22 @@ class FrozenTarget(ABC):
         return answers
 
     async def agenerate(self, prompts: Sequence[str]) -> list[str]:
-        # Local models run in a worker thread so the event loop stays free.
-        return await asyncio.to_thread(self.generate, prompts)
+        start = time.perf_counter()
+        try:
+            return await self._agenerate(list(prompts))
+        finally:
+            self.stats.seconds += time.perf_counter() - start
+            self.stats.calls += len(prompts)
 
     def __call__(self, prompts: Sequence[str]) -> list[str]:
         return self.generate(prompts)
 
     @abstractmethod
     def _generate(self, prompts: list[str]) -> list[str]: ...
+
+    async def _agenerate(self, prompts: list[str]) -> list[str]:
+        # Local models run in a worker thread so the event loop stays free.
+        return await asyncio.to_thread(self._generate, prompts)
 
     def _failed(self, exc: BaseException, prompt: str) -> str:
         self.stats.failures += 1
