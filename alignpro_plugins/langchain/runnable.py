@@ -519,8 +519,6 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[Any]:
-        if not inputs:
-            return []
         return self._batch_with_config(
             self._process, list(inputs), config, return_exceptions=return_exceptions, run_type="prompt"
         )
@@ -533,8 +531,6 @@ class AlignProRunnable(RunnableSerializable[Any, Any]):
         return_exceptions: bool = False,
         **kwargs: Any,
     ) -> list[Any]:
-        if not inputs:
-            return []
         return await self._abatch_with_config(
             self._aprocess, list(inputs), config, return_exceptions=return_exceptions, run_type="prompt"
         )
