@@ -34,6 +34,7 @@ from langchain_core.tracers.run_collector import RunCollectorCallbackHandler
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from alignpro_plugins import guard
+from alignpro_plugins.engine import Generation
 from alignpro_plugins.gate import RetryGate
 from alignpro_plugins.langchain import (
     ACCEPTED_INPUTS,
@@ -63,9 +64,9 @@ class StubPrompter(Prompter):
 
     guidance = GUIDANCE
 
-    def _generate_key(self, key: Any, queries: list[str]) -> list[tuple[str, bool]]:
+    def stub_generate(self, queries, settings, num_return_sequences=1, **kwargs) -> list[list[Generation]]:
         self.batches.append(len(queries))
-        return [(self.guidance_for(q), False) for q in queries]
+        return [[Generation(self.guidance_for(q), True, 0, 0)] * num_return_sequences for q in queries]
 
     def guidance_for(self, query: str) -> str:
         return self.guidance
@@ -74,6 +75,7 @@ class StubPrompter(Prompter):
     def build(cls, base_dir: str, **kwargs: Any) -> StubPrompter:
         p = cls.from_base(base_dir, similarity=None, **kwargs)
         p.batches = []
+        p.engine.generate = p.stub_generate  # type: ignore[method-assign]
         return p
 
 
@@ -273,7 +275,7 @@ def test_nothing_to_rewrite_passes_through_with_reason(rewriter):
 def test_batch_calls_the_prompter_once_with_all_texts(tiny_prompter, monkeypatch):
     calls: list[list[str]] = []
     sizes: list[int] = []
-    real_results, real_raw = tiny_prompter.rewrite_results, tiny_prompter.generate_raw
+    real_results, real_raw = tiny_prompter.rewrite_results, tiny_prompter.engine.generate
 
     def spy_results(prompts, **kw):
         calls.append(list(prompts))
@@ -284,7 +286,7 @@ def test_batch_calls_the_prompter_once_with_all_texts(tiny_prompter, monkeypatch
         return real_raw(queries, *a, **kw)
 
     monkeypatch.setattr(tiny_prompter, "rewrite_results", spy_results)
-    monkeypatch.setattr(tiny_prompter, "generate_raw", spy_raw)
+    monkeypatch.setattr(tiny_prompter.engine, "generate", spy_raw)
     r = AlignProRunnable(tiny_prompter, generation_kwargs={"max_new_tokens": 8})
     inputs = [
         "first",
@@ -453,7 +455,7 @@ async def test_on_error_raise_async(stub, monkeypatch):
 
 
 class FailingPrompter(StubPrompter):
-    def _generate_key(self, key: Any, queries: list[str]) -> list[tuple[str, bool]]:
+    def stub_generate(self, queries, settings, num_return_sequences=1, **kwargs) -> list[list[Generation]]:
         raise RuntimeError("out of memory")
 
 
@@ -782,15 +784,17 @@ def test_langchain_target_over_aligned_and_local_models(stub, echo, tiny_lm_dir)
 # ---------------------------------------------------------------------- ChatLocalTransformers (tiny model)
 def test_local_model_batches_concurrent_calls_and_reports_usage(tiny_lm_dir):
     llm = ChatLocalTransformers(model=tiny_lm_dir, max_tokens=5, batch_size=4)
-    rt = llm._runtime()
+    model = llm._get_engine().model
     sizes: list[int] = []
-    real = rt._generate_batch
+    busy = threading.Event()
+    real = model.generate
 
-    def spy(settings, prompts):
-        sizes.append(len(prompts))
-        return real(settings, prompts)
+    def spy(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        busy.wait()  # generation is busy: the other calls queue up and must share the next batch
+        return real(*args, **kwargs)
 
-    rt.batcher._fn = spy
+    model.generate = spy
     results: list[AIMessage] = [None] * 4  # type: ignore[list-item]
 
     def call(i: int) -> None:
@@ -798,14 +802,14 @@ def test_local_model_batches_concurrent_calls_and_reports_usage(tiny_lm_dir):
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
     try:
-        with rt.lock:  # generation is busy: the four calls queue up and must share the next batch
-            for t in threads:
-                t.start()
-            time.sleep(0.5)
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        busy.set()
         for t in threads:
             t.join()
     finally:
-        rt.batcher._fn = real
+        del model.generate
     assert sum(sizes) == 4 and max(sizes) > 1
     for msg in results:
         usage = msg.usage_metadata
