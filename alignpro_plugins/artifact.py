@@ -42,7 +42,7 @@ UNSAFE_SUFFIXES = (
     ".h5",
     ".msgpack",
 )
-_OPT_IN = "allow_unverified_base=True (the CLI: --allow-unverified-base)"
+_OPT_IN = "allow_unverified_base=True (alignpro rewrite / eval: --allow-unverified-base)"
 
 
 class ArtifactError(ValueError):

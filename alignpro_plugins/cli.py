@@ -97,6 +97,12 @@ def _add_prompter_base(p: argparse.ArgumentParser) -> None:
         help="base model folder or name for --prompter, when the folder its alignpro.json records has moved "
         "(the recorded weights hash is still checked)",
     )
+    p.add_argument(
+        "--allow-unverified-base",
+        action="store_true",
+        help="load a --prompter whose base model cannot be verified (no base_model_hash, or no local weights "
+        "to hash), with a warning; refused otherwise",
+    )
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -141,7 +147,9 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         rows = [at.row for at in located]
     # Input is checked before the prompter loads.
     prompter = (
-        Prompter.from_pretrained(args.prompter, base_model=args.prompter_base)
+        Prompter.from_pretrained(
+            args.prompter, base_model=args.prompter_base, allow_unverified_base=args.allow_unverified_base
+        )
         if args.prompter
         else Prompter.from_base(args.base)
     )
@@ -305,7 +313,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         judges["independent"] = RewardModel(args.independent_judge)
     configs: list[Any] = [FrozenAlone(), FixedTemplate(template=args.template)]
     trained = (
-        Prompter.from_pretrained(args.prompter, base_model=args.prompter_base) if args.prompter else None
+        Prompter.from_pretrained(
+            args.prompter, base_model=args.prompter_base, allow_unverified_base=args.allow_unverified_base
+        )
+        if args.prompter
+        else None
     )
     if trained is not None:
         zero = Prompter.from_base(
@@ -316,7 +328,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name, path in extras:
             configs.append(
                 WithPrompter(
-                    prompter=Prompter.from_pretrained(path, base_model=args.prompter_base),
+                    prompter=Prompter.from_pretrained(
+                        path, base_model=args.prompter_base, allow_unverified_base=args.allow_unverified_base
+                    ),
                     name=name,
                     description=path,
                 )

@@ -300,3 +300,18 @@ def test_the_default_packaged_similarity_model_passes_the_check():
     from alignpro_plugins.artifact import check_similarity_model
 
     check_similarity_model("all-minilm-l6-v2")
+
+
+def test_the_cli_refuses_an_unverified_base_in_one_line_and_takes_the_opt_in(copy, capsys):
+    from alignpro_plugins.cli import main
+
+    edit_manifest(copy, base_model_hash=None)
+    assert main(["rewrite", "--prompter", str(copy), "Tell me about tea."]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alignpro rewrite: error: Refusing to load")
+    assert "--allow-unverified-base" in lines[0]
+    with pytest.warns(UserWarning, match="UNVERIFIED BASE MODEL"):
+        assert (
+            main(["rewrite", "--prompter", str(copy), "--allow-unverified-base", "Tell me about tea."]) == 0
+        )
+    assert capsys.readouterr().out.strip()
