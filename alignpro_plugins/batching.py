@@ -12,7 +12,7 @@ import queue
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -51,9 +51,6 @@ class MicroBatcher(Generic[T, R]):
         self._ensure_started()
         self._queue.put((key, item, fut))
         return fut
-
-    def submit_many(self, key: Hashable, items: Sequence[T]) -> list[Future[R]]:
-        return [self.submit(key, item) for item in items]
 
     def _ensure_started(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -102,10 +99,6 @@ class MicroBatcher(Generic[T, R]):
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout=5)
-
-
-def wait_all(futures: list[Future[Any]]) -> list[Any]:
-    return [f.result() for f in futures]
 
 
 # One decode step of batched generation costs about as much as prefilling this many prompt tokens of one row.

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from alignpro_plugins.batching import DECODE_STEP_COST_TOKENS, MicroBatcher, plan_batches, wait_all
+from alignpro_plugins.batching import DECODE_STEP_COST_TOKENS, MicroBatcher, plan_batches
 
 
 class Recorder:
@@ -34,8 +34,8 @@ def test_results_map_to_their_items_in_order():
     rec = Recorder()
     b = MicroBatcher(rec, max_batch_size=4)
     try:
-        futures = b.submit_many("k", list(range(10)))
-        assert wait_all(futures) == [("k", i * 10) for i in range(10)]
+        futures = [b.submit("k", i) for i in range(10)]
+        assert [f.result() for f in futures] == [("k", i * 10) for i in range(10)]
         assert all(len(items) <= 4 for _, items in rec.batches)
         assert sorted(i for _, items in rec.batches for i in items) == list(range(10))
     finally:
@@ -67,7 +67,7 @@ def test_keys_are_never_mixed_in_one_batch():
     b = MicroBatcher(rec, max_batch_size=8)
     try:
         futures = [b.submit(("a" if i % 2 else "b"), i) for i in range(20)]
-        results = wait_all(futures)
+        results = [f.result() for f in futures]
         assert results == [("a" if i % 2 else "b", i * 10) for i in range(20)]
         for key, items in rec.batches:
             assert all(("a" if i % 2 else "b") == key for i in items)
@@ -79,7 +79,7 @@ def test_a_failed_batch_fails_only_its_callers_and_the_worker_survives():
     rec = Recorder(fail_on={3})
     b = MicroBatcher(rec, max_batch_size=2, max_wait_s=0.05)
     try:
-        futures = b.submit_many("k", [0, 1, 2, 3, 4, 5])
+        futures = [b.submit("k", i) for i in range(6)]
         outcomes = []
         for f in futures:
             try:
@@ -100,7 +100,7 @@ def test_a_failed_batch_fails_only_its_callers_and_the_worker_survives():
 def test_wrong_number_of_results_is_an_error_for_every_caller():
     b = MicroBatcher(lambda key, items: items[:-1], max_batch_size=4, max_wait_s=0.05)
     try:
-        futures = b.submit_many("k", [1, 2, 3])
+        futures = [b.submit("k", i) for i in [1, 2, 3]]
         for f in futures:
             with pytest.raises(RuntimeError, match="returned"):
                 f.result(timeout=10)
@@ -167,7 +167,7 @@ def test_bad_settings_are_rejected_up_front(kwargs, message):
 def test_smallest_valid_settings_still_work():
     b = MicroBatcher(lambda key, items: [i + 1 for i in items], max_batch_size=1, max_wait_s=0)
     try:
-        assert wait_all(b.submit_many("k", [1, 2, 3])) == [2, 3, 4]
+        assert [b.submit("k", i).result() for i in [1, 2, 3]] == [2, 3, 4]
     finally:
         b.close()
 
