@@ -473,3 +473,25 @@ def test_tiny_model_names_are_the_packaged_ones():
     from alignpro_plugins.models import PACKAGED_MODELS
 
     assert set(PACKAGED_NAMES) == set(PACKAGED_MODELS)
+
+
+def test_every_test_the_guarantees_page_names_exists():
+    """docs/guarantees.md backs each promise with tests: `file.py::test_name`, then bare `test_name`s of that
+    file. A renamed or deleted test must not leave a promise backed by nothing."""
+    named = re.findall(
+        r"`(?:tests/)?(test_\w+\.py)(?:::(test_\w+))?`|`(test_\w+)`", (DOCS / "guarantees.md").read_text()
+    )
+    sources: dict[str, str] = {}
+    missing, current = [], None
+    for file, name, bare in named:
+        if file:
+            current = file
+            path = ROOT / "tests" / file
+            if not path.exists():
+                missing.append(file)
+                continue
+            sources[file] = path.read_text()
+        test = name or bare
+        if test and (current not in sources or not re.search(rf"def {test}\(", sources[current])):
+            missing.append(f"{current}::{test}")
+    assert named and not missing, f"docs/guarantees.md names tests that do not exist: {missing}"
