@@ -594,9 +594,11 @@ def test_openai_target_reuses_one_client_and_its_connections():
 
         assert asyncio.run(twice()) == ["echo: a0", "echo: a1"]
         assert asyncio.run(target.agenerate(["a2"])) == ["echo: a2"]  # another event loop: its own client
+        target.close()  # the connections go; a later call opens new ones
+        assert target.generate(["s4"]) == ["echo: s4"] and target._client() is not client
     peers = [r.peer for r in server.requests]
     assert len(set(peers[:4])) == 1  # four sync calls, one keep-alive connection
-    assert peers[4] == peers[5] and len(set(peers)) == 3
+    assert peers[4] == peers[5] and len(set(peers)) == 4
 
 
 @pytest.mark.server
