@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 from alignpro_plugins import stats
-from alignpro_plugins.gate import RetryGate, retry_threshold  # noqa: F401 - retry_threshold sets a threshold
+from alignpro_plugins.gate import RetryGate, retry_threshold  # noqa: F401 - re-exported: it sets WithRetryGate.threshold
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import RewardFunction, judge_identity, prompts_trained_on
