@@ -22,14 +22,22 @@ STAGES = {
     "rl": ("trainers.rl_config:AlignProRLConfig", "trainers.rl_trainer:train_rl"),
     "oracle": ("trainers.oracle_config:RLHFOracleConfig", "trainers.oracle_trainer:train_oracle"),
 }
+# A second algorithm of a stage has a config class of its own (as TRL pairs a config with each trainer):
+# `--algorithm kl-optimum`, or `algorithm: kl-optimum` in YAML, picks it; the stage's train function runs the
+# trainer paired with the config it is given.
+ALGORITHM_CONFIGS = {
+    ("rl", "kl-optimum"): "trainers.kl_optimum_config:KLOptimumConfig",
+    ("oracle", "kl-optimum"): "trainers.oracle_config:KLOptimumOracleConfig",
+}
 DESCRIPTIONS = {
     "models": "list the packaged models and where they resolve",
     "rewrite": "rewrite prompts with a prompter (text arguments, or jsonl in -> jsonl out)",
     "reward": "train a reward model r(x, y) on preference pairs",
     "guidance": "search for the fixed guidance text that scores best across training prompts",
     "sft": "SFT the prompter on prompt pairs, or on best-of-K bootstrap targets",
-    "rl": "Align-Pro RL of the prompter (GRPO, KL to the SFT prompter)",
-    "oracle": "RLHF oracle: fine-tune the target itself by GRPO (LoRA) on the same reward, for comparison",
+    "rl": "Align-Pro RL of the prompter (GRPO, or --algorithm kl-optimum; KL to the SFT prompter)",
+    "oracle": "RLHF oracle: fine-tune the target itself by GRPO or kl-optimum (LoRA) on the same reward, for "
+    "comparison",
     "train": "run reward -> (guidance) -> sft -> rl from one YAML recipe",
     "eval": "compare frozen / template / zero-shot / prompter / best-of-K / oracle under several judges",
     "export": "merge a prompter into a standalone model folder (safetensors, and GGUF with --gguf) for any server",
@@ -65,7 +73,7 @@ def parse_stage_config(stage: str, argv: Sequence[str], yaml_defaults: dict[str,
     """TRL-style: dataclass fields become flags; ``--config file.yaml`` supplies defaults the flags override."""
     from transformers import HfArgumentParser
 
-    cls = _load(STAGES[stage][0])
+    cls = _stage_config_class(stage, argv, yaml_defaults)
     parser = HfArgumentParser(cls, prog=f"alignpro {stage}", description=DESCRIPTIONS[stage])
     parser.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
     ns, extra = parser.parse_known_args(argv)
@@ -89,6 +97,20 @@ def parse_stage_config(stage: str, argv: Sequence[str], yaml_defaults: dict[str,
             action.required = False
     args = [a for a in argv]
     return parser.parse_args_into_dataclasses(args=args)[0]
+
+
+def _stage_config_class(stage: str, argv: Sequence[str], yaml_defaults: dict[str, Any] | None) -> Any:
+    """The config class of the algorithm named by ``--algorithm``, else by ``--config``'s YAML, else the recipe."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--algorithm")
+    early.add_argument("--config")
+    ns, _ = early.parse_known_args(argv)
+    algorithm = ns.algorithm
+    if algorithm is None and ns.config:
+        algorithm = _read_yaml(ns.config).get("algorithm")
+    if algorithm is None:
+        algorithm = (yaml_defaults or {}).get("algorithm")
+    return _load(ALGORITHM_CONFIGS.get((stage, algorithm), STAGES[stage][0]))
 
 
 def _add_prompter_base(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
 """Rewards r(x, y): score an answer y against the ORIGINAL prompt x.
 
-One interface, ``score(prompts, answers) -> list[float]``, with backends for a reward-model artifact (the
-reward stage's output, or any sequence-classification model), and a plain Python callable.
+One interface, ``reward(prompts, answers) -> list[float]``, with backends for a reward-model artifact (the
+reward stage's output, or any sequence-classification model), and a plain Python callable. A prompt is the
+user's x as a string, or the :class:`~alignpro_plugins.targets.TargetRequest` the answer came from: the reward
+scores against its ``original``, never the rewrite the target saw.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from alignpro_plugins.manifest import weights_hash
 from alignpro_plugins.models import resolve_model
+from alignpro_plugins.targets.base import TargetRequest, as_requests
 
 REWARD_MANIFEST = "alignpro_reward.json"
 
@@ -43,6 +46,9 @@ def judge_identity(judge: Any) -> str:
 
 
 class RewardFunction(ABC):
+    """Scores answers against the user's prompts. Subclasses implement ``score`` on the original prompts' text;
+    one that needs a request's framework context overrides ``score_requests``."""
+
     @property
     @abstractmethod
     def identity(self) -> str: ...
@@ -50,10 +56,13 @@ class RewardFunction(ABC):
     @abstractmethod
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]: ...
 
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    def score_requests(self, requests: Sequence[TargetRequest], answers: Sequence[str]) -> list[float]:
+        return self.score([r.original for r in requests], answers)
+
+    def __call__(self, prompts: Sequence[str | TargetRequest], answers: Sequence[str]) -> list[float]:
         if len(prompts) != len(answers):
             raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
-        return self.score(prompts, answers)
+        return self.score_requests(as_requests(prompts), answers)
 
 
 def encode_pairs(

@@ -414,9 +414,8 @@ def sft_config(output_dir: Path, reward_model: Path, budget: dict):
 def kl_budget(budget: dict) -> dict:
     """kl-optimum settings shared by the prompter's RL stage and the RLHF oracle: same rounds, prompts, samples."""
     return dict(
-        algorithm="kl-optimum",
-        kl_rounds=budget["kl_rounds"],
-        kl_prompts_per_round=budget["kl_prompts"],
+        rounds=budget["kl_rounds"],
+        prompts_per_round=budget["kl_prompts"],
         resume=True,  # a longer budget continues after the rounds already done
         beta=0.5,
         learning_rate=1e-4,
@@ -427,18 +426,18 @@ def kl_budget(budget: dict) -> dict:
 
 def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str]):
     """The benchmark's kl-optimum RL stage."""
-    from trainers.rl_config import AlignProRLConfig
+    from trainers.kl_optimum_config import KLOptimumConfig
 
-    return AlignProRLConfig(
+    return KLOptimumConfig(
         output_dir=str(output_dir),
         sft_prompter=str(out / "sft"),
         reward_model=str(out / "reward"),
         **kl_budget(budget),
         # The SFT bootstrap's fixed candidates (its guidance library and "no change") join every group.
-        kl_anchors=[*templates, ""] if budget["kl_anchors"] else [],
+        anchors=[*templates, ""] if budget["kl_anchors"] else [],
         # The last kl_val_prompts prompts it is given are held out to pick the deployed round (see rl_prompts).
-        kl_validation_prompts=budget["kl_val_prompts"],
-        kl_keep_best=budget["kl_val_prompts"] > 0,
+        validation_prompts=budget["kl_val_prompts"],
+        keep_best=budget["kl_val_prompts"] > 0,
         max_completion_length=48,
         **target_args(budget),
     )
@@ -446,9 +445,9 @@ def kl_rl_config(out: Path, output_dir: Path, budget: dict, templates: list[str]
 
 def oracle_config(output_dir: Path, reward_model: Path, budget: dict):
     """The RLHF oracle: the same reward, prompts, algorithm and sample budget as the prompter's RL stage."""
-    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_config import KLOptimumOracleConfig
 
-    return RLHFOracleConfig(
+    return KLOptimumOracleConfig(
         output_dir=str(output_dir),
         target="smollm2-135m-instruct",
         reward_model=str(reward_model),

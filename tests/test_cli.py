@@ -276,10 +276,8 @@ def test_a_yaml_string_for_a_list_option_is_one_item(tmp_path):
     assert parse_stage_config("sft", [], {"output_dir": "o", "templates": "Be brief."}).templates == [
         "Be brief."
     ]
-    rl = parse_stage_config(
-        "rl", [], {"output_dir": "o", "algorithm": "kl-optimum", "kl_anchors": "Be brief."}
-    )
-    assert rl.kl_anchors == ["Be brief."]
+    rl = parse_stage_config("rl", [], {"output_dir": "o", "algorithm": "kl-optimum", "anchors": "Be brief."})
+    assert rl.anchors == ["Be brief."]
     with pytest.raises(ValueError, match=r"preference_data must be a list of strings .* got \[1, 2\]"):
         parse_stage_config("reward", [], {"output_dir": "o", "preference_data": [1, 2]})
 

@@ -225,10 +225,14 @@ def test_quickstart_page_lists_real_artifacts(quickstart_smoke):
 
 
 # ---------------------------------------------------------------------------------------------- recipes
-def _stage_classes() -> dict[str, type]:
-    from alignpro_plugins.cli import STAGES, _load
+def _stage_classes() -> dict[str, tuple[type, ...]]:
+    """Each stage's config classes: its default one, then one per other algorithm (e.g. rl's kl-optimum)."""
+    from alignpro_plugins.cli import ALGORITHM_CONFIGS, STAGES, _load
 
-    return {stage: _load(ref) for stage, (ref, _) in STAGES.items()}
+    classes = {stage: (_load(ref),) for stage, (ref, _) in STAGES.items()}
+    for (stage, _), ref in ALGORITHM_CONFIGS.items():
+        classes[stage] += (_load(ref),)
+    return classes
 
 
 def _validate_config(data: dict, where: str, *, flat_stage: str | None = None) -> list:
@@ -320,7 +324,8 @@ def _cli_options() -> dict[str, set[str] | None]:
     options: dict[str, set[str] | None] = {}
     for name, parser in sub.choices.items():
         if name in STAGES:
-            fields = {f.name for f in dataclasses.fields(_stage_classes()[name])} | {"config", "help"}
+            classes = _stage_classes()[name]
+            fields = {f.name for cls in classes for f in dataclasses.fields(cls)} | {"config", "help"}
             options[name] = {f"--{f}" for f in fields} | {f"--{f.replace('_', '-')}" for f in fields}
         else:
             options[name] = set(parser._option_string_actions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from alignpro_plugins.dspy import (
 )
 from alignpro_plugins.dspy.optimizer import _ProgramBridge, _ProgramTarget
 from alignpro_plugins.manifest import Manifest
+from alignpro_plugins.targets import CachedTarget, TargetRequest
 from tests.test_dspy_module import HINT, AppendPrompter
 
 TINY_RL = dict(
@@ -53,7 +55,7 @@ def test_metric_score_accepts_bool_float_prediction_and_two_arg_metrics():
     assert metric_score(lambda e, p: float("nan"), ex, pred) == 0.0
 
 
-def test_target_runs_the_program_and_reward_is_the_metric_on_its_prediction():
+def test_target_runs_the_program_and_reward_is_the_metric_on_its_prediction(tmp_path):
     seen = []
 
     def metric(example, pred, trace=None):
@@ -62,25 +64,36 @@ def test_target_runs_the_program_and_reward_is_the_metric_on_its_prediction():
 
     program = dspy.Predict("question -> answer")
     bridge = _ProgramBridge(program, "question", TRAIN, metric, ["question"])
-    assert bridge.prompts() == ["Capital of France?", "Largest city of France?"]
+    first, second = bridge.prompts()
+    assert (first.prompt, second.prompt) == ("Capital of France?", "Largest city of France?")
+    assert first.context == {
+        "inputs": {"question": "Capital of France?"}
+    }  # the example's inputs travel along
     lm = DummyLM({HINT: {"answer": "Paris"}, "": {"answer": "Lyon"}})
     with dspy.context(lm=lm):
-        good = bridge.answer(f"Capital of France?\n\n{HINT}")  # augment mode: found by prefix
-        bad = bridge.answer("Largest city of France?")  # fallback: the original itself
-    assert json.loads(good)["fields"] == {"answer": "Paris"}
+        good = bridge.answer(
+            dataclasses.replace(first, prompt=f"Capital of France?\n\n{HINT}")
+        )  # x' (augment)
+        bad = bridge.answer(second)  # fallback: the original itself
+    assert json.loads(good) == {"answer": "Paris"}  # the answer text: the prediction's fields
     rewards = bridge.reward(
         ["Capital of France?", "Largest city of France?", "Capital of France?"], [good, bad, ""]
     )
     assert rewards == [1.0, 0.0, 0.0]  # an empty answer (a failed target call) scores 0 without the metric
     assert [q for q, _ in seen] == ["Capital of France?", "Largest city of France?"]
-    assert seen[0][1] is bridge.live[json.loads(good)["alignpro_prediction"]]  # the live Prediction object
-    # Read back from an on-disk answer cache (no live object): rebuilt from the JSON fields.
-    bridge.live.clear()
-    assert bridge.reward(["Capital of France?"], [good]) == [1.0]
+    assert seen[0][1] is good.prediction  # the metric got the live Prediction object
+    # Read back from an on-disk answer cache (the text alone): rebuilt from the JSON fields.
+    cache = CachedTarget(_ProgramTarget(bridge), tmp_path / "cache.jsonl")
+    request = dataclasses.replace(first, prompt=f"Capital of France?\n\n{HINT}")
+    with dspy.context(lm=lm):
+        cache.generate([request])
+    (from_disk,) = CachedTarget(_ProgramTarget(bridge), tmp_path / "cache.jsonl").generate([request])
+    assert type(from_disk) is str and from_disk == good
+    assert bridge.reward(["Capital of France?"], [from_disk]) == [1.0]
     assert bridge.reward(["unknown prompt"], [good]) == [0.0]
 
 
-def test_rewrite_mode_rebuilds_the_other_inputs_from_the_scorer_record():
+def test_the_request_context_gives_the_program_its_other_inputs_in_rewrite_mode():
     trainset = [
         dspy.Example(context="Paris is the capital.", question="Capital?", answer="Paris").with_inputs(
             "context", "question"
@@ -89,12 +102,14 @@ def test_rewrite_mode_rebuilds_the_other_inputs_from_the_scorer_record():
     program = dspy.Predict("context, question -> answer")
     bridge = _ProgramBridge(program, "question", trainset, exact, ["context", "question"])
     target = _ProgramTarget(bridge)
+    (x,) = bridge.prompts()
     lm = DummyLM({"": {"answer": "Paris"}})
     with dspy.context(lm=lm):
-        assert target.generate(["Which city is the capital?"]) == [""]  # unknown x' -> counted failure
-        assert target.stats.failures == 1
-        bridge.record(["Capital?"], ["Which city is the capital?"])  # what the RL scorer does
-        (answer,) = target.generate(["Which city is the capital?"])
+        # A bare string carries no example: a counted failure, not a guess by prefix.
+        assert target.generate(["Which city is the capital?"]) == [""]
+        assert target.stats.failures == 1 and lm.history == []
+        rewrite = TargetRequest("Which city is the capital?", original=x.original, context=x.context)
+        (answer,) = target.generate([rewrite])
     sent = lm.history[-1]["messages"][-1]["content"]
     assert "Paris is the capital." in sent and "Which city is the capital?" in sent
     assert bridge.reward(["Capital?"], [answer]) == [1.0]
@@ -116,10 +131,11 @@ class StubTrainOptimizer(AlignProOptimizer):
 
     def _train(self, bridge, config):
         target = _ProgramTarget(bridge)
-        prompts = bridge.prompts()
+        requests = bridge.prompts()
+        prompts = [r.original for r in requests]
         rewritten = [r.text for r in AppendPrompter().rewrite_results(prompts)]
-        bridge.record(prompts, rewritten)
-        self.train_rewards = bridge.reward(prompts, target.generate(rewritten))
+        sent = [dataclasses.replace(r, prompt=x2) for r, x2 in zip(requests, rewritten, strict=True)]
+        self.train_rewards = bridge.reward(prompts, target.generate(sent))
         self._target = target
         return AppendPrompter()
 
@@ -168,6 +184,12 @@ def counting_metric(calls: list):
     [
         ({"rl_config": {"max_step": 1}}, ValueError, "'max_step' \\(did you mean 'max_steps'\\?\\)"),
         ({"rl_config": {"algorithm": "ppo"}}, ValueError, "algorithm must be"),
+        # kl-optimum has its own config: its options are checked against it (the kl_ prefix is gone).
+        (
+            {"rl_config": {"algorithm": "kl-optimum", "kl_rounds": 2}},
+            ValueError,
+            "'kl_rounds' \\(did you mean 'rounds'\\?\\).* KLOptimumConfig fields",
+        ),
         ({"field": "questoin"}, ValueError, "questoin"),
     ],
 )
@@ -223,8 +245,8 @@ def test_compile_trains_a_tiny_prompter_with_the_metric_as_reward(tiny_lm_dir, t
     assert stages[-1]["target"].startswith("dspy-program:")
     assert (out / "adapter_model.safetensors").exists() and (out / "dspy_compile.json").exists()
     assert program.prompter_path == str(out.resolve()) and program.prompter is not None
-    bridge = opt._target.bridge
-    assert set(bridge.origin.values()) <= set(bridge.examples) and bridge.origin  # the scorer told the bridge
+    # Every target call carried its example's inputs (a request without them would be a counted failure).
+    assert opt._target.stats.calls > 0 and opt._target.stats.failures == 0
     assert opt.valset_score_before == pytest.approx(2 / 3) and opt.valset_score_after == pytest.approx(2 / 3)
     # valset (before) + 2 training rewards (one prompt x num_generations) + valset (after)
     train_calls = calls[3:-3]

@@ -157,3 +157,77 @@ def test_packaged_minilm_reward_model_loads_and_scores():
     rm = RewardModel("all-minilm-l6-v2")
     scores = rm(["Explain green tea."] * 2, ["Green tea is a lightly oxidised tea.", "I like trucks."])
     assert len(scores) == 2 and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+
+
+# ---------------------------------------------------------------------------------------------- typed requests
+def test_a_reward_scores_a_request_against_its_original_prompt(reward_model):
+    """The target saw x' (a rewrite); the reward judges the answer against the user's x."""
+    from alignpro_plugins.rewards import RewardFunction
+    from alignpro_plugins.targets import TargetRequest
+
+    requests = [TargetRequest(f"{x}\n\nAnswer in detail.", original=x) for x in PROMPTS]
+    assert reward_model(requests, ANSWERS) == reward_model(PROMPTS, ANSWERS)
+    seen = []
+    fn = CallableReward(lambda prompts, answers: seen.extend(prompts) or [0.0] * len(prompts))
+    fn([requests[0], "plain prompt"], ["a", "b"])
+    assert seen == [PROMPTS[0], "plain prompt"]  # a plain string is its own original
+
+    class NeedsContext(RewardFunction):  # a framework reward reads the context its requests carry
+        identity = "needs-context"
+
+        def score(self, prompts, answers):
+            raise AssertionError("score_requests is the typed path")
+
+        def score_requests(self, requests, answers):
+            return [float(r.context["weight"]) for r in requests]
+
+    assert NeedsContext()([TargetRequest("x'", original="x", context={"weight": 2})], ["y"]) == [2.0]
+    with pytest.raises(TypeError, match="a target input is a str or a TargetRequest, got int"):
+        reward_model([3], ["y"])
+
+
+def test_targets_take_requests_beside_strings_and_answer_what_they_see(tmp_path):
+    import asyncio
+
+    from alignpro_plugins.targets import CallableTarget, FrozenTarget, TargetRequest
+
+    echo = CallableTarget(lambda p: f"A:{p}", name="echo")
+    rewrite = TargetRequest("x, in detail", original="x", context={"k": 1})
+    assert echo.generate(["x", rewrite]) == ["A:x", "A:x, in detail"]
+    assert asyncio.run(echo.agenerate([rewrite])) == ["A:x, in detail"]
+    assert echo.stats.calls == 3
+
+    class Typed(FrozenTarget):  # a target that reads the request, sync only: async runs it in a thread
+        identity = "typed"
+
+        def _answer(self, requests):
+            return [f"{r.original}|{r.prompt}|{(r.context or {}).get('k')}" for r in requests]
+
+        def _generate(self, prompts):
+            raise AssertionError("a typed target answers requests")
+
+    assert Typed().generate([rewrite, "y"]) == ["x|x, in detail|1", "y|y|None"]
+    assert asyncio.run(Typed().agenerate([rewrite])) == ["x|x, in detail|1"]
+    with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+        echo.generate("x")
+    with pytest.raises(TypeError, match="TargetRequest.prompt must be a str, got NoneType"):
+        TargetRequest(None)  # type: ignore[arg-type]
+
+
+def test_the_cache_keeps_a_plain_prompt_key_and_keys_context_apart(tmp_path):
+    """Existing cache files stay valid: a plain prompt (or a request without context) has the key it always had."""
+    import hashlib
+
+    from alignpro_plugins.targets import CachedTarget, CallableTarget, TargetRequest
+
+    calls = []
+    inner = CallableTarget(lambda p: calls.append(p) or f"A:{p}", name="echo")
+    cache = CachedTarget(inner, tmp_path / "cache.jsonl")
+    old_key = hashlib.sha256(json.dumps(["callable:echo", {}, "x"], sort_keys=True).encode()).hexdigest()
+    assert cache.key("x") == old_key == cache.key(TargetRequest("x", original="the user's x"))
+    a, b = TargetRequest("x", context={"doc": 1}), TargetRequest("x", context={"doc": 2})
+    assert len({cache.key("x"), cache.key(a), cache.key(b)}) == 3
+    assert cache.generate(["x", TargetRequest("x", original="y"), a, b, a]) == ["A:x"] * 5
+    assert calls == ["x", "x", "x"]  # x (with or without an original), then one call per context
+    reread = CachedTarget(CallableTarget(lambda p: "new", name="echo"), tmp_path / "cache.jsonl")
+    assert reread.generate(["x", a]) == ["A:x", "A:x"] and reread.stats.cache_hits == 2

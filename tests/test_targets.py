@@ -135,7 +135,8 @@ def test_a_target_folder_changed_in_place_does_not_answer_from_the_old_cache(tin
 def test_transformers_target_dtype_loads_the_model_so_and_keys_the_cache(tiny_lm_dir, tmp_path):
     import torch
 
-    from trainers.common import TargetArguments, build_target
+    from trainers.arguments import TargetArguments
+    from trainers.common import build_target
 
     fp32 = TransformersTarget(tiny_lm_dir, max_new_tokens=4, device="cpu", dtype="float32")
     bf16 = TransformersTarget(tiny_lm_dir, max_new_tokens=4, device="cpu", dtype="bfloat16")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ import torch
 from alignpro_plugins.data import DataError
 from alignpro_plugins.engine import Generation
 from alignpro_plugins.prompter import Prompter
+from trainers.kl_optimum_config import KLOptimumConfig
+from trainers.kl_optimum_trainer import KLOptimumTrainer
 from trainers.reward_config import AlignProRewardConfig
 from trainers.reward_trainer import AlignProRewardTrainer, prompt_shard_of
 from trainers.rl_config import AlignProRLConfig
@@ -37,12 +41,27 @@ TINY = dict(
 )
 
 
+# RL on the tiny model: two samples of 6 tokens per prompt, a learning rate high enough to move the LoRA.
+TINY_RL = dict(num_generations=2, max_completion_length=6, learning_rate=1e-2)
+
+
 def _lora_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and ".default." in n}
 
 
 def length_reward(prompts, answers):
     return [float(len(a)) for a in answers]
+
+
+def recording_reward() -> tuple[list[str], object]:
+    """A length reward, and the list of the prompts it scored answers against."""
+    seen: list[str] = []
+
+    def reward(prompts, answers):
+        seen.extend(prompts)
+        return length_reward(prompts, answers)
+
+    return seen, reward
 
 
 def test_sft_on_pairs_trains_lora(tiny_lm_dir, tmp_path):
@@ -188,31 +207,82 @@ def test_a_resumed_kl_optimum_run_ends_where_an_unbroken_one_does(sft_dir, tmp_p
     """Each round samples from its own seed, so stopping after round 1 and resuming changes nothing."""
 
     def cfg(out, rounds, resume):
-        return _rl_config(
+        return _kl_config(
             tmp_path,
             sft_dir,
             output_dir=str(tmp_path / out),
-            algorithm="kl-optimum",
-            kl_rounds=rounds,
+            rounds=rounds,
             resume=resume,
             num_generations=3,
             per_device_train_batch_size=3,
-            kl_prompts_per_round=3,
+            prompts_per_round=3,
         )
 
     def train(c):
         torch.manual_seed(len(c.output_dir))
-        AlignProRLTrainer(c, prompts=PROMPTS, target=lambda x: x, reward=length_reward).train()
+        KLOptimumTrainer(c, prompts=PROMPTS, target=lambda x: x, reward=length_reward).train()
 
     train(cfg("unbroken", 2, False))
     train(cfg("resumed", 1, False))
     train(cfg("resumed", 2, True))
-    _assert_same_tensors(_saved_tensors(tmp_path / "unbroken"), _saved_tensors(tmp_path / "resumed"))
-    rows = [
-        [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
-        for out in ("unbroken", "resumed")
-    ]
-    assert [r["reward"] for r in rows[0]] == [r["reward"] for r in rows[1]]
+    # Killed after logging round 2 but before its adapter was saved: resume runs round 2 again, and logs it once.
+    train(cfg("killed", 2, False))
+    shutil.rmtree(tmp_path / "killed" / "round-2")
+    (tmp_path / "killed" / "round-2.partial").mkdir()  # what a kill during the save leaves
+    train(cfg("killed", 2, True))
+    for out in ("resumed", "killed"):
+        _assert_same_tensors(_saved_tensors(tmp_path / "unbroken"), _saved_tensors(tmp_path / out))
+    rows = {
+        out: [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        for out in ("unbroken", "resumed", "killed")
+    }
+    for out in ("resumed", "killed"):
+        assert [(r["step"], r["reward"]) for r in rows[out]] == [
+            (r["step"], r["reward"]) for r in rows["unbroken"]
+        ]
+    assert not (tmp_path / "killed" / "round-2.partial").exists()
+
+
+def _sft_config(tiny_lm_dir, out, max_steps, resume=False):
+    return AlignProSFTConfig(
+        output_dir=str(out),
+        base_model=tiny_lm_dir,
+        max_steps=max_steps,
+        resume=resume,
+        **{**TINY, "save_steps": 2},
+    )
+
+
+def _logged_steps(out) -> list[int]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def test_resume_skips_a_checkpoint_a_kill_cut_short(tiny_lm_dir, tmp_path, caplog):
+    """A process killed while the Trainer saves leaves checkpoint-N without trainer_state.json (written last).
+    Before: resume picked it and failed until someone deleted it; now it resumes from the last complete one."""
+    pairs = [(p, "Be thorough.") for p in PROMPTS]
+    out = tmp_path / "sft"
+    AlignProSFTTrainer(_sft_config(tiny_lm_dir, out, 4), pairs=pairs).train()
+    unbroken = _saved_tensors(out)
+    (out / "checkpoint-4" / "trainer_state.json").unlink()  # the kill came while checkpoint-4 was written
+    with caplog.at_level(logging.WARNING, logger="trainers.common"):
+        AlignProSFTTrainer(_sft_config(tiny_lm_dir, out, 4, resume=True), pairs=pairs).train()
+    assert "skipping" in caplog.text and "checkpoint-4" in caplog.text  # the log says which one, and why
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert _logged_steps(out) == [1, 2, 3, 4]  # steps 3-4 ran again from checkpoint-2, each logged once
+    _assert_same_tensors(unbroken, _saved_tensors(out))
+
+
+def test_a_resumed_stage_logs_each_step_once(tiny_lm_dir, tmp_path):
+    """Before: the metrics callback appended the rows of the steps a resumed run repeats a second time."""
+    pairs = [(p, "Be thorough.") for p in PROMPTS]
+    out = tmp_path / "sft"
+    AlignProSFTTrainer(_sft_config(tiny_lm_dir, out, 3), pairs=pairs).train()
+    shutil.rmtree(out / "checkpoint-3", ignore_errors=True)  # killed after logging step 3, before saving it
+    assert _logged_steps(out) == [1, 2, 3] and (out / "checkpoint-2" / "trainer_state.json").exists()
+    AlignProSFTTrainer(_sft_config(tiny_lm_dir, out, 4, resume=True), pairs=pairs).train()
+    assert _logged_steps(out) == [1, 2, 3, 4]
 
 
 def test_reward_shards_are_disjoint(tiny_encoder_dir, tmp_path):
@@ -312,18 +382,17 @@ def sft_dir(tiny_lm_dir, tmp_path):
     return str(tmp_path / "sft")
 
 
+def _rl_args(tmp_path, sft_dir, **kw) -> dict:
+    """The prompter's RL stage on the tiny model: two samples of 6 tokens per prompt, a high learning rate."""
+    return {"output_dir": str(tmp_path / "rl"), "sft_prompter": sft_dir, **TINY_RL, **TINY, **kw}
+
+
 def _rl_config(tmp_path, sft_dir, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "rl"),
-        sft_prompter=sft_dir,
-        max_steps=2,
-        num_generations=2,
-        max_completion_length=6,
-        learning_rate=1e-2,
-        **TINY,
-    )
-    base.update(kw)
-    return AlignProRLConfig(**base)
+    return AlignProRLConfig(**_rl_args(tmp_path, sft_dir, **{"max_steps": 2, **kw}))
+
+
+def _kl_config(tmp_path, sft_dir, **kw):
+    return KLOptimumConfig(**_rl_args(tmp_path, sft_dir, **{"beta": 0.5, **kw}))
 
 
 def test_rl_reward_is_r_of_x_and_target_of_rewrite(sft_dir, tmp_path):
@@ -406,6 +475,125 @@ def test_rl_artifact_loads_as_prompter(sft_dir, tmp_path):
     assert isinstance(p.rewrite("write a poem about the sea"), str)
 
 
+def test_grpo_trains_as_trl_does_and_logs_where_step_time_goes(sft_dir, tmp_path):
+    """The RL trainer is TRL's GRPO plus public hooks (a callback, the reward function, ``log``): the same
+    adapter as a plain GRPOTrainer on the same inputs, and per-step times that add up."""
+    from trl import GRPOTrainer
+
+    from trainers.common import seed_stage
+
+    def reward(prompts, answers):
+        return [float(sum(map(ord, a)) % 7) for a in answers]  # varied, so the policy really moves
+
+    def make(out):
+        cfg = _rl_config(tmp_path, sft_dir, beta=0.1, output_dir=str(tmp_path / out))
+        return AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: "A:" + x, reward=reward)
+
+    ours = make("ours")
+    ours.train()
+    plain = make("plain")
+    seed_stage(plain.config)
+    model, _ = plain.policy()
+    plain.prompter.tokenizer.padding_side = "left"
+
+    def alignpro_reward(prompts, completions, original, **kw):
+        return plain.reward_fn(prompts, completions, original, **kw)
+
+    GRPOTrainer(
+        model=model,
+        reward_funcs=[alignpro_reward],
+        args=plain.config,
+        train_dataset=plain.dataset(),
+        processing_class=plain.prompter.tokenizer,
+    ).train()
+    trained, reference = _lora_weights(ours.prompter.model), _lora_weights(model)
+    assert trained.keys() == reference.keys() and all(torch.equal(trained[n], reference[n]) for n in trained)
+    rows = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        parts = ("prompter_generation_s", "target_s", "reward_s", "update_s")
+        assert all(r[f"time/{p}"] >= 0 for p in parts) and r["time/prompter_generation_s"] > 0
+        assert sum(r[f"time/{p}"] for p in parts) == pytest.approx(r["time/step_s"], abs=1e-6)
+
+
+def test_rl_requests_carry_the_original_and_the_prompt_context(sft_dir, tmp_path):
+    """Training prompts may be TargetRequests: their context reaches the target and the reward with every
+    rewrite, and the reward scores against the original x (what a framework target such as a DSPy program needs)."""
+    from alignpro_plugins.rewards import RewardFunction
+    from alignpro_plugins.targets import FrozenTarget, TargetRequest
+
+    answered: list[TargetRequest] = []
+    scored: list[TargetRequest] = []
+
+    class Target(FrozenTarget):
+        identity = "recording"
+
+        def _answer(self, requests):
+            answered.extend(requests)
+            return ["A:" + r.prompt for r in requests]
+
+        def _generate(self, prompts):
+            raise AssertionError("the RL scorer sends requests")
+
+    class Reward(RewardFunction):
+        identity = "recording"
+
+        def score(self, prompts, answers):
+            raise AssertionError("the RL scorer scores requests")
+
+        def score_requests(self, requests, answers):
+            scored.extend(requests)
+            return [float(len(a)) for a in answers]
+
+    docs = {x: i for i, x in enumerate(PROMPTS[:4])}
+    prompts = [TargetRequest(x, context={"doc": i}) for x, i in docs.items()]
+    trainer = AlignProRLTrainer(
+        _rl_config(tmp_path, sft_dir), prompts=prompts, target=Target(), reward=Reward()
+    )
+    assert trainer.prompts == PROMPTS[:4]
+    trainer.train()
+    assert answered and scored
+    for r in answered + scored:
+        assert r.context == {"doc": docs[r.original]} and r.prompt.startswith(r.original)  # x' = x + guidance
+    assert {(r.prompt, r.original) for r in scored} == {(r.prompt, r.original) for r in answered}
+
+
+def test_the_rl_command_and_recipes_choose_the_algorithm(tmp_path):
+    """`algorithm: kl-optimum` (YAML or flag) picks kl-optimum's own config; its options lost the kl_ prefix, and
+    an old key says which name it has now."""
+    import yaml
+
+    from alignpro_plugins.cli import parse_stage_config
+    from trainers.oracle_config import KLOptimumOracleConfig, RLHFOracleConfig
+
+    assert type(parse_stage_config("rl", [], {"output_dir": "o"})) is AlignProRLConfig
+    kl = parse_stage_config("rl", ["--rounds", "3"], {"output_dir": "o", "algorithm": "kl-optimum"})
+    assert type(kl) is KLOptimumConfig and kl.rounds == 3
+    flag = parse_stage_config(
+        "rl", ["--algorithm", "kl-optimum", "--output_dir", "o", "--keep_best", "false"]
+    )
+    assert type(flag) is KLOptimumConfig
+    recipe = tmp_path / "rl.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": "o", "algorithm": "kl-optimum", "validation_prompts": 4}))
+    assert parse_stage_config("rl", ["--config", str(recipe)]).validation_prompts == 4
+    assert type(parse_stage_config("oracle", [], {"output_dir": "o"})) is RLHFOracleConfig
+    oracle = parse_stage_config("oracle", ["--algorithm=kl-optimum", "--output_dir", "o"])
+    assert type(oracle) is KLOptimumOracleConfig
+    with pytest.raises(ValueError, match=r"unknown config keys \['kl_rounds'\] \(did you mean rounds\?\)"):
+        parse_stage_config("rl", [], {"output_dir": "o", "algorithm": "kl-optimum", "kl_rounds": 2})
+    with pytest.raises(
+        ValueError, match=r"unrecognized arguments: --kl_keep_best.*did you mean --keep_best\?"
+    ):
+        parse_stage_config("rl", ["--algorithm", "kl-optimum", "--output_dir", "o", "--kl_keep_best"])
+
+
+def _oracle_args(tmp_path, target, **kw) -> dict:
+    """The RLHF oracle on the tiny model: two answers of 6 tokens per prompt, a high learning rate."""
+    tiny = {k: v for k, v in TINY.items() if k != "target_max_new_tokens"}  # the oracle has no frozen target
+    return {"output_dir": str(tmp_path / "oracle"), "target": target, **TINY_RL, **tiny, **kw}
+
+
 def test_oracle_tunes_the_target_itself(tiny_lm_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -414,18 +602,7 @@ def test_oracle_tunes_the_target_itself(tiny_lm_dir, tmp_path):
     from trainers.oracle_trainer import train_oracle
 
     out = train_oracle(
-        RLHFOracleConfig(
-            output_dir=str(tmp_path / "oracle"),
-            target=tiny_lm_dir,
-            max_steps=2,
-            num_generations=2,
-            max_completion_length=6,
-            per_device_train_batch_size=2,
-            learning_rate=1e-2,
-            report_to="none",
-            save_steps=1000,
-            disable_tqdm=True,
-        ),
+        RLHFOracleConfig(**_oracle_args(tmp_path, tiny_lm_dir, max_steps=2, save_steps=1000)),
         prompts=PROMPTS[:2],
         reward=length_reward,
     )
@@ -439,7 +616,7 @@ def test_oracle_kl_optimum_distils_its_best_answers(tiny_lm_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_config import KLOptimumOracleConfig
     from trainers.oracle_trainer import train_oracle
 
     seen: list[list[str]] = []
@@ -449,18 +626,10 @@ def test_oracle_kl_optimum_distils_its_best_answers(tiny_lm_dir, tmp_path):
         return length_reward(prompts, answers)
 
     out = train_oracle(
-        RLHFOracleConfig(
-            output_dir=str(tmp_path / "oracle"),
-            target=tiny_lm_dir,
-            algorithm="kl-optimum",
-            kl_rounds=2,
-            num_generations=3,
-            max_completion_length=6,
-            per_device_train_batch_size=3,
-            learning_rate=1e-2,
-            beta=0.5,
-            report_to="none",
-            disable_tqdm=True,
+        KLOptimumOracleConfig(
+            **_oracle_args(
+                tmp_path, tiny_lm_dir, rounds=2, num_generations=3, per_device_train_batch_size=3, beta=0.5
+            )
         ),
         prompts=PROMPTS[:3],
         reward=reward,
@@ -516,13 +685,6 @@ def test_distillation_rows_end_their_turn_only_where_the_answer_ended(tiny_lm_di
         assert row["input_ids"][: len(prompt_ids)] == prompt_ids
 
 
-def test_oracle_rejects_unknown_algorithm(tmp_path):
-    from trainers.oracle_config import RLHFOracleConfig
-
-    with pytest.raises(ValueError, match="'grpo' or 'kl-optimum'"):
-        RLHFOracleConfig(output_dir=str(tmp_path), algorithm="ppo")
-
-
 def test_kl_optimum_weights_and_kl():
     from trainers.kl_optimum import kl_to_proposal, sir_weights
 
@@ -535,17 +697,15 @@ def test_kl_optimum_weights_and_kl():
 
 
 def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
-    cfg = _rl_config(
+    cfg = _kl_config(
         tmp_path,
         sft_dir,
-        algorithm="kl-optimum",
-        kl_rounds=2,
+        rounds=2,
         num_generations=3,
-        beta=0.5,
         per_device_train_batch_size=3,
         learning_rate=1e-2,
     )
-    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+    trainer = KLOptimumTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
     sft_weights = _lora_weights(trainer.prompter.model)
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
@@ -559,12 +719,11 @@ def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
     p = Prompter.from_pretrained(tmp_path / "rl", similarity=None)
     assert p.manifest.provenance["stages"][-1]["algorithm"] == "kl-optimum"
     # resume: both rounds done, nothing left to run
-    again = AlignProRLTrainer(
-        _rl_config(
+    again = KLOptimumTrainer(
+        _kl_config(
             tmp_path,
             sft_dir,
-            algorithm="kl-optimum",
-            kl_rounds=2,
+            rounds=2,
             resume=True,
             num_generations=3,
             per_device_train_batch_size=3,
@@ -573,7 +732,10 @@ def test_kl_optimum_rl_distils_high_reward_rewrites(sft_dir, tmp_path):
         target=lambda x: x,
         reward=length_reward,
     )
-    assert again._resume_rounds(tmp_path / "rl") == 2
+    again.train()
+    assert again.target.stats.calls == 0  # both rounds were done: nothing ran again
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
 
 
 def test_kl_optimum_anchors_join_every_group(sft_dir, tmp_path):
@@ -587,16 +749,13 @@ def test_kl_optimum_anchors_join_every_group(sft_dir, tmp_path):
         seen.append(x)
         return x
 
-    cfg = _rl_config(
+    cfg = _kl_config(
         tmp_path,
         sft_dir,
-        algorithm="kl-optimum",
-        num_generations=2,
         beta=0.05,
-        per_device_train_batch_size=2,
-        kl_anchors=["", long_guidance],
+        anchors=["", long_guidance],
     )
-    AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=target, reward=length_reward).train()
+    KLOptimumTrainer(cfg, prompts=PROMPTS[:3], target=target, reward=length_reward).train()
     row = json.loads((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["samples"] == 3 * (2 + 1 + 2)  # K samples + the deployed rewrite + 2 anchors per prompt
     for x in PROMPTS[:3]:  # each anchor reached the target composed with x; "" is x unchanged
@@ -616,10 +775,8 @@ def test_kl_optimum_scores_the_deployed_rewrite_beside_the_samples(sft_dir, tmp_
         texts = ["Be brief.", "Short."] if settings.do_sample else [deployed]
         return [[Generation(t, True, 1, 1) for t in texts[:num_return_sequences]] for _ in queries]
 
-    cfg = _rl_config(
-        tmp_path, sft_dir, algorithm="kl-optimum", num_generations=2, beta=0.5, per_device_train_batch_size=2
-    )
-    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
+    cfg = _kl_config(tmp_path, sft_dir)
+    trainer = KLOptimumTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=length_reward)
     monkeypatch.setattr(trainer.prompter.engine, "generate", generate)
     sampled = GenerationDefaults(max_new_tokens=6, do_sample=True)
     kw = dict(k=2, lam=0.05, settings=sampled, mode="augment", rng=random.Random(0))
@@ -630,8 +787,8 @@ def test_kl_optimum_scores_the_deployed_rewrite_beside_the_samples(sft_dir, tmp_
     assert stats["reward_greedy"] > stats["reward"]
     pairs, stats = kl_optimum.run_round(trainer.scorer, PROMPTS[:3], **kw)  # off: samples only
     assert stats["samples"] == 3 * 2 and "greedy_share" not in stats and deployed not in [y for _, y in pairs]
-    cfg_off = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_include_greedy=False)
-    assert cfg_off.kl_include_greedy is False and cfg.kl_include_greedy is True  # on by default
+    cfg_off = _kl_config(tmp_path, sft_dir, include_greedy=False)
+    assert cfg_off.include_greedy is False and cfg.include_greedy is True  # on by default
 
 
 def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir, tmp_path, monkeypatch):
@@ -651,10 +808,8 @@ def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir,
     def reward(prompts, answers):  # a judge that counts words, plus a real bonus for exactness
         return [len(a.split()) + 8.0 * ("exact" in a) for a in answers]
 
-    cfg = _rl_config(
-        tmp_path, sft_dir, algorithm="kl-optimum", num_generations=5, beta=0.5, per_device_train_batch_size=2
-    )
-    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=reward)
+    cfg = _kl_config(tmp_path, sft_dir, num_generations=5)
+    trainer = KLOptimumTrainer(cfg, prompts=PROMPTS[:3], target=lambda x: x, reward=reward)
     monkeypatch.setattr(trainer.prompter.engine, "generate", generate)
     kw = dict(k=5, lam=0.05, settings=GenerationDefaults(max_new_tokens=6, do_sample=True), mode="augment")
     raw, stats = kl_optimum.run_round(trainer.scorer, PROMPTS[:3], rng=random.Random(0), **kw)
@@ -665,34 +820,16 @@ def test_kl_optimum_length_control_picks_better_answers_not_longer_ones(sft_dir,
     )
     assert [y for _, y in lc].count(exact) > 0.8 * len(lc)  # at equal length, the exact answer wins
     assert lc_stats["reward"] == stats["reward"]  # the logged reward stays the raw one
-    with pytest.raises(ValueError, match="kl_length_control"):
-        _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_length_control=1.5)
-    with pytest.raises(ValueError, match="'kl-optimum' only"):
-        _rl_config(tmp_path, sft_dir, algorithm="grpo", kl_length_control=0.5)
+    with pytest.raises(ValueError, match="length_control is the share of the length effect removed: 0..1"):
+        _kl_config(tmp_path, sft_dir, length_control=1.5)
 
 
 def test_kl_optimum_validation_holds_prompts_out_and_keeps_the_best_round(sft_dir, tmp_path, monkeypatch):
     from trainers import kl_optimum
 
-    originals: list[str] = []
-
-    def reward(prompts, answers):
-        originals.extend(prompts)
-        return length_reward(prompts, answers)
-
-    cfg = _rl_config(
-        tmp_path,
-        sft_dir,
-        algorithm="kl-optimum",
-        kl_rounds=2,
-        kl_prompts_per_round=2,
-        num_generations=2,
-        beta=0.5,
-        per_device_train_batch_size=2,
-        kl_validation_prompts=2,
-        kl_keep_best=True,
-    )
-    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=reward)
+    originals, reward = recording_reward()
+    cfg = _kl_config(tmp_path, sft_dir, rounds=2, prompts_per_round=2, validation_prompts=2, keep_best=True)
+    trainer = KLOptimumTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=reward)
     assert trainer.prompts == PROMPTS[:4] and trainer.val_prompts == PROMPTS[4:6]  # the last n, held out
     sft_weights = _lora_weights(trainer.prompter.model)
     real = kl_optimum.deployed_reward
@@ -717,86 +854,62 @@ def test_kl_optimum_validation_holds_prompts_out_and_keeps_the_best_round(sft_di
 
 
 def test_kl_optimum_validation_options_are_checked(sft_dir, tmp_path):
-    with pytest.raises(ValueError, match="set kl_validation_prompts > 0"):
-        _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_keep_best=True)
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_validation_prompts=6)
-    with pytest.raises(ValueError, match="kl_validation_prompts=6 .* only 6"):
-        AlignProRLTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=length_reward)
+    with pytest.raises(ValueError, match="keep_best picks .* set validation_prompts > 0"):
+        _kl_config(tmp_path, sft_dir, keep_best=True)
+    cfg = _kl_config(tmp_path, sft_dir, validation_prompts=6)
+    with pytest.raises(ValueError, match="validation_prompts=6 .* only 6"):
+        KLOptimumTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=length_reward)
 
 
 def test_kl_optimum_anchors_need_augment_mode(sft_dir, tmp_path):
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_anchors=["Be thorough."], mode="rewrite")
-    with pytest.raises(ValueError, match="kl_anchors .* mode='augment'"):
-        AlignProRLTrainer(cfg, prompts=PROMPTS[:2], target=lambda x: x, reward=length_reward).train()
+    cfg = _kl_config(tmp_path, sft_dir, anchors=["Be thorough."], mode="rewrite")
+    with pytest.raises(ValueError, match="anchors .* mode='augment'"):
+        KLOptimumTrainer(cfg, prompts=PROMPTS[:2], target=lambda x: x, reward=length_reward).train()
 
 
 def test_kl_optimum_rounds_take_fresh_prompts(sft_dir, tmp_path):
-    originals: list[str] = []
-
-    def reward(prompts, answers):
-        originals.extend(prompts)
-        return length_reward(prompts, answers)
-
-    cfg = _rl_config(
-        tmp_path,
-        sft_dir,
-        algorithm="kl-optimum",
-        kl_rounds=2,
-        kl_prompts_per_round=2,
-        num_generations=2,
-        beta=0.5,
-        per_device_train_batch_size=2,
-    )
-    AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=reward).train()
+    originals, reward = recording_reward()
+    cfg = _kl_config(tmp_path, sft_dir, rounds=2, prompts_per_round=2)
+    KLOptimumTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=reward).train()
     # Round 1 scored prompts 0-1 and round 2 prompts 2-3, each K + 1 times, against the original prompt.
     assert originals == [x for x in PROMPTS[:4] for _ in range(2 + 1)]
 
 
 def test_kl_optimum_too_few_prompts_for_fresh_rounds(sft_dir, tmp_path):
-    cfg = _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_rounds=3, kl_prompts_per_round=2)
-    with pytest.raises(ValueError, match=r"kl_prompts_per_round=2 x kl_rounds=3 needs 6 .* got 4"):
-        AlignProRLTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=length_reward)
+    cfg = _kl_config(tmp_path, sft_dir, rounds=3, prompts_per_round=2)
+    with pytest.raises(ValueError, match=r"prompts_per_round=2 x rounds=3 needs 6 .* got 4"):
+        KLOptimumTrainer(cfg, prompts=PROMPTS[:4], target=lambda x: x, reward=length_reward)
 
 
 def test_kl_optimum_accepts_any_group_size_grpo_does_not(sft_dir, tmp_path):
     # GRPO needs the generation batch divisible by its group; kl-optimum samples K in its own batches.
-    cfg = _rl_config(
-        tmp_path, sft_dir, algorithm="kl-optimum", num_generations=3, per_device_train_batch_size=8
-    )
+    cfg = _kl_config(tmp_path, sft_dir, num_generations=3, per_device_train_batch_size=8)
     assert cfg.num_generations == 3
     for batch in (1, 3):  # odd batches, batch 1 included
-        cfg = _rl_config(
-            tmp_path, sft_dir, algorithm="kl-optimum", num_generations=4, per_device_train_batch_size=batch
-        )
+        cfg = _kl_config(tmp_path, sft_dir, num_generations=4, per_device_train_batch_size=batch)
         assert (cfg.num_generations, cfg.per_device_train_batch_size) == (4, batch)
     with pytest.raises(ValueError, match="divisible by num_generations"):
-        _rl_config(tmp_path, sft_dir, algorithm="grpo", num_generations=3, per_device_train_batch_size=8)
+        _rl_config(tmp_path, sft_dir, num_generations=3, per_device_train_batch_size=8)
 
 
 def test_oracle_kl_optimum_resumes_after_its_last_round(tiny_lm_dir, tmp_path):
-    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_config import KLOptimumOracleConfig
     from trainers.oracle_trainer import train_oracle
 
-    seen: list[str] = []
-
-    def reward(prompts, answers):
-        seen.extend(prompts)
-        return length_reward(prompts, answers)
+    seen, reward = recording_reward()
 
     def cfg(rounds, resume):
-        return RLHFOracleConfig(
-            output_dir=str(tmp_path / "oracle"),
-            target=tiny_lm_dir,
-            algorithm="kl-optimum",
-            kl_rounds=rounds,
-            kl_prompts_per_round=2,
-            num_generations=2,
-            max_completion_length=4,
-            per_device_train_batch_size=2,
-            beta=0.5,
-            resume=resume,
-            report_to="none",
-            disable_tqdm=True,
+        return KLOptimumOracleConfig(
+            **_oracle_args(
+                tmp_path,
+                tiny_lm_dir,
+                rounds=rounds,
+                prompts_per_round=2,
+                max_completion_length=4,
+                beta=0.5,
+                resume=resume,
+                learning_rate=3e-5,
+            )
         )
 
     train_oracle(cfg(1, False), prompts=PROMPTS[:4], reward=reward)
@@ -807,41 +920,35 @@ def test_oracle_kl_optimum_resumes_after_its_last_round(tiny_lm_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- input checks
-@pytest.mark.parametrize(
-    "option",
-    [
-        {"kl_rounds": 3},
-        {"kl_prompts_per_round": 8},
-        {"kl_include_greedy": False},
-        {"kl_anchors": ["Be thorough."]},
-        {"kl_validation_prompts": 4},
-        {"kl_length_control": 0.5},
-    ],
-)
-def test_kl_options_are_refused_under_grpo(option, tmp_path):
-    """GRPO would silently ignore them: a run that looks configured for kl-optimum must not start as GRPO."""
-    from trainers.oracle_config import RLHFOracleConfig
+def test_each_algorithm_has_its_own_config_and_names_the_other():
+    """GRPO and kl-optimum are two config classes (as TRL pairs its algorithms); each refuses the other's name
+    with the way to get it, and neither carries the other's options."""
+    from trainers.oracle_config import KLOptimumOracleConfig, RLHFOracleConfig
 
-    name, value = next(iter(option.items()))
-    with pytest.raises(ValueError, match=rf"{name}=.*apply to algorithm='kl-optimum' only.*algorithm='grpo'"):
-        AlignProRLConfig(output_dir=str(tmp_path), report_to="none", **option)
-    assert (
-        getattr(
-            AlignProRLConfig(output_dir=str(tmp_path), report_to="none", algorithm="kl-optimum", **option),
-            name,
-        )
-        == value
-    )
-    if name in {f.name for f in dataclasses.fields(RLHFOracleConfig)}:
-        with pytest.raises(ValueError, match=rf"{name}=.*apply to algorithm='kl-optimum' only"):
-            RLHFOracleConfig(output_dir=str(tmp_path), report_to="none", **option)
-
-
-def test_grpo_accepts_kl_options_left_at_their_defaults(tmp_path):
-    cfg = AlignProRLConfig(
-        output_dir=str(tmp_path), report_to="none", kl_rounds=1, kl_include_greedy=True, kl_anchors=[]
-    )
-    assert cfg.algorithm == "grpo"
+    pairs = [(AlignProRLConfig, KLOptimumConfig, "rl"), (RLHFOracleConfig, KLOptimumOracleConfig, "oracle")]
+    for grpo, kl, command in pairs:
+        with pytest.raises(
+            ValueError,
+            match=rf"algorithm='kl-optimum' has a config class of its own.*"
+            rf"`alignpro {command} --algorithm kl-optimum --help`",
+        ):
+            grpo(output_dir="o", report_to="none", algorithm="kl-optimum")
+        with pytest.raises(ValueError, match=r"algorithm='grpo' has a config class of its own"):
+            kl(output_dir="o", report_to="none", algorithm="grpo")
+        for cls in (grpo, kl):
+            with pytest.raises(ValueError, match="algorithm must be 'grpo' or 'kl-optimum', got 'ppo'"):
+                cls(output_dir="o", report_to="none", algorithm="ppo")
+        grpo_fields = {f.name for f in dataclasses.fields(grpo)}
+        kl_fields = {f.name for f in dataclasses.fields(kl)}
+        assert not {"rounds", "prompts_per_round", "include_greedy"} & grpo_fields
+        assert not {f for f in grpo_fields | kl_fields if f.startswith("kl_")}
+        assert not {"loss_type", "epsilon", "scale_rewards"} & kl_fields  # GRPO's own options stay GRPO's
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        KLOptimumConfig(output_dir="o", report_to="none", rounds=0)
+    with pytest.raises(ValueError, match="prompts_per_round must be >= 1 or None"):
+        KLOptimumOracleConfig(output_dir="o", report_to="none", prompts_per_round=0)
+    with pytest.raises(ValueError, match="num_generations .* must be >= 1"):
+        KLOptimumConfig(output_dir="o", report_to="none", num_generations=0)
 
 
 @pytest.mark.parametrize("enabled", [False, True])
@@ -849,9 +956,10 @@ def test_configs_set_checkpointing_without_the_deprecation_warning(enabled, tmp_
     """transformers 5 warns on every config that sets `gradient_checkpointing`; ours carry it over silently."""
     import warnings
 
-    from trainers.oracle_config import RLHFOracleConfig
+    from trainers.oracle_config import KLOptimumOracleConfig, RLHFOracleConfig
 
-    for cls in (AlignProSFTConfig, AlignProRLConfig, AlignProRewardConfig, RLHFOracleConfig):
+    configs = (AlignProSFTConfig, AlignProRLConfig, KLOptimumConfig, AlignProRewardConfig, RLHFOracleConfig)
+    for cls in (*configs, KLOptimumOracleConfig):
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
             cfg = cls(
@@ -971,7 +1079,6 @@ def test_lora_all_linear_from_the_cli_is_the_peft_keyword():
 
 def test_training_target_sends_no_openai_key_to_another_host(monkeypatch, tmp_path):
     from trainers.common import build_target
-    from trainers.rl_config import AlignProRLConfig
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-not-for-a-local-server")
     monkeypatch.setenv("MY_ENDPOINT_KEY", "local-key")
@@ -1176,19 +1283,15 @@ def test_sft_fit_check_can_be_skipped_and_rejects_negative_counts(tiny_lm_dir, t
 def test_kl_optimum_early_stopping_ends_rounds_without_a_validation_gain(sft_dir, tmp_path, monkeypatch):
     from trainers import kl_optimum
 
-    cfg = _rl_config(
+    cfg = _kl_config(
         tmp_path,
         sft_dir,
-        algorithm="kl-optimum",
-        kl_rounds=4,
-        kl_prompts_per_round=None,  # every round reuses the 4 training prompts
-        num_generations=2,
-        beta=0.5,
-        per_device_train_batch_size=2,
-        kl_validation_prompts=2,
-        kl_early_stopping_patience=2,
+        rounds=4,
+        prompts_per_round=None,  # every round reuses the 4 training prompts
+        validation_prompts=2,
+        early_stopping_patience=2,
     )
-    trainer = AlignProRLTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=length_reward)
+    trainer = KLOptimumTrainer(cfg, prompts=PROMPTS[:6], target=lambda x: x, reward=length_reward)
     # SFT 0.5; round 1 gains (0.6); rounds 2 and 3 do not beat 0.6 (a tie is no gain): stop before round 4.
     scores = iter([0.5, 0.6, 0.6, 0.55, 0.9])
     monkeypatch.setattr(kl_optimum, "deployed_reward", lambda *a, **kw: next(scores))
@@ -1201,9 +1304,7 @@ def test_kl_optimum_early_stopping_ends_rounds_without_a_validation_gain(sft_dir
 
 
 def test_kl_optimum_early_stopping_needs_validation(sft_dir, tmp_path):
-    with pytest.raises(ValueError, match="kl_early_stopping_patience stops on the validation reward"):
-        _rl_config(tmp_path, sft_dir, algorithm="kl-optimum", kl_early_stopping_patience=1)
-    with pytest.raises(ValueError, match="kl_early_stopping_patience is a number of rounds >= 0"):
-        _rl_config(
-            tmp_path, sft_dir, algorithm="kl-optimum", kl_validation_prompts=2, kl_early_stopping_patience=-1
-        )
+    with pytest.raises(ValueError, match="early_stopping_patience stops on the validation reward"):
+        _kl_config(tmp_path, sft_dir, early_stopping_patience=1)
+    with pytest.raises(ValueError, match="early_stopping_patience is a number of rounds >= 0"):
+        _kl_config(tmp_path, sft_dir, validation_prompts=2, early_stopping_patience=-1)

@@ -49,13 +49,6 @@ def leave_one_out_rewards(
     return torch.stack([scored[i, j] for i, j in enumerate(picks)])
 
 
-def leave_one_out(
-    rewards: torch.Tensor, order: torch.Tensor, k: int, realized: torch.Tensor | None = None
-) -> float:
-    """Mean of :func:`leave_one_out_rewards`."""
-    return float(leave_one_out_rewards(rewards, order, k, realized).mean())
-
-
 def choose_neighbours(
     rewards: torch.Tensor, order: torch.Tensor, grid: Sequence[int] = NEIGHBOUR_GRID
 ) -> tuple[int, dict[int, float]]:

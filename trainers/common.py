@@ -1,61 +1,19 @@
-"""Pieces shared by the three stages: CPU-friendly defaults, target/reward construction, metrics logging."""
+"""Pieces the stages share at run time: seeding, the target and reward, metrics logging, checkpoints to resume."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import logging
 import os
+import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-
-def has_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def apply_hardware_defaults(cfg: Any) -> None:
-    """bf16 only on a GPU that supports it (most CPUs emulate it, ~5x slower); TensorBoard reporting when installed."""
-    if getattr(cfg, "bf16", None) is None:
-        cfg.bf16 = bool(has_cuda() and torch.cuda.is_bf16_supported())
-    if not has_cuda():
-        cfg.bf16 = False
-        cfg.fp16 = False
-        cfg.dataloader_pin_memory = False  # nothing to pin to; torch warns on every DataLoader otherwise
-    if getattr(cfg, "report_to", None) in (None, "all", ["all"]):
-        cfg.report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
-    adopt_activation_checkpointing(cfg)
-
-
-def adopt_activation_checkpointing(cfg: Any) -> None:
-    """Carry `gradient_checkpointing` over to transformers 5's `activation_checkpointing` (call before __post_init__).
-
-    transformers 5 keeps the old name as an alias but warns on every config that sets it, and TRL's configs set it
-    by default; moving the value to the new name keeps both spellings working without the warning. On
-    transformers 4 there is no new name and this does nothing.
-    """
-    if hasattr(cfg, "activation_checkpointing") and cfg.activation_checkpointing is None:
-        cfg.activation_checkpointing = bool(cfg.gradient_checkpointing)
-    kwargs = getattr(cfg, "gradient_checkpointing_kwargs", None)
-    if (
-        hasattr(cfg, "activation_checkpointing_kwargs")
-        and cfg.activation_checkpointing_kwargs is None
-        and kwargs
-    ):
-        cfg.activation_checkpointing_kwargs, cfg.gradient_checkpointing_kwargs = kwargs, None
-
-
-def checkpointing_kwargs(config_cls: type, enabled: bool) -> dict[str, Any]:
-    """The keyword that sets activation checkpointing on `config_cls` (transformers 5's name where it exists)."""
-    names = {f.name for f in fields(config_cls)}
-    name = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {name: enabled}
+logger = logging.getLogger(__name__)
 
 
 def seed_stage(cfg: Any, round_index: int | None = None) -> None:
@@ -79,48 +37,6 @@ def round_seed(seed: int, round_index: int) -> int:
     return (seed * 1_000_003 + round_index) % 2**32
 
 
-def check_kl_rounds(cfg: Any) -> None:
-    if cfg.kl_rounds < 1:
-        raise ValueError(f"kl_rounds must be >= 1, got {cfg.kl_rounds}")
-    n = cfg.kl_prompts_per_round
-    if n is not None and n < 1:
-        raise ValueError(f"kl_prompts_per_round must be >= 1 or None (all prompts every round), got {n}")
-    if cfg.algorithm == "kl-optimum" and (cfg.num_generations or 0) < 1:
-        raise ValueError(f"num_generations (samples per prompt) must be >= 1, got {cfg.num_generations}")
-
-
-def check_algorithm(cfg: Any) -> None:
-    """`algorithm` is one of the two; the kl_* options are set only where they act (GRPO would ignore them)."""
-    if cfg.algorithm not in ("grpo", "kl-optimum"):
-        raise ValueError(f"algorithm must be 'grpo' or 'kl-optimum', got {cfg.algorithm!r}")
-    if cfg.algorithm == "kl-optimum":
-        return
-    changed = []
-    for f in fields(cfg):
-        if f.name.startswith("kl_"):
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
-            if getattr(cfg, f.name) != default:
-                changed.append(f"{f.name}={getattr(cfg, f.name)!r}")
-    if changed:
-        raise ValueError(
-            f"{', '.join(changed)}: the kl_* options apply to algorithm='kl-optimum' only, and "
-            f"algorithm={cfg.algorithm!r} would ignore them; set algorithm='kl-optimum' or drop them"
-        )
-
-
-def as_str_list(value: Any, name: str) -> list[str]:
-    """A list option given one string (a YAML scalar, or str in Python) means one item, not its characters."""
-    if value is None:
-        return []
-    if isinstance(value, (str, os.PathLike)):
-        return [os.fspath(value)]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value):
-        return [os.fspath(v) for v in value]
-    raise ValueError(
-        f"{name} must be a list of strings (a YAML list, or one string for a single item), got {value!r}"
-    )
-
-
 def check_reward_source(stage: str, reward: Any, reward_model: str | None) -> None:
     """Fail before any model loads when the stage has nothing to score with."""
     if reward is None and not reward_model:
@@ -128,95 +44,6 @@ def check_reward_source(stage: str, reward: Any, reward_model: str | None) -> No
             f"{stage} needs a reward: set `reward_model` (the folder written by `alignpro reward`) or pass "
             "reward= to the trainer"
         )
-
-
-@contextmanager
-def grpo_checks_relaxed(cfg: Any) -> Iterator[None]:
-    """Run GRPOConfig's validation without its GRPO-only rule (generation batch divisible by num_generations).
-
-    kl-optimum samples K per prompt in its own batches, so any K is valid there (K=3 with batch 8 included);
-    GRPO keeps every check.
-    """
-    if cfg.algorithm != "kl-optimum":
-        yield
-        return
-    k, batch = cfg.num_generations, cfg.per_device_train_batch_size
-    # Any group size of at least 2 that divides the generation batch satisfies GRPO; batch 1 has none, so
-    # validate with batch 2 (kl-optimum uses the batch only for distillation, restored below).
-    cfg.per_device_train_batch_size = max(batch, 2)
-    cfg.num_generations = 2 if cfg.per_device_train_batch_size % 2 == 0 else cfg.per_device_train_batch_size
-    try:
-        yield
-    finally:
-        cfg.num_generations, cfg.per_device_train_batch_size = k, batch
-
-
-def round_prompts(prompts: Sequence[str], per_round: int | None, r: int) -> list[str]:
-    """The prompts of kl-optimum round r (0-based): all of them, or the r-th fresh slice of ``per_round``."""
-    if per_round is None:
-        return list(prompts)
-    return list(prompts[r * per_round : (r + 1) * per_round])
-
-
-def check_round_prompts(prompts: Sequence[str], per_round: int | None, rounds: int, stage: str) -> None:
-    if per_round is not None and len(prompts) < per_round * rounds:
-        raise ValueError(
-            f"{stage}: kl_prompts_per_round={per_round} x kl_rounds={rounds} needs {per_round * rounds} "
-            f"distinct training prompts, got {len(prompts)}; give more prompts, lower kl_rounds, or set "
-            "kl_prompts_per_round=None to reuse all prompts every round"
-        )
-
-
-@dataclass
-class TargetArguments:
-    """How to reach the frozen target LLM (used by the SFT bootstrap and the RL stage)."""
-
-    target: str = field(
-        default="smollm2-135m-instruct",
-        metadata={
-            "help": "Frozen target: a packaged model name, local folder or hub id (ignored with target_base_url)."
-        },
-    )
-    target_base_url: str | None = field(
-        default=None,
-        metadata={"help": "OpenAI-compatible endpoint for the target, e.g. http://127.0.0.1:8000/v1"},
-    )
-    target_model_name: str | None = field(
-        default=None, metadata={"help": "Model name to send to target_base_url."}
-    )
-    target_api_key_env: str | None = field(
-        default=None,
-        metadata={
-            "help": "Environment variable holding the endpoint's API key. Unset: $OPENAI_API_KEY, sent only to "
-            "api.openai.com, so an OpenAI key never reaches another host."
-        },
-    )
-    target_max_new_tokens: int = field(default=96, metadata={"help": "Answer length cap during training."})
-    target_batch_size: int = field(
-        default=16, metadata={"help": "Batch size for a local target's generation."}
-    )
-    target_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "A local target's dtype: auto (bf16 on a GPU that supports it, else fp32), float32, bfloat16 "
-            "or float16. bfloat16 answers faster on CPUs with native bf16 (AMX) but gives other answers."
-        },
-    )
-    target_concurrency: int = field(default=8, metadata={"help": "Concurrent requests to a remote target."})
-    target_cache: str | None = field(
-        default=None, metadata={"help": "jsonl answer cache; default <output_dir>/target_cache.jsonl"}
-    )
-
-    def __post_init__(self) -> None:
-        # TrainingArguments.__post_init__ does not call super(): the stage configs call this explicitly.
-        from alignpro_plugins.manifest import check_dtype
-
-        check_dtype(self.target_dtype, "target_dtype")
-        if self.target_base_url and not self.target_model_name:
-            raise ValueError(
-                f"target_base_url is set ({self.target_base_url}) but target_model_name is not: set "
-                "`target_model_name` to the model name the endpoint serves (listed by <target_base_url>/models)"
-            )
 
 
 def target_cache_path(output_dir: str) -> str:
@@ -262,18 +89,43 @@ def wrap_target(target: Any, cache_path: str | None):
 
 
 class JsonlMetricsCallback(TrainerCallback):
-    """Append every logged metrics dict to <output_dir>/metrics.jsonl (plots and resumable eval read it)."""
+    """Append every logged metrics dict to <output_dir>/metrics.jsonl (plots and resumable eval read it).
 
-    def __init__(self, path: str | os.PathLike[str], stage: str) -> None:
+    With ``resume``, the rows of steps after the one training resumes from are dropped when it starts: the run
+    logs them again, and each step keeps one row.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], stage: str, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.stage = stage
+        self.resume = resume
 
-    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.resume and state.is_world_process_zero:
+            drop_rows_after(self.path, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             row = {"stage": self.stage, "step": state.global_step, "time": time.time(), **logs}
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row, default=float) + "\n")
+
+
+def metrics_callback(cfg: Any, stage: str) -> JsonlMetricsCallback:
+    """The stage's metrics log, ``<output_dir>/metrics.jsonl``, resumed along with the stage."""
+    return JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", stage, resume=cfg.resume)
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Remove the rows of ``path`` (a metrics.jsonl) logged after ``step``: what a resumed run will log again."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if (logged := _row_step(line)) is not None and logged <= step]
+    if len(kept) < len(lines):
+        logger.info("resuming at step %d: dropped %d later rows of %s", step, len(lines) - len(kept), path)
+        path.write_text("".join(f"{line}\n" for line in kept))
 
 
 def count_trainable(model: torch.nn.Module) -> int:
@@ -293,9 +145,42 @@ def lora_config(
     )
 
 
-def latest_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
-    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+def _row_step(line: str) -> int | None:
+    """A metrics row's step; None for a line cut short by a kill (it is dropped with the rows after it)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
+
+
+def resume_checkpoint(cfg: Any) -> str | None:
+    """The checkpoint a stage resumes from: none unless ``cfg.resume``; else the last complete ``checkpoint-N``.
+
+    A process killed while the Trainer saves leaves a ``checkpoint-N`` without ``trainer_state.json`` (written
+    last): resuming from it would fail, so it is skipped, and the log says so.
+    """
+    if not cfg.resume:
+        return None
+    found = []
+    for folder in Path(str(cfg.output_dir)).glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if m and folder.is_dir():
+            found.append((int(m.group(1)), folder))
+    for _, folder in sorted(found, reverse=True):
+        if _complete(folder):
+            return str(folder)
+        logger.warning(
+            "resume: skipping %s, an incomplete checkpoint (no readable trainer_state.json)", folder
+        )
+    return None
+
+
+def _complete(checkpoint: Path) -> bool:
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def training_prompts(cfg: Any, prompts: Any, stage: str) -> list[str]:

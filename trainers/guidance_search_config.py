@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from alignpro_plugins.guidance import GUIDANCE_LIBRARY
-from trainers.common import TargetArguments, as_str_list
+from trainers.arguments import TargetArguments, as_str_list
 
 OBJECTIVES = ("mean", "win_rate", "mean_minus_std")
 
@@ -91,7 +91,7 @@ class GuidanceSearchConfig(TargetArguments):
     )
 
     def __post_init__(self) -> None:
-        TargetArguments.__post_init__(self)
+        self.check_target_arguments()
         self.output_dir = self.output_dir or "trainer_output"
         self.seed_texts = as_str_list(self.seed_texts, "seed_texts")
         if not [t for t in self.seed_texts if t.strip()]:

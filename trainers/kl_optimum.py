@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignpro_plugins.manifest import GenerationDefaults
+from trainers.common import drop_rows_after
 from trainers.scoring import RewriteScorer
 
 logger = logging.getLogger(__name__)
@@ -225,7 +228,7 @@ def distil_rows(
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from trainers.common import checkpointing_kwargs
+    from trainers.arguments import checkpointing_kwargs
 
     rows = tokenize_rows(tokenizer, rows)
     random.Random(cfg.seed).shuffle(rows)
@@ -305,6 +308,22 @@ def tokenize_rows(tokenizer: Any, rows: Sequence[dict[str, Any]]) -> list[dict[s
     return out
 
 
+def round_prompts(prompts: Sequence[str], per_round: int | None, r: int) -> list[str]:
+    """The prompts of round r (0-based): all of them, or the r-th fresh slice of ``per_round``."""
+    if per_round is None:
+        return list(prompts)
+    return list(prompts[r * per_round : (r + 1) * per_round])
+
+
+def check_round_prompts(prompts: Sequence[str], per_round: int | None, rounds: int, stage: str) -> None:
+    if per_round is not None and len(prompts) < per_round * rounds:
+        raise ValueError(
+            f"{stage}: prompts_per_round={per_round} x rounds={rounds} needs {per_round * rounds} distinct "
+            f"training prompts, got {len(prompts)}; give more prompts, lower rounds, or set "
+            "prompts_per_round=None to reuse all prompts every round"
+        )
+
+
 def log_row(path: Path, row: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -321,12 +340,33 @@ def round_dirs(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resume_last_round(model: Any, out: Path) -> int:
-    """Load the adapter of the last finished round into ``model``; the number of rounds done (0: none)."""
+def save_round(model: Any, out: Path, n: int) -> Path:
+    """Save ``model`` (a Prompter or PEFT model) as ``round-N/``, whole or not at all.
+
+    It is written to ``round-N.partial/`` and renamed into place: a process killed while saving leaves no
+    ``round-N/`` that resume would take for a finished round.
+    """
+    final, partial = out / f"round-{n}", out / f"round-{n}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return final
+
+
+def resume_last_round(model: Any, out: Path, metrics: Path) -> int:
+    """Load the adapter of the last finished round into ``model``; the number of rounds done (0: none).
+
+    The rows ``metrics`` holds for later rounds (a run killed before saving their adapter) are dropped: those
+    rounds run again and log again.
+    """
     rounds = round_dirs(out)
-    if not rounds:
+    done = rounds[-1][0] if rounds else 0
+    # With no round done, the run starts over, validation of the starting point (step 0) included.
+    drop_rows_after(metrics, done if done > 0 else -1)
+    if done == 0:
         return 0
-    done, folder = rounds[-1]
+    folder = rounds[-1][1]
     _load_adapter(model, folder)
     logger.info("resuming after round %d from %s", done, folder)
     return done

@@ -13,47 +13,47 @@ from typing import Any
 
 from alignpro_plugins.engine import load_causal_lm
 from alignpro_plugins.rewards import as_reward
+from trainers import kl_optimum
 from trainers.common import (
-    JsonlMetricsCallback,
     check_reward_source,
-    check_round_prompts,
-    latest_checkpoint,
     lora_config,
-    round_prompts,
+    metrics_callback,
+    resume_checkpoint,
     round_seed,
     seed_stage,
     training_prompts,
 )
-from trainers.oracle_config import RLHFOracleConfig
+from trainers.oracle_config import KLOptimumOracleConfig, RLHFOracleConfig
 
 logger = logging.getLogger(__name__)
 
 
-class RLHFOracleTrainer:
+class OracleTrainer:
+    """Base of the RLHF oracle's trainers: the target, its training prompts and reward, the oracle's record."""
+
+    algorithm: str
+
     def __init__(
-        self, config: RLHFOracleConfig, *, prompts: Sequence[str] | None = None, reward: Any | None = None
+        self,
+        config: RLHFOracleConfig | KLOptimumOracleConfig,
+        *,
+        prompts: Sequence[str] | None = None,
+        reward: Any | None = None,
     ):
         self.config = config
         check_reward_source("the RLHF oracle", reward, config.reward_model)
         self.prompts = training_prompts(config, prompts, "the RLHF oracle")
-        if config.algorithm == "kl-optimum":
-            check_round_prompts(
-                self.prompts, config.kl_prompts_per_round, config.kl_rounds, "the RLHF oracle"
-            )
+        self.check_prompts()
         self.reward = as_reward(reward if reward is not None else config.reward_model)
         self.model, self.tokenizer, _ = load_causal_lm(config.target)
         self.tokenizer.padding_side = "left"
 
-    def reward_fn(
-        self, prompts: list[str], completions: list[str], original: list[str], **_: Any
-    ) -> list[float]:
-        # Conversational data: each completion is a list of messages.
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return self.reward(original, [t.strip() for t in texts])
+    def check_prompts(self) -> None:
+        """Algorithm-specific checks of ``self.prompts``, before the model loads."""
 
     def train(self) -> str:
         seed_stage(self.config)  # the LoRA is initialised before the Trainer seeds anything
-        steps = self._train_kl_optimum() if self.config.algorithm == "kl-optimum" else self._train_grpo()
+        steps = self.train_steps()
         cfg = self.config
         (Path(str(cfg.output_dir)) / "alignpro_oracle.json").write_text(
             json.dumps(
@@ -61,7 +61,7 @@ class RLHFOracleTrainer:
                     "kind": "rlhf-oracle-adapter",
                     "target": cfg.target,
                     "reward_model": cfg.reward_model,
-                    "algorithm": cfg.algorithm,
+                    "algorithm": self.algorithm,
                     "steps": steps,
                     "prompts": len(self.prompts),
                     "beta": cfg.beta,
@@ -71,26 +71,41 @@ class RLHFOracleTrainer:
         )
         return str(cfg.output_dir)
 
-    def _train_kl_optimum(self) -> int:
-        """K sampled answers per prompt, resampled by softmax(z/λ) and distilled: the prompter's RL, on the target."""
+    def train_steps(self) -> int:
+        """Train the LoRA, save it in ``output_dir``; the number of optimiser steps."""
+        raise NotImplementedError
+
+    def lora(self) -> Any:
+        cfg = self.config
+        return lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class KLOptimumOracleTrainer(OracleTrainer):
+    """The oracle by kl-optimum: K sampled answers per prompt, resampled by softmax(z/λ) and distilled."""
+
+    algorithm = "kl-optimum"
+    config: KLOptimumOracleConfig
+
+    def check_prompts(self) -> None:
+        cfg = self.config
+        kl_optimum.check_round_prompts(self.prompts, cfg.prompts_per_round, cfg.rounds, "the RLHF oracle")
+
+    def train_steps(self) -> int:
         from peft import get_peft_model
 
         from alignpro_plugins.targets import TransformersTarget
-        from trainers import kl_optimum
 
         cfg = self.config
         out = Path(str(cfg.output_dir))
         k = int(cfg.num_generations or 4)
-        model = get_peft_model(
-            self.model, lora_config(cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
-        )
+        model = get_peft_model(self.model, self.lora())
         steps = 0
-        start = kl_optimum.resume_last_round(model, out) if cfg.resume else 0
-        for r in range(start, cfg.kl_rounds):
+        start = kl_optimum.resume_last_round(model, out, out / "metrics.jsonl") if cfg.resume else 0
+        for r in range(start, cfg.rounds):
             # Each round from its own seed: a resumed run samples what an unbroken one would have.
             seed_stage(cfg, r)
             rng = random.Random(round_seed(cfg.seed, r))
-            prompts = round_prompts(self.prompts, cfg.kl_prompts_per_round, r)
+            prompts = kl_optimum.round_prompts(self.prompts, cfg.prompts_per_round, r)
             model.eval()
             sampler = TransformersTarget(
                 model,
@@ -108,7 +123,7 @@ class RLHFOracleTrainer:
                 TransformersTarget(
                     model, self.tokenizer, max_new_tokens=sampler.max_new_tokens, batch_size=32
                 ).generate_ended(list(prompts))
-                if cfg.kl_include_greedy
+                if cfg.include_greedy
                 else []
             )
             g = k + bool(greedy)
@@ -150,11 +165,25 @@ class RLHFOracleTrainer:
             )
             kl_optimum.log_row(out / "metrics.jsonl", {"stage": "oracle", "step": r + 1, **stats})
             logger.info("oracle kl-optimum round %d: %s", r + 1, stats)
-            model.save_pretrained(str(out / f"round-{r + 1}"))  # what --resume continues from
+            kl_optimum.save_round(model, out, r + 1)  # what --resume continues from
         model.save_pretrained(str(out))
         return steps
 
-    def _train_grpo(self) -> int:
+
+class RLHFOracleTrainer(OracleTrainer):
+    """The oracle by TRL's GRPO on the target's own chat template."""
+
+    algorithm = "grpo"
+    config: RLHFOracleConfig
+
+    def reward_fn(
+        self, prompts: list[str], completions: list[str], original: list[str], **_: Any
+    ) -> list[float]:
+        # Conversational data: each completion is a list of messages.
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return self.reward(original, [t.strip() for t in texts])
+
+    def train_steps(self) -> int:
         import datasets
         from trl import GRPOTrainer
 
@@ -175,16 +204,17 @@ class RLHFOracleTrainer:
             args=cfg,
             train_dataset=data,
             processing_class=self.tokenizer,
-            peft_config=lora_config(
-                cfg.lora_r, cfg.lora_alpha, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]
-            ),
-            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "oracle")],
+            peft_config=self.lora(),
+            callbacks=[metrics_callback(cfg, "oracle")],
         )
-        trainer.train(resume_from_checkpoint=latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None)
+        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
         trainer.save_model(str(cfg.output_dir))
         return int(trainer.state.global_step)
 
 
-def train_oracle(config: RLHFOracleConfig, **kwargs: Any) -> str:
+def train_oracle(config: RLHFOracleConfig | KLOptimumOracleConfig, **kwargs: Any) -> str:
+    """The RLHF oracle with the trainer paired with ``config``: GRPO, or kl-optimum for a KLOptimumOracleConfig."""
     os.makedirs(str(config.output_dir), exist_ok=True)
+    if isinstance(config, KLOptimumOracleConfig):
+        return KLOptimumOracleTrainer(config, **kwargs).train()
     return RLHFOracleTrainer(config, **kwargs).train()

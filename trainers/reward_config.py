@@ -4,11 +4,11 @@ from dataclasses import dataclass, field
 
 from trl import RewardConfig
 
-from trainers.common import apply_hardware_defaults, as_str_list
+from trainers.arguments import StageArguments, apply_hardware_defaults, as_str_list
 
 
 @dataclass
-class AlignProRewardConfig(RewardConfig):
+class AlignProRewardConfig(StageArguments, RewardConfig):
     """Reward stage: a reward model r(x, y) from preference pairs, on TRL's RewardTrainer.
 
     Every field is also a CLI flag (``alignpro reward --help``) and a YAML key (``reward:`` in a recipe).
@@ -75,11 +75,10 @@ class AlignProRewardConfig(RewardConfig):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
 
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
-        super().__post_init__()
+        RewardConfig.__post_init__(self)
         self.preference_data = as_str_list(self.preference_data, "preference_data")
         self.exclude_prompt_files = as_str_list(self.exclude_prompt_files, "exclude_prompt_files")
         if self.freeze_layers < 0:

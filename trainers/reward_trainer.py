@@ -15,7 +15,7 @@ import torch
 from alignpro_plugins.data import PreferencePair, load_preferences, load_prompts, split_by_prompt
 from alignpro_plugins.models import resolve_model
 from alignpro_plugins.rewards import REWARD_MANIFEST, RewardModel, encode_pairs, prompt_digest
-from trainers.common import JsonlMetricsCallback, count_trainable, latest_checkpoint, seed_stage
+from trainers.common import count_trainable, metrics_callback, resume_checkpoint, seed_stage
 from trainers.reward_config import AlignProRewardConfig
 
 logger = logging.getLogger(__name__)
@@ -132,10 +132,9 @@ class AlignProRewardTrainer:
             args=cfg,
             train_dataset=self._dataset(tokenizer, self.train_pairs),
             processing_class=tokenizer,
-            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "reward")],
+            callbacks=[metrics_callback(cfg, "reward")],
         )
-        resume = latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
         out = Path(str(cfg.output_dir))
         trainer.save_model(str(out))
         tokenizer.save_pretrained(str(out))

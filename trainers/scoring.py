@@ -7,12 +7,13 @@ frozen target's answer to the rewrite, scored against the ORIGINAL prompt.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from alignpro_plugins.prompter import Prompter, RewriteResult
 from alignpro_plugins.rewards import RewardFunction
-from alignpro_plugins.targets import FrozenTarget, TargetError
+from alignpro_plugins.targets import FrozenTarget, TargetError, TargetRequest
 
 
 @dataclass
@@ -33,27 +34,28 @@ class RewriteScorer:
         prompter: Prompter,
         target: FrozenTarget,
         reward: RewardFunction,
-        on_target_inputs: Callable[[list[str], list[str]], None] | None = None,
+        contexts: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.prompter = prompter
         self.target = target
         self.reward = reward
-        # Told (x, x') before the target answers: lets a target rebuild context x' alone does not carry
-        # (e.g. a DSPy example's other input fields).
-        self.on_target_inputs = on_target_inputs
+        # Per original prompt x, the framework context its requests carry (e.g. a DSPy example's other inputs).
+        self.contexts = dict(contexts or {})
 
     def score_texts(
         self, originals: Sequence[str], target_inputs: Sequence[str]
     ) -> tuple[list[float], list[str], dict]:
-        if self.on_target_inputs is not None:
-            self.on_target_inputs(list(originals), list(target_inputs))
+        requests = [
+            TargetRequest(x_prime, original=x, context=self.contexts.get(x))
+            for x, x_prime in zip(originals, target_inputs, strict=True)
+        ]
         t0 = time.perf_counter()
         try:
-            answers = self.target.generate(list(target_inputs))
+            answers = self.target.generate(requests)
         except TargetError as exc:  # counted in target.stats; training scores a missing answer as empty
             answers = exc.answers_or_empty()
         t1 = time.perf_counter()
-        rewards = self.reward(list(originals), answers)
+        rewards = self.reward(requests, answers)
         t2 = time.perf_counter()
         return rewards, answers, {"target_s": t1 - t0, "reward_s": t2 - t1}
 

@@ -6,7 +6,7 @@ from trl import SFTConfig
 
 from alignpro_plugins.guidance import GUIDANCE_LIBRARY
 from alignpro_plugins.manifest import MODES
-from trainers.common import TargetArguments, apply_hardware_defaults, as_str_list
+from trainers.arguments import StageArguments, TargetArguments, apply_hardware_defaults, as_str_list
 
 # Candidate guidance the bootstrap scores beside the prompter's own samples (augment mode). Starting from
 # what a user would try first means the SFT prompter begins at least where the fixed-instruction baseline is.
@@ -14,7 +14,7 @@ DEFAULT_GUIDANCE_TEMPLATES = list(GUIDANCE_LIBRARY)
 
 
 @dataclass
-class AlignProSFTConfig(SFTConfig, TargetArguments):
+class AlignProSFTConfig(StageArguments, SFTConfig, TargetArguments):
     """SFT stage: LoRA SFT of the prompter on (prompt, improved prompt) pairs, or on best-of-K bootstrap targets.
 
     Every field is also a CLI flag (``alignpro sft --help``) and a YAML key (``sft:`` in a recipe).
@@ -111,12 +111,11 @@ class AlignProSFTConfig(SFTConfig, TargetArguments):
     )
     logging_steps: float = field(default=5, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
 
     def __post_init__(self) -> None:
         apply_hardware_defaults(self)
-        super().__post_init__()
-        TargetArguments.__post_init__(self)
+        SFTConfig.__post_init__(self)
+        self.check_target_arguments()
         if self.mode not in MODES:
             raise ValueError(f"mode must be 'augment' or 'rewrite', got {self.mode!r}")
         self.templates = as_str_list(self.templates, "templates")

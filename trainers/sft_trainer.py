@@ -24,12 +24,12 @@ from alignpro_plugins.manifest import GenerationDefaults
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import as_reward
 from trainers.common import (
-    JsonlMetricsCallback,
     build_target,
     check_reward_source,
     count_trainable,
-    latest_checkpoint,
     lora_config,
+    metrics_callback,
+    resume_checkpoint,
     seed_stage,
     target_cache_path,
     wrap_target,
@@ -288,10 +288,9 @@ class AlignProSFTTrainer:
             args=cfg,
             train_dataset=self.dataset(pairs),
             processing_class=self.prompter.tokenizer,
-            callbacks=[JsonlMetricsCallback(Path(str(cfg.output_dir)) / "metrics.jsonl", "sft")],
+            callbacks=[metrics_callback(cfg, "sft")],
         )
-        resume = latest_checkpoint(str(cfg.output_dir)) if cfg.resume else None
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
         self.prompter.tokenizer.padding_side = "left"
         self.prompter.model = trainer.model
         self.prompter.model.eval()

@@ -1,15 +1,13 @@
 """``AlignProOptimizer``: a DSPy teleprompter that trains a prompter for a program with the Align-Pro RL stage.
 
-The RL stage only knows text: prompts x, rewrites x', the frozen target's answer y = target(x') and a reward
-r(x, y). The bridge below maps that onto DSPy:
+The RL stage knows prompts x, rewrites x', the frozen target's answer y = target(x') and a reward r(x, y).
+Mapped onto DSPy:
 
-* x is the value of ONE input field of a training example (the field being rewritten);
-* the frozen target runs the student program on the example's inputs with that field replaced by x', and
-  returns the prediction serialized as JSON (with a token pointing at the live ``Prediction`` object);
-* the reward is the DSPy metric on (example, prediction), the example found again from x.
-
-The RL scorer is told which x each x' came from, so the other input fields of the example are rebuilt even in
-"rewrite" mode, where x' need not contain x.
+* x is the value of ONE input field of a training example (the field being rewritten); the example's other
+  input fields travel with it as the context of its :class:`~alignpro_plugins.targets.TargetRequest`;
+* the frozen target runs the student program on those inputs with the field set to x'; its answer is the
+  prediction's fields as JSON (what the answer cache stores), carrying the live ``Prediction`` while in memory;
+* the reward is the DSPy metric on (the example of x, that prediction).
 """
 
 from __future__ import annotations
@@ -24,9 +22,7 @@ import logging
 import math
 import os
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,11 +34,9 @@ from dspy.teleprompt import Teleprompter
 from alignpro_plugins.dspy.module import AlignProModule, _check_fields, default_fields
 from alignpro_plugins.manifest import MODES
 from alignpro_plugins.specs import classify_prompter_spec
-from alignpro_plugins.targets import FrozenTarget
+from alignpro_plugins.targets import FrozenTarget, TargetRequest
 
 logger = logging.getLogger(__name__)
-
-_TOKEN = "alignpro_prediction"
 
 
 def _takes_trace(metric: Callable[..., Any]) -> bool:
@@ -80,6 +74,33 @@ def _example_inputs(example: dspy.Example, names: Sequence[str]) -> dict[str, An
     return {k: example[k] for k in names if k in example}
 
 
+class _ProgramAnswer(str):
+    """A program's answer: the prediction's fields as JSON text, with the ``Prediction`` object itself attached.
+
+    The answer cache persists the text; an answer read back from it (a plain string) is rebuilt from the JSON.
+    """
+
+    prediction: Any
+
+    def __new__(cls, prediction: Any) -> _ProgramAnswer:
+        answer = super().__new__(
+            cls, json.dumps(_prediction_fields(prediction), ensure_ascii=False, default=str)
+        )
+        answer.prediction = prediction
+        return answer
+
+
+def _answer_prediction(answer: str) -> Any | None:
+    """The prediction behind a program target's answer; None for one that is not (e.g. a failed call's "")."""
+    if isinstance(answer, _ProgramAnswer):
+        return answer.prediction
+    try:
+        fields = json.loads(answer)
+    except (TypeError, ValueError):
+        return None
+    return dspy.Prediction(**fields) if isinstance(fields, dict) else None
+
+
 class _ProgramBridge:
     """The student program as the frozen target and the metric as the reward, keyed by the rewritten field."""
 
@@ -110,57 +131,30 @@ class _ProgramBridge:
             logger.warning(
                 "%d trainset examples repeat the text of field %r; the first one is used", duplicates, field
             )
-        self.origin: dict[str, str] = {}  # x' -> x, told by the scorer
-        self.live: dict[str, Any] = {}  # token -> the Prediction object (exact metric inputs, no JSON loss)
-        self._lock = threading.Lock()
 
-    def prompts(self) -> list[str]:
-        return list(self.examples)
+    def prompts(self) -> list[TargetRequest]:
+        """The training prompts: each example's field, with the example's inputs as the request context."""
+        return [
+            TargetRequest(x, context={"inputs": _example_inputs(ex, self.input_names)})
+            for x, ex in self.examples.items()
+        ]
 
-    def record(self, originals: Sequence[str], target_inputs: Sequence[str]) -> None:
-        with self._lock:
-            self.origin.update(zip(target_inputs, originals, strict=True))
-
-    def example_for(self, text: str) -> dspy.Example | None:
-        x = self.origin.get(text)
-        if x is None and text in self.examples:
-            x = text
-        if x is None:
-            # Augment mode without the scorer's record: x' starts with x.
-            x = max((k for k in self.examples if text.startswith(k.rstrip())), key=len, default=None)
-        return None if x is None else self.examples.get(x)
-
-    def answer(self, text: str) -> str:
-        """The frozen target: run the program on the example's inputs with the field set to ``text``."""
-        ex = self.example_for(text)
-        if ex is None:
-            raise KeyError(f"no training example for the rewritten text {text[:80]!r}")
-        inputs = {**_example_inputs(ex, self.input_names), self.field: text}
-        pred = self.program(**inputs)
-        token = uuid.uuid4().hex
-        with self._lock:
-            self.live[token] = pred
-        return json.dumps(
-            {_TOKEN: token, "fields": _prediction_fields(pred)}, ensure_ascii=False, default=str
-        )
-
-    def prediction(self, answer: str) -> Any | None:
-        try:
-            data = json.loads(answer)
-        except (TypeError, ValueError):
-            return None
-        if not isinstance(data, dict) or "fields" not in data:
-            return None
-        live = self.live.get(data.get(_TOKEN, ""))
-        # Answers read back from an on-disk target cache have no live object: rebuild from the JSON fields.
-        return live if live is not None else dspy.Prediction(**data["fields"])
+    def answer(self, request: TargetRequest) -> _ProgramAnswer:
+        """The frozen target: run the program on the request's inputs with the field set to its prompt."""
+        if request.context is None or "inputs" not in request.context:
+            raise ValueError(
+                "the program target answers requests whose context holds the example's inputs "
+                f"(context={{'inputs': {{...}}}}); got {request.context!r} for {request.prompt[:80]!r}"
+            )
+        pred = self.program(**{**request.context["inputs"], self.field: request.prompt})
+        return _ProgramAnswer(pred)
 
     def reward(self, prompts: list[str], answers: list[str]) -> list[float]:
         """The RL reward: the DSPy metric on (example for x, the target's prediction); 0 when unusable."""
         scores = []
         for x, answer in zip(prompts, answers, strict=True):
             ex = self.examples.get(x)
-            pred = self.prediction(answer) if answer else None
+            pred = _answer_prediction(answer) if answer else None
             if ex is None or pred is None:
                 scores.append(0.0)
                 continue
@@ -199,19 +193,22 @@ class _ProgramTarget(FrozenTarget):
     def identity(self) -> str:
         return self._identity
 
-    def _one(self, prompt: str) -> str:
+    def _one(self, request: TargetRequest) -> str:
         try:
-            return self.bridge.answer(prompt)
+            return self.bridge.answer(request)
         except Exception as exc:  # counted and logged; reward 0
-            return self._failed(exc, prompt)
+            return self._failed(exc, request.prompt)
 
-    def _generate(self, prompts: list[str]) -> list[str]:
-        if self.num_threads == 1 or len(prompts) < 2:
-            return [self._one(p) for p in prompts]
+    def _answer(self, requests: list[TargetRequest]) -> list[str]:
+        if self.num_threads == 1 or len(requests) < 2:
+            return [self._one(r) for r in requests]
         with ThreadPoolExecutor(self.num_threads) as pool:
             # dspy.context() overrides live in a ContextVar: each task runs in its own copy of ours.
-            futures = [pool.submit(contextvars.copy_context().run, self._one, p) for p in prompts]
+            futures = [pool.submit(contextvars.copy_context().run, self._one, r) for r in requests]
             return [f.result() for f in futures]
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        return self._answer([TargetRequest(p) for p in prompts])
 
 
 def evaluate(program: dspy.Module, dataset: Sequence[dspy.Example], metric: Callable[..., Any]) -> float:
@@ -247,9 +244,10 @@ class AlignProOptimizer(Teleprompter):
         mode: "augment" (append guidance to the field) or "rewrite"; default the prompter's own mode.
         output_dir: where the trained prompter artifact, metrics and ``dspy_compile.json`` go (default: a
             new temporary folder).
-        rl_config: keyword arguments for :class:`trainers.rl_config.AlignProRLConfig` (``max_steps``,
-            ``per_device_train_batch_size``, ``num_generations``, ``max_completion_length``, ``beta``, ...);
-            checked when ``compile`` starts, before any program call.
+        rl_config: keyword arguments for :class:`trainers.rl_config.AlignProRLConfig` (GRPO: ``max_steps``,
+            ``per_device_train_batch_size``, ``num_generations``, ``max_completion_length``, ``beta``, ...), or,
+            with ``algorithm="kl-optimum"``, for :class:`trainers.kl_optimum_config.KLOptimumConfig`
+            (``rounds``, ...); checked when ``compile`` starts, before any program call.
         num_threads: program calls in parallel during training (useful with a remote LM).
 
     After ``compile``: :attr:`valset_score_before`, :attr:`valset_score_after` and :attr:`results`.
@@ -270,7 +268,9 @@ class AlignProOptimizer(Teleprompter):
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None (the prompter's own mode), got {mode!r}")
         if rl_config is not None and not isinstance(rl_config, dict):
-            raise TypeError(f"rl_config is a dict of AlignProRLConfig fields, got {type(rl_config).__name__}")
+            raise TypeError(
+                f"rl_config is a dict of RL config fields (AlignProRLConfig's), got {type(rl_config).__name__}"
+            )
         if isinstance(prompter, (str, os.PathLike)):
             classify_prompter_spec(prompter)  # a local-looking path without alignpro.json fails here
         self.metric = metric
@@ -295,11 +295,20 @@ class AlignProOptimizer(Teleprompter):
             return Prompter.from_base(str(self.prompter), mode=self.mode or "augment", similarity=None)
         return self.prompter
 
-    def _check_rl_config(self) -> None:
-        """Unknown rl_config keys fail before any program call (not after the whole valset evaluation)."""
+    def _rl_config_class(self) -> type:
+        """The RL stage's config: GRPO's, or kl-optimum's when ``rl_config`` says ``algorithm="kl-optimum"``."""
+        if self.rl_config.get("algorithm") == "kl-optimum":
+            from trainers.kl_optimum_config import KLOptimumConfig
+
+            return KLOptimumConfig
         from trainers.rl_config import AlignProRLConfig
 
-        known = {f.name for f in dataclasses.fields(AlignProRLConfig) if f.init}
+        return AlignProRLConfig
+
+    def _check_rl_config(self) -> None:
+        """Unknown rl_config keys fail before any program call (not after the whole valset evaluation)."""
+        config_class = self._rl_config_class()
+        known = {f.name for f in dataclasses.fields(config_class) if f.init}
         unknown = sorted(set(self.rl_config) - known)
         if unknown:
             hints = []
@@ -307,34 +316,31 @@ class AlignProOptimizer(Teleprompter):
                 close = difflib.get_close_matches(key, known, n=1)
                 hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
             raise ValueError(
-                f"rl_config has unknown keys: {', '.join(hints)}. It takes AlignProRLConfig fields, e.g. "
+                f"rl_config has unknown keys: {', '.join(hints)}. It takes {config_class.__name__} fields, e.g. "
                 "max_steps, per_device_train_batch_size, num_generations, max_completion_length, beta, "
-                "learning_rate (the full list: `alignpro rl --help`)"
+                "learning_rate (the full list: `alignpro rl --help`, or `alignpro rl --algorithm kl-optimum "
+                "--help`)"
             )
 
     def _rl_config(self, output_dir: Path) -> Any:
         """The RL stage's config; built when compile starts so bad values fail before any program call."""
-        from trainers.rl_config import AlignProRLConfig
-
         kwargs = {**self.rl_config, "output_dir": str(output_dir)}
         if self.mode:
             kwargs["mode"] = self.mode
-        return AlignProRLConfig(**kwargs)
+        return self._rl_config_class()(**kwargs)
 
     def _train(self, bridge: _ProgramBridge, config: Any) -> Any:
         """One Align-Pro RL run; returns the trained Prompter (saved in ``config.output_dir``)."""
-        from trainers.rl_trainer import AlignProRLTrainer
+        from trainers.rl_trainer import train_rl
 
         self._target = _ProgramTarget(bridge, self.num_threads)
-        trainer = AlignProRLTrainer(
+        return train_rl(
             config,
             prompter=self._prompter_source(),
             prompts=bridge.prompts(),
             target=self._target,
             reward=bridge.reward,
-            on_target_inputs=bridge.record,  # which x each x' came from: rebuilds the example's other fields
         )
-        return trainer.train()
 
     def compile(
         self,
@@ -407,5 +413,4 @@ class AlignProOptimizer(Teleprompter):
                 len(valset),
                 output_dir,
             )
-        bridge.live.clear()
         return program

@@ -1,6 +1,7 @@
 """Frozen targets: the LLM whose weights we never touch, behind one small interface.
 
-``generate(prompts) -> answers`` (and ``agenerate``). Backends: a local transformers model (batched, KV
+``generate(prompts) -> answers`` (and ``agenerate``); a prompt is a string or a ``TargetRequest`` (the target's
+input, the user's original prompt, optional framework context). Backends: a local transformers model (batched, KV
 cache), any OpenAI-compatible endpoint, any LangChain Runnable / chat model, any DSPy LM, or a Python
 callable. ``CachedTarget`` caches answers by (target, prompt, generation settings). A failed call is counted
 and logged. ``OpenAICompatibleTarget`` then raises ``TargetError`` (carrying the answers that did arrive; the
@@ -13,7 +14,7 @@ import os
 from typing import Any
 
 from alignpro_plugins.jsonl import append_jsonl, read_jsonl_rows
-from alignpro_plugins.targets.base import FrozenTarget, TargetError, TargetStats
+from alignpro_plugins.targets.base import FrozenTarget, TargetError, TargetRequest, TargetStats
 from alignpro_plugins.targets.cache import CachedTarget
 from alignpro_plugins.targets.frameworks import CallableTarget, DSPyTarget, LangChainTarget
 from alignpro_plugins.targets.local import TransformersTarget
@@ -52,6 +53,7 @@ __all__ = [
     "LangChainTarget",
     "OpenAICompatibleTarget",
     "TargetError",
+    "TargetRequest",
     "TargetStats",
     "TransformersTarget",
     "append_jsonl",

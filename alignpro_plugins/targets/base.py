@@ -6,12 +6,54 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 logger = logging.getLogger("alignpro_plugins.targets")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, init=False)
+class TargetRequest:
+    """One input to a frozen target: what it sees, the user's prompt it stands for, and framework context.
+
+    ``prompt`` is x' (the rewrite, or x itself); ``original`` is the user's x, which rewards score against
+    (default: ``prompt``); ``context`` is whatever a framework target needs beyond the text, e.g. a DSPy
+    example's other input fields. A plain string means ``TargetRequest(prompt=that string)``.
+    """
+
+    prompt: str
+    original: str
+    context: Mapping[str, Any] | None
+
+    def __init__(
+        self, prompt: str, original: str | None = None, context: Mapping[str, Any] | None = None
+    ) -> None:
+        if not isinstance(prompt, str):
+            raise TypeError(f"TargetRequest.prompt must be a str, got {type(prompt).__name__}")
+        if original is not None and not isinstance(original, str):
+            raise TypeError(f"TargetRequest.original must be a str or None, got {type(original).__name__}")
+        if context is not None and not isinstance(context, Mapping):
+            raise TypeError(f"TargetRequest.context must be a mapping or None, got {type(context).__name__}")
+        object.__setattr__(self, "prompt", prompt)
+        object.__setattr__(self, "original", prompt if original is None else original)
+        object.__setattr__(self, "context", context)
+
+
+def as_request(item: str | TargetRequest) -> TargetRequest:
+    """A target input as a :class:`TargetRequest` (a plain string is its own original)."""
+    if isinstance(item, TargetRequest):
+        return item
+    if isinstance(item, str):
+        return TargetRequest(item)
+    raise TypeError(f"a target input is a str or a TargetRequest, got {type(item).__name__}: {item!r:.80}")
+
+
+def as_requests(items: Sequence[str | TargetRequest]) -> list[TargetRequest]:
+    if isinstance(items, (str, TargetRequest)):
+        raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
+    return [as_request(item) for item in items]
 
 
 @dataclass
@@ -42,7 +84,11 @@ class TargetError(RuntimeError):
 
 
 class FrozenTarget(ABC):
-    """Answers prompts. Subclasses implement ``_generate`` and/or ``_agenerate``."""
+    """Answers prompts: plain strings or :class:`TargetRequest` objects, one answer string each.
+
+    Subclasses implement ``_generate`` (texts in, answers out) and may add a native ``_agenerate``; a target that
+    uses a request's original prompt or context overrides ``_answer`` (and ``_aanswer``) instead.
+    """
 
     def __init__(self) -> None:
         self.stats = TargetStats()
@@ -57,10 +103,22 @@ class FrozenTarget(ABC):
         """Generation settings that change answers (used in cache keys)."""
         return {}
 
-    def generate(self, prompts: Sequence[str]) -> list[str]:
-        return self._counted(self._generate, prompts)
+    def generate(self, prompts: Sequence[str | TargetRequest]) -> list[str]:
+        return self._counted(self._answer, as_requests(prompts))
 
-    def _counted(self, call: Callable[[list[str]], list[T]], prompts: Sequence[str]) -> list[T]:
+    async def agenerate(self, prompts: Sequence[str | TargetRequest]) -> list[str]:
+        requests = as_requests(prompts)
+        start = time.perf_counter()
+        try:
+            return await self._aanswer(requests)
+        finally:
+            self.stats.seconds += time.perf_counter() - start
+            self.stats.calls += len(requests)
+
+    def __call__(self, prompts: Sequence[str | TargetRequest]) -> list[str]:
+        return self.generate(prompts)
+
+    def _counted(self, call: Callable[[list[Any]], list[T]], prompts: Sequence[Any]) -> list[T]:
         """Run ``call`` on the prompts, adding its time and the prompt count to ``stats``."""
         start = time.perf_counter()
         try:
@@ -70,16 +128,14 @@ class FrozenTarget(ABC):
         self.stats.calls += len(prompts)
         return answers
 
-    async def agenerate(self, prompts: Sequence[str]) -> list[str]:
-        start = time.perf_counter()
-        try:
-            return await self._agenerate(list(prompts))
-        finally:
-            self.stats.seconds += time.perf_counter() - start
-            self.stats.calls += len(prompts)
+    def _answer(self, requests: list[TargetRequest]) -> list[str]:
+        return self._generate([r.prompt for r in requests])
 
-    def __call__(self, prompts: Sequence[str]) -> list[str]:
-        return self.generate(prompts)
+    async def _aanswer(self, requests: list[TargetRequest]) -> list[str]:
+        if type(self)._answer is not FrozenTarget._answer:
+            # A target that reads the requests, with no async path of its own: its sync one, in a worker thread.
+            return await asyncio.to_thread(self._answer, requests)
+        return await self._agenerate([r.prompt for r in requests])
 
     @abstractmethod
     def _generate(self, prompts: list[str]) -> list[str]: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from alignpro_plugins.targets.base import FrozenTarget
@@ -45,12 +45,11 @@ class LangChainTarget(FrozenTarget):
         )
         return self._collect(prompts, outs)
 
-    async def agenerate(self, prompts: Sequence[str]) -> list[str]:
+    async def _agenerate(self, prompts: list[str]) -> list[str]:
         outs = await self.runnable.abatch(
-            list(prompts), config={"max_concurrency": self.max_concurrency}, return_exceptions=True
+            prompts, config={"max_concurrency": self.max_concurrency}, return_exceptions=True
         )
-        self.stats.calls += len(prompts)
-        return self._collect(list(prompts), outs)
+        return self._collect(prompts, outs)
 
 
 class DSPyTarget(FrozenTarget):
