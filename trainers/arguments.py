@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from alignpro_plugins.manifest import MODES
+from alignpro_plugins.manifest import MODES, check_dtype
 
 
 def apply_hardware_defaults(cfg: Any) -> None:
@@ -128,8 +128,6 @@ class TargetArguments:
         self.check_target_arguments()
 
     def check_target_arguments(self) -> None:
-        from alignpro_plugins.manifest import check_dtype
-
         check_dtype(self.target_dtype, "target_dtype")
         if self.target_base_url and not self.target_model_name:
             raise ValueError(

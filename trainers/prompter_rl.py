@@ -56,7 +56,10 @@ class PrompterRLTrainer:
         requests = as_requests(prompts) if prompts is not None else None
         texts = [r.original for r in requests] if requests is not None else None
         self.prompts = training_prompts(config, texts, "RL")
-        self.contexts = {r.original: r.context for r in requests or [] if r.context is not None}
+        self.contexts: dict[str, Any] = {}
+        for request in requests or []:
+            if request.context is not None:
+                self.contexts.setdefault(request.original, request.context)  # the first, as for the prompts
         self.check_prompts()
         src = prompter if prompter is not None else config.sft_prompter
         if isinstance(src, Prompter):
@@ -79,9 +82,6 @@ class PrompterRLTrainer:
 
     def check_prompts(self) -> None:
         """Algorithm-specific checks of ``self.prompts``, before any model loads."""
-
-    def train(self) -> Prompter:
-        raise NotImplementedError
 
     def policy(self) -> tuple[Any, Any]:
         """The model to train and, when it has no SFT adapter, the LoRA config of a fresh one."""

@@ -52,7 +52,7 @@ def as_request(item: str | TargetRequest) -> TargetRequest:
 
 def as_requests(items: Sequence[str | TargetRequest]) -> list[TargetRequest]:
     if isinstance(items, (str, TargetRequest)):
-        raise TypeError("generate takes a list of prompts; wrap a single prompt in a list")
+        raise TypeError("prompts are a list of str or TargetRequest; wrap a single prompt in a list")
     return [as_request(item) for item in items]
 
 
