@@ -193,7 +193,9 @@ def _json_rows(src: str, path: Path) -> list[Any]:
 def _build_dataset(src: str, kind: str, load: Any) -> list[Any]:
     """The rows ``datasets`` builds; any failure to build them (a broken CSV or Parquet file, bytes that are
     not UTF-8, a hub id that cannot be loaded) becomes a DataError naming the source."""
-    import datasets
+    from alignpro_plugins.extras import require
+
+    datasets = require("datasets", "Loading a data set by hub id, CSV or Parquet")
 
     try:
         return list(load(datasets))

@@ -109,6 +109,10 @@ def _convert_gguf(model: PackagedModel, target: Path) -> None:
     """Dequantize the packaged GGUF to an fp32 safetensors folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from alignpro_plugins.extras import require
+
+    require("gguf", f"Reading the packaged {model.name} (a GGUF file)")
+
     src = gguf_path(model.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

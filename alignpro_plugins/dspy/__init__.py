@@ -13,13 +13,9 @@ yourself, before DSPy is imported, if you want them.
 
 from __future__ import annotations
 
-try:
-    import dspy  # noqa: F401
-except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError(
-        "alignpro_plugins.dspy needs DSPy, which is not installed. Install it with: "
-        "pip install 'alignpro-plugins[dspy]'"
-    ) from exc
+from alignpro_plugins.extras import require
+
+require("dspy", "alignpro_plugins.dspy")
 
 from alignpro_plugins.dspy.lm import (
     LocalTransformersLM,

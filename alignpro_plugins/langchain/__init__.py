@@ -11,13 +11,9 @@ Needs ``langchain-core`` (``pip install 'alignpro-plugins[langchain]'``); the re
 
 from __future__ import annotations
 
-try:
-    import langchain_core  # noqa: F401
-except ImportError as exc:  # keep the core package usable without LangChain
-    raise ImportError(
-        "alignpro_plugins.langchain needs langchain-core, which is not installed. "
-        "Install it with: pip install 'alignpro-plugins[langchain]'"
-    ) from exc
+from alignpro_plugins.extras import require
+
+require("langchain_core", "alignpro_plugins.langchain")
 
 from alignpro_plugins.langchain.chat_model import PROMPTER_ENV, AlignedChatModel
 from alignpro_plugins.langchain.local import ChatLocalTransformers, clear_model_cache
