@@ -2,13 +2,18 @@
 
 Each configuration says how a prompt x becomes the target's input (and, for the RLHF oracle, which model
 answers). Every configuration is scored on the same prompts by every judge, so all statistics are paired:
-mean reward, reward variance, win rate against the frozen model alone with a bootstrap 95% interval, head-to-
-head win rates, the share of the frozen→oracle gap closed, fallback rate and rewrite length. Records are
-written incrementally, so an interrupted run resumes where it stopped.
+mean reward, reward variance, win rate against the frozen model alone with a bootstrap 95% interval and the
+same win at equal answer length, head-to-head win rates, the share of the frozen→oracle gap closed, fallback
+rate and rewrite length. A configuration that asks the target more than once (best-of-K, best-of-n, the gate,
+rerank) keeps the answer the selection judge (the first judge) scores best, through :class:`RetryGate`'s flow;
+its target calls per prompt, its agreement with the other judges on the answers it chose between, and the
+best-of-n sampling baseline with as many calls are reported beside it. Records are written incrementally, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -22,11 +27,20 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 from alignpro_plugins import stats
-from alignpro_plugins.gate import RetryGate, retry_threshold  # noqa: F401 - re-exported: it sets WithRetryGate.threshold
+from alignpro_plugins.extras import require
+from alignpro_plugins.gate import GateResult, RetryGate, retry_threshold  # noqa: F401 - retry_threshold re-exported: it sets WithRetryGate.threshold
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import RewardFunction, judge_identity, prompts_trained_on
-from alignpro_plugins.targets import FrozenTarget, append_jsonl, read_jsonl_rows
+from alignpro_plugins.targets import (
+    CachedTarget,
+    FrozenTarget,
+    TargetError,
+    TargetRequest,
+    append_jsonl,
+    read_jsonl_rows,
+)
+from alignpro_plugins.targets.base import as_requests
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +50,11 @@ class TargetInput:
     text: str
     generated: str | None = None
     fallback_reason: str | None = None
+    draw: int | None = None  # best-of-n: which sampled answer to x this input asks for (None: not sampled)
+
+    def request(self) -> str | TargetRequest:
+        """What the target is asked: the text, or for a sampled draw a request whose draw number is its own."""
+        return self.text if self.draw is None else TargetRequest(self.text, context={"draw": self.draw})
 
 
 @dataclass
@@ -44,15 +63,6 @@ class _Judged:
 
     text: str
     rewards: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Chosen:
-    """The input and answer kept for one prompt, and how many target calls it took."""
-
-    input: TargetInput
-    answer: _Judged
-    k: int
 
 
 class Configuration:
@@ -67,6 +77,10 @@ class Configuration:
     def inputs(self, prompts: Sequence[str]) -> list[list[TargetInput]]:
         """Per prompt, one input (or k candidates for best-of-k)."""
         raise NotImplementedError
+
+    def answering(self, shared: FrozenTarget) -> FrozenTarget:
+        """The target that answers this configuration's inputs: its own, else the evaluation's shared one."""
+        return self.target or shared
 
     def same_inputs_key(self) -> str | None:
         """Equal for two configurations that give the shared target the same inputs, else None.
@@ -181,6 +195,143 @@ class BestOfK(Configuration):
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+class SampledTarget(FrozenTarget):
+    """``target`` sampling its answers at ``temperature`` (its other settings kept): best-of-n's draws.
+
+    A request's ``context["draw"]`` (0, 1, ...; a plain prompt is draw 0) says which draw it asks for. The draw
+    is part of the answer cache's key, so n draws of one prompt are n target calls that a :class:`CachedTarget`
+    does not collapse into one, and draw i is the same answer whatever n is (best-of-2's draws are best-of-4's
+    first two). Each draw is seeded from ``seed``, its number and the prompts asked together, on a forked RNG
+    (the caller's random state is untouched), and an OpenAI-compatible endpoint is sent a seed per draw, so a
+    rerun draws the same answers. Works with any target that samples from a ``temperature`` attribute
+    (:class:`~alignpro_plugins.targets.TransformersTarget` with top-k and top-p off,
+    :class:`~alignpro_plugins.targets.OpenAICompatibleTarget`). Calls count in ``target.stats``.
+    """
+
+    def __init__(self, target: FrozenTarget, temperature: float, seed: int = 0) -> None:
+        super().__init__()
+        if not hasattr(target, "temperature"):
+            raise TypeError(
+                f"best-of-n samples the target at a temperature, and {type(target).__name__} has no temperature "
+                "setting; use a TransformersTarget or an OpenAICompatibleTarget"
+            )
+        _check_temperature(temperature)
+        self.target = target
+        self.temperature = float(temperature)
+        self.seed = seed
+        self.stats = target.stats  # each draw is a call of the target itself, counted there once
+        self._draws: dict[int, FrozenTarget] = {}
+
+    @property
+    def identity(self) -> str:
+        return self.target.identity
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {**self.target.settings, "temperature": self.temperature, "draw_seed": self.seed}
+
+    def generate(self, prompts: Sequence[str | TargetRequest]) -> list[str]:
+        return self._answer(as_requests(prompts))  # counted by the draws, in the target's stats
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        return self._answer(as_requests(prompts))
+
+    def _answer(self, requests: list[TargetRequest]) -> list[str]:
+        draws = [int((r.context or {}).get("draw", 0)) for r in requests]
+        answers: list[str | None] = [None] * len(requests)
+        failed: list[TargetError] = []
+        for d in sorted(set(draws)):
+            at = [m for m, dm in enumerate(draws) if dm == d]
+            try:
+                got: list[str | None] = list(self._drawn(d, [requests[m].prompt for m in at]))
+            except TargetError as exc:  # the other draws still count; the answers that arrived are kept
+                failed.append(exc)
+                got = list(exc.answers)
+            for m, a in zip(at, got, strict=True):
+                answers[m] = a
+        if failed:
+            raise TargetError(f"{failed[0]} ({len(failed)} draws had failures)", answers)
+        return [a or "" for a in answers]
+
+    def _drawn(self, draw: int, prompts: list[str]) -> list[str]:
+        import torch
+
+        sampler = self._draws.get(draw)
+        if sampler is None:
+            sampler = copy.copy(self.target)  # shares the model or client; only the sampling settings differ
+            sampler.temperature = self.temperature  # type: ignore[attr-defined]
+            if hasattr(sampler, "seed"):  # an OpenAI-compatible endpoint seeds each request itself
+                sampler.seed = _draw_seed(self.seed, draw)
+            self._draws[draw] = sampler
+        device: Any = getattr(getattr(self.target, "model", None), "device", None)
+        devices = [device.index or 0] if getattr(device, "type", None) == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_draw_seed(self.seed, draw, prompts))
+            return sampler.generate(prompts)
+
+
+def _draw_seed(seed: int, draw: int, prompts: Sequence[str] = ()) -> int:
+    blob = json.dumps([seed, draw, list(prompts)]).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") >> 1  # fits any API's 32-bit seed
+
+
+def _check_temperature(temperature: float) -> None:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not 0 < temperature < math.inf
+    ):
+        raise ValueError(
+            f"the sampling temperature must be a number > 0 (at 0 every draw is the same greedy answer), got "
+            f"{temperature!r}"
+        )
+
+
+@dataclass
+class BestOfN(Configuration):
+    """n answers of the frozen model sampled on x itself; the selection judge keeps the best one.
+
+    The plain way to spend n target calls per prompt, with no prompter: the equal-compute baseline of rerank
+    (2 calls: x and the rewrite), rerank-3 and the retry gate. The choice is made as theirs is (the selection
+    judge's maximum, the first of equals). Draws are sampled at ``temperature`` and seeded (see
+    :class:`SampledTarget`); records of another ``temperature`` or ``seed`` are not resumed.
+    """
+
+    n: int = 2
+    temperature: float = 0.7
+    seed: int = 0
+    name: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"best-of-n needs n >= 1 sampled answers per prompt, got {self.n!r}")
+        _check_temperature(self.temperature)
+        self.k = self.n
+        self.name = self.name or f"best-of-{self.n}"
+        self.description = self.description or (
+            f"{self.n} answers to x sampled at temperature {self.temperature:g}; the selection judge keeps the best"
+        )
+
+    def inputs(self, prompts):
+        return [[TargetInput(x, draw=d) for d in range(self.n)] for x in prompts]
+
+    def answering(self, shared: FrozenTarget) -> FrozenTarget:
+        if self.target is not None:
+            shared = self.target
+        if isinstance(shared, CachedTarget):
+            # The same store (memory, file, lock) with the sampler behind it: its keys differ by settings and
+            # draw, so the greedy answers stay apart and best-of-2 and best-of-4 share their first two draws.
+            cached = copy.copy(shared)
+            cached.target = SampledTarget(shared.target, self.temperature, self.seed)
+            return cached
+        return SampledTarget(shared, self.temperature, self.seed)
+
+    def fingerprint(self) -> str:
+        parts = [super().fingerprint(), repr(float(self.temperature)), repr(self.seed)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 @dataclass
 class WithRetryGate(Configuration):
     """x first; where the retry gate (:class:`RetryGate` over the selection judge) scores that answer below
@@ -206,7 +357,11 @@ class WithRetryGate(Configuration):
             raise ValueError(
                 "WithRetryGate needs at least one retry configuration, e.g. retry=[WithPrompter(...)]"
             )
-        bad = [type(c).__name__ for c in self.retry if isinstance(c, WithRetryGate) or c.target is not None]
+        bad = [
+            type(c).__name__
+            for c in self.retry
+            if isinstance(c, (WithRetryGate, BestOfN)) or c.target is not None
+        ]
         if bad:
             raise ValueError(
                 f"retry configurations must give the shared target an input (FixedTemplate, WithPrompter, "
@@ -375,32 +530,34 @@ class Evaluator:
         if path:
             append_jsonl(path, [json.dumps(r, ensure_ascii=False) for r in rows])
 
-    def _best_of(
-        self, target: FrozenTarget, prompts: list[str], cands: list[list[TargetInput]]
-    ) -> list[_Chosen]:
-        """Every candidate input answered and scored, against its original prompt, by every judge; per prompt the
-        one the selection judge scores best (best-of-k: all judges then score the same chosen answer)."""
-        flat = [(j, c) for j, row in enumerate(cands) for c in row]
-        answers = self._judged(target.generate([c.text for _, c in flat]))
-        self._score([prompts[j] for j, _ in flat], answers)
-        chosen = []
-        for j in range(len(prompts)):
-            members = [m for m, (jj, _) in enumerate(flat) if jj == j]
-            best = max(members, key=lambda m: answers[m].rewards[self.selection_judge])
-            chosen.append(_Chosen(flat[best][1], answers[best], len(members)))
-        return chosen
+    def _choose(self, cfg: Configuration, target: FrozenTarget, prompts: list[str]) -> list[GateResult]:
+        """Per prompt, the candidates asked and the one the selection judge keeps, through :class:`RetryGate`.
 
-    def _gated(self, cfg: WithRetryGate, target: FrozenTarget, prompts: list[str]) -> list[_Chosen]:
-        """x answered; the retry inputs too where the selection judge scores that answer below the threshold."""
-        gate = RetryGate(self.judges[self.selection_judge], cfg.threshold)
-        results = gate.choose(
-            prompts,
-            [c for [c] in cfg.inputs(prompts)],
-            lambda inputs: self._judged(target.generate([c.text for c in inputs])),
-            lambda below: cfg.retry_inputs([prompts[j] for j in below]),
-            score=self._score,
-        )
-        return [_Chosen(r.input, r.answer, len(r.candidates)) for r in results]
+        A gate asks its retry inputs only where the first answer scores below its threshold. Every other
+        configuration is the gate with no threshold (``RetryGate.rerank``) over its own candidates: one input
+        (frozen, template, a prompter) is simply answered and scored; best-of-K and best-of-n have every candidate
+        answered and keep the best-scored one (the first of equals).
+        """
+        selector = self.judges[self.selection_judge]
+        if isinstance(cfg, WithRetryGate):
+            gate = RetryGate(selector, cfg.threshold)
+            first = [c for [c] in cfg.inputs(prompts)]
+
+            def more(below: list[int]) -> list[list[TargetInput]]:
+                return cfg.retry_inputs([prompts[j] for j in below])
+
+        else:
+            rows = cfg.inputs(prompts)
+            gate = RetryGate.rerank(selector)
+            first = [row[0] for row in rows]
+
+            def more(below: list[int]) -> list[list[TargetInput]]:
+                return [rows[j][1:] for j in below]
+
+        def ask(inputs: list[TargetInput]) -> list[_Judged]:
+            return self._judged(target.generate([c.request() for c in inputs]))
+
+        return gate.choose(prompts, first, ask, more, score=self._score)
 
     @staticmethod
     def _judged(answers: Sequence[str]) -> list[_Judged]:
@@ -418,33 +575,43 @@ class Evaluator:
     def _run_config(self, cfg: Configuration, done: dict) -> list[dict]:
         fingerprint = self._fingerprint(cfg)
         todo = [i for i in range(len(self.prompts)) if (cfg.name, i) not in done]
-        target = cfg.target or self.target
+        target = cfg.answering(self.target)
         rows = [done[(cfg.name, i)] for i in range(len(self.prompts)) if (cfg.name, i) in done]
         for s in tqdm(range(0, len(todo), self.chunk_size), desc=f"eval {cfg.name}", disable=not todo):
             idx = todo[s : s + self.chunk_size]
             prompts = [self.prompts[i] for i in idx]
-            if isinstance(cfg, WithRetryGate):
-                chosen = self._gated(cfg, target, prompts)
-            else:
-                chosen = self._best_of(target, prompts, cfg.inputs(prompts))
             new = [
-                {
-                    "config": cfg.name,
-                    "idx": i,
-                    "prompt": self.prompts[i],
-                    "input": c.input.text,
-                    "rewrite": c.input.generated,
-                    "fallback_reason": c.input.fallback_reason,
-                    "answer": c.answer.text,
-                    "rewards": c.answer.rewards,
-                    "k": c.k,
-                    "fingerprint": fingerprint,
-                }
-                for i, c in zip(idx, chosen, strict=True)
+                self._record(cfg.name, i, self.prompts[i], result, fingerprint)
+                for i, result in zip(idx, self._choose(cfg, target, prompts), strict=True)
             ]
             self._append(new)
             rows += new
         return sorted(rows, key=lambda r: r["idx"])
+
+    @staticmethod
+    def _record(config: str, idx: int, prompt: str, result: GateResult, fingerprint: str) -> dict[str, Any]:
+        """One prompt's record: the kept input and answer, every judge's score, the target calls it took, and
+        where it chose between answers, every candidate's scores and which one it kept."""
+        kept: TargetInput = result.input
+        answer: _Judged = result.answer
+        record = {
+            "config": config,
+            "idx": idx,
+            "prompt": prompt,
+            "input": kept.text,
+            "rewrite": kept.generated,
+            "fallback_reason": kept.fallback_reason,
+            "answer": answer.text,
+            "rewards": answer.rewards,
+            "k": len(result.candidates),
+            "fingerprint": fingerprint,
+        }
+        if len(result.candidates) > 1:
+            record["candidates"] = [
+                {"rewards": c.answer.rewards, "words": answer_words(c.answer.text)} for c in result.candidates
+            ]
+            record["kept"] = result.kept
+        return record
 
     def _reuse(self, cfg: Configuration, source: str, source_rows: list[dict], done: dict) -> list[dict]:
         """``cfg``'s records copied from a configuration with the same inputs (see ``same_inputs_key``).
@@ -521,19 +688,21 @@ class Evaluator:
         self, by_config: dict[str, list[dict]], configs: dict[str, Configuration]
     ) -> dict[str, Any]:
         ref = by_config[self.reference]
-        ref_words = [answer_words(r["answer"]) for r in ref]
         out: dict[str, Any] = {
             "n_prompts": len(self.prompts),
             "judges": list(self.judges),
+            "selection_judge": self.selection_judge,
             "reference": self.reference,
             "focus": self.focus,
             "configs": {},
             "head_to_head": {},
+            "equal_calls": [],
             "gap_closed": {},
             "judge_trained_on_prompts": dict(self.judge_trained_on_prompts),
         }
         for name, rows in by_config.items():
-            entry: dict[str, Any] = {"description": configs[name].description, "k": configs[name].k}
+            cfg = configs[name]
+            entry: dict[str, Any] = {"description": cfg.description, "k": cfg.k}
             # Best-of-k asks k times; a gated retry asks again only where its gate scored the answer poorly.
             entry["target_calls_per_prompt"] = sum(r["k"] for r in rows) / max(len(rows), 1)
             rewrites = [r["rewrite"] for r in rows if r["rewrite"] and not r["fallback_reason"]]
@@ -541,17 +710,20 @@ class Evaluator:
             entry["mean_rewrite_chars"] = sum(map(len, rewrites)) / len(rewrites) if rewrites else 0.0
             words = [answer_words(r["answer"]) for r in rows]
             entry["mean_answer_words"] = sum(words) / max(len(words), 1)
+            if isinstance(cfg, (FixedTemplate, WithPrompter, BestOfK)):
+                entry["outputs"] = prompter_outputs(rows)
             for judge in self.judges:
-                vals = [r["rewards"][judge] for r in rows]
-                entry[judge] = stats.summary(vals)
+                entry[judge] = stats.summary([r["rewards"][judge] for r in rows])
                 if name != self.reference:
+                    w = paired_win(rows, ref, judge)
+                    entry[judge]["vs_reference"] = {k: v for k, v in w.items() if k != "length_controlled"}
                     ref_vals = [r["rewards"][judge] for r in ref]
-                    entry[judge]["vs_reference"] = stats.win_rate(vals, ref_vals)
+                    vals = [r["rewards"][judge] for r in rows]
                     entry[judge]["variance_ratio_vs_reference"] = stats.variance_ratio(vals, ref_vals)
                     # Judges favour longer answers: the win rate at equal length shows what is left.
-                    entry[judge]["vs_reference_length_controlled"] = stats.length_controlled_win_rate(
-                        vals, ref_vals, words, ref_words
-                    )
+                    entry[judge]["vs_reference_length_controlled"] = w["length_controlled"]
+            if isinstance(cfg, (WithRetryGate, BestOfN)) or cfg.k > 1:
+                entry["selection"] = self._selection(rows, ref)
             out["configs"][name] = entry
         if self.focus in by_config:
             focus_rows = by_config[self.focus]
@@ -560,20 +732,85 @@ class Evaluator:
                     continue
                 out["head_to_head"][name] = {}
                 for judge in self.judges:
-                    a = [r["rewards"][judge] for r in focus_rows]
-                    b = [r["rewards"][judge] for r in rows]
-                    d = stats.mean_difference(a, b)
+                    d = stats.mean_difference(
+                        [r["rewards"][judge] for r in focus_rows], [r["rewards"][judge] for r in rows]
+                    )
                     out["head_to_head"][name][judge] = {
-                        **stats.win_rate(a, b),
+                        **paired_win(focus_rows, rows, judge),
                         "mean_diff": d["mean_diff"],
                         "mean_diff_ci": [d["ci_low"], d["ci_high"]],
                     }
+        out["equal_calls"] = self._equal_calls(by_config, configs, out["configs"])
         oracle = next((n for n, c in configs.items() if isinstance(c, Oracle)), None)
         if oracle and self.focus in by_config:
             for judge in self.judges:
                 m = {n: out["configs"][n][judge]["mean"] for n in (self.reference, self.focus, oracle)}
                 out["gap_closed"][judge] = stats.gap_closed(m[self.reference], m[self.focus], m[oracle])
         return out
+
+    def _selection(self, rows: list[dict], ref: list[dict]) -> dict[str, Any]:
+        """How the selection judge's choices look to every other judge, on the answers it chose between.
+
+        ``agreement``: on pairs of candidates both tell apart, the share where they prefer the same one;
+        ``kept_is_judge_best``: the share of prompts where the kept answer is also the judge's best;
+        ``judge_choice_vs_reference``: the win rate against the reference had the judge chosen among the same
+        answers (the headroom of the candidates; only when every record holds its candidates).
+        """
+        selector = self.selection_judge
+        chose = [r for r in rows if r.get("candidates")]
+        # Records written before candidates were recorded: the per-prompt headroom cannot be computed.
+        complete = all(r.get("candidates") for r in rows if r["k"] > 1)
+        out: dict[str, Any] = {
+            "selector": selector,
+            "prompts_chosen_between": len(chose),
+            "complete": complete,
+        }
+        for judge in self.judges:
+            if judge == selector:
+                continue
+            groups = [[(c["rewards"][selector], c["rewards"][judge]) for c in r["candidates"]] for r in chose]
+            kept_best = [
+                r["candidates"][r["kept"]]["rewards"][judge]
+                >= max(c["rewards"][judge] for c in r["candidates"]) - 1e-9
+                for r in chose
+            ]
+            result: dict[str, Any] = {
+                "agreement": stats.pairwise_agreement(groups),
+                "kept_is_judge_best": sum(kept_best) / len(kept_best) if kept_best else float("nan"),
+            }
+            if complete:
+                best = [
+                    max(c["rewards"][judge] for c in r["candidates"])
+                    if r.get("candidates")
+                    else r["rewards"][judge]
+                    for r in rows
+                ]
+                result["judge_choice_vs_reference"] = stats.win_rate(best, [r["rewards"][judge] for r in ref])
+            out[judge] = result
+        return out
+
+    def _equal_calls(
+        self, by_config: dict[str, list[dict]], configs: dict[str, Configuration], entries: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """Each configuration that asks the target more than once against best-of-n sampling with n its calls per
+        prompt rounded up (so the sampling never has fewer calls), when that best-of-n was evaluated."""
+        sampling = {c.n: name for name, c in configs.items() if isinstance(c, BestOfN)}
+        rows = []
+        for name, entry in entries.items():
+            calls = entry["target_calls_per_prompt"]
+            against = sampling.get(math.ceil(calls - 1e-9))
+            if isinstance(configs[name], BestOfN) or calls <= 1 or against is None:
+                continue
+            row: dict[str, Any] = {
+                "config": name,
+                "calls": calls,
+                "against": against,
+                "against_calls": entries[against]["target_calls_per_prompt"],
+            }
+            for judge in self.judges:
+                row[judge] = paired_win(by_config[name], by_config[against], judge)
+            rows.append(row)
+        return rows
 
     def write(self, report: EvalReport, by_config: dict[str, list[dict]]) -> None:
         assert self.out_dir is not None
@@ -591,6 +828,42 @@ class Evaluator:
 def answer_words(answer: str) -> int:
     """Answer length in whitespace-separated words: the same unit for every target and tokenizer."""
     return len(answer.split())
+
+
+def paired_win(a: Sequence[dict], b: Sequence[dict], judge: str) -> dict[str, Any]:
+    """a's win rate over b under ``judge`` (records paired by prompt, in the same order), with its bootstrap
+    interval, and under ``length_controlled`` the same at equal answer length (:func:`stats.length_controlled_win_rate`)."""
+    return win_with_length_control(
+        [r["rewards"][judge] for r in a],
+        [r["rewards"][judge] for r in b],
+        [answer_words(r["answer"]) for r in a],
+        [answer_words(r["answer"]) for r in b],
+    )
+
+
+def win_with_length_control(
+    a: Sequence[float], b: Sequence[float], words_a: Sequence[float], words_b: Sequence[float]
+) -> dict[str, Any]:
+    """Paired scores a over b: the win rate (ties half) and, under ``length_controlled``, the win at equal length."""
+    return {
+        **stats.win_rate(a, b),
+        "length_controlled": stats.length_controlled_win_rate(a, b, words_a, words_b),
+    }
+
+
+def format_win(w: dict[str, Any]) -> str:
+    """A win rate with its interval, e.g. '63.0% [54–72]'."""
+    return _fmt_wr(w)
+
+
+def prompter_outputs(rows: Sequence[dict]) -> dict[str, Any]:
+    """What a configuration gave the target beside x: its distinct outputs and the share of the most common.
+
+    The output is the prompter's rewrite (augment: the guidance it appended; a template: the template), and
+    '' where x was passed through unchanged (a fallback), so a prompter that writes one text for every prompt
+    shows ``distinct`` 1 and ``top_share`` 1.0.
+    """
+    return stats.most_common_share(["" if r["fallback_reason"] else r["rewrite"] or "" for r in rows])
 
 
 def _fmt_wr(w: dict[str, float]) -> str:
@@ -612,12 +885,26 @@ def _fmt_diff(w: dict[str, Any]) -> str:
     return f"{w['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
+def _fmt_lc(w: dict[str, Any] | None) -> str:
+    """The win at equal answer length, or '—' (a summary written before it was reported)."""
+    return _fmt_wr(w) if w else "—"
+
+
+def _short(text: str | None, width: int = 70) -> str:
+    if not text:
+        return "(x unchanged)"
+    one_line = " ".join(text.split()).replace("|", "\\|")
+    return one_line if len(one_line) <= width else one_line[: width - 1] + "…"
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     judges = summary["judges"]
     ref = summary["reference"]
+    configs = summary["configs"]
     lines = [
-        f"Prompts: {summary['n_prompts']}. Win rates: ties count half; [95% bootstrap interval]. Variance: across "
-        f"prompts, with (×its ratio to {ref}'s [paired 95% bootstrap interval]).",
+        f'Prompts: {summary["n_prompts"]}. Win rates: ties count half; [95% bootstrap interval]; "at equal length": '
+        "the same win with the answer-length difference regressed out (AlpacaEval's length control; judges favour "
+        f"longer answers). Variance: across prompts, with (×its ratio to {ref}'s [paired 95% bootstrap interval]).",
         "",
     ]
     seen = {j: n for j, n in summary.get("judge_trained_on_prompts", {}).items() if n}
@@ -627,69 +914,82 @@ def render_markdown(summary: dict[str, Any]) -> str:
             + ", ".join(f"{j} ({n} of {summary['n_prompts']})" for j, n in seen.items()),
             "",
         ]
-    head = "| configuration | target calls / prompt | fallback | rewrite chars |"
-    sep = "|---|---|---|---|"
+    head = "| configuration | target calls / prompt | fallback | rewrite chars | answer words |"
+    sep = "|---|---|---|---|---|"
     for j in judges:
-        head += f" mean ({j}) | variance ({j}) | win vs {ref} ({j}) |"
-        sep += "---|---|---|"
+        head += f" mean ({j}) | variance ({j}) | win vs {ref} ({j}) | at equal length ({j}) |"
+        sep += "---|---|---|---|"
     lines += [head, sep]
-    for name, e in summary["configs"].items():
+    for name, e in configs.items():
         calls = e.get("target_calls_per_prompt", e["k"])
-        row = f"| {name} | {calls:.3g} | {100 * e['fallback_rate']:.0f}% | {e['mean_rewrite_chars']:.0f} |"
+        words = e.get("mean_answer_words")
+        row = (
+            f"| {name} | {calls:.3g} | {100 * e['fallback_rate']:.0f}% | {e['mean_rewrite_chars']:.0f} | "
+            f"{'—' if words is None else f'{words:.0f}'} |"
+        )
         for j in judges:
             wr = _fmt_wr(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
-            row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f}{_fmt_var_ratio(e[j])} | {wr} |"
+            lc = _fmt_lc(e[j].get("vs_reference_length_controlled")) if "vs_reference" in e[j] else "—"
+            row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f}{_fmt_var_ratio(e[j])} | {wr} | {lc} |"
         lines.append(row)
-    same = [
-        f"{name} = {e['same_inputs_as']}" for name, e in summary["configs"].items() if "same_inputs_as" in e
-    ]
+    same = [f"{name} = {e['same_inputs_as']}" for name, e in configs.items() if "same_inputs_as" in e]
     if same:
         lines += [
             "",
             "Same target inputs as an earlier configuration, so answered and scored once: " + ", ".join(same),
         ]
-    lc = [
-        (name, e)
-        for name, e in summary["configs"].items()
-        if "vs_reference_length_controlled" in e[judges[0]]
-    ]
-    if lc:
+    outputs = [(name, e["outputs"]) for name, e in configs.items() if e.get("outputs")]
+    if outputs:
         lines += [
             "",
-            f"Answer length and the win rate vs {ref} at equal length (length-controlled, as in AlpacaEval: "
-            "logistic fit on the length difference; length coefficient > 0 means the judge favours longer "
-            "answers)",
+            "What each prompter configuration gave the target beside x (the rewrite, or the guidance appended; x "
+            "passed through counts as one output): distinct outputs, and the share of prompts given the most "
+            "common one",
             "",
-            "| configuration | answer words | "
-            + " | ".join(f"length-controlled win ({j}) | length coef. ({j})" for j in judges)
-            + " |",
-            "|---|---|" + "---|---|" * len(judges),
+            "| configuration | distinct outputs | most common output's share | most common output |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {o['distinct']} of {o['n']} | {100 * o['top_share']:.0f}% | {_short(o['top'])} |"
+                for name, o in outputs
+            ),
         ]
-        ref_words = summary["configs"][ref].get("mean_answer_words")
-        if ref_words is not None:
-            lines.append(f"| {ref} | {ref_words:.0f} | " + " | ".join("— | —" for _ in judges) + " |")
-        for name, e in lc:
-            lines.append(
-                f"| {name} | {e['mean_answer_words']:.0f} | "
-                + " | ".join(
-                    f"{_fmt_wr(e[j]['vs_reference_length_controlled'])} | "
-                    f"{e[j]['vs_reference_length_controlled']['length_coef']:+.2f}"
-                    for j in judges
-                )
+    lines += _selection_lines(summary)
+    if summary.get("equal_calls"):
+        lines += [
+            "",
+            "At equal target calls: each configuration that asks the target more than once against sampling the "
+            "frozen model n times on x and keeping the selection judge's best (best-of-n, n = its calls per prompt "
+            "rounded up)",
+            "",
+            "| configuration | calls / prompt | against | calls / prompt | "
+            + " | ".join(f"win ({j}) | at equal length ({j})" for j in judges)
+            + " |",
+            "|---|---|---|---|" + "---|---|" * len(judges),
+            *(
+                f"| {r['config']} | {r['calls']:.2f} | {r['against']} | {r['against_calls']:.2f} | "
+                + " | ".join(f"{_fmt_wr(r[j])} | {_fmt_lc(r[j].get('length_controlled'))}" for j in judges)
                 + " |"
-            )
+                for r in summary["equal_calls"]
+            ),
+        ]
     if summary["head_to_head"]:
         lines += [
             "",
             f"Head to head: {summary['focus']} against each configuration",
             "",
-            "| against | " + " | ".join(f"win rate ({j}) | mean difference ({j})" for j in judges) + " |",
-            "|---|" + "---|---|" * len(judges),
+            "| against | "
+            + " | ".join(f"win rate ({j}) | at equal length ({j}) | mean difference ({j})" for j in judges)
+            + " |",
+            "|---|" + "---|---|---|" * len(judges),
         ]
         for name, per_judge in summary["head_to_head"].items():
             lines.append(
                 f"| {name} | "
-                + " | ".join(f"{_fmt_wr(per_judge[j])} | {_fmt_diff(per_judge[j])}" for j in judges)
+                + " | ".join(
+                    f"{_fmt_wr(per_judge[j])} | {_fmt_lc(per_judge[j].get('length_controlled'))} | "
+                    f"{_fmt_diff(per_judge[j])}"
+                    for j in judges
+                )
                 + " |"
             )
     if summary["gap_closed"]:
@@ -701,9 +1001,52 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_distributions(by_config: dict[str, list[dict]], judges: list[str], path: Path) -> None:
-    import matplotlib
+def _selection_lines(summary: dict[str, Any]) -> list[str]:
+    """The selection table: for each configuration that chose between answers, how the other judges see it."""
+    rows = [(name, e["selection"]) for name, e in summary["configs"].items() if e.get("selection")]
+    selector = summary.get("selection_judge") or summary["judges"][0]
+    others = [j for j in summary["judges"] if j != selector]
+    if not rows or not others:
+        return []
+    ref = summary["reference"]
+    lines = [
+        "",
+        f"Selection by {selector}: on the prompts where a configuration chose between answers, agreement is the share "
+        f"of answer pairs (both judges telling them apart) where {selector} and the judge prefer the same answer; "
+        f'"judge\'s best kept": the kept answer is also the judge\'s best; "had the judge chosen": the win vs {ref} '
+        "had the judge picked among the same answers (the candidates' headroom)",
+        "",
+        "| configuration | target calls / prompt | prompts chosen between | "
+        + " | ".join(
+            f"agreement with {j} (pairs) | {j}'s best kept | win vs {ref} had {j} chosen" for j in others
+        )
+        + " |",
+        "|---|---|---|" + "---|---|---|" * len(others),
+    ]
+    for name, sel in rows:
+        calls = summary["configs"][name].get("target_calls_per_prompt", summary["configs"][name]["k"])
+        cells = []
+        for j in others:
+            a = sel[j]["agreement"]
+            agreement = (
+                f"{100 * a['agreement']:.0f}% [{100 * a['ci_low']:.0f}–{100 * a['ci_high']:.0f}] ({a['pairs']})"
+                if a["pairs"]
+                else "— (0)"
+            )
+            kept = sel[j]["kept_is_judge_best"]
+            headroom = sel[j].get("judge_choice_vs_reference")
+            cells.append(
+                f"{agreement} | {'—' if kept != kept else f'{100 * kept:.0f}%'} | "
+                f"{_fmt_wr(headroom) if headroom else '—'}"
+            )
+        lines.append(
+            f"| {name} | {calls:.2f} | {sel['prompts_chosen_between']} | " + " | ".join(cells) + " |"
+        )
+    return lines
 
+
+def plot_distributions(by_config: dict[str, list[dict]], judges: list[str], path: Path) -> None:
+    matplotlib = require("matplotlib", "Plotting evaluation results")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -720,8 +1063,7 @@ def plot_distributions(by_config: dict[str, list[dict]], judges: list[str], path
 
 
 def plot_training_curve(metrics_jsonl: str | Path, path: str | Path, stage: str = "rl") -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "Plotting evaluation results")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

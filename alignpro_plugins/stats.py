@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from statistics import fmean, pstdev, pvariance
+from typing import Any
 
 
 def win_indicators(a: Sequence[float], b: Sequence[float], tie_tol: float = 1e-9) -> list[float]:
@@ -118,6 +120,63 @@ def length_controlled_win_rate(
         "length_coef": phi,
         "n": n,
     }
+
+
+def pairwise_agreement(
+    groups: Sequence[Sequence[tuple[float, float]]],
+    *,
+    tie_tol: float = 1e-9,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How often a selector and a judge agree on which of two answers is better.
+
+    ``groups`` holds, per prompt, the (selector score, judge score) of each answer the selector chose between.
+    Every pair of answers of a prompt that both tell apart (neither scores them within ``tie_tol``) counts once:
+    agreement is the share of those pairs where they prefer the same answer. Interval: percentile bootstrap
+    over prompts (a prompt's pairs stay together). ``pairs`` and ``prompts`` say how much it rests on.
+    """
+    per_prompt: list[tuple[int, int]] = []  # (pairs agreed on, pairs told apart by both)
+    for group in groups:
+        agreed = decided = 0
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                ds, dj = group[i][0] - group[j][0], group[i][1] - group[j][1]
+                if abs(ds) > tie_tol and abs(dj) > tie_tol:
+                    decided += 1
+                    agreed += (ds > 0) == (dj > 0)
+        if decided:
+            per_prompt.append((agreed, decided))
+    nan = float("nan")
+    pairs = sum(d for _, d in per_prompt)
+    if not pairs:
+        return {"agreement": nan, "ci_low": nan, "ci_high": nan, "pairs": 0, "prompts": 0}
+    rng = random.Random(seed)
+    n = len(per_prompt)
+    boots = []
+    for _ in range(n_boot):
+        draw = [per_prompt[rng.randrange(n)] for _ in range(n)]
+        boots.append(sum(a for a, _ in draw) / sum(d for _, d in draw))
+    boots.sort()
+    return {
+        "agreement": sum(a for a, _ in per_prompt) / pairs,
+        "ci_low": boots[int(0.025 * n_boot)],
+        "ci_high": boots[min(int(0.975 * n_boot), n_boot - 1)],
+        "pairs": pairs,
+        "prompts": n,
+    }
+
+
+def most_common_share(values: Sequence[str]) -> dict[str, Any]:
+    """How many distinct values there are, the most common one and the share of items that have it.
+
+    Shows at a glance whether a prompter wrote one text for every prompt (``distinct`` 1, ``top_share`` 1.0).
+    """
+    counts = Counter(values)
+    if not counts:
+        return {"distinct": 0, "top": None, "top_share": float("nan"), "n": 0}
+    top, count = counts.most_common(1)[0]
+    return {"distinct": len(counts), "top": top, "top_share": count / len(values), "n": len(values)}
 
 
 def _sigmoid(v: float) -> float:

@@ -11,6 +11,7 @@ from alignpro_plugins import stats
 from alignpro_plugins.evaluation import (
     DEFAULT_TEMPLATE,
     BestOfK,
+    BestOfN,
     Evaluator,
     FixedTemplate,
     FrozenAlone,
@@ -23,7 +24,7 @@ from alignpro_plugins.evaluation import (
 )
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import CallableReward
-from alignpro_plugins.targets import CallableTarget
+from alignpro_plugins.targets import CachedTarget, CallableTarget, FrozenTarget
 
 PROMPTS = ["write a poem", "explain tea", "list numbers", "give examples"]
 
@@ -103,12 +104,15 @@ def test_best_of_k_picks_the_maximum(tiny_lm_dir, tmp_path, monkeypatch):
         PROMPTS[:2], echo_target(), {"len": CallableReward(judge)}, out_dir=tmp_path, reference="best-of-k"
     )
     report = ev.run([cfg])
-    scored = calls[0]
-    assert len(scored) == 2 * 4  # K candidates per prompt were answered and scored
+    scored = [a for call in calls for a in call]
+    assert len(scored) == 2 * 4  # K candidates per prompt were answered and scored, each once
     assert decode_loops == [4]  # all K drawn in one generate call, not K calls
-    for i, rec in enumerate(sorted(report.records, key=lambda r: r["idx"])):
-        assert rec["k"] == 4
-        assert rec["rewards"]["len"] == max(len(a) for a in scored[i * 4 : (i + 1) * 4])
+    for rec in report.records:
+        mine = [a for a in scored if a.startswith(rec["prompt"])]  # the echo target answers with the input
+        assert rec["k"] == 4 and len(mine) == 4
+        assert rec["rewards"]["len"] == max(len(a) for a in mine)
+        assert [c["rewards"]["len"] for c in rec["candidates"]] == [float(len(a)) for a in mine]
+        assert rec["candidates"][rec["kept"]]["rewards"] == rec["rewards"]
 
 
 def test_paired_statistics_and_report(tmp_path):
@@ -208,7 +212,8 @@ def test_report_shows_answer_length_and_the_length_controlled_win_rate(tmp_path)
     extra = len(DEFAULT_TEMPLATE.split())
     assert t["mean_answer_words"] == pytest.approx(s["configs"]["frozen"]["mean_answer_words"] + extra)
     assert 0 <= t["reward"]["vs_reference_length_controlled"]["win_rate"] <= 1
-    assert "length-controlled win (reward)" in (tmp_path / "results.md").read_text()
+    assert "| answer words |" in (tmp_path / "results.md").read_text()
+    assert "| at equal length (reward) |" in (tmp_path / "results.md").read_text()
 
 
 def test_interrupted_run_resumes_without_regenerating(tmp_path):
@@ -754,3 +759,172 @@ def test_a_prompter_in_another_dtype_does_not_resume_the_records(tiny_lm_dir, tm
     assert sft.behaviour_id != as_float64.behaviour_id
     run(as_float64)  # other rewrites may follow: align-pro is answered again, frozen is resumed
     assert len(asked) == 3 * len(PROMPTS)
+
+
+class _SamplingEcho(FrozenTarget):
+    """Answers x plus a run of 'a's whose length is drawn from the global torch RNG; records what it was asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = 0.0
+        self.asked: list[tuple[str, float]] = []
+
+    @property
+    def identity(self) -> str:
+        return "sampling-echo"
+
+    @property
+    def settings(self) -> dict:
+        return {"temperature": self.temperature}
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        import torch
+
+        self.asked += [(p, self.temperature) for p in prompts]
+        if self.temperature == 0:
+            return list(prompts)
+        return [f"{p} {'a' * int(torch.randint(1, 1000, ()))}" for p in prompts]
+
+
+def test_best_of_n_asks_n_sampled_answers_to_x_and_keeps_the_selectors_best(tmp_path):
+    import torch
+
+    inner = _SamplingEcho()
+    cached = CachedTarget(inner, tmp_path / "cache.jsonl")
+    judges = {"reward": length_judge(), "independent": length_judge()}
+    torch.manual_seed(3)
+    state = torch.random.get_rng_state()
+    report = Evaluator(PROMPTS, cached, judges, out_dir=tmp_path / "eval").run(
+        [FrozenAlone(), BestOfN(n=3, temperature=0.9)]
+    )
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    sampled = [(x, t) for x, t in inner.asked if t > 0]
+    # Exactly n calls per prompt, each the bare prompt at the sampling temperature; frozen's stay greedy.
+    assert sorted(sampled) == sorted((x, 0.9) for x in PROMPTS for _ in range(3))
+    assert [x for x, t in inner.asked if t == 0] == PROMPTS
+    assert inner.stats.calls == 4 * len(PROMPTS)
+    assert len((tmp_path / "cache.jsonl").read_text().splitlines()) == 4 * len(PROMPTS)  # none collapsed
+    for rec in report.records:
+        if rec["config"] != "best-of-3":
+            continue
+        lengths = [c["rewards"]["reward"] for c in rec["candidates"]]
+        assert rec["k"] == 3 and rec["input"] == rec["prompt"] and rec["rewrite"] is None
+        assert len(set(lengths)) == 3  # three different samples were drawn
+        assert rec["rewards"]["reward"] == max(lengths) and rec["kept"] == lengths.index(max(lengths))
+    entry = report.summary["configs"]["best-of-3"]
+    assert entry["target_calls_per_prompt"] == 3 and entry["k"] == 3
+    # The same judge twice: the selector agrees with it on every pair and keeps its best everywhere.
+    selection = entry["selection"]["independent"]
+    assert selection["agreement"]["agreement"] == 1.0 and selection["agreement"]["pairs"] == 3 * len(PROMPTS)
+    assert selection["kept_is_judge_best"] == 1.0
+    # Draws are seeded: another store draws the same answers; best-of-2's draws are best-of-3's first two.
+    again = _SamplingEcho()
+    rerun = Evaluator(PROMPTS, CachedTarget(again), judges).run(
+        [FrozenAlone(), BestOfN(n=3, temperature=0.9)]
+    )
+    answers = {r["prompt"]: r["answer"] for r in report.records if r["config"] == "best-of-3"}
+    assert {r["prompt"]: r["answer"] for r in rerun.records if r["config"] == "best-of-3"} == answers
+    calls = inner.stats.calls
+    Evaluator(PROMPTS, cached, judges).run([FrozenAlone(), BestOfN(n=2, temperature=0.9)])
+    assert inner.stats.calls == calls  # every draw came from the store
+    Evaluator(PROMPTS, cached, judges).run([FrozenAlone(), BestOfN(n=2, temperature=0.5)])
+    assert inner.stats.calls == calls + 2 * len(PROMPTS)  # another temperature: drawn afresh
+
+
+def test_best_of_n_samples_a_local_model_once_per_draw(tiny_lm_dir, tmp_path):
+    from alignpro_plugins.targets import TargetRequest, TransformersTarget
+
+    inner = TransformersTarget(tiny_lm_dir, max_new_tokens=6, device="cpu")
+    target = CachedTarget(inner, tmp_path / "cache.jsonl")
+    cfg = BestOfN(n=4, temperature=1.0)
+    report = Evaluator(PROMPTS[:2], target, {"len": length_judge()}, reference="best-of-4").run([cfg])
+    assert inner.stats.calls == 4 * 2 and inner.temperature == 0.0  # the shared target stays greedy
+    store = cfg.answering(target)
+    for rec in report.records:
+        draws = [store.cached(TargetRequest(rec["prompt"], context={"draw": d})) for d in range(4)]
+        assert None not in draws and len(set(draws)) > 1  # the random tiny model sampled different answers
+        assert rec["answer"] == draws[rec["kept"]]
+    target.generate(PROMPTS[:2])
+    assert inner.stats.calls == 10  # the greedy answers are other entries of the same store
+
+
+def test_best_of_n_refuses_what_it_cannot_sample():
+    from alignpro_plugins.evaluation import SampledTarget
+
+    with pytest.raises(TypeError, match="has no temperature setting"):
+        SampledTarget(echo_target(), 0.7)
+    with pytest.raises(ValueError, match="temperature must be a number > 0"):
+        BestOfN(n=2, temperature=0.0)
+    with pytest.raises(ValueError, match="n >= 1"):
+        BestOfN(n=0)
+    with pytest.raises(ValueError, match="shared target"):
+        WithRetryGate(retry=[BestOfN(n=2)])
+    assert BestOfN(n=2).fingerprint() != BestOfN(n=2, seed=1).fingerprint()
+    assert BestOfN(n=2).fingerprint() != BestOfN(n=2, temperature=1.0).fingerprint()
+
+
+def test_configurations_with_more_calls_meet_best_of_n_with_as_many(tmp_path):
+    judges = {
+        "reward": length_judge(),
+        "independent": CallableReward(lambda ps, ans: [-float(len(a)) for a in ans]),
+    }
+    configs = [
+        FrozenAlone(),
+        t := FixedTemplate(template="Be thorough."),
+        WithRetryGate.rerank([t]),  # 2 calls everywhere
+        WithRetryGate(retry=[t], threshold=12.5, name="gated"),  # 1.75 calls: meets best-of-2
+        BestOfN(n=2, temperature=0.9),
+    ]
+    ev = Evaluator(PROMPTS, CachedTarget(_SamplingEcho()), judges, out_dir=tmp_path, focus="rerank")
+    s = ev.run(configs).summary
+    rows = {r["config"]: r for r in s["equal_calls"]}
+    assert set(rows) == {"rerank", "gated"}
+    assert rows["rerank"]["against"] == "best-of-2" and rows["gated"]["calls"] == pytest.approx(1.75)
+    assert 0 <= rows["rerank"]["reward"]["length_controlled"]["win_rate"] <= 1
+    # The independent judge prefers short answers: it disagrees with the length selector on every pair.
+    sel = s["configs"]["rerank"]["selection"]
+    assert sel["prompts_chosen_between"] == len(PROMPTS)
+    assert (
+        sel["independent"]["agreement"]["agreement"] == 0.0
+        and sel["independent"]["kept_is_judge_best"] == 0.0
+    )
+    # Had it chosen, it would have kept x's answer: a tie with frozen on every prompt.
+    assert sel["independent"]["judge_choice_vs_reference"]["win_rate"] == 0.5
+    assert s["head_to_head"]["frozen"]["reward"]["length_controlled"]["n"] == len(PROMPTS)
+    md = (tmp_path / "results.md").read_text()
+    assert "| win rate (reward) | at equal length (reward) | mean difference (reward) |" in md
+    assert "| rerank | 2.00 | best-of-2 | 2.00 |" in md
+    assert "| rerank | 2.00 | 4 | 0% [0–0] (4) | 0% | 50.0% [50–50] |" in md
+    assert "| template | 1 of 4 | 100% | Be thorough. |" in md
+
+
+def test_distinct_outputs_and_the_most_common_outputs_share():
+    from alignpro_plugins.evaluation import prompter_outputs
+
+    rows = [
+        {"rewrite": "Be thorough.", "fallback_reason": None},
+        {"rewrite": "Be thorough.", "fallback_reason": None},
+        {"rewrite": "Give examples.", "fallback_reason": None},
+        {"rewrite": "", "fallback_reason": "no_change"},  # x passed through: one output, whatever the reason
+        {"rewrite": "garbled", "fallback_reason": "drift"},
+    ]
+    out = prompter_outputs(rows)
+    assert out == {"distinct": 3, "top": "Be thorough.", "top_share": 0.4, "n": 5}
+    assert stats.most_common_share(["a"] * 99 + ["b"]) == {
+        "distinct": 2,
+        "top": "a",
+        "top_share": 0.99,
+        "n": 100,
+    }
+    assert math.isnan(stats.most_common_share([])["top_share"])
+
+
+def test_pairwise_agreement_counts_the_pairs_both_judges_tell_apart():
+    # Prompt 1: three answers, selector order a>b>c, judge a>c>b: pairs (a,b), (a,c) agree, (b,c) does not.
+    # Prompt 2: the judge ties the two answers: no pair counts. Prompt 3: they disagree on the one pair.
+    groups = [[(3.0, 3.0), (2.0, 1.0), (1.0, 2.0)], [(1.0, 5.0), (0.0, 5.0)], [(1.0, 0.0), (0.0, 1.0)]]
+    a = stats.pairwise_agreement(groups)
+    assert a["agreement"] == pytest.approx(2 / 4) and a["pairs"] == 4 and a["prompts"] == 2
+    assert a["ci_low"] <= 0.5 <= a["ci_high"] and 0 <= a["ci_low"] and a["ci_high"] <= 2 / 3
+    none = stats.pairwise_agreement([[(1.0, 1.0)], [(1.0, 2.0), (1.0, 3.0)]])
+    assert none["pairs"] == 0 and math.isnan(none["agreement"])
