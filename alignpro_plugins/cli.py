@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alignpro_plugins.guidance import DEFAULT_TEMPLATE
+
 STAGES = {
     "reward": ("trainers.reward_config:AlignProRewardConfig", "trainers.reward_trainer:train_reward"),
     "guidance": (
@@ -39,7 +41,8 @@ DESCRIPTIONS = {
     "oracle": "RLHF oracle: fine-tune the target itself by GRPO or kl-optimum (LoRA) on the same reward, for "
     "comparison",
     "train": "run reward -> (guidance) -> sft -> rl from one YAML recipe",
-    "eval": "compare frozen / template / zero-shot / prompter / best-of-K / oracle under several judges",
+    "eval": "compare frozen / template / zero-shot / prompter / best-of-k / best-of-n / rerank / gate / oracle "
+    "under several judges",
     "export": "merge a prompter into a standalone model folder (safetensors, and GGUF with --gguf) for any server",
     "serve": "an OpenAI-compatible proxy that rewrites each request's latest user message, then forwards it",
 }
@@ -51,6 +54,51 @@ DEPLOY_COMMANDS = {
         "alignpro_plugins.serving.command:cmd_serve",
     ),
 }
+
+
+EVAL_DESCRIPTION = """\
+Answer held-out prompts with the frozen target in each configuration below and score every answer with every
+judge. All statistics are paired by prompt: mean reward, variance, win rate against frozen with a 95% bootstrap
+interval and the same win at equal answer length, target calls per prompt, head-to-head rows, each prompter
+configuration's distinct outputs, and for the configurations that choose between answers, how often the
+selection judge (--judge) agrees with the other judges. Records are written as they finish: rerunning with the
+same --out resumes."""
+EVAL_CONFIGURATIONS = """\
+configurations (target calls per prompt in brackets):
+  frozen       the frozen model on the prompt x itself: the reference of every win rate; always run [1]
+  template     x with a fixed instruction appended (--template); always run [1]
+  zero-shot    the untrained base prompter's rewrite of x, same mode and instructions as --prompter [1]
+  align-pro    the trained prompter's rewrite of x (--prompter); --extra-prompter NAME=DIR adds others [1]
+  best-of-k    K rewrites sampled from the trained prompter, each answered; the selection judge keeps the
+               best answer (--best-of-k K): how much reward RL could still find, not a deployment [K]
+  best-of-n    N answers sampled from the frozen model on x itself at --best-of-n-temperature; the selection
+               judge keeps the best (--best-of-n N ...): the plain way to spend N calls, the baseline that
+               rerank and the gate must beat at equal calls [N]
+  rerank       x and the trained prompter's rewrite both answered; the selection judge keeps the better
+               (--rerank) [2]
+  gated-retry  x first; the rewrite too where the selection judge scores x's answer below a threshold set on
+               --gate-prompts (--gated-retry-share SHARE) [1 to 2]
+  rlhf-oracle  the target itself fine-tuned by RL (--oracle ADAPTER): the share of the frozen -> oracle gap
+               the prompter closes [1]
+The selection judge is --judge (the training reward). Each configuration that asks more than once is also
+compared with the best-of-n that has as many calls, when that n is evaluated (e.g. --rerank --best-of-n 2).
+"""
+# Where a prompt file's rows keep the prompt when --field is not given: `prompt` (the files alignpro writes, and
+# `alignpro rewrite`'s output) or `instruction` (Dolly, Self-Instruct, BPO). One rule for every subcommand.
+AUTO_FIELD = "auto"
+PROMPT_FIELDS = ("prompt", "instruction")
+
+
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default, unless the text says it already or there is none (unset, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if "%(default)" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class UsageError(ValueError):
@@ -127,6 +175,43 @@ def _add_prompter_base(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_field(p: argparse.ArgumentParser, rows: str) -> None:
+    p.add_argument(
+        "--field",
+        default=AUTO_FIELD,
+        help=f"the prompt column of {rows} (%(default)s: {' or '.join(PROMPT_FIELDS)}, whichever the rows have, in "
+        "that order)",
+    )
+
+
+def _prompt_field(source: str, rows: Sequence[Any], field: str) -> str:
+    """``field``, or for ``auto`` the first of PROMPT_FIELDS that the first row has."""
+    if field != AUTO_FIELD:
+        return field
+    first = next((r for r in rows if isinstance(r, dict)), {})
+    found = next((name for name in PROMPT_FIELDS if name in first), None)
+    if found is None:
+        raise UsageError(
+            f"{source}: the rows have no {' or '.join(repr(f) for f in PROMPT_FIELDS)} field (fields: "
+            f"{sorted(first)[:10]}); name the prompt column with --field"
+        )
+    return found
+
+
+def _load_prompt_files(sources: Sequence[str], field: str, context_field: str | None) -> list[str]:
+    from alignpro_plugins.data import load_prompts, read_located
+
+    prompts: list[str] = []
+    for source in sources:
+        name = (
+            field
+            if field != AUTO_FIELD
+            else _prompt_field(source, [at.row for at in read_located(source)[:1]], field)
+        )
+        prompts += load_prompts(source, field=name, context_field=context_field)
+    return prompts
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     import yaml
 
@@ -163,9 +248,10 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         located = read_located(args.input)  # bad bytes or JSON: DataError with the line number
         if not located:
             raise DataError(args.input, None, None, "no rows (an empty file or list)")
+        field = _prompt_field(args.input, [at.row for at in located], args.field)
         for at in located:
-            if not isinstance(at.row, dict) or not isinstance(at.row.get(args.field), str):
-                raise at.error(args.input, None, f"expected an object with a text field {args.field!r}")
+            if not isinstance(at.row, dict) or not isinstance(at.row.get(field), str):
+                raise at.error(args.input, None, f"expected an object with a text field {field!r}")
         rows = [at.row for at in located]
     # Input is checked before the prompter loads.
     prompter = (
@@ -176,7 +262,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         else Prompter.from_base(args.base)
     )
     if args.input:
-        results = prompter.rewrite_results([r[args.field] for r in rows], mode=args.mode)
+        results = prompter.rewrite_results([r[field] for r in rows], mode=args.mode)
         out = open(args.output, "w") if args.output else sys.stdout
         for row, res in zip(rows, results, strict=True):
             out.write(
@@ -267,9 +353,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from alignpro_plugins.data import load_prompts
     from alignpro_plugins.evaluation import (
         BestOfK,
+        BestOfN,
         Evaluator,
         FixedTemplate,
         FrozenAlone,
@@ -308,9 +394,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError("--gate-prompts sets the threshold of --gated-retry-share: give that too")
     if args.rerank and not args.prompter:
         raise UsageError("--rerank answers x and the trained prompter's rewrite: give --prompter DIR")
-    prompts: list[str] = []
-    for source in args.prompts:
-        prompts += load_prompts(source, field=args.field, context_field=args.context_field)
+    if args.best_of_k and not args.prompter:
+        raise UsageError("--best-of-k samples rewrites from the trained prompter: give --prompter DIR")
+    sampling = [
+        BestOfN(n=n, temperature=args.best_of_n_temperature, seed=args.best_of_n_seed)
+        for n in dict.fromkeys(args.best_of_n or [])
+    ]  # checked (n >= 1, temperature > 0) before anything loads
+    prompts = _load_prompt_files(args.prompts, args.field, args.context_field)
     if args.limit:
         prompts = prompts[: args.limit]
     out = Path(args.out)
@@ -365,6 +455,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             configs.append(_gated_retry(args, share, align_pro, prompts, target, judges["reward"]))
         if args.rerank:
             configs.append(WithRetryGate.rerank([align_pro]))
+    configs += sampling
     if args.oracle:
         # The oracle answers in the frozen target's dtype: only the adapter differs.
         base = TransformersTarget(
@@ -396,13 +487,10 @@ def _gated_retry(
     args: argparse.Namespace, share: float, retry: Any, prompts: list[str], target: Any, reward: Any
 ):
     """WithRetryGate whose threshold spends `share` on the frozen answers to --gate-prompts (training reward)."""
-    from alignpro_plugins.data import load_prompts
     from alignpro_plugins.evaluation import WithRetryGate
     from alignpro_plugins.gate import RetryGate
 
-    gate_prompts: list[str] = []
-    for source in args.gate_prompts:
-        gate_prompts += load_prompts(source, field=args.field, context_field=args.context_field)
+    gate_prompts = _load_prompt_files(args.gate_prompts, args.field, args.context_field)
     shared = set(gate_prompts) & set(prompts)
     if shared:
         raise UsageError(
@@ -434,34 +522,64 @@ def build_parser() -> argparse.ArgumentParser:
         help="INFO logging, and a traceback with every error (before COMMAND)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("models", help=DESCRIPTIONS["models"])
-    p = sub.add_parser("rewrite", help=DESCRIPTIONS["rewrite"])
-    p.add_argument("text", nargs="*")
-    p.add_argument("--prompter", help="prompter artifact folder (default: zero-shot base prompter)")
-    p.add_argument("--base", default="smollm2-135m-instruct")
+    sub.add_parser("models", help=DESCRIPTIONS["models"], formatter_class=HelpWithDefaults)
+    p = sub.add_parser(
+        "rewrite",
+        help=DESCRIPTIONS["rewrite"],
+        description=DESCRIPTIONS["rewrite"],
+        formatter_class=HelpWithDefaults,
+    )
+    p.add_argument("text", nargs="*", help="prompts to rewrite, one per argument (or give --input)")
+    p.add_argument("--prompter", help="prompter artifact folder (unset: the untrained base prompter, --base)")
+    p.add_argument(
+        "--base",
+        default="smollm2-135m-instruct",
+        help="base model of the untrained (zero-shot) prompter used without --prompter: a packaged name or a folder",
+    )
     _add_prompter_base(p)
-    p.add_argument("--mode", choices=["augment", "rewrite"], default=None)
-    p.add_argument("--input", help="jsonl file of prompts")
-    p.add_argument("--output", help="jsonl output (default stdout)")
-    p.add_argument("--field", default="prompt", help="prompt field of the jsonl rows")
+    p.add_argument(
+        "--mode",
+        choices=["augment", "rewrite"],
+        default=None,
+        help="augment: keep the prompt as it is and append guidance; rewrite: the prompter's text replaces it "
+        "(unset: the mode the prompter was trained in, augment for the base prompter)",
+    )
+    p.add_argument("--input", help="jsonl file of prompts, one object per line (instead of text arguments)")
+    p.add_argument(
+        "--output",
+        help="jsonl output: each input row with rewritten, generated, fallback_reason (unset: stdout)",
+    )
+    _add_field(p, "--input's rows")
     p.add_argument("--json", action="store_true", help="print result objects as JSON")
     for stage in STAGES:
         sub.add_parser(stage, help=DESCRIPTIONS[stage], add_help=False)
-    p = sub.add_parser("train", help=DESCRIPTIONS["train"])
+    p = sub.add_parser("train", help=DESCRIPTIONS["train"], formatter_class=HelpWithDefaults)
     p.add_argument("--config", required=True, help="recipe YAML with reward:, guidance:, sft:, rl: sections")
     p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
     p.add_argument("--skip-done", action="store_true", help="skip stages whose artifact already exists")
-    p = sub.add_parser("eval", help=DESCRIPTIONS["eval"])
+    p = sub.add_parser(
+        "eval",
+        help=DESCRIPTIONS["eval"],
+        description=EVAL_DESCRIPTION,
+        epilog=EVAL_CONFIGURATIONS,
+        formatter_class=HelpWithDefaults,
+    )
     p.add_argument("--prompts", nargs="+", required=True, help="files or hub ids of evaluation prompts")
-    p.add_argument("--field", default="instruction")
-    p.add_argument("--context-field", default="context")
-    p.add_argument("--limit", type=int)
+    _add_field(p, "the prompt files' rows")
+    p.add_argument(
+        "--context-field",
+        default="context",
+        help="column appended to the prompt after a blank line where a row has it (Dolly's and BPO's context)",
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N prompts (unset: all)")
     p.add_argument(
         "--target",
         default="smollm2-135m-instruct",
         help="frozen target (name/path, or model name with --target-base-url)",
     )
-    p.add_argument("--target-base-url", help="OpenAI-compatible endpoint serving --target")
+    p.add_argument(
+        "--target-base-url", help="OpenAI-compatible endpoint serving --target (unset: load it locally)"
+    )
     p.add_argument(
         "--target-dtype",
         default="auto",
@@ -475,23 +593,58 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="environment variable holding the API key (unset: $OPENAI_API_KEY, sent only to api.openai.com)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="cap on the tokens of each target answer")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts a local target answers per batch")
     _add_prompter_base(p)
-    p.add_argument("--judge", required=True, help="training reward model artifact")
-    p.add_argument("--independent-judge", help="a reward model trained on disjoint prompts")
-    p.add_argument("--llm-judge", help="pairwise LLM judge model (both orders)")
-    p.add_argument("--prompter", help="trained prompter artifact")
+    p.add_argument(
+        "--judge",
+        required=True,
+        help="training reward model artifact: a judge, and the selection judge of best-of-k, best-of-n, rerank "
+        "and the gate",
+    )
+    p.add_argument(
+        "--independent-judge", help="a reward model trained on disjoint prompts: a judge that never selects"
+    )
+    p.add_argument("--llm-judge", help="pairwise LLM judge model, asked in both orders (unset: none)")
+    p.add_argument("--prompter", help="trained prompter artifact: adds zero-shot and align-pro")
     p.add_argument(
         "--extra-prompter", action="append", help="NAME=DIR: another prompter to compare (e.g. sft=runs/sft)"
     )
-    p.add_argument("--template", default="Please give a thorough, well-organized and helpful answer.")
-    p.add_argument("--best-of-k", type=int, default=0)
+    p.add_argument(
+        "--template", default=DEFAULT_TEMPLATE, help="the template configuration's fixed instruction"
+    )
+    p.add_argument(
+        "--best-of-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="adds best-of-k: K rewrites sampled from --prompter, the selection judge keeps the best (0: off)",
+    )
+    p.add_argument(
+        "--best-of-n",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="adds best-of-N for each N: N answers of the frozen model sampled on x, the selection judge keeps "
+        "the best (unset: off)",
+    )
+    p.add_argument(
+        "--best-of-n-temperature",
+        type=float,
+        default=0.7,
+        help="the sampling temperature of best-of-n's answers (> 0)",
+    )
+    p.add_argument(
+        "--best-of-n-seed",
+        type=int,
+        default=0,
+        help="seeds best-of-n's draws, so a rerun draws the same answers",
+    )
     p.add_argument(
         "--gated-retry-share",
         type=float,
         help="adds gated-retry: the prompter's rewrite is also answered where the training reward scores the "
-        "frozen answer below the quantile SHARE of its scores on --gate-prompts",
+        "frozen answer below the quantile SHARE of its scores on --gate-prompts (unset: off)",
     )
     p.add_argument(
         "--gate-prompts", nargs="+", help="prompts (never the evaluation's) that set that threshold"
@@ -502,11 +655,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="adds rerank: x and the prompter's rewrite are both answered and the training reward keeps the "
         "better answer (2 target calls per prompt; RetryGate.rerank at run time)",
     )
-    p.add_argument("--oracle", help="LoRA adapter of the RLHF-tuned target")
+    p.add_argument("--oracle", help="LoRA adapter of the RLHF-tuned target: adds rlhf-oracle")
     p.add_argument("--training-log", help="metrics.jsonl of the RL run, for the reward-curve plot")
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for records.jsonl, results.md/json, plots and the target's answer cache (a rerun resumes)",
+    )
     for name, (add_arguments, _) in DEPLOY_COMMANDS.items():
-        _load(add_arguments)(sub.add_parser(name, help=DESCRIPTIONS[name]))
+        _load(add_arguments)(sub.add_parser(name, help=DESCRIPTIONS[name], formatter_class=HelpWithDefaults))
     return parser
 
 

@@ -6,6 +6,7 @@ tiny random models (fixtures ``tiny_lm_dir`` / ``tiny_encoder_dir``) with one tr
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -84,6 +85,82 @@ def test_rl_help_explains_lambda(capsys):
         main(["rl", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "λ, the KL coefficient to the SFT prompter" in out
+
+
+def _subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every `alignpro` subcommand's parser; a training stage's for each of its config classes (algorithms)."""
+    from transformers import HfArgumentParser
+
+    from alignpro_plugins.cli import ALGORITHM_CONFIGS, _load, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = {name: p for name, p in sub.choices.items() if name not in STAGES}
+    configs = {stage: ref for stage, (ref, _) in STAGES.items()}
+    configs |= {f"{stage} --algorithm {name}": ref for (stage, name), ref in ALGORITHM_CONFIGS.items()}
+    for label, ref in configs.items():
+        parser = HfArgumentParser(_load(ref))  # as parse_stage_config builds it, --config included
+        parser.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
+        parsers[label] = parser
+    return parsers
+
+
+def test_every_flag_of_every_subcommand_has_help_that_shows_its_default():
+    parsers = _subcommand_parsers()
+    assert set(SUBCOMMANDS) <= {label.split()[0] for label in parsers}
+    missing, no_default = [], []
+    for label, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            flag = f"{label} {'/'.join(action.option_strings) or action.dest}"
+            if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+                missing.append(flag)
+            default = action.default
+            unset = default is None or default is False or default == [] or default is argparse.SUPPRESS
+            if action.option_strings and not unset and "%(default)" not in formatter._get_help_string(action):
+                no_default.append(flag)
+    assert missing == [], f"flags without help: {missing}"
+    assert no_default == [], f"flags whose help does not show the default: {no_default}"
+
+
+def test_eval_help_names_and_explains_every_configuration(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    names = "frozen template zero-shot align-pro best-of-k best-of-n rerank gated-retry rlhf-oracle".split()
+    for name in names:
+        line = next((ln for ln in out.splitlines() if ln.startswith(f"  {name} ")), None)
+        assert line is not None and len(line.split()) > 5, name  # its own line, with an explanation
+    assert "--best-of-n N [N ...]" in out and "(default: 0.7)" in out  # the sampling temperature
+    assert "same win at equal answer length" in " ".join(out.split())
+
+
+def test_the_prompt_field_default_is_one_rule_for_rewrite_and_eval(tmp_path, capsys):
+    from alignpro_plugins.cli import AUTO_FIELD, UsageError, _load_prompt_files, build_parser
+
+    parser = build_parser()
+    eval_args = parser.parse_args(["eval", "--prompts", "p", "--judge", "j", "--out", "o"])
+    assert parser.parse_args(["rewrite"]).field == eval_args.field == AUTO_FIELD
+    dolly = tmp_path / "dolly.json"
+    dolly.write_text(json.dumps([{"instruction": "Summarise this.", "context": "A text."}]))
+    written = tmp_path / "starter.json"  # what alignpro writes, with an instruction column too
+    written.write_text(json.dumps([{"prompt": "Explain tides.", "instruction": "other"}]))
+    assert _load_prompt_files([str(dolly), str(written)], AUTO_FIELD, "context") == [
+        "Summarise this.\n\nA text.",
+        "Explain tides.",
+    ]
+    assert _load_prompt_files([str(written)], "instruction", None) == ["other"]
+    neither = tmp_path / "neither.json"
+    neither.write_text(json.dumps([{"question": "Why?"}]))
+    with pytest.raises(UsageError, match="no 'prompt' or 'instruction' field .*'question'.* --field"):
+        _load_prompt_files([str(neither)], AUTO_FIELD, None)
+    # Before any model loads: the judge folder does not exist.
+    assert (
+        main(["eval", "--prompts", str(neither), "--judge", str(tmp_path / "j"), "--out", str(tmp_path)]) == 2
+    )
+    assert "name the prompt column with --field" in _error(capsys)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -396,6 +473,12 @@ def test_eval_checks_extra_prompters_before_loading_anything(tmp_path, capsys):
     assert "--gate-prompts sets the threshold of --gated-retry-share: give that too" in _error(capsys)
     assert main([*base, "--rerank"]) == 2
     assert "--rerank answers x and the trained prompter's rewrite: give --prompter DIR" in _error(capsys)
+    assert main([*base, "--best-of-k", "2"]) == 2
+    assert "--best-of-k samples rewrites from the trained prompter: give --prompter DIR" in _error(capsys)
+    assert main([*base, "--best-of-n", "2", "0"]) == 2
+    assert "alignpro eval: error: best-of-n needs n >= 1 sampled answers per prompt, got 0" in _error(capsys)
+    assert main([*base, "--best-of-n", "2", "--best-of-n-temperature", "0"]) == 2
+    assert "the sampling temperature must be a number > 0" in _error(capsys)
 
 
 def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
@@ -521,8 +604,6 @@ def test_train_runs_reward_guidance_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_
         "eval",
         "--prompts",
         str(paths["heldout_prompts"]),
-        "--field",
-        "prompt",
         "--limit",
         "3",
         "--target",
@@ -539,13 +620,25 @@ def test_train_runs_reward_guidance_sft_rl_end_to_end(tiny_lm_dir, tiny_encoder_
     assert main([*ev, "--gated-retry-share", "0.5", "--gate-prompts", str(paths["heldout_prompts"])]) == 2
     assert "--gate-prompts shares" in capsys.readouterr().err  # the threshold never comes from eval prompts
     gate = ["--gated-retry-share", "0.5", "--gate-prompts", str(paths["train_prompts"])]
-    assert main([*ev, *gate, "--rerank"]) == 0
+    assert main([*ev, *gate, "--rerank", "--best-of-n", "2", "--best-of-n-temperature", "1.0"]) == 0
     printed = capsys.readouterr().out
     assert "gated-retry: threshold" in printed and "| gated-retry |" in printed and "| rerank |" in printed
-    summary = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]["configs"]
-    assert set(summary) == {"frozen", "template", "zero-shot", "align-pro", "gated-retry", "rerank"}
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())["summary"]
+    summary = saved["configs"]
+    assert set(summary) == {
+        "frozen",
+        "template",
+        "zero-shot",
+        "align-pro",
+        "gated-retry",
+        "rerank",
+        "best-of-2",
+    }
     assert 1.0 <= summary["gated-retry"]["target_calls_per_prompt"] <= 2.0
     assert summary["rerank"]["target_calls_per_prompt"] == 2.0  # every prompt answered twice
+    assert summary["best-of-2"]["target_calls_per_prompt"] == 2.0
+    assert {"config": "rerank", "against": "best-of-2"}.items() <= saved["equal_calls"][-1].items()
+    assert "| rerank | 2.00 | best-of-2 | 2.00 |" in printed
 
 
 def test_rewrite_takes_the_base_of_a_moved_artifact(tiny_lm_dir, tmp_path, capsys):
