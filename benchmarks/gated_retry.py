@@ -9,9 +9,12 @@ deploy it that ask the frozen target more than once and let the training reward 
   validation prompts scored lowest; no evaluation prompt sets it. Shares 0.25 and 0.75 are reported as a sweep.
 - ``rerank``: x and the rewrite both answered (2 target calls); ``rerank-3`` also x with the default instruction
   (3 calls); ``rerank-template``: x and x with the default instruction, no prompter (2 calls).
+- ``best-of-2`` and ``best-of-3``: the frozen model sampled 2 or 3 times on x itself, the training reward keeps the
+  best: the plain way to spend as many target calls, which every mode above is compared with at equal calls.
 
-The independent judge never picks anything. Every table gives target calls per prompt, the win at equal answer
-length and the answer length. ``--offset N`` evaluates a slice of prompts the standard benchmark never saw (a
+The independent judge never picks anything; for each mode that chooses, the table says how often the training
+reward agrees with it on the answers it chose between. Every table gives target calls per prompt, every win rate
+its win at equal answer length, and the answer length. ``--offset N`` evaluates a slice of prompts the standard benchmark never saw (a
 confirmation), and ``--pool-with`` joins earlier confirmation folders into one paired table.
 
     python -m benchmarks.gated_retry --prompter runs/bench/rl-kl                        # the benchmark's 100 prompts
@@ -27,15 +30,23 @@ import json
 import logging
 import shutil
 import time
-from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
 
 import torch
 
 from alignpro_plugins.data import load_prompts
-from alignpro_plugins.evaluation import Evaluator, WithPrompter, WithRetryGate, answer_words, retry_threshold
-from alignpro_plugins.stats import variance_ratio, win_rate
+from alignpro_plugins.eval_report import (
+    ANSWER_WORDS,
+    answer_words,
+    equal_calls_lines,
+    outputs_lines,
+    scores_by_config,
+    selection_lines,
+    win_cells,
+)
+from alignpro_plugins.evaluation import Evaluator, WithPrompter, WithRetryGate, retry_threshold
+from alignpro_plugins.stats import variance_ratio
 from benchmarks.run_benchmark import (
     BUDGETS,
     DATA,
@@ -49,6 +60,8 @@ from benchmarks.run_benchmark import (
     judges,
     machine,
     publish,
+    reranks,
+    sampling_baselines,
     side_evaluation,
     train_reward_models,
     training_prompts,
@@ -171,48 +184,48 @@ def main() -> None:
         [tries[0], align_pro, *(gated(s) for s in shares)]
     )
     times["validation"] = time.time() - t
-    vby = rewards_by_config(report_val.records)
+    vby = scores_by_config(report_val.records)
 
     seeded(out, tag, args.seed_caches)
     ev_dir, target = side_evaluation(out, budget, tag)
-    configs = [*tries, align_pro, *(gated(s) for s in shares), *reranks(tries, align_pro)]
+    configs = [
+        *tries,
+        align_pro,
+        *(gated(s) for s in shares),
+        *reranks(tries, align_pro),
+        *sampling_baselines([2, 3]),
+    ]
     t = time.time()
     report = Evaluator(prompts, target, judges(out), out_dir=ev_dir, focus="gated-retry").run(configs)
     times["evaluation"] = time.time() - t
-    by = rewards_by_config(report.records)
+    by = scores_by_config(report.records)
     calls = report.summary["configs"]
 
     def val_row(name: str) -> str:
         a, f = vby[name, "reward"], vby["frozen", "reward"]
         return (
-            f"| {name} | {win_cell(a, f)} | {fmean(a) - fmean(f):+.3f} | {variance_ratio(a, f)['ratio']:.2f} | "
+            f"| {name} | {win_cells(vby, name, 'frozen', 'reward')} | {fmean(a) - fmean(f):+.3f} | "
+            f"{variance_ratio(a, f)['ratio']:.2f} | "
             f"{report_val.summary['configs'][name]['target_calls_per_prompt']:.2f} |"
         )
+
+    def h2h_row(a: str, b: str, label: str = "") -> str:
+        return f"| {label or f'{a} vs {b}'} | {win_cells(by, a, b, 'independent')} | {win_cells(by, a, b, 'reward')} |"
 
     held = [
         f"| {c.name} | "
         + " | ".join(against_frozen_cells(by, c.name, judge) for judge in ("independent", "reward"))
-        + f" | {length_controlled_cell(calls[c.name]['independent'])} | {mean_words(report.records, c.name):.0f} | "
-        f"{calls[c.name]['target_calls_per_prompt']:.2f} |"
+        + f" | {mean_words(report.records, c.name):.0f} | {calls[c.name]['target_calls_per_prompt']:.2f} |"
         for c in configs
         if c.name != "frozen"
     ]
     h2h = (
-        [
-            f"| gated-retry vs {c.name} | {win_cell(by['gated-retry', 'independent'], by[c.name, 'independent'])} | "
-            f"{win_cell(by['gated-retry', 'reward'], by[c.name, 'reward'])} |"
-            for c in configs
-            if c.name != "gated-retry"
-        ]
-        + [  # the prompter alone against what a user tries first
-            f"| align-pro vs {c.name} | {win_cell(by['align-pro', 'independent'], by[c.name, 'independent'])} | "
-            f"{win_cell(by['align-pro', 'reward'], by[c.name, 'reward'])} |"
-            for c in tries
-            if c.name != "frozen"
-        ]
-        + [  # what answering more than one input buys over the prompter alone and the default instruction
-            f"| {r} vs {c} | {win_cell(by[r, 'independent'], by[c, 'independent'])} | "
-            f"{win_cell(by[r, 'reward'], by[c, 'reward'])} |"
+        [h2h_row("gated-retry", c.name) for c in configs if c.name != "gated-retry"]
+        # the prompter alone against what a user tries first
+        + [h2h_row("align-pro", c.name) for c in tries if c.name != "frozen"]
+        # what answering more than one input buys over the prompter alone and the default instruction
+        + [
+            h2h_row(r, c)
             for r, c in (
                 ("rerank", "align-pro"),
                 ("rerank", "rerank-template"),
@@ -250,22 +263,26 @@ def main() -> None:
         "",
         f"On the {len(val)} validation prompts (training reward; the thresholds are set here), against frozen:",
         "",
-        "| configuration | win rate | mean gain | variance / frozen | target calls / prompt |",
-        "|---|---|---|---|---|",
+        "| configuration | win rate | at equal length | mean gain | variance / frozen | target calls / prompt |",
+        "|---|---|---|---|---|---|",
         *(val_row(n) for n in ["align-pro", *(gated(s).name for s in shares)]),
         "",
         f"On the {len(prompts)} held-out prompts, against frozen (its answers average "
         f"{mean_words(report.records, 'frozen'):.0f} words):",
         "",
-        "| configuration | win (independent) | mean gain (independent) | variance / frozen (independent) | "
-        "win (reward) | mean gain (reward) | variance / frozen (reward) | win at equal length (independent) | "
-        "answer words | target calls / prompt |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | win (independent) | at equal length (independent) | mean gain (independent) | "
+        "variance / frozen (independent) | win (reward) | at equal length (reward) | mean gain (reward) | "
+        "variance / frozen (reward) | answer words | target calls / prompt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *held,
         "",
-        "| head to head | independent | training reward |",
-        "|---|---|---|",
+        "| head to head | win (independent) | at equal length (independent) | win (training reward) | "
+        "at equal length (training reward) |",
+        "|---|---|---|---|---|",
         *h2h,
+        *equal_calls_lines(report.summary),
+        *selection_lines(report.summary),
+        *outputs_lines(report.summary),
     ]
     names = [c.name for c in tries] + ["align-pro"]
     fingerprints = {r["config"]: r["fingerprint"] for r in report.records if r["config"] in names}
@@ -281,9 +298,10 @@ def main() -> None:
             f"On {n} held-out prompts: {pooled_text(used)} and these {len(prompts)}, paired within each set (the "
             f"earlier ones from their folders' records, same artifacts){gone}:",
             "",
-            "| configuration | win vs frozen (independent) | mean gain (independent) | variance / frozen (independent) | "
-            "win vs frozen (reward) | mean gain (reward) | variance / frozen (reward) |",
-            "|---|---|---|---|---|---|---|",
+            "| configuration | win vs frozen (independent) | at equal length (independent) | mean gain (independent) | "
+            "variance / frozen (independent) | win vs frozen (reward) | at equal length (reward) | mean gain (reward) | "
+            "variance / frozen (reward) |",
+            "|---|---|---|---|---|---|---|---|---|",
             *(
                 f"| {name} | "
                 + " | ".join(against_frozen_cells(pooled, name, judge) for judge in ("independent", "reward"))
@@ -292,45 +310,17 @@ def main() -> None:
                 if name != "frozen"
             ),
             "",
-            "| head to head | independent | training reward |",
-            "|---|---|---|",
+            "| head to head | win (independent) | at equal length (independent) | win (training reward) | "
+            "at equal length (training reward) |",
+            "|---|---|---|---|---|",
             *(
-                f"| align-pro vs {name} | {win_cell(pooled['align-pro', 'independent'], pooled[name, 'independent'])}"
-                f" | {win_cell(pooled['align-pro', 'reward'], pooled[name, 'reward'])} |"
+                f"| align-pro vs {name} | {win_cells(pooled, 'align-pro', name, 'independent')} | "
+                f"{win_cells(pooled, 'align-pro', name, 'reward')} |"
                 for name in names
                 if name != "align-pro"
             ),
         ]
     publish("\n".join(md), ev_dir / "section.md", key, HISTORY_PAGE)
-
-
-def reranks(tries: list, align_pro: WithPrompter) -> list[WithRetryGate]:
-    """Every answer asked, the training reward's best kept: the gate with no threshold (2 or 3 target calls).
-
-    `rerank` answers x and the prompter's rewrite; `rerank-3` also the default instruction (the inputs of the
-    selection-headroom analysis's "answer in hand" row). `rerank-template` is what a user with the reward model
-    but no prompter would try: x and the default instruction. No parameter is chosen anywhere.
-    """
-    template = next(c for c in tries if c.name == "template")
-    return [
-        WithRetryGate.rerank(
-            [template],
-            name="rerank-template",
-            description="x and x with the default instruction both answered; the training reward keeps the better",
-        ),
-        WithRetryGate.rerank([align_pro]),
-        WithRetryGate.rerank(
-            [template, align_pro],
-            name="rerank-3",
-            description="x, x with the default instruction and the prompter's rewrite; the training reward keeps the best",
-        ),
-    ]
-
-
-def length_controlled_cell(entry: dict) -> str:
-    """The win rate against frozen at equal answer length (AlpacaEval-style), from an evaluation summary entry."""
-    lc = entry["vs_reference_length_controlled"]
-    return f"{lc['win_rate']:.1%} [{lc['ci_low']:.0%}–{lc['ci_high']:.0%}]"
 
 
 def pool(
@@ -467,9 +457,14 @@ def pooled_with_folder(
     for (name, judge), values in by_rest.items():
         if name not in fingerprints:
             continue
-        if any((name, x) not in latest or judge not in latest[name, x]["rewards"] for x in folder_prompts):
+        if any(
+            (name, x) not in latest or judge not in {*latest[name, x]["rewards"], ANSWER_WORDS}
+            for x in folder_prompts
+        ):
             return None
-        pooled[name, judge] = [latest[name, x]["rewards"][judge] for x in folder_prompts] + values
+        recs = [latest[name, x] for x in folder_prompts]
+        mine = [answer_words(r["answer"]) if judge == ANSWER_WORDS else r["rewards"][judge] for r in recs]
+        pooled[name, judge] = mine + values
     return pooled
 
 
@@ -514,26 +509,15 @@ def labelled(title: str, key: str, label: str) -> tuple[str, str]:
     return (f"{title} ({label})", f"{key}-{slug(label)}") if label else (title, key)
 
 
-def rewards_by_config(records: list[dict]) -> dict[tuple[str, str], list[float]]:
-    """(configuration, judge) -> its rewards in prompt order, from an evaluation's per-prompt records."""
-    by: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for rec in sorted(records, key=lambda r: r["idx"]):
-        for judge, r in rec["rewards"].items():
-            by[rec["config"], judge].append(r)
-    return by
-
-
-def win_cell(a: list[float], b: list[float]) -> str:
-    """A paired win rate of a over b with its 95% interval, as a table cell."""
-    w = win_rate(a, b)
-    return f"{w['win_rate']:.1%} [{w['ci_low']:.0%}–{w['ci_high']:.0%}]"
-
-
 def against_frozen_cells(by: dict[tuple[str, str], list[float]], name: str, judge: str) -> str:
-    """Table cells of a configuration against frozen under one judge: win rate, mean gain, variance ratio."""
+    """Table cells of a configuration against frozen under one judge: win rate, win at equal answer length, mean
+    gain, variance ratio."""
     a, f = by[name, judge], by["frozen", judge]
     v = variance_ratio(a, f)
-    return f"{win_cell(a, f)} | {fmean(a) - fmean(f):+.3f} | {v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
+    return (
+        f"{win_cells(by, name, 'frozen', judge)} | {fmean(a) - fmean(f):+.3f} | "
+        f"{v['ratio']:.2f} [{v['ci_low']:.2f}–{v['ci_high']:.2f}]"
+    )
 
 
 def mean_words(records: list[dict], config: str) -> float:

@@ -5,8 +5,9 @@ preferences -> SFT of the SmolLM2 prompter by best-of-K bootstrap on BPO instruc
 guidance library, 'no change') -> RL (kl-optimum; optionally GRPO) with KL to the SFT prompter on AlpacaEval
 prompts -> RLHF oracle: the same RL on the target itself -> evaluation on dolly_eval + self_instruct_eval (never trained on) of
 frozen / template / zero-shot / SFT / Align-Pro / Align-Pro behind the retry gate (its rewrite only where the
-training reward scores the frozen answer poorly) / best-of-K / RLHF oracle, under both judges. Stages whose
-artifacts exist are reused, so an interrupted run resumes.
+training reward scores the frozen answer poorly) / rerank, rerank-3 and rerank-template / best-of-K / best-of-n
+sampling of the frozen model (the equal-compute baseline of the modes that ask more than once) / RLHF oracle,
+under both judges. Stages whose artifacts exist are reused, so an interrupted run resumes.
 
     python -m benchmarks.run_benchmark            # standard budget, 2.2 hours of stages on 2 CPU cores (resumable)
     python -m benchmarks.run_benchmark --quick    # every stage at smoke size, 8-16 minutes
@@ -35,6 +36,8 @@ from typing import Any
 
 import torch
 
+from alignpro_plugins.eval_report import format_win
+
 ROOT = Path(__file__).resolve().parents[1]
 # Results for a newcomer (the standard run, the speed benchmarks) and the lab notebook (confirmations, quick runs).
 RESULTS_PAGE = ROOT / "docs" / "benchmarks.md"
@@ -60,11 +63,20 @@ def targets_table(summary: dict) -> str:
     c, h = summary["configs"], summary["head_to_head"]
     rows = []
 
-    def add(name: str, value: float, ok: bool, fmt: str = "{:.1%}", why_nan: str = "") -> None:
+    def add(
+        name: str,
+        value: float,
+        ok: bool,
+        fmt: str = "{:.1%}",
+        why_nan: str = "",
+        equal_length: dict | None = None,
+    ) -> None:
         if value != value:  # nan: the statistic has no meaning for this run
             rows.append(f"| {name} | undefined | NOT met: {why_nan} |")
-        else:
-            rows.append(f"| {name} | {fmt.format(value)} | {'met' if ok else 'NOT met'} |")
+            return
+        # A win rate is shown with the same win at equal answer length: judges favour longer answers.
+        lc = f"; at equal length {format_win(equal_length)}" if equal_length else ""
+        rows.append(f"| {name} | {fmt.format(value)}{lc} | {'met' if ok else 'NOT met'} |")
 
     def variance_below_frozen(name: str, judge: str, prefix: str = "") -> None:
         v, v_f = c[name][judge]["variance"], c["frozen"][judge]["variance"]
@@ -79,10 +91,12 @@ def targets_table(summary: dict) -> str:
 
     for judge in ("independent", "reward"):
         wr = c["align-pro"][judge]["vs_reference"]
+        lc = c["align-pro"][judge].get("vs_reference_length_controlled")
         add(
             f"align-pro vs frozen win rate ≥ 75% and CI low > 50% ({judge})",
             wr["win_rate"],
             wr["win_rate"] >= 0.75 and wr["ci_low"] > 0.5,
+            equal_length=lc,
         )
         for other, goal in (("template", 0.60), ("zero-shot", 0.75)):
             if other in h:
@@ -91,19 +105,20 @@ def targets_table(summary: dict) -> str:
                     f"align-pro vs {other} ≥ {goal:.0%} and CI low > 50% ({judge})",
                     w["win_rate"],
                     w["win_rate"] >= goal and w["ci_low"] > 0.5,
+                    equal_length=w.get("length_controlled"),
                 )
-        add(f"align-pro vs frozen ≥ 65% (paper-level, {judge})", wr["win_rate"], wr["win_rate"] >= 0.65)
+        add(
+            f"align-pro vs frozen ≥ 65% (paper-level, {judge})",
+            wr["win_rate"],
+            wr["win_rate"] >= 0.65,
+            equal_length=lc,
+        )
         if "template-picked" in h:  # context: the best fixed text picked on the training prompts
             w = h["template-picked"][judge]
+            eq = f"; at equal length {format_win(w['length_controlled'])}" if "length_controlled" in w else ""
             rows.append(
                 f"| (context) align-pro vs template-picked, the best fixed text on the training prompts "
-                f"({judge}) | {w['win_rate']:.1%} [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}] | — |"
-            )
-        lc = c["align-pro"][judge].get("vs_reference_length_controlled")
-        if lc:  # context: how much of the win is the judges' preference for longer answers
-            rows.append(
-                f"| (context) align-pro vs frozen at equal answer length, length-controlled ({judge}) | "
-                f"{lc['win_rate']:.1%} [{100 * lc['ci_low']:.0f}–{100 * lc['ci_high']:.0f}] | — |"
+                f"({judge}) | {format_win(w)}{eq} | — |"
             )
         for other in ("frozen", "sft"):  # the RL stage must raise the mean above both
             d = h.get(other, {}).get(judge, {})
@@ -124,6 +139,7 @@ def targets_table(summary: dict) -> str:
                 f"and CI low > 50% ({judge})",
                 gw["win_rate"],
                 gw["win_rate"] >= 0.65 and gw["ci_low"] > 0.5,
+                equal_length=c["align-pro-gated"][judge].get("vs_reference_length_controlled"),
             )
             variance_below_frozen("align-pro-gated", judge, "(deployment mode) ")
         if judge in summary.get("gap_closed", {}):
@@ -563,6 +579,43 @@ def first_tries(mode: str) -> list:
     ]
 
 
+def reranks(tries: list, align_pro) -> list:
+    """Every answer asked, the training reward's best kept: the gate with no threshold (2 or 3 target calls).
+
+    `rerank` answers x and the prompter's rewrite; `rerank-3` also the default instruction (the inputs of the
+    selection-headroom analysis's "answer in hand" row). `rerank-template` is what a user with the reward model
+    but no prompter would try: x and the default instruction. No parameter is chosen anywhere.
+    """
+    from alignpro_plugins.evaluation import WithRetryGate
+
+    template = next(c for c in tries if c.name == "template")
+    return [
+        WithRetryGate.rerank(
+            [template],
+            name="rerank-template",
+            description="x and x with the default instruction both answered; the training reward keeps the better",
+        ),
+        WithRetryGate.rerank([align_pro]),
+        WithRetryGate.rerank(
+            [template, align_pro],
+            name="rerank-3",
+            description="x, x with the default instruction and the prompter's rewrite; the training reward keeps the best",
+        ),
+    ]
+
+
+# Best-of-n sampling of the frozen model: the plain way to spend n target calls, which rerank (2), rerank-3 (3),
+# the gate (1-2) and best-of-K (K) are measured against at equal calls. Fixed before any evaluation.
+BEST_OF_N_TEMPERATURE = 0.7
+
+
+def sampling_baselines(ns: list[int]) -> list:
+    """best-of-n for each n: n answers of the frozen model sampled on x, the training reward keeps the best."""
+    from alignpro_plugins.evaluation import BestOfN
+
+    return [BestOfN(n=n, temperature=BEST_OF_N_TEMPERATURE) for n in sorted(set(ns))]
+
+
 def judges(out: Path, reward: Path | None = None) -> dict:
     """The training reward (out/reward unless given) and the independent judge, as every evaluation names them."""
     from alignpro_plugins.rewards import RewardModel
@@ -812,8 +865,9 @@ def main() -> None:
     gate_threshold = retry_threshold(
         frozen_validation_scores(out, budget, "eval-gate-validation", scorers["reward"]), GATED_RETRY_SHARE
     )
+    tries = first_tries(trained.manifest.mode)
     configs = [
-        *first_tries(trained.manifest.mode),
+        *tries,
         # The stronger first try: the library text a user would pick with the same reward and training prompts.
         *([FixedTemplate(template=picked, name="template-picked", description=PICKED)] if picked else []),
         WithPrompter(prompter=Prompter.from_pretrained(out / "sft"), name="sft", description="SFT prompter"),
@@ -827,7 +881,10 @@ def main() -> None:
             description=f"x; the Align-Pro rewrite too where the training reward scores the answer below its "
             f"{GATED_RETRY_SHARE:.0%} validation quantile (the better answer kept)",
         ),
+        *reranks(tries, align_pro),
         BestOfK(prompter=trained, k=budget["best_of_k"]),
+        # As many target calls as rerank (2), rerank-3 (3) and best-of-K: the equal-compute baselines.
+        *sampling_baselines([2, 3, budget["best_of_k"]]),
     ]
     if args.rl_algorithm == "kl-optimum" and grpo is not None:
         at = next(i for i, c in enumerate(configs) if c.name == "align-pro")
@@ -861,6 +918,8 @@ def main() -> None:
         f"- align-pro-gated: retries with the rewrite below {gate_threshold:+.3f}, the training reward's "
         f"{GATED_RETRY_SHARE:.0%} quantile of the frozen answers to the {budget['kl_val_prompts']} validation prompts "
         f"(held-out AlpacaEval training prompts; the evaluation prompts set nothing)",
+        f"- best-of-n: the frozen model's answers to x sampled at temperature {BEST_OF_N_TEMPERATURE} (seeded; "
+        "best-of-2's draws are best-of-3's first two), the training reward keeps the best",
         f"- guidance search: {guidance_line(out)}",
         f"- SFT targets: {sft_targets_line(out)}",
         f"- RL: {kept_round_line(out / 'rl-kl')}",

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from alignpro_plugins import stats
-from benchmarks.gated_retry import against_frozen_cells, mean_words, rewards_by_config, win_cell
+from alignpro_plugins.eval_report import ANSWER_WORDS, format_win, scores_by_config, win_cells
+from benchmarks.gated_retry import against_frozen_cells, mean_words
 from benchmarks.run_benchmark import RESULTS_PAGE, targets_table
 
 RNG = random.Random(0)
@@ -71,19 +72,34 @@ def _records(config: str, rewards: list[float], words: int) -> list[dict]:
 def test_held_out_cells_pair_each_configuration_with_frozen():
     records = _records("frozen", FROZEN, 10) + _records("searched", SHIFTED, 30)
     RNG.shuffle(records)  # records are written as cells finish: the prompt index decides the pairing
-    by = rewards_by_config(records)
+    by = scores_by_config(records)
     assert by["frozen", "independent"] == FROZEN and by["searched", "reward"] == [-x for x in SHIFTED]
+    assert by["searched", ANSWER_WORDS] == [30] * 80
     win = stats.win_rate(SHIFTED, FROZEN)
-    cell = f"{win['win_rate']:.1%} [{win['ci_low']:.0%}–{win['ci_high']:.0%}]"
-    assert win_cell(SHIFTED, FROZEN) == cell
+    # Every answer is 20 words longer: the length effect cannot be told apart, the equal-length win is the win.
+    assert win_cells(by, "searched", "frozen", "independent") == f"{format_win(win)} | {format_win(win)}"
     cells = against_frozen_cells(by, "searched", "independent").split(" | ")
-    assert cells[0] == cell
-    assert float(cells[1]) == pytest.approx(sum(SHIFTED) / 80 - sum(FROZEN) / 80, abs=1e-3)
+    assert cells[0] == format_win(win) and cells[1] == format_win(win)
+    assert float(cells[2]) == pytest.approx(sum(SHIFTED) / 80 - sum(FROZEN) / 80, abs=1e-3)
     # The training reward here is the negated judge: the same configuration loses under it.
-    reward_cell = win_cell(by["searched", "reward"], by["frozen", "reward"])
-    assert against_frozen_cells(by, "searched", "reward").startswith(reward_cell)
+    assert against_frozen_cells(by, "searched", "reward").startswith(
+        win_cells(by, "searched", "frozen", "reward")
+    )
     assert stats.win_rate(by["searched", "reward"], by["frozen", "reward"])["win_rate"] < 0.5
     assert (mean_words(records, "searched"), mean_words(records, "frozen")) == (30, 10)
+
+
+def test_win_cells_give_the_win_at_equal_length_beside_the_win():
+    # A judge that only counts words: the longer configuration wins, at equal length it does not.
+    words_a = [RNG.randint(60, 130) for _ in range(120)]
+    words_b = [RNG.randint(20, 100) for _ in range(120)]
+    records = [
+        {"config": c, "idx": i, "answer": " ".join(["w"] * n), "rewards": {"len": float(n)}}
+        for c, lengths in (("long", words_a), ("short", words_b))
+        for i, n in enumerate(lengths)
+    ]
+    raw, equal = win_cells(scores_by_config(records), "long", "short", "len").split(" | ")
+    assert float(raw.split("%")[0]) > 70 and 40 < float(equal.split("%")[0]) < 60
 
 
 PAGE = """# Benchmarks
@@ -153,6 +169,7 @@ def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
             "config": config,
             "idx": i,
             "prompt": bench[i],
+            "answer": "w " * int(abs(value)),
             "rewards": {"independent": value},
             "fingerprint": fingerprint or fingerprints[config],
         }
@@ -164,12 +181,17 @@ def test_pooled_rewards_keep_pairs_and_refuse_a_partial_benchmark(tmp_path):
     rows += [record("align-pro", 2, -5.0, fingerprint="another prompter")]  # not this setup: ignored
     rows += [{**record("frozen", 0, 5.0), "prompt": "not a benchmark prompt"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    new = {("frozen", "independent"): [7.0], ("align-pro", "independent"): [8.0]}
+    new = {
+        ("frozen", "independent"): [7.0],
+        ("align-pro", "independent"): [8.0],
+        ("align-pro", ANSWER_WORDS): [3],
+    }
 
     pooled = pooled_with_folder(path, bench, new, fingerprints)
     assert pooled == {
         ("frozen", "independent"): [0.0, 1.0, 2.0, 7.0],
         ("align-pro", "independent"): [10.0, 99.0, 12.0, 8.0],
+        ("align-pro", ANSWER_WORDS): [10, 99, 12, 3],  # the answers' lengths pool in the same order
     }
     # A configuration the benchmark did not evaluate on every prompt cannot be paired: no pool at all.
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
@@ -317,3 +339,29 @@ def test_documented_benchmark_commands_name_kept_scripts():
     assert named >= {"run_benchmark", "gated_retry"}
     assert named <= {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
     assert len(list((ROOT / "benchmarks").glob("*.py"))) <= 8
+
+
+def test_targets_table_gives_each_win_rate_its_win_at_equal_length():
+    summary = _summary(None)
+    for judge in ("independent", "reward"):
+        summary["configs"]["align-pro"][judge]["vs_reference_length_controlled"] = {
+            "win_rate": 0.51,
+            "ci_low": 0.45,
+            "ci_high": 0.57,
+        }
+    row = _row(targets_table(summary), "| align-pro vs frozen win rate ≥ 75% and CI low > 50% (independent)")
+    win = stats.win_rate(SHIFTED, FROZEN)
+    assert f"| {win['win_rate']:.1%}; at equal length 51.0% [45–57] |" in row
+
+
+def test_the_standard_benchmark_meets_each_mode_with_best_of_n_at_as_many_calls():
+    from alignpro_plugins.evaluation import BestOfN, FixedTemplate, FrozenAlone, WithRetryGate
+    from benchmarks.run_benchmark import BEST_OF_N_TEMPERATURE, BUDGETS, reranks, sampling_baselines
+
+    sampling = sampling_baselines([2, 3, BUDGETS["standard"]["best_of_k"]])
+    assert [c.name for c in sampling] == ["best-of-2", "best-of-3", "best-of-4"]
+    assert all(isinstance(c, BestOfN) and c.temperature == BEST_OF_N_TEMPERATURE for c in sampling)
+    prompter_stand_in = FixedTemplate(template="stand-in", name="align-pro")
+    modes = reranks([FrozenAlone(), FixedTemplate()], prompter_stand_in)
+    assert [(c.name, len(c.retry)) for c in modes] == [("rerank-template", 1), ("rerank", 1), ("rerank-3", 2)]
+    assert all(isinstance(c, WithRetryGate) and c.threshold == float("inf") for c in modes)
