@@ -10,19 +10,25 @@ is wrong and how to fix it. What is refused:
 * an adapter whose base model cannot be verified (no ``base_model_hash``, or a base whose weights cannot be
   hashed here) unless the caller says ``allow_unverified_base=True``, and one whose base has other weights;
 * an adapter whose ``target_modules`` match no module of the base model, or whose weights do not load one for
-  one into the modules it creates (a no-op or partly random adapter);
+  one into the modules it creates (a no-op or partly random adapter), and, for inference, an adapter that is
+  not plain LoRA on linear layers (:mod:`alignpro_plugins.lora` names the field; peft loads those);
 * a similarity model the guard would need that cannot be found.
+
+It also locates an artifact (a folder or a hub id), resolves the base model it names, and writes an adapter
+under a portable base model name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
-from alignpro_plugins.manifest import MANIFEST_NAME, Manifest, model_weights_hash
+from alignpro_plugins.extras import require
+from alignpro_plugins.manifest import MANIFEST_NAME, Manifest, model_weights_hash, portable_base_name
 
 logger = logging.getLogger(__name__)
 
@@ -155,43 +161,120 @@ def _unverified(problem: str, allowed: bool) -> None:
 
 
 def load_adapter(model: Any, folder: Path, *, is_trainable: bool) -> Any:
-    """The base model with the folder's LoRA adapter, refused when the adapter would not do what was trained."""
-    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from safetensors import safe_open
+    """The base model with the folder's LoRA adapter, refused when the adapter would not do what was trained.
+
+    For inference the adapter is applied by :mod:`alignpro_plugins.lora` (no peft needed); to train it further
+    (``is_trainable=True``) it is loaded with peft, which the ``[train]`` extra installs. Either way, targets
+    that match no module and saved weights that do not fit the adapter modules one for one are refused (an
+    :class:`ArtifactError`).
+    """
+    from alignpro_plugins import lora
+
+    if not is_trainable:
+        return lora.apply_lora(model, folder)
+    peft = require("peft", "Loading a prompter to train it further (is_trainable=True)")
+    config = lora.read_adapter_config(folder)
+    if config.get("target_modules") is not None:  # peft also targets parameters (target_parameters)
+        lora.check_targets_exist(folder, config, lora.target_module_names(model, config))
+    saved = lora.saved_keys(folder)
+    model = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    lora.check_weights_fit(folder, config, saved, set(peft.get_peft_model_state_dict(model)))
+    return model
+
+
+def holds_adapter(model: Any) -> bool:
+    """Whether ``model`` carries a LoRA adapter: a peft model, or one :func:`alignpro_plugins.lora.apply_lora`
+    adapted."""
+    from alignpro_plugins.lora import applied_lora
+
+    return hasattr(model, "peft_config") or applied_lora(model) is not None
+
+
+def save_adapter(model: Any, folder: Path, base_model: str) -> None:
+    """Write ``model``'s adapter in PEFT's format (safetensors), naming its base model ``base_model``.
+
+    peft would record the base model's path on this machine (in ``adapter_config.json`` and its model card);
+    the portable name is written instead.
+    """
+    from alignpro_plugins.lora import applied_lora, save_lora
+
+    if applied_lora(model) is not None:
+        save_lora(model, folder, base_model_name_or_path=base_model)
+        return
+    base = model.get_base_model()
+    kept = base.name_or_path, base.config._name_or_path
+    try:
+        # The model card's base_model and tags; peft's own config keeps the local path while saving, as its
+        # check for a resized vocabulary reads the base config from there (a packaged name is no hub id).
+        base.name_or_path = base.config._name_or_path = base_model
+        model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        base.name_or_path, base.config._name_or_path = kept
+    path = folder / ADAPTER_CONFIG
+    path.write_text(
+        json.dumps({**json.loads(path.read_text()), "base_model_name_or_path": base_model}, indent=2)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- locating
+# What an artifact holds; a hub download fetches nothing else (no pickle is ever downloaded, let alone read).
+_ARTIFACT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "chat_templates/*"]
+
+
+def artifact_folder(path: str | os.PathLike[str], *, revision: str | None = None) -> Path:
+    """The local folder of an artifact given as a folder or as a Hugging Face hub id (downloaded, or taken
+    from the local cache); a ``FileNotFoundError`` naming the id when neither works."""
+    folder = Path(path)
+    name = str(path)
+    if folder.exists() or not _is_hub_id(name):
+        return folder
+    from huggingface_hub import snapshot_download
 
     try:
-        config = PeftConfig.from_pretrained(str(folder))
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{folder}/{ADAPTER_CONFIG} is not a valid PEFT adapter config: {exc}") from exc
-    targets = getattr(config, "target_modules", None)
-    if targets is not None and not any(
-        check_target_module_exists(config, name) for name, _ in model.named_modules()
-    ):
-        raise ArtifactError(
-            f"{folder}/{ADAPTER_CONFIG} targets modules {_shown(targets)}, which match no module of the base "
-            "model: the adapter would change nothing. Use the adapter_config.json saved with the adapter, or "
-            "load it onto the base model it was trained on"
+        return Path(snapshot_download(name, revision=revision, allow_patterns=_ARTIFACT_PATTERNS))
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+            if offline
+            else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         )
-    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as fh:
-        saved = set(fh.keys())
-    model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
-    loaded = set(get_peft_model_state_dict(model).keys())
-    unused, untrained = sorted(saved - loaded), sorted(loaded - saved)
-    if unused or untrained:
-        details = []
-        if unused:
-            details.append(f"{len(unused)} saved weight(s) fit no adapter module (e.g. {unused[0]})")
-        if untrained:
-            details.append(f"{len(untrained)} adapter weight(s) have no saved value (e.g. {untrained[0]})")
-        raise ArtifactError(
-            f"The adapter in {folder} does not load as it was trained: {'; '.join(details)}. Its "
-            f"{ADAPTER_CONFIG} (target_modules {_shown(targets)}) does not match {ADAPTER_WEIGHTS}: use the "
-            "config saved with these weights"
-        )
-    if not is_trainable:
-        model.eval()
-    return model
+        raise FileNotFoundError(
+            f"No prompter artifact at {name!r}: there is no such folder here, and as a Hugging Face hub id it "
+            f"cannot be loaded ({why}). Pass an artifact folder, or a hub id that is reachable or cached"
+        ) from exc
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def base_to_load(folder: Path, manifest: Manifest) -> str:
+    """What to load as the base model the manifest records (packaged name, hub id or folder).
+
+    An older artifact may record a folder of the machine it was trained on; when that folder is a packaged
+    model's copy or a Hugging Face cache snapshot, its portable name is loaded instead (the weights hash is
+    still checked). Any other missing folder is an error that says how to point at a copy.
+    """
+    recorded = Path(manifest.base_model)
+    if not recorded.is_absolute() or recorded.exists():
+        return manifest.base_model
+    portable = portable_base_name(manifest.base_model)
+    if portable != manifest.base_model:
+        return portable
+    # A base folder recorded on another machine; transformers would misread it as a hub id.
+    raise FileNotFoundError(
+        f"The prompter in {folder} needs its base model folder {manifest.base_model}, which does not "
+        "exist here (was the artifact copied from another machine?). Pass the same base model with "
+        "Prompter.from_pretrained(path, base_model=<name, hub id or folder>); its weights are still "
+        "checked against the recorded hash."
+    )
 
 
 def check_similarity_model(name: str) -> None:
@@ -208,7 +291,3 @@ def check_similarity_model(name: str) -> None:
             f"{str(exc).splitlines()[0]}. Accepted: a packaged name (alignpro models), a model folder or a "
             "hub id in the local cache; or set similarity_model: null to skip the similarity check"
         ) from exc
-
-
-def _shown(targets: Any) -> str:
-    return repr(sorted(targets)) if isinstance(targets, (set, list, tuple)) else repr(targets)

@@ -26,7 +26,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from alignpro_plugins.manifest import DTYPES, MODES, Manifest, weights_hash
+from alignpro_plugins.artifact import artifact_folder
+from alignpro_plugins.chat_template import (
+    check_chat_template,
+    checked_chat_template,
+    query_template,
+    save_tokenizer,
+)
+from alignpro_plugins.lora import merge_lora
+from alignpro_plugins.manifest import DTYPES, MODES, Manifest, portable_base_name, weights_hash
 from alignpro_plugins.models import _file_lock, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -36,57 +44,12 @@ EXPORT_FORMAT_VERSION = 1
 # The llama-cpp-python release whose vendored llama.cpp converter `--gguf` uses (its sdist ships the script).
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# Prompts the export checks its chat template on: plain, multi-line, and with template-like characters.
-PROBE_PROMPTS = (
-    "What are the health benefits of green tea?",
-    'Write a poem about the sea.\nUse "waves" twice, and {braces} or {% tags %}.',
-    "",
-)
 
 
 @dataclass(frozen=True)
 class ExportResult:
     folder: Path
     gguf: Path | None = None
-
-
-def _jinja_string(text: str) -> str:
-    """A Jinja string literal for ``text`` (Jinja unescapes JSON's escapes; non-ASCII stays literal)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def prompter_chat_template(base_template: str | None, manifest: Manifest, mode: str) -> str:
-    """A chat template that renders ``messages`` as the prompter's query for their latest user message.
-
-    ``base_template`` is the prompter tokenizer's own template (None when it has none); the result replaces
-    the conversation by [system prompt, instruction with the prompt], then renders the base template, so
-    ``apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)`` equals
-    ``Prompter.format_query(p, mode)``. A conversation without a user message is an error.
-    """
-    instruction = manifest.instructions[mode]
-    # One line, no whitespace between tags: nothing here may add or trim a character of the base output.
-    head = (
-        "{% set alignpro = namespace(prompt=none) %}"
-        "{% for message in messages %}{% if message['role'] == 'user' %}"
-        "{% set alignpro.prompt = message['content'] %}{% endif %}{% endfor %}"
-        "{% if alignpro.prompt is none %}{{ raise_exception('this model is an alignpro prompter: it rewrites "
-        "the latest user message, and the conversation has none') }}{% endif %}"
-        f"{{% set messages = [{{'role': 'system', 'content': {_jinja_string(manifest.system_prompt)}}}, "
-        f"{{'role': 'user', 'content': {_jinja_string(instruction)} | replace('{{prompt}}', alignpro.prompt)}}] %}}"
-    )
-    if base_template is None:  # Prompter.format_query's plain-text format
-        return (
-            head + "{{ messages[0]['content'] }}\n\n{{ messages[1]['content'] }}\n\n"
-            "{% if add_generation_prompt %}Answer:\n{% endif %}"
-        )
-    return head + base_template
-
-
-def _base_template(tokenizer: Any) -> str | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: the default one is what format_query uses
-        template = template.get("default")
-    return template or None
 
 
 def export_prompter(
@@ -105,6 +68,8 @@ def export_prompter(
     ``mode`` picks the instruction template the chat template bakes in (default: the manifest's mode).
     ``out_dir`` must not exist or be empty; it is written completely or not at all.
     """
+    from transformers import AutoTokenizer
+
     from alignpro_plugins.prompter import Prompter
 
     out = Path(out_dir)
@@ -114,39 +79,45 @@ def export_prompter(
         raise ValueError(f"gguf_outtype must be one of {list(GGUF_OUTTYPES)}, got {gguf_outtype!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new --out folder")
-    manifest = Manifest.load(prompter_dir)
+    folder = artifact_folder(prompter_dir)  # a hub id is downloaded once, here
+    manifest = Manifest.load(folder)
     mode = mode or manifest.mode
     if mode not in MODES or mode not in manifest.instructions:
         raise ValueError(
-            f"mode {mode!r} cannot be exported: {prompter_dir}/alignpro.json has instruction templates for "
+            f"mode {mode!r} cannot be exported: {folder}/alignpro.json has instruction templates for "
             f"{sorted(manifest.instructions)}"
         )
     converter = _gguf_converter(gguf_converter) if gguf else None  # before minutes of merging
     prompter = Prompter.from_pretrained(
-        prompter_dir, base_model=base_model, device="cpu", dtype=dtype, similarity=None
+        folder, base_model=base_model, device="cpu", dtype=dtype, similarity=None
     )
-    model = prompter.model.merge_and_unload() if hasattr(prompter.model, "peft_config") else prompter.model
-    query_template = _base_template(prompter.tokenizer)
-    template = prompter_chat_template(query_template, manifest, mode)
+    model = merge_lora(prompter.model)  # loaded for inference: the adapter, if any, is alignpro's LoRA
+    base_template = query_template(prompter.tokenizer)
+
+    def format_query(prompt: str) -> str:
+        return prompter.format_query(prompt, mode)
+
+    template = checked_chat_template(prompter.tokenizer, manifest, mode, format_query)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        _save_tokenizer(prompter.tokenizer, template, tmp)
+        save_tokenizer(prompter.tokenizer, template, tmp)
         _write_generation_config(tmp, model, manifest)
-        _check_template(tmp, prompter, mode)
-        exported = replace(manifest, mode=mode, has_adapter=False)
+        # The files as saved (a server reads those) still format a user message as the prompter's query.
+        check_chat_template(AutoTokenizer.from_pretrained(str(tmp)), format_query)
+        exported = replace(manifest, mode=mode, has_adapter=False, query_chat_template=base_template or "")
         info = {
             "format_version": EXPORT_FORMAT_VERSION,
             "mode": mode,
             "manifest": asdict(exported),
             # The template Prompter.format_query renders with (the tokenizer's own one was replaced), so a
             # remote prompter formats queries locally exactly as the adapter did.
-            "query_chat_template": query_template,
+            "query_chat_template": base_template,
             "source": {
-                "base_model": manifest.base_model,
+                "base_model": portable_base_name(manifest.base_model),
                 "base_model_hash": manifest.base_model_hash,
-                "adapter_weights": weights_hash(prompter_dir) if manifest.has_adapter else None,
+                "adapter_weights": weights_hash(folder) if manifest.has_adapter else None,
             },
         }
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False))
@@ -164,16 +135,6 @@ def export_prompter(
     return ExportResult(out, out / gguf_file.name if gguf_file else None)
 
 
-def _save_tokenizer(tokenizer: Any, template: str, folder: Path) -> None:
-    """The prompter's tokenizer with ``template`` as its chat template (the prompter's own stays unchanged)."""
-    from transformers import AutoTokenizer
-
-    tokenizer.save_pretrained(str(folder))
-    saved = AutoTokenizer.from_pretrained(str(folder))
-    saved.chat_template = template
-    saved.save_pretrained(str(folder))
-
-
 def _write_generation_config(folder: Path, model: Any, manifest: Manifest) -> None:
     """The prompter's decoding defaults, for clients that send none (transformers' generate, vLLM)."""
     gen = manifest.generation
@@ -186,23 +147,6 @@ def _write_generation_config(folder: Path, model: Any, manifest: Manifest) -> No
     else:  # greedy: sampling knobs would only draw warnings
         config.temperature = config.top_p = config.top_k = None
     config.save_pretrained(str(folder))
-
-
-def _check_template(folder: Path, prompter: Any, mode: str) -> None:
-    """The saved tokenizer formats a user message exactly as the prompter does; refuse to export otherwise."""
-    from transformers import AutoTokenizer
-
-    saved = AutoTokenizer.from_pretrained(str(folder))
-    for prompt in PROBE_PROMPTS:
-        got = saved.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        want = prompter.format_query(prompt, mode)
-        if got != want:
-            raise RuntimeError(
-                "the exported chat template does not reproduce the prompter's query "
-                f"(prompt {prompt!r}): expected {want!r}, the template gives {got!r}"
-            )
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
@@ -280,7 +224,7 @@ def _convert_to_gguf(converter: Path, model_dir: Path, out_file: Path, outtype: 
 
 # ---------------------------------------------------------------------------------------------- command
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompter", help="prompter artifact folder (alignpro.json + adapter)")
+    p.add_argument("prompter", help="prompter artifact folder (alignpro.json + adapter) or its hub id")
     p.add_argument("--out", required=True, help="new folder for the merged model")
     p.add_argument("--gguf", action="store_true", help="also write a GGUF file (llama.cpp's converter)")
     p.add_argument("--gguf-outtype", default="f32", choices=GGUF_OUTTYPES, help="GGUF tensor type")

@@ -1,8 +1,14 @@
-"""The prompter artifact: a PEFT adapter folder plus ``alignpro.json``.
+"""The prompter artifact: a PEFT adapter folder plus ``alignpro.json`` (and, from format 2, the tokenizer).
 
 The manifest makes the folder self-describing (like PEFT's ``adapter_config.json``): which base model it
-needs (name and a content hash of the weights), how queries are formatted, how to generate, which mode to
-use, and where it came from. It is plain JSON; nothing is ever unpickled.
+needs (a portable name: a packaged model name or hub id, and a content hash of the weights), how queries are
+formatted, how to generate, which mode to use, and where it came from. It is plain JSON; nothing is ever
+unpickled.
+
+Format 2 adds ``query_chat_template``: the folder's tokenizer then carries a chat template that renders a user
+message as the prompter's query (for plain transformers, vLLM or llama.cpp), and ``query_chat_template`` is
+the template the prompter itself renders its query with ("" for the plain format). Format 1 readers would use
+the folder's template for the query, hence the new version.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from alignpro_plugins.guard import GuardConfig
+from alignpro_plugins.models import PACKAGED_MODELS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "alignpro.json"
 MODES = ("augment", "rewrite")
 DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` accepts besides "auto" and a torch.dtype
@@ -126,6 +133,8 @@ class Manifest:
     similarity_model: str | None = "all-minilm-l6-v2"
     has_adapter: bool = False
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The chat template format_query renders with ("" = the plain format); None = the tokenizer's own as loaded.
+    query_chat_template: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -178,6 +187,11 @@ class Manifest:
         )
         check_value("has_adapter", self.has_adapter, (lambda v: isinstance(v, bool), "true or false"))
         check_value("provenance", self.provenance, (lambda v: isinstance(v, dict), "an object"))
+        check_value(
+            "query_chat_template",
+            self.query_chat_template,
+            (lambda v: v is None or isinstance(v, str), "null or a chat template string"),
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, ensure_ascii=False)
@@ -231,6 +245,34 @@ class Manifest:
             return cls.from_dict(data)
         except ValueError as exc:  # name the file: a user may have several artifacts
             raise ValueError(f"{path}: {exc}") from exc
+
+
+def portable_base_name(name: str) -> str:
+    """The name a base model is recorded under: portable where one is known, never a path of this machine.
+
+    A packaged model name stays as it is (lower case); a folder that is a packaged model's copy (its
+    dequantised cache, or the encoder folder inside its package) becomes the packaged name; a snapshot in a
+    Hugging Face cache (``.../models--org--name/snapshots/<revision>``) becomes the hub id ``org/name``; a hub
+    id stays. Any other folder has no portable name and stays as its path (loading it elsewhere needs
+    ``base_model=``). The weights hash recorded next to the name still decides whether a base fits.
+    """
+    if name.lower() in PACKAGED_MODELS:
+        return name.lower()
+    path = Path(name)
+    if not path.is_absolute():
+        return name
+    parts = path.parts
+    for model in PACKAGED_MODELS.values():
+        if model.kind == "causal-lm" and path.name == model.name:
+            # Ours only if the conversion marker says so; a recorded cache path that is gone is taken on trust
+            # (the weights hash is checked once it resolves).
+            if not path.exists() or (path / "ALIGNPRO_SOURCE").is_file():
+                return model.name
+        if model.kind == "encoder" and parts[-2:] == (model.module, model.relpath):
+            return model.name
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--") :].replace("--", "/")
+    return name
 
 
 def weights_hash(model_dir: str | os.PathLike[str]) -> str:

@@ -23,7 +23,16 @@ import torch
 
 from alignpro_plugins import guard
 from alignpro_plugins.artifact import BaseModelMismatchError as BaseModelMismatchError  # re-exported
-from alignpro_plugins.artifact import check_before_loading, load_adapter, verify_base_model
+from alignpro_plugins.artifact import (
+    artifact_folder,
+    base_to_load,
+    check_before_loading,
+    holds_adapter,
+    load_adapter,
+    save_adapter,
+    verify_base_model,
+)
+from alignpro_plugins.chat_template import checked_chat_template, query_template, save_tokenizer
 from alignpro_plugins.engine import (
     Generation,
     GenerationEngine,
@@ -34,10 +43,13 @@ from alignpro_plugins.engine import (
     select_dtype,
 )
 from alignpro_plugins.manifest import (
+    FORMAT_VERSION,
     MODES,
     Manifest,
     available_modes,
     check_generation_kwargs,
+    model_weights_hash,
+    portable_base_name,
     weights_hash,
 )
 
@@ -129,12 +141,18 @@ class Prompter:
         dtype: str | torch.dtype | None = "auto",
         **kwargs: Any,
     ) -> Prompter:
-        """An untrained (zero-shot) prompter: the base model asked to rewrite with the default template."""
+        """An untrained (zero-shot) prompter: the base model asked to rewrite with the default template.
+
+        ``base_model`` is a packaged name, a hub id or a folder; the manifest records it portably (see
+        :func:`~alignpro_plugins.manifest.portable_base_name`) with its weights hash.
+        """
         dev = select_device(device)
         model, tokenizer, path = load_causal_lm(base_model, device=dev, dtype=select_dtype(dtype, dev))
         if Path(base_model).is_dir():  # a relative folder must still resolve from another working directory
             base_model = str(Path(base_model).resolve())
-        manifest = Manifest(base_model=base_model, base_model_hash=folder_weights_hash(path), mode=mode)
+        manifest = Manifest(
+            base_model=portable_base_name(base_model), base_model_hash=model_weights_hash(path), mode=mode
+        )
         manifest.provenance.setdefault("stages", [])
         return cls(model, tokenizer, manifest, **kwargs)
 
@@ -149,14 +167,19 @@ class Prompter:
         device: str | None = "auto",
         dtype: str | torch.dtype | None = "auto",
         is_trainable: bool = False,
+        revision: str | None = None,
         **kwargs: Any,
     ) -> Prompter:
-        """Load an artifact folder written by :meth:`save_pretrained` or a trainer.
+        """Load an artifact written by :meth:`save_pretrained` or a trainer: a local folder, or a Hugging Face
+        hub id (downloaded, or taken from the local cache; ``revision`` pins one).
 
-        A tampered or broken folder is refused (``ArtifactError``, see :mod:`alignpro_plugins.artifact`). An
-        adapter whose base model cannot be verified loads only with ``allow_unverified_base=True``.
+        The base model is the one the manifest names (a packaged name or hub id), or ``base_model`` (a name,
+        hub id or local copy); its weights are checked against the recorded hash either way. A tampered or
+        broken folder is refused (``ArtifactError``, see :mod:`alignpro_plugins.artifact`). An adapter whose
+        base model cannot be verified loads only with ``allow_unverified_base=True``. For inference the LoRA
+        adapter is applied without peft; ``is_trainable=True`` loads it with peft (the ``[train]`` extra).
         """
-        folder = Path(path)
+        folder = artifact_folder(path, revision=revision)
         manifest = Manifest.load(folder)
         check_before_loading(
             folder,
@@ -165,16 +188,7 @@ class Prompter:
             allow_unverified_base=allow_unverified_base,
             similarity=kwargs.get("similarity", "default"),
         )
-        base = base_model or manifest.base_model
-        recorded = Path(manifest.base_model)
-        if base_model is None and recorded.is_absolute() and not recorded.exists():
-            # A base folder recorded on another machine; transformers would misread it as a hub id.
-            raise FileNotFoundError(
-                f"The prompter in {folder} needs its base model folder {manifest.base_model}, which does not "
-                "exist here (was the artifact copied from another machine?). Pass the same base model with "
-                "Prompter.from_pretrained(path, base_model=<name, hub id or folder>); its weights are still "
-                "checked against the recorded hash."
-            )
+        base = base_model or base_to_load(folder, manifest)
         dev = select_device(device)
         model, tokenizer, resolved = load_causal_lm(base, device=dev, dtype=select_dtype(dtype, dev))
         verify_base_model(
@@ -187,10 +201,7 @@ class Prompter:
         )
         if manifest.has_adapter:
             model = load_adapter(model, folder, is_trainable=is_trainable)
-        if (folder / "tokenizer_config.json").exists():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = _artifact_tokenizer(folder, manifest, tokenizer)
         prompter = cls(model, tokenizer, manifest, **kwargs)
         similarity = kwargs.get("similarity", "default")
         if not is_trainable and not callable(similarity):
@@ -200,14 +211,32 @@ class Prompter:
         return prompter
 
     def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
-        """Write the adapter (safetensors) and ``alignpro.json``; the base model is referenced, not copied."""
+        """Write a portable artifact: the adapter (safetensors), the tokenizer and ``alignpro.json``.
+
+        The base model is referenced by a portable name and its weights hash, not copied. The tokenizer's chat
+        template renders a user message as this prompter's query (checked before anything is written), so the
+        folder also works with plain transformers + PEFT: ``apply_chat_template([{"role": "user", "content":
+        prompt}], add_generation_prompt=True)`` is :meth:`format_query`.
+        """
         folder = Path(path)
+        mode = self.manifest.mode
+        template = checked_chat_template(
+            self.tokenizer, self.manifest, mode, lambda prompt: self.format_query(prompt, mode)
+        )
         folder.mkdir(parents=True, exist_ok=True)
-        has_adapter = hasattr(self.model, "peft_config")
+        base_model = portable_base_name(self.manifest.base_model)
+        has_adapter = holds_adapter(self.model)
         if has_adapter:
-            self.model.save_pretrained(str(folder), safe_serialization=True)
-        manifest = replace(self.manifest, has_adapter=has_adapter)
-        manifest.save(folder)
+            save_adapter(self.model, folder, base_model)
+        save_tokenizer(self.tokenizer, template, folder)
+        manifest = replace(
+            self.manifest,
+            base_model=base_model,
+            has_adapter=has_adapter,
+            query_chat_template=query_template(self.tokenizer) or "",
+            format_version=FORMAT_VERSION,
+        )
+        manifest.save(folder)  # last: a folder with a manifest is complete
         self.manifest = manifest
         return folder
 
@@ -433,7 +462,7 @@ class Prompter:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"Prompter(base_model={m.base_model!r}, mode={m.mode!r}, adapter={hasattr(self.model, 'peft_config')})"
+        return f"Prompter(base_model={m.base_model!r}, mode={m.mode!r}, adapter={holds_adapter(self.model)})"
 
 
 def _given(value: object) -> str:
@@ -481,6 +510,24 @@ _TOKENIZER_FILES = (
     "vocab.txt",
     "merges.txt",
 )
+
+
+def _artifact_tokenizer(folder: Path, manifest: Manifest, base_tokenizer: Any) -> Any:
+    """The artifact's own tokenizer (else the base model's), rendering queries with the manifest's template.
+
+    From format 2 the folder's tokenizer carries the chat template for plain tools; the prompter's query uses
+    ``query_chat_template`` instead, so it does not depend on the base folder's tokenizer files either.
+    """
+    tokenizer = base_tokenizer
+    if (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if manifest.query_chat_template is not None:
+        tokenizer.chat_template = manifest.query_chat_template or None
+    return tokenizer
 
 
 def _artifact_weights_id(folder: Path, manifest: Manifest, base_path: str, runtime: str) -> str:

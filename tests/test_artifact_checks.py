@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from alignpro_plugins.artifact import holds_adapter
 from alignpro_plugins.manifest import MANIFEST_NAME, Manifest, weights_hash
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.testing import tiny_causal_lm
@@ -80,11 +81,16 @@ def test_an_untampered_artifact_loads_and_adapts_the_base(artifact):
     import torch
     from peft import PeftModel
 
+    from alignpro_plugins.lora import LoraLinear
+
     folder, base_dir = artifact
     loaded = load(folder)
     trainable = load(folder, is_trainable=True)
     try:
-        assert isinstance(loaded.model, PeftModel) and not loaded.model.training
+        # For inference the adapter is applied without peft; to train further it is a peft model.
+        assert not isinstance(loaded.model, PeftModel) and not loaded.model.training
+        assert sum(isinstance(m, LoraLinear) for m in loaded.model.modules()) == 4  # q, v in 2 layers
+        assert isinstance(trainable.model, PeftModel)
         assert sum(p.numel() for p in trainable.model.parameters() if p.requires_grad) > 0
         ids = torch.tensor([[5, 17, 99, 3]])
         bare = tiny_causal_lm(0, varied=True)[0].eval()
@@ -102,7 +108,7 @@ def test_a_zero_shot_artifact_saved_on_purpose_still_loads(artifact, tmp_path):
     zero.close()
     assert json.loads((folder / MANIFEST_NAME).read_text())["has_adapter"] is False
     loaded = load(folder)
-    assert not hasattr(loaded.model, "peft_config")
+    assert not holds_adapter(loaded.model)
     loaded.close()
 
 
@@ -121,7 +127,7 @@ def test_an_unverified_base_loads_only_when_asked_and_then_warns_loudly(copy, ca
     edit_manifest(copy, base_model_hash=None)
     with pytest.warns(UserWarning, match="UNVERIFIED BASE MODEL"):
         loaded = load(copy, allow_unverified_base=True)
-    assert hasattr(loaded.model, "peft_config")
+    assert holds_adapter(loaded.model)
     assert "UNVERIFIED BASE MODEL" in caplog.text and caplog.records[-1].levelno == logging.WARNING
     loaded.close()
 
@@ -206,6 +212,19 @@ def test_target_modules_that_do_not_fit_the_saved_weights_are_refused(copy, targ
     with pytest.raises(ValueError) as err:
         load(copy)
     assert problem in str(err.value) and "adapter" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [({"use_dora": True}, "use_dora"), ({"modules_to_save": ["lm_head"]}, "modules_to_save")],
+)
+def test_an_adapter_beyond_plain_lora_is_refused_for_inference_naming_the_field(copy, changes, field):
+    # Applying it as plain LoRA would silently drop what the feature adds (alignpro_plugins.lora).
+    edit_adapter_config(copy, **changes)
+    with pytest.raises(ValueError) as err:
+        load(copy)
+    assert type(err.value).__name__ == "UnsupportedAdapterError"
+    assert f"sets {field}:" in str(err.value) and "pip install 'alignpro-plugins[train]'" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------- weights format

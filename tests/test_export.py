@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from alignpro_plugins.chat_template import prompter_chat_template
 from alignpro_plugins.engine import GenerationSettings
-from alignpro_plugins.export import EXPORT_MANIFEST, export_prompter, prompter_chat_template
+from alignpro_plugins.export import EXPORT_MANIFEST, export_prompter
 from alignpro_plugins.manifest import GenerationDefaults, Manifest, weights_hash
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.testing import tiny_causal_lm
@@ -139,6 +140,48 @@ def test_chat_template_without_a_base_template_is_the_plain_query_format(tiny_lm
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         assert got == prompter.format_query(prompt)
+
+
+STRICT_TEMPLATE = (  # like Gemma's: no system role
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("system_prompt", ["Be brief.", ""])
+def test_a_base_template_without_a_system_role_gets_the_system_prompt_folded_in(
+    tmp_path, tiny_lm_dir, system_prompt
+):
+    from transformers import AutoTokenizer
+
+    prompter = Prompter.from_base(tiny_lm_dir, device="cpu", similarity=None)
+    prompter.manifest.system_prompt = system_prompt
+    prompter.tokenizer.chat_template = (
+        STRICT_TEMPLATE  # format_query folds the system prompt into the user turn
+    )
+    assert prompter.format_query("hi").startswith(f"<|im_start|>user\n{system_prompt}")
+    folder = prompter.save_pretrained(tmp_path / "artifact")
+    saved = AutoTokenizer.from_pretrained(str(folder))
+    for prompt in PROMPTS:
+        got = saved.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        assert got == prompter.format_query(prompt)
+    loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    assert [loaded.format_query(p) for p in PROMPTS] == [prompter.format_query(p) for p in PROMPTS]
+    loaded.close()
+    prompter.close()
+
+
+def test_a_template_that_does_not_reproduce_the_query_is_refused(tiny_lm_dir):
+    from transformers import AutoTokenizer
+
+    from alignpro_plugins.chat_template import check_chat_template
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)  # its own template: the prompt without the instruction
+    with pytest.raises(ValueError, match="does not reproduce its query .prompt 'What are"):
+        check_chat_template(tok, lambda prompt: f"Improve: {prompt}")
 
 
 def test_export_refuses_a_used_folder_and_an_unknown_mode_and_leaves_nothing(tmp_path, varied_base):

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from alignpro_plugins import guard
+from alignpro_plugins.artifact import holds_adapter
 from alignpro_plugins.engine import Generation, load_causal_lm
 from alignpro_plugins.manifest import (
     DEFAULT_INSTRUCTIONS,
@@ -30,7 +31,7 @@ from alignpro_plugins.manifest import (
     weights_hash,
 )
 from alignpro_plugins.prompter import BaseModelMismatchError, Prompter, RewriteResult, compose
-from alignpro_plugins.testing import tiny_causal_lm
+from alignpro_plugins.testing import CHAT_TEMPLATE, tiny_causal_lm
 
 # Distinct prompts; the tiny "varied" model gives different outputs for many of them, some passing the guard.
 PROMPTS = [f"question {i}: " + "why " * (i % 5) + f"is {i * 7} blue" for i in range(32)]
@@ -170,7 +171,8 @@ def test_round_trip_gives_identical_greedy_rewrites(lora_artifact):
     queries = [pr.format_query(p) for p in PROMPTS[:8]]
     loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
     try:
-        assert isinstance(loaded.model, PeftModel)
+        # Applied without peft (alignpro_plugins.lora), rewriting exactly as the peft model it was saved from.
+        assert not isinstance(loaded.model, PeftModel) and holds_adapter(loaded.model)
         settings_ = pr.manifest.generation
         assert loaded.engine.generate(queries, settings_) == pr.engine.generate(queries, settings_)
         assert loaded.rewrite_results(PROMPTS[:8]) == pr.rewrite_results(PROMPTS[:8])
@@ -188,7 +190,11 @@ def test_artifact_files_and_manifest_fields(lora_artifact):
     pr, folder, base_dir = lora_artifact
     names = {p.name for p in folder.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME} <= names
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names  # the tokenizer too
     assert "model.safetensors" not in names  # the base model is referenced, not copied
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base_dir
+    )
     data = json.loads((folder / MANIFEST_NAME).read_text())
     assert data == {
         "base_model": str(base_dir),
@@ -207,6 +213,7 @@ def test_artifact_files_and_manifest_fields(lora_artifact):
         "similarity_model": None,
         "has_adapter": True,
         "provenance": {"stages": [{"stage": "sft", "steps": 3}]},
+        "query_chat_template": CHAT_TEMPLATE,  # the base tokenizer's, which format_query renders with
         "format_version": FORMAT_VERSION,
     }
     assert data["base_model_hash"].startswith("sha256:") and len(data["base_model_hash"]) == 7 + 64
@@ -263,11 +270,22 @@ def test_behaviour_id_names_what_decides_the_rewrites(lora_artifact, tmp_path):
     custom.close()
 
 
+def as_format_1(folder: Path) -> Path:
+    """The artifact as format 1 wrote it: no tokenizer of its own, no query_chat_template."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink()
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    del data["query_chat_template"]
+    data["format_version"] = 1
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    return folder
+
+
 def test_behaviour_id_covers_the_tokenizer_the_prompter_loads(lora_artifact, tmp_path):
-    # The artifact has no tokenizer of its own, so the base folder's is loaded: its chat template decides the
-    # query text, and a base folder with the same weights but another template must not share the id.
+    # A format-1 artifact has no tokenizer of its own, so the base folder's is loaded: its chat template decides
+    # the query text, and a base folder with the same weights but another template must not share the id.
     pr, folder, base_dir = lora_artifact
-    assert not (folder / "tokenizer_config.json").exists()
+    as_format_1(folder)
     other_base = Path(shutil.copytree(base_dir, tmp_path / "other-base"))
     (other_base / "chat_template.jinja").write_text(
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
@@ -291,10 +309,15 @@ def test_zero_shot_artifact_has_no_adapter(tmp_path):
     pr = Prompter.from_base(str(base_dir), device="cpu", similarity=None)
     folder = pr.save_pretrained(tmp_path / "zero-shot")
     pr.close()
-    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        MANIFEST_NAME,
+        "chat_template.jinja",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert json.loads((folder / MANIFEST_NAME).read_text())["has_adapter"] is False
     loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
-    assert not hasattr(loaded.model, "peft_config")
+    assert not holds_adapter(loaded.model)
     loaded.close()
 
 
@@ -366,6 +389,224 @@ def test_moved_artifact_names_the_missing_base_folder_and_takes_base_model(lora_
         assert loaded.rewrite_results(PROMPTS[:4]) == pr.rewrite_results(PROMPTS[:4])
     finally:
         loaded.close()
+
+
+# ---------------------------------------------------------------------------------------------- portable artifact
+def plain_peft_rewrites(
+    folder: Path, base_dir: Path, prompts: list[str]
+) -> tuple[list[str], list[str], list[bool]]:
+    """(queries, raw greedy generations, whether each ended) with plain transformers + PEFT and the folder's
+    own files only."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(folder)).eval()
+    generation = json.loads((folder / MANIFEST_NAME).read_text())["generation"]
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    queries, texts, ended = [], [], []
+    for prompt in prompts:
+        query = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tok(query, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(
+                **ids,
+                max_new_tokens=generation["max_new_tokens"],
+                do_sample=False,
+                repetition_penalty=generation["repetition_penalty"],
+                pad_token_id=tok.pad_token_id,
+            )
+        new_ids = out[0, ids["input_ids"].shape[1] :]
+        queries.append(query)
+        texts.append(tok.decode(new_ids, skip_special_tokens=True))
+        ended.append(bool(eos_ids & set(new_ids.tolist())))
+    return queries, texts, ended
+
+
+@pytest.mark.parametrize("mode", ["augment", "rewrite"])
+def test_plain_peft_and_the_saved_chat_template_give_the_prompters_greedy_rewrites(lora_artifact, mode):
+    pr, folder, base_dir = lora_artifact
+    pr.manifest = replace(pr.manifest, mode=mode)  # the chat template bakes in the manifest's mode
+    pr.save_pretrained(folder)
+    loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    try:
+        queries, texts, ended = plain_peft_rewrites(folder, base_dir, PROMPTS[:8])
+        assert queries == [loaded.format_query(p) for p in PROMPTS[:8]]
+        settings_ = loaded.manifest.generation
+        assert texts == [rows[0].text for rows in loaded.engine.generate(queries, settings_)]
+        assert len(set(texts)) > 1  # the outputs depend on the prompt: the comparison can fail
+        # The same generations through the intent guard are the prompter's rewrites.
+        results = loaded.rewrite_results(PROMPTS[:8])
+        plain = [
+            loaded.finalize(p, t, not e, mode) for p, t, e in zip(PROMPTS[:8], texts, ended, strict=True)
+        ]
+        assert plain == results
+    finally:
+        loaded.close()
+
+
+def fake_hub_cache(monkeypatch, root: Path) -> Path:
+    """An empty Hugging Face cache that huggingface_hub and transformers read (nothing can be downloaded)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def put_in_hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    return Path(shutil.copytree(folder, repo / "snapshots" / "0123abcd"))
+
+
+def files_naming(folder: Path, text: str) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and text.encode() in p.read_bytes())
+
+
+def train_lora(pr: Prompter, seed: int = 3) -> Prompter:
+    """``pr`` with a random (non-zero) LoRA, as if trained."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pr.model = get_peft_model(
+        pr.model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).eval()
+    return pr
+
+
+def test_a_hub_base_is_named_by_its_id_and_loads_from_the_cache_or_a_local_copy(tmp_path, monkeypatch):
+    cache = fake_hub_cache(monkeypatch, tmp_path / "hub")
+    snapshot = put_in_hub_cache(cache, "tiny-org/tiny-base", save_base(tmp_path / "base"))
+    pr = train_lora(Prompter.from_base("tiny-org/tiny-base", device="cpu", similarity=None))
+    assert pr.manifest.base_model == "tiny-org/tiny-base"
+    assert pr.manifest.base_model_hash == weights_hash(snapshot)  # hashed from the cached snapshot
+    folder = pr.save_pretrained(tmp_path / "artifact")
+    want = pr.rewrite_results(PROMPTS[:6])
+    pr.close()
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "tiny-org/tiny-base"
+    )
+    assert files_naming(folder, str(tmp_path)) == []  # no path of this machine, model card included
+    loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    assert loaded.rewrite_results(PROMPTS[:6]) == want
+    loaded.close()
+    # A local copy of the same weights (base_model=) loads too; other weights are refused.
+    copy = Path(shutil.copytree(snapshot, tmp_path / "copy"))
+    loaded = Prompter.from_pretrained(folder, base_model=str(copy), device="cpu", similarity=None)
+    assert loaded.rewrite_results(PROMPTS[:6]) == want
+    loaded.close()
+    with pytest.raises(BaseModelMismatchError, match="tiny-org/tiny-base"):
+        Prompter.from_pretrained(folder, base_model=str(save_base(tmp_path / "other", seed=2)), device="cpu")
+
+
+def test_a_packaged_base_is_named_by_its_packaged_name_not_its_cache_path(tmp_path, monkeypatch):
+    from alignpro_plugins import models
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "alignpro-cache"))
+    packaged = models.PackagedModel(
+        "tiny-packaged", "tiny-pkg", "tiny_pkg", "causal-lm", "x.gguf", "a test model"
+    )
+    monkeypatch.setitem(models.PACKAGED_MODELS, "tiny-packaged", packaged)
+    converted = save_base(models.cache_dir() / "tiny-packaged")  # as if converted on first use
+    (converted / "ALIGNPRO_SOURCE").write_text("converted from x.gguf\n")
+    for name in ("tiny-packaged", str(converted)):  # the name, or the path it resolves to
+        pr = Prompter.from_base(name, device="cpu", similarity=None)
+        assert pr.manifest.base_model == "tiny-packaged"
+        pr.close()
+    pr = train_lora(Prompter.from_base(str(converted), device="cpu", similarity=None))
+    folder = pr.save_pretrained(tmp_path / "artifact")
+    want = pr.rewrite_results(PROMPTS[:6])
+    pr.close()
+    assert (
+        json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-packaged"
+    )
+    assert files_naming(folder, str(tmp_path)) == []
+    loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    assert loaded.rewrite_results(PROMPTS[:6]) == want
+    loaded.close()
+    # An older artifact recording the cache path of the machine it was trained on loads by the packaged name.
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["base_model"] = "/home/someone-else/.cache/alignpro/tiny-packaged"
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    assert loaded.rewrite_results(PROMPTS[:6]) == want
+    loaded.close()
+
+
+def test_an_old_artifact_with_a_local_base_path_still_loads_and_rewrites_the_same(lora_artifact):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pr, folder, base_dir = lora_artifact
+    want = pr.rewrite_results(PROMPTS[:8])
+    as_format_1(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir)
+    loaded = Prompter.from_pretrained(folder, device="cpu", similarity=None)
+    try:
+        assert loaded.manifest.format_version == 1 and loaded.manifest.query_chat_template is None
+        assert loaded.rewrite_results(PROMPTS[:8]) == want
+    finally:
+        loaded.close()
+    # Before this version such a folder loaded with peft; it gives the same generations.
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base_dir)), str(folder)
+    ).eval()
+    queries = [pr.format_query(p) for p in PROMPTS[:8]]
+    old = Prompter(peft_model, pr.tokenizer, pr.manifest, similarity=None)
+    try:
+        assert old.engine.generate(queries, pr.manifest.generation) == pr.engine.generate(
+            queries, pr.manifest.generation
+        )
+    finally:
+        old.close()
+
+
+def test_from_pretrained_takes_a_hub_id_and_names_it_when_it_cannot_be_found(
+    lora_artifact, tmp_path, monkeypatch
+):
+    pr, folder, _ = lora_artifact
+    cache = fake_hub_cache(monkeypatch, tmp_path / "hub")
+    put_in_hub_cache(cache, "tiny-org/tiny-prompter", folder)
+    loaded = Prompter.from_pretrained("tiny-org/tiny-prompter", device="cpu", similarity=None)
+    try:
+        assert holds_adapter(loaded.model)
+        assert loaded.rewrite_results(PROMPTS[:6]) == pr.rewrite_results(PROMPTS[:6])
+    finally:
+        loaded.close()
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # tests/conftest.py: nothing is downloaded
+    with pytest.raises(FileNotFoundError) as err:
+        Prompter.from_pretrained("tiny-org/no-such-prompter", device="cpu", similarity=None)
+    message = str(err.value)
+    assert "'tiny-org/no-such-prompter'" in message and "HF_HUB_OFFLINE" in message
+    with pytest.raises(FileNotFoundError, match="is not a prompter artifact"):  # a path is not a hub id
+        Prompter.from_pretrained(tmp_path / "no-such-folder", device="cpu", similarity=None)
+
+
+def test_a_hub_artifact_download_fetches_no_pickle(monkeypatch, tmp_path):
+    from fnmatch import fnmatch
+
+    import huggingface_hub
+
+    from alignpro_plugins.artifact import artifact_folder
+
+    seen = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs, repo_id=repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert artifact_folder("tiny-org/tiny-prompter", revision="v1") == tmp_path
+    assert seen["repo_id"] == "tiny-org/tiny-prompter" and seen["revision"] == "v1"
+    patterns = seen["allow_patterns"]
+    assert any(fnmatch("adapter_model.safetensors", p) for p in patterns)
+    for unsafe in ("adapter_model.bin", "optimizer.pt", "state.pkl", "model.ckpt", "training_args.bin"):
+        assert not any(fnmatch(unsafe, p) for p in patterns)
 
 
 def test_manifest_mode_needs_an_instruction_template():
