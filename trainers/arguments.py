@@ -8,6 +8,7 @@ calls its groups' checks and its TRL base's ``__post_init__`` by name.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,9 +17,24 @@ import torch
 
 from alignpro_plugins.manifest import MODES, check_dtype
 
+logger = logging.getLogger(__name__)
+
+# Where launchers put the number of processes they started: torchrun / `accelerate launch` (WORLD_SIZE), mpirun.
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started for this run (1 without a launcher)."""
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 1
+
 
 def apply_hardware_defaults(cfg: Any) -> None:
-    """bf16 only on a GPU that supports it (most CPUs emulate it, ~5x slower); TensorBoard reporting when installed."""
+    """bf16 only on a GPU that supports it (most CPUs emulate it, ~5x slower); TensorBoard reporting when installed;
+    a multi-process launch without a GPU trains as one job on the CPU."""
     has_cuda = torch.cuda.is_available()
     if getattr(cfg, "bf16", None) is None:
         cfg.bf16 = bool(has_cuda and torch.cuda.is_bf16_supported())
@@ -26,9 +42,29 @@ def apply_hardware_defaults(cfg: Any) -> None:
         cfg.bf16 = False
         cfg.fp16 = False
         cfg.dataloader_pin_memory = False  # nothing to pin to; torch warns on every DataLoader otherwise
+        join_cpu_process_group(cfg)
     if getattr(cfg, "report_to", None) in (None, "all", ["all"]):
         cfg.report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
     adopt_activation_checkpointing(cfg)
+
+
+def join_cpu_process_group(cfg: Any) -> None:
+    """Under a multi-process launch on a machine without a GPU, train as one data-parallel job over gloo.
+
+    Without ``use_cpu``, transformers ignores the launcher's process group on a CPU-only machine: every process
+    trains alone on all the data and every one of them writes ``output_dir``. ``accelerate launch --cpu
+    --num_processes N`` without mpirun starts only one process (it sets MASTER_ADDR for the others, which never
+    come): say so, since the run is then N times smaller per step than asked for.
+    """
+    if launched_processes() > 1:
+        cfg.use_cpu = True
+        cfg.ddp_backend = cfg.ddp_backend or "gloo"  # torch's CPU backend
+    elif os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and os.environ.get("MASTER_ADDR"):
+        logger.warning(
+            "this run is a single process: `accelerate launch --cpu --num_processes N` starts N CPU processes "
+            "only through mpirun (--mpirun_hostfile). On one machine without a GPU, launch them with "
+            "`accelerate launch --multi_gpu --num_processes N ...` (they train on the CPU over gloo)"
+        )
 
 
 def adopt_activation_checkpointing(cfg: Any) -> None:

@@ -4,7 +4,13 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from trainers.arguments import PrompterRLArguments, apply_hardware_defaults, as_str_list, check_algorithm
+from trainers.arguments import (
+    PrompterRLArguments,
+    apply_hardware_defaults,
+    as_str_list,
+    check_algorithm,
+    launched_processes,
+)
 
 
 @dataclass
@@ -49,6 +55,15 @@ class KLOptimumArguments:
         samples = getattr(self, "num_generations", None)
         if (samples or 0) < 1:
             raise ValueError(f"num_generations (samples per prompt) must be >= 1, got {samples}")
+        processes = launched_processes()
+        if processes > 1:
+            # Its rounds do not split across processes: each one would sample and score the same rewrites and
+            # write the same round-N/ folders and metrics rows (racing saves fail).
+            raise ValueError(
+                f"kl-optimum runs as one process, but this run was launched as {processes} processes (accelerate "
+                f"launch, torchrun or mpirun) and its rounds do not split across them: run `alignpro {command} "
+                f"--algorithm kl-optimum` without a launcher, or train across processes with `--algorithm grpo`"
+            )
 
 
 @dataclass

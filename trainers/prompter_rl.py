@@ -105,7 +105,10 @@ class PrompterRLTrainer:
         *,
         save: bool = True,
     ) -> None:
-        """Record the stage in the artifact's provenance and save the prompter in ``output_dir``."""
+        """Record the stage in the artifact's provenance and save the prompter in ``output_dir``.
+
+        ``extra`` entries join the record and replace its defaults (e.g. target counts summed over processes).
+        """
         cfg = self.config
         prov = dict(self.prompter.manifest.provenance)
         prov["stages"] = [

@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from alignpro_plugins.prompter import Prompter
@@ -148,9 +149,27 @@ class AlignProRLTrainer(PrompterRLTrainer):
             self.trainer.state.global_step,
             history[0]["reward"] if history else None,
             history[-1]["reward"] if history else None,
+            self.target_counts(),
             save=self.trainer.is_world_process_zero(),  # one writer under `accelerate launch`
         )
         return self.prompter
+
+    def target_counts(self) -> dict[str, int]:
+        """The target's call, cache-hit and failure counts summed over the processes, and how many there were.
+
+        Under `accelerate launch` each process asks its own target (and cache) for its share of the rewrites.
+        A collective: every process calls it.
+        """
+        stats = self.target.stats
+        accelerator = self.trainer.accelerator
+        local = torch.tensor([stats.calls, stats.cache_hits, stats.failures], device=accelerator.device)
+        calls, hits, failures = accelerator.reduce(local, reduction="sum").tolist()
+        return {
+            "processes": accelerator.num_processes,
+            "target_calls": calls,
+            "target_cache_hits": hits,
+            "target_failures": failures,
+        }
 
 
 def train_rl(config: AlignProRLConfig | KLOptimumConfig, **kwargs: Any) -> Prompter:
