@@ -156,7 +156,8 @@ def test_grpo_trains_across_two_processes_with_kl_to_the_sft_prompter(inputs):
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert steps[-1]["epoch"] == pytest.approx(4 / len(PROMPTS))
-    assert "kl" in steps[-1]  # beta > 0: the KL term to the frozen `ref` copy of the SFT adapter
+    # beta > 0: the KL to the frozen `ref` copy of the SFT adapter, nonzero once the policy has moved.
+    assert steps[0]["kl"] == 0 and steps[-1]["kl"] > 0
 
     # One artifact, trained away from the SFT adapter (and without the frozen `ref` copy); it loads as a prompter.
     sft = load_file(str(inputs.sft / "adapter_model.safetensors"))
