@@ -42,7 +42,9 @@ def apply_hardware_defaults(cfg: Any) -> None:
         cfg.bf16 = False
         cfg.fp16 = False
         cfg.dataloader_pin_memory = False  # nothing to pin to; torch warns on every DataLoader otherwise
-        join_cpu_process_group(cfg)
+        device_api = getattr(torch, "accelerator", None)  # torch >= 2.6: also XPU and other devices
+        if device_api is None or not device_api.is_available():
+            join_cpu_process_group(cfg)
     if getattr(cfg, "report_to", None) in (None, "all", ["all"]):
         cfg.report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
     adopt_activation_checkpointing(cfg)
