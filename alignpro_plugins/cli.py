@@ -464,9 +464,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             dtype=args.target_dtype,
         )
-        from peft import PeftModel
+        from alignpro_plugins.lora import apply_lora  # the oracle's LoRA, applied without peft
 
-        base.model = PeftModel.from_pretrained(base.model, args.oracle).eval()
+        base.model = apply_lora(base.model, args.oracle)
         # The adapter's weights hash is part of the identity: a retrained oracle must not reuse cached answers.
         base._name = f"{args.target}+{args.oracle}@{weights_hash(args.oracle)[7:19]}"
         configs.append(Oracle(target=CachedTarget(base, out / "oracle_cache.jsonl")))

@@ -305,3 +305,51 @@ def test_the_base_weight_peft_saves_with_a_targeted_lm_head_is_loaded_back_as_pe
     assert torch.equal(logits(ours), logits(peft_model(llama_base, adapter)))
     save_lora(ours, tmp_path / "again")
     assert torch.equal(load_file(str(tmp_path / "again" / "adapter_model.safetensors"))[key], weights[key])
+
+
+def test_a_trained_prompter_loads_and_rewrites_where_peft_and_accelerate_are_not_installed(
+    llama_base, tmp_path
+):
+    import subprocess
+    import sys
+    import textwrap
+
+    from alignpro_plugins.manifest import GenerationDefaults, Manifest, weights_hash
+    from alignpro_plugins.prompter import Prompter
+    from tests.test_export import PROMPTS
+
+    lora = peft_model(llama_base, save_peft_adapter(llama_base, tmp_path / "adapter", **CONFIGS["q-v"]))
+    tokenizer = Prompter.from_base(str(llama_base), device="cpu").tokenizer
+    manifest = Manifest(
+        base_model=str(llama_base),
+        base_model_hash=weights_hash(llama_base),
+        generation=GenerationDefaults(max_new_tokens=10),
+        similarity_model=None,
+    )
+    trained = Prompter(lora, tokenizer, manifest, similarity=None)
+    folder = trained.save_pretrained(tmp_path / "prompter")
+    want = trained.rewrite_batch(PROMPTS)
+    trained.close()
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        for name in ("peft", "accelerate"):  # not installed: import fails, find_spec says None
+            sys.modules[name] = None
+        from alignpro_plugins import Prompter
+        from alignpro_plugins.extras import MissingExtraError
+        prompter = Prompter.from_pretrained({str(folder)!r}, device="cpu", similarity=None)
+        try:
+            Prompter.from_pretrained({str(folder)!r}, device="cpu", similarity=None, is_trainable=True)
+            trainable = "loaded"
+        except MissingExtraError as exc:
+            trainable = str(exc)
+        print(json.dumps({{"rewrites": prompter.rewrite_batch({PROMPTS!r}), "trainable": trainable}}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["rewrites"] == want
+    assert (
+        "needs peft" in result["trainable"] and "pip install 'alignpro-plugins[train]'" in result["trainable"]
+    )
