@@ -11,6 +11,7 @@ from types import ModuleType
 # module -> (the distribution that provides it, the extra that installs it)
 PROVIDED_BY: dict[str, tuple[str, str]] = {
     "trl": ("trl", "train"),
+    "peft": ("peft", "train"),
     "accelerate": ("accelerate", "train"),
     "datasets": ("datasets", "train"),
     "matplotlib": ("matplotlib", "eval"),
