@@ -35,7 +35,7 @@ from alignpro_plugins.chat_template import (
 )
 from alignpro_plugins.lora import merge_lora
 from alignpro_plugins.manifest import DTYPES, MODES, Manifest, portable_base_name, weights_hash
-from alignpro_plugins.models import _file_lock, cache_dir
+from alignpro_plugins.models import file_lock, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _gguf_converter(path: str | os.PathLike[str] | None) -> Path:
     folder = cache_dir() / f"llama.cpp-convert-{LLAMA_CPP_PYTHON_VERSION}"
     script = folder / "convert_hf_to_gguf.py"
     if not script.is_file():
-        with _file_lock(cache_dir() / ".llama.cpp-convert.lock"):
+        with file_lock(cache_dir() / ".llama.cpp-convert.lock"):
             if not script.is_file():
                 _fetch_converter(folder)
     return script

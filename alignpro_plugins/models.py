@@ -87,7 +87,7 @@ def _package_dir(model: PackagedModel) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -152,7 +152,7 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> str:
     target = cache_dir() / model.name
     if not (target / "config.json").exists():
         # Two processes may arrive here at once: the lock serialises conversion, the rename makes it atomic.
-        with _file_lock(cache_dir() / f".{model.name}.lock"):
+        with file_lock(cache_dir() / f".{model.name}.lock"):
             if not (target / "config.json").exists():
                 _convert_gguf(model, target)
     return str(target)

@@ -101,7 +101,7 @@ def input_names(program: dspy.Module) -> list[str] | None:
     return [*named, *fields] if fields else None
 
 
-def _check_fields(program: dspy.Module, fields: list[str], *, inferred: bool = False) -> None:
+def check_fields(program: dspy.Module, fields: list[str], *, inferred: bool = False) -> None:
     """Raise when a field to rewrite is not an input of the program (it would silently never be rewritten)."""
     for name in fields:
         if not isinstance(name, str):
@@ -195,7 +195,7 @@ class AlignProModule(dspy.Module):
             self.fields = [fields] if isinstance(fields, str) else list(fields)
         else:
             self.fields = default_fields(program)
-        _check_fields(program, self.fields, inferred=not fields)
+        check_fields(program, self.fields, inferred=not fields)
         self.prompter_kwargs = dict(prompter_kwargs or {})
         self.max_history = max_history
         self.rewrite_history: deque[RewriteRecord] = deque(maxlen=max_history)

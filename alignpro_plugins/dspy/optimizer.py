@@ -31,7 +31,7 @@ from typing import Any
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from alignpro_plugins.dspy.module import AlignProModule, _check_fields, default_fields
+from alignpro_plugins.dspy.module import AlignProModule, check_fields, default_fields
 from alignpro_plugins.manifest import MODES
 from alignpro_plugins.specs import classify_prompter_spec
 from alignpro_plugins.targets import FrozenTarget, TargetRequest
@@ -372,7 +372,7 @@ class AlignProOptimizer(Teleprompter):
         valset = list(valset or [])
         field = self.field or default_fields(student)[0]
         # Everything that can be wrong with the arguments fails here, before the valset evaluation.
-        _check_fields(student, [field], inferred=not self.field)
+        check_fields(student, [field], inferred=not self.field)
         self._check_rl_config()
         # Deep copies everywhere: training and evaluation must not touch the student (nor its history).
         bridge = _ProgramBridge(student.deepcopy(), field, trainset, metric, _signature_inputs(student))
