@@ -35,7 +35,7 @@ from alignpro_plugins.chat_template import (
 )
 from alignpro_plugins.lora import merge_lora
 from alignpro_plugins.manifest import DTYPES, MODES, Manifest, portable_base_name, weights_hash
-from alignpro_plugins.models import file_lock, cache_dir
+from alignpro_plugins.models import cache_dir, file_lock
 
 logger = logging.getLogger(__name__)
 
