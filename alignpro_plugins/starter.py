@@ -83,9 +83,10 @@ def _gerund(topic: str) -> str:
     return topic if topic.split()[0].endswith("ing") else f"doing {topic}"
 
 
-def write_starter_set(folder: str | Path, *, seed: int = 0, n_heldout_topics: int = 6) -> dict[str, str]:
+def write_starter_set(folder: str | Path, *, seed: int = 0, n_heldout_topics: int = 8) -> dict[str, str]:
     """Write preferences.jsonl, train_prompts.json and heldout_prompts.json; held-out TOPICS never appear in
-    training, so evaluation measures generalisation, not memory."""
+    training, so evaluation measures generalisation, not memory. The default holds out 8 of the 36 topics: 48
+    held-out prompts (enough for a win rate's interval of about ±14 points), 168 training prompts."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
