@@ -94,3 +94,32 @@ def build_tiny_encoder(folder: str | Path, seed: int = 0) -> str:
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return str(folder)
+
+
+def build_tiny_prompter(root: str | Path) -> tuple[Path, Path]:
+    """(prompter folder, base model folder): a tiny Llama base and a LoRA adapter on it with non-zero weights
+    (as if trained), saved as a prompter artifact under ``root``. Needs peft (the ``train`` extra)."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignpro_plugins.manifest import Manifest, weights_hash
+    from alignpro_plugins.prompter import Prompter
+
+    root = Path(root)
+    base_dir = root / "base"
+    model, tok = tiny_causal_lm(0, varied=True)
+    model.save_pretrained(str(base_dir))
+    tok.save_pretrained(str(base_dir))
+    lora = get_peft_model(
+        tiny_causal_lm(0, varied=True)[0],
+        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    manifest = Manifest(
+        base_model=str(base_dir),
+        base_model_hash=weights_hash(base_dir),
+        similarity_model=None,
+        provenance={"stages": [{"stage": "sft", "steps": 3}]},
+    )
+    prompter = Prompter(lora.eval(), tok, manifest, similarity=None)
+    folder = prompter.save_pretrained(root / "artifact")
+    prompter.close()
+    return folder, base_dir

@@ -17,7 +17,7 @@ import pytest
 from alignpro_plugins.artifact import holds_adapter
 from alignpro_plugins.manifest import MANIFEST_NAME, Manifest, weights_hash
 from alignpro_plugins.prompter import Prompter
-from alignpro_plugins.testing import tiny_causal_lm
+from alignpro_plugins.testing import build_tiny_prompter, tiny_causal_lm
 
 PROMPTS = ["Tell me about green tea.", "Write a short poem about the sea."]
 
@@ -30,27 +30,7 @@ def load(folder: Path, **kw) -> Prompter:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> tuple[Path, Path]:
     """(LoRA artifact folder, its base model folder); tests tamper with copies of the artifact."""
-    from peft import LoraConfig, get_peft_model
-
-    root = tmp_path_factory.mktemp("artifact-checks")
-    base_dir = root / "base"
-    model, tok = tiny_causal_lm(0, varied=True)
-    model.save_pretrained(str(base_dir))
-    tok.save_pretrained(str(base_dir))
-    lora = get_peft_model(
-        tiny_causal_lm(0, varied=True)[0],
-        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    manifest = Manifest(
-        base_model=str(base_dir),
-        base_model_hash=weights_hash(base_dir),
-        similarity_model=None,
-        provenance={"stages": [{"stage": "sft", "steps": 3}]},
-    )
-    pr = Prompter(lora.eval(), tok, manifest, similarity=None)
-    folder = pr.save_pretrained(root / "artifact")
-    pr.close()
-    return folder, base_dir
+    return build_tiny_prompter(tmp_path_factory.mktemp("artifact-checks"))
 
 
 @pytest.fixture

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from alignpro_plugins.manifest import Manifest, weights_hash
 from alignpro_plugins.prompter import Prompter
-from alignpro_plugins.testing import tiny_causal_lm
+from alignpro_plugins.testing import build_tiny_prompter
 from tests import servers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,26 +147,8 @@ def light_venv() -> Path:
 
 @pytest.mark.install
 def test_the_core_install_loads_a_trained_prompter_and_rewrites_offline(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    base_dir = tmp_path / "base"
-    model, tok = tiny_causal_lm(0, varied=True)
-    model.save_pretrained(str(base_dir))
-    tok.save_pretrained(str(base_dir))
-    lora = get_peft_model(
-        tiny_causal_lm(0, varied=True)[0],
-        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    manifest = Manifest(
-        base_model=str(base_dir),
-        base_model_hash=weights_hash(base_dir),
-        similarity_model=None,
-        provenance={"stages": [{"stage": "sft", "steps": 3}]},
-    )
-    trained = Prompter(lora.eval(), tok, manifest, similarity=None)
-    folder = trained.save_pretrained(tmp_path / "prompter")
+    folder, _ = build_tiny_prompter(tmp_path)
     expected = Prompter.from_pretrained(folder, device="cpu", similarity=None).rewrite_batch(PROMPTS)
-    trained.close()
 
     python = light_venv()
     script = textwrap.dedent(
