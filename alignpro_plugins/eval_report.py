@@ -61,11 +61,6 @@ def win_cells(by: dict[tuple[str, str], list[float]], a: str, b: str, judge: str
     return f"{format_win(w)} | {format_win(w['length_controlled'])}"
 
 
-def format_win(w: dict[str, Any]) -> str:
-    """A win rate with its interval, e.g. '63.0% [54–72]'."""
-    return _fmt_wr(w)
-
-
 def prompter_outputs(rows: Sequence[dict]) -> dict[str, Any]:
     """What a configuration gave the target beside x: its distinct outputs and the share of the most common.
 
@@ -76,7 +71,8 @@ def prompter_outputs(rows: Sequence[dict]) -> dict[str, Any]:
     return stats.most_common_share(["" if r["fallback_reason"] else r["rewrite"] or "" for r in rows])
 
 
-def _fmt_wr(w: dict[str, float]) -> str:
+def format_win(w: dict[str, Any]) -> str:
+    """A win rate with its interval, e.g. '63.0% [54–72]'."""
     return f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}]"
 
 
@@ -97,7 +93,7 @@ def _fmt_diff(w: dict[str, Any]) -> str:
 
 def _fmt_lc(w: dict[str, Any] | None) -> str:
     """The win at equal answer length, or '—' (a summary written before it was reported)."""
-    return _fmt_wr(w) if w else "—"
+    return format_win(w) if w else "—"
 
 
 def _short(text: str | None, width: int = 70) -> str:
@@ -153,7 +149,7 @@ def configurations_lines(summary: dict[str, Any]) -> list[str]:
             f"{'—' if words is None else f'{words:.0f}'} |"
         )
         for j in judges:
-            wr = _fmt_wr(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
+            wr = format_win(e[j]["vs_reference"]) if "vs_reference" in e[j] else "—"
             lc = _fmt_lc(e[j].get("vs_reference_length_controlled")) if "vs_reference" in e[j] else "—"
             row += f" {e[j]['mean']:.3f} | {e[j]['variance']:.3f}{_fmt_var_ratio(e[j])} | {wr} | {lc} |"
         lines.append(row)
@@ -210,7 +206,7 @@ def equal_calls_lines(summary: dict[str, Any]) -> list[str]:
         "|---|---|---|---|" + "---|---|" * len(judges),
         *(
             f"| {r['config']} | {r['calls']:.2f} | {r['against']} | {r['against_calls']:.2f} | "
-            + " | ".join(f"{_fmt_wr(r[j])} | {_fmt_lc(r[j].get('length_controlled'))}" for j in judges)
+            + " | ".join(f"{format_win(r[j])} | {_fmt_lc(r[j].get('length_controlled'))}" for j in judges)
             + " |"
             for r in rows
         ),
@@ -234,7 +230,7 @@ def head_to_head_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | "
             + " | ".join(
-                f"{_fmt_wr(per_judge[j])} | {_fmt_lc(per_judge[j].get('length_controlled'))} | "
+                f"{format_win(per_judge[j])} | {_fmt_lc(per_judge[j].get('length_controlled'))} | "
                 f"{_fmt_diff(per_judge[j])}"
                 for j in judges
             )
@@ -289,7 +285,7 @@ def selection_lines(summary: dict[str, Any]) -> list[str]:
             headroom = sel[j].get("judge_choice_vs_reference")
             cells.append(
                 f"{agreement} | {'—' if kept != kept else f'{100 * kept:.0f}%'} | "
-                f"{_fmt_wr(headroom) if headroom else '—'}"
+                f"{format_win(headroom) if headroom else '—'}"
             )
         lines.append(
             f"| {name} | {calls:.2f} | {sel['prompts_chosen_between']} | " + " | ".join(cells) + " |"

@@ -282,8 +282,8 @@ def headline(summary: dict) -> str:
     outputs = entry["outputs"]
     top = outputs["top"] or "(the prompt unchanged)"
     lines.append(
-        f"  the prompter gave {outputs['distinct']} distinct outputs; {outputs['top_share']:.0%} of prompts got "
-        f'"{top}"'
+        f"  distinct prompter outputs: {outputs['distinct']} of {outputs['n']}; the most common, on "
+        f'{outputs["top_share"]:.0%} of prompts: "{top}"'
     )
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The quickstart: train a prompter end to end on a starter set, evaluate it, use it in LangChain and DSPy.
+# The quickstart: train a prompter by the recipe that wins the standard benchmark (guidance search, SFT, RL that
+# keeps its best round) on a starter set, evaluate it on 48 held-out prompts, use it in LangChain and DSPy.
 # Installs everything first (idempotent).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
