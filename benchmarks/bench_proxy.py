@@ -302,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"prompts in process and {remote['rewritten']} served; the served rewrites equal the in-process ones "
             f"for {remote['same_rewrites']} of {args.requests}. Latency under load is mostly the queue at the "
             "target (2 cores shared by vLLM, the proxy and the client); the no-rewrite row is the proxy's own cost, "
-            "and with a prompter the added time is mostly the rewrite (batched in process, or a request to vLLM).",
+            "and with a prompter the added time is mostly the rewrite (batched in process, or a request to vLLM). "
+            "The configurations ran one after another (direct first), so their absolute latencies also move with "
+            "the machine's load; the added column is measured within each request.",
             "",
             f"One request at a time ({len(sample)} prompts, medians): the target answers in "
             f"{medians['answer']:.2f} s ({args.answer_tokens}-token cap); the rewrite takes "

@@ -321,6 +321,39 @@ def test_an_unreachable_upstream_is_a_502_that_names_it_without_credentials():
     assert resp.headers[HEADER] == "rewritten"
 
 
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn", "httpx"])
+def test_serve_without_the_serve_extra_names_the_install_command(missing, tmp_path):
+    blocker = (
+        "import importlib.abc, sys\n"
+        "class Blocker(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] == {missing!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Blocker())\n"
+        "from alignpro_plugins.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            blocker,
+            "serve",
+            "--prompter",
+            str(tmp_path),
+            "--upstream",
+            "http://127.0.0.1:9/v1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"needs {missing}, which is not installed" in run.stderr
+    assert "pip install 'alignpro-plugins[serve]'" in run.stderr
+
+
 def test_upstream_must_be_an_http_url():
     with pytest.raises(ValueError, match="upstream must be an http"):
         Upstream("127.0.0.1:8000/v1")

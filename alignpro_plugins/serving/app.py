@@ -17,17 +17,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+from alignpro_plugins.extras import require
 
 try:
+    import httpx
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.background import BackgroundTask
-except ImportError as exc:  # the proxy is an extra
-    raise ImportError(
-        f"alignpro serve needs FastAPI and uvicorn ({exc.name} is missing); install them with: "
-        "pip install 'alignpro-plugins[serve]'"
-    ) from exc
+except ImportError as exc:  # the [serve] extra: say how to install it
+    require(exc.name or "fastapi", "alignpro serve")
+    raise
 
 from alignpro_plugins.gate import RetryGate
 from alignpro_plugins.serving.gating import GATE_HEADER, GatedAnswer, completion_as_events, gated_answer

@@ -23,11 +23,16 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from alignpro_plugins.engine import Generation, GenerationSettings, plain_chat_text
+from alignpro_plugins.extras import require
 from alignpro_plugins.manifest import Manifest
 from alignpro_plugins.targets.remote import public_url
+
+try:
+    import httpx
+except ImportError:  # the [serve] extra: say how to install it
+    require("httpx", "a remote prompter")
+    raise
 
 RETRIED_STATUSES = (408, 429, 500, 502, 503, 504)
 MAX_RETRY_AFTER_S = 30.0
@@ -65,7 +70,7 @@ class RemoteEngine:
             target=self._loop.run_forever, name="alignpro-remote-engine", daemon=True
         )
         self._thread.start()
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx.AsyncClient | None = None  # opened on the engine's loop
         self._semaphore: asyncio.Semaphore | None = None
 
     # ------------------------------------------------------------------ GenerationEngine's text interface

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
-
-from alignpro_plugins.serving.app import create_app
+from alignpro_plugins.extras import require
 from alignpro_plugins.serving.config import ServeConfig
-from alignpro_plugins.serving.upstream import Upstream
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger("alignpro_plugins.serving")
 
@@ -45,6 +45,9 @@ def load_prompter(config: ServeConfig) -> Any:
 
 def build_app(config: ServeConfig) -> FastAPI:
     """Load the prompter and connect the upstream (the upstream URL is checked before the prompter loads)."""
+    from alignpro_plugins.serving.app import create_app
+    from alignpro_plugins.serving.upstream import Upstream
+
     api_key = key_from_env(config.upstream_api_key_env, "upstream_api_key_env")
     upstream = Upstream(config.upstream, api_key=api_key, timeout=config.timeout)
     prompter = load_prompter(config)
@@ -67,13 +70,7 @@ def build_app(config: ServeConfig) -> FastAPI:
 
 def serve(config: ServeConfig) -> None:
     """Run the proxy until interrupted."""
-    try:
-        import uvicorn
-    except ImportError as exc:
-        raise ImportError(
-            "alignpro serve needs uvicorn; install it with: pip install 'alignpro-plugins[serve]'"
-        ) from exc
-
+    uvicorn = require("uvicorn", "alignpro serve")
     app = build_app(config)
     print(f"alignpro proxy on http://{config.host}:{config.port}/v1 -> {app.state.upstream_url}", flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")

@@ -12,9 +12,14 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-
+from alignpro_plugins.extras import require
 from alignpro_plugins.targets.remote import public_url
+
+try:
+    import httpx
+except ImportError:  # the [serve] extra: say how to install it
+    require("httpx", "alignpro serve")
+    raise
 
 logger = logging.getLogger("alignpro_plugins.serving")
 
