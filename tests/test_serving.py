@@ -670,6 +670,22 @@ def test_remote_prompter_gives_the_adapters_rewrites(tiny_export, served_tiny_ex
     assert SECRET not in repr(remote.engine)
 
 
+def test_the_langchain_adapter_takes_a_remote_prompter(tiny_export, served_tiny_export):
+    from alignpro_plugins.langchain import AlignProRunnable
+    from alignpro_plugins.serving.remote_prompter import remote_prompter
+
+    artifact, export = tiny_export
+    local = Prompter.from_pretrained(artifact, device="cpu", similarity=None)
+    remote = remote_prompter(export, served_tiny_export.base_url, "prompter", similarity=None)
+    try:
+        want = [r.text for r in local.rewrite_results(PROMPTS[:4])]
+        assert AlignProRunnable(remote).batch(PROMPTS[:4]) == want
+        assert asyncio.run(AlignProRunnable(remote).ainvoke(PROMPTS[0])) == want[0]
+    finally:
+        local.close()
+        remote.close()
+
+
 def test_remote_prompter_honours_retry_after_and_falls_back_when_the_server_fails(
     tiny_export, served_tiny_export
 ):
