@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-import torch
-
 from alignpro_plugins.batching import MicroBatcher, plan_batches
 from alignpro_plugins.manifest import check_dtype, weights_hash
 from alignpro_plugins.models import resolve_model
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it runs: a remote prompter's engine needs no torch
+    import torch
+
     from alignpro_plugins.manifest import GenerationDefaults
 
 Messages = Sequence[dict[str, str]]
@@ -36,12 +36,16 @@ Messages = Sequence[dict[str, str]]
 def select_device(device: str | None) -> str:
     """``"auto"`` or None: ``"cuda"`` when a GPU is available, else ``"cpu"``; anything else as given."""
     if device in (None, "auto"):
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
 def select_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """``"auto"`` or None: bf16 on a CUDA GPU that supports it, fp32 elsewhere; or a name from ``DTYPES``."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
@@ -54,9 +58,13 @@ def select_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return getattr(torch, str(dtype))
 
 
-def load_causal_lm(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer with a pad token, resolved path) for a packaged name, folder or hub id."""
+def load_causal_lm(name_or_path: str, *, device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model in eval mode, tokenizer with a pad token, resolved path) for a packaged name, folder or hub id;
+    ``dtype`` None is fp32."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
 
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -140,6 +148,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 def _stopping_criteria(tokenizer: Any, stop: Sequence[str], prompt_len: int, cancel: threading.Event | None):
+    import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StopOnStrings(StoppingCriteria):
@@ -277,6 +286,8 @@ class GenerationEngine:
 
     def _encode_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (input_ids, attention_mask) on the model's device."""
+        import torch
+
         rows = self.token_ids(texts)
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
@@ -390,6 +401,8 @@ class GenerationEngine:
         settings: GenerationSettings,
         **kwargs: Any,
     ) -> torch.Tensor:
+        import torch
+
         with self._generate_lock, torch.inference_mode():
             model = self.model
             was_training = model.training

@@ -33,7 +33,6 @@ from alignpro_plugins.chat_template import (
     query_template,
     save_tokenizer,
 )
-from alignpro_plugins.lora import merge_lora
 from alignpro_plugins.manifest import DTYPES, MODES, Manifest, portable_base_name, weights_hash
 from alignpro_plugins.models import cache_dir, file_lock
 
@@ -91,6 +90,8 @@ def export_prompter(
     prompter = Prompter.from_pretrained(
         folder, base_model=base_model, device="cpu", dtype=dtype, similarity=None
     )
+    from alignpro_plugins.lora import merge_lora  # torch: not for a remote prompter reading EXPORT_MANIFEST
+
     model = merge_lora(prompter.model)  # loaded for inference: the adapter, if any, is alignpro's LoRA
     base_template = query_template(prompter.tokenizer)
 

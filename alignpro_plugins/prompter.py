@@ -17,9 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from alignpro_plugins import guard
 from alignpro_plugins.artifact import BaseModelMismatchError as BaseModelMismatchError  # re-exported
@@ -52,6 +50,9 @@ from alignpro_plugins.manifest import (
     portable_base_name,
     weights_hash,
 )
+
+if TYPE_CHECKING:  # only in annotations: a remote prompter runs without torch
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from alignpro_plugins.manifest import weights_hash
 from alignpro_plugins.models import resolve_model
 from alignpro_plugins.targets.base import TargetRequest, as_requests
@@ -127,8 +125,9 @@ class RewardModel(RewardFunction):
     def identity(self) -> str:
         return f"reward-model:{self.path}" + (f"@{self._weights}" if self._weights else "")
 
-    @torch.inference_mode()
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        import torch  # here, not at the top: the gate and the adapters import this module without torch
+
         if not prompts and not answers:
             return []  # the tokenizer cannot encode an empty batch
         ids = encode_pairs(
@@ -148,7 +147,7 @@ class RewardModel(RewardFunction):
             width = max(len(x) for x in chunk)
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=self.device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=self.device)
-            with self._lock:
+            with self._lock, torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits
             for i, value in zip(members, logits[:, 0].float().tolist(), strict=True):
                 scores[i] = value
