@@ -674,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from alignpro_plugins.extras import MissingExtraError
     from alignpro_plugins.models import ModelNotAvailableError
     from alignpro_plugins.targets import TargetError
 
@@ -696,10 +697,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command
         ]
         return run(args)
-    # Bad input (config values, data rows, paths, models) or a target that gave no answer after its retries:
-    # one line naming the problem, as argparse does; -v adds the traceback. Other exception types are bugs and
+    # Bad input (config values, data rows, paths, models), a missing extra, or a target that gave no answer after
+    # its retries: one line naming the problem, as argparse does; -v adds the traceback. Other exception types are bugs and
     # keep theirs.
-    except (ValueError, OSError, ModelNotAvailableError, TargetError) as exc:
+    except (ValueError, OSError, ModelNotAvailableError, TargetError, MissingExtraError) as exc:
         if verbose:
             traceback.print_exc()
         prog = f"alignpro {command}" if command else "alignpro"
