@@ -41,22 +41,28 @@ import torch  # noqa: E402
 BUDGETS: dict[str, dict[str, Any]] = {
     "real": dict(
         rm_steps=40,
+        rm_frozen_layers=4,  # of MiniLM's 6: half the time of a full fine-tune, the same held-out accuracy here
         search_prompts=16,  # the guidance search's prompts; the SFT bootstrap uses the same ones (answers cached)
         min_prompts=8,  # the search's first rung
         val_prompts=12,  # picks the search's text and the RL round; held-out training prompts
-        sft_epochs=6,  # the standard benchmark measured 6 epochs for the prompter to reproduce the text
+        # The prompter must learn to write the chosen text: the standard benchmark's 6 epochs on 128 prompts are 96
+        # steps; here 16 prompts x 12 epochs at 1e-3 (measured: every training prompt reproduced; 6 epochs: 69%).
+        sft_epochs=12,
+        sft_learning_rate=1e-3,
         rl_prompts=12,
         samples=4,
         heldout=48,
-        answer_tokens=64,
+        answer_tokens=96,  # as the standard benchmark's training stages
         rewrite_tokens=40,
     ),
     "smoke": dict(
         rm_steps=2,
+        rm_frozen_layers=1,
         search_prompts=4,
         min_prompts=2,
         val_prompts=2,
         sft_epochs=1,
+        sft_learning_rate=1e-3,
         rl_prompts=2,
         samples=2,
         heldout=4,
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                 seed=shard,
                 max_steps=b["rm_steps"],
                 max_length=192,
+                freeze_layers=b["rm_frozen_layers"],
                 **common,
             )
         )
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_pairs=len(search),
             prompter_max_new_tokens=b["rewrite_tokens"],
             num_train_epochs=b["sft_epochs"],
+            learning_rate=b["sft_learning_rate"],
             **target_kw,
             **common,
         ),
