@@ -59,9 +59,9 @@ def tiny_causal_lm(seed: int = 0, *, varied: bool = False):
     return LlamaForCausalLM(config), tok
 
 
-def build_tiny_causal_lm(folder: str | Path, seed: int = 0) -> str:
+def build_tiny_causal_lm(folder: str | Path, seed: int = 0, *, varied: bool = False) -> str:
     """Save :func:`tiny_causal_lm` as a local model folder and return its path."""
-    model, tok = tiny_causal_lm(seed)
+    model, tok = tiny_causal_lm(seed, varied=varied)
     model.save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return str(folder)
@@ -105,10 +105,7 @@ def build_tiny_prompter(root: str | Path) -> tuple[Path, Path]:
     from alignpro_plugins.prompter import Prompter
 
     root = Path(root)
-    base_dir = root / "base"
-    model, tok = tiny_causal_lm(0, varied=True)
-    model.save_pretrained(str(base_dir))
-    tok.save_pretrained(str(base_dir))
+    base_dir = Path(build_tiny_causal_lm(root / "base", varied=True))
     lora = get_peft_model(
         tiny_causal_lm(0, varied=True)[0],
         LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
@@ -119,7 +116,7 @@ def build_tiny_prompter(root: str | Path) -> tuple[Path, Path]:
         similarity_model=None,
         provenance={"stages": [{"stage": "sft", "steps": 3}]},
     )
-    prompter = Prompter(lora.eval(), tok, manifest, similarity=None)
+    prompter = Prompter(lora.eval(), tiny_byte_tokenizer(), manifest, similarity=None)
     folder = prompter.save_pretrained(root / "artifact")
     prompter.close()
     return folder, base_dir

@@ -20,12 +20,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from alignpro_plugins.models import file_lock
 
 VLLM_VERSION = "0.32.0"
 STARTUP_TIMEOUT_S = 420.0
@@ -36,16 +38,6 @@ def test_cache() -> Path:
     root = Path(os.environ.get("ALIGNPRO_TEST_CACHE") or Path.home() / ".cache" / "alignpro-test")
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def free_port() -> int:

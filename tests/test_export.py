@@ -13,7 +13,7 @@ from alignpro_plugins.engine import GenerationSettings
 from alignpro_plugins.export import EXPORT_MANIFEST, export_prompter
 from alignpro_plugins.manifest import GenerationDefaults, Manifest, weights_hash
 from alignpro_plugins.prompter import Prompter
-from alignpro_plugins.testing import tiny_causal_lm
+from alignpro_plugins.testing import build_tiny_causal_lm
 
 PROMPTS = [
     "What are the health benefits of green tea?",
@@ -52,11 +52,7 @@ def save_adapter_prompter(
 @pytest.fixture(scope="module")
 def varied_base(tmp_path_factory) -> str:
     """A tiny model whose greedy output depends on the prompt."""
-    folder = tmp_path_factory.mktemp("varied-base")
-    model, tok = tiny_causal_lm(0, varied=True)
-    model.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return str(folder)
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("varied-base"), varied=True)
 
 
 def greedy_with_transformers(folder: Path, prompts: list[str]) -> tuple[list[str], list[str]]:

@@ -18,7 +18,7 @@ from alignpro_plugins.lora import (
     merge_lora,
     save_lora,
 )
-from alignpro_plugins.testing import tiny_causal_lm
+from alignpro_plugins.testing import build_tiny_causal_lm
 
 # Two rows of different lengths, left-padded like the engine's batches.
 IDS = torch.tensor([[258, 258, 5, 17, 99, 3, 44], [12, 200, 7, 7, 150, 31, 2]])
@@ -54,11 +54,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def llama_base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("lora-base")
-    model, tok = tiny_causal_lm(0, varied=True)
-    model.save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    return folder
+    return Path(build_tiny_causal_lm(tmp_path_factory.mktemp("lora-base"), varied=True))
 
 
 def load_base(folder: Path, dtype: torch.dtype = torch.float32):
