@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -706,7 +707,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"alignpro {command}" if command else "alignpro"
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Leave a multi-process run's process group before exit: left to interpreter shutdown, the backend's
+    threads can abort the process ("terminate called without an active exception") after the work is saved."""
+    global _left_process_group
+    distributed = sys.modules.get("torch.distributed")  # only a run that imported torch can have one
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+        _left_process_group = True
+
+
+_left_process_group = False
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``. After a multi-process run (everything saved, the group left), skip the C++ static
+    destructors: a backend thread still alive there aborts a finished run now and then (signal 6)."""
+    if _left_process_group:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _exit(main())
