@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Results for a newcomer (the standard run, the speed benchmarks) and the lab notebook (confirmations, quick runs).
 RESULTS_PAGE = ROOT / "docs" / "benchmarks.md"
 HISTORY_PAGE = ROOT / "docs" / "benchmarks-history.md"
+# The standard run's summary, machine-readable: the numbers the README and the guide quote.
+SUMMARY_FILE = ROOT / "docs" / "benchmark-summary.json"
 DATA = Path(os.environ.get("ALIGNPRO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 # Held out everywhere: no reward pair, bootstrap or RL prompt is ever one of these.
 EVAL_SETS = ("dolly_eval.json", "self_instruct_eval.json")
@@ -936,6 +938,34 @@ def main() -> None:
     # A quick run is a pipeline check: it goes to the lab notebook and never overwrites the result.
     key, page = ("align-pro-comparison-quick", HISTORY_PAGE) if q else ("align-pro-comparison", RESULTS_PAGE)
     publish(section, out / "eval" / "benchmark_section.md", key, page)
+    if not q:
+        write_summary(report.summary, budget, meta, out)
+
+
+def write_summary(summary: dict, budget: dict, meta: dict, out: Path) -> None:
+    """docs/benchmark-summary.json: the standard run's numbers, machine-readable, which the README and guide quote
+    (benchmarks/docs_numbers.py renders them into the pages, and a test keeps the pages in sync)."""
+    from trainers.guidance_search_trainer import GuidanceSearchResult
+
+    guidance = out / "guidance"
+    data = {
+        "meta": {
+            "command": command_line(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "machine": machine(),
+            "git": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip(),
+            "budget": budget,
+            "reward_accuracy": meta["reward"]["heldout_pairwise_accuracy"],
+            "judge_accuracy": meta["judge"]["heldout_pairwise_accuracy"],
+            "guidance_text": GuidanceSearchResult.load(guidance).best
+            if (guidance / "guidance_search.json").exists()
+            else None,
+        },
+        "summary": summary,
+    }
+    SUMMARY_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
