@@ -1,18 +1,24 @@
 """Rewards r(x, y): score an answer y against the ORIGINAL prompt x.
 
 One interface, ``reward(prompts, answers) -> list[float]``, with backends for a reward-model artifact (the
-reward stage's output, or any sequence-classification model), and a plain Python callable. A prompt is the
-user's x as a string, or the :class:`~alignpro_plugins.targets.TargetRequest` the answer came from: the reward
-scores against its ``original``, never the rewrite the target saw.
+reward stage's output, or any sequence-classification model), an ensemble of reward functions, and a plain
+Python callable. A prompt is the user's x as a string, or the :class:`~alignpro_plugins.targets.TargetRequest`
+the answer came from: the reward scores against its ``original``, never the rewrite the target saw.
+
+:func:`load_reward` (and :func:`as_reward`) open any reward folder: a reward model, or an ensemble folder whose
+``alignpro_reward.json`` has ``"kind": "alignpro-reward-ensemble"``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +26,12 @@ from alignpro_plugins.manifest import weights_hash
 from alignpro_plugins.models import resolve_model
 from alignpro_plugins.targets.base import TargetRequest, as_requests
 
+logger = logging.getLogger(__name__)
+
 REWARD_MANIFEST = "alignpro_reward.json"
+ENSEMBLE_KIND = "alignpro-reward-ensemble"
+COMBINE_RULES = ("mean", "min", "mean-minus-std")
+LENGTH_CONTROLS = ("penalty",)
 
 
 def prompt_digest(prompt: str) -> str:
@@ -29,18 +40,43 @@ def prompt_digest(prompt: str) -> str:
 
 
 def prompts_trained_on(reward: Any, prompts: Sequence[str]) -> int | None:
-    """How many of ``prompts`` a reward-model artifact trained on; None when it records no digests."""
-    digests = (getattr(reward, "meta", None) or {}).get("train_prompt_digests")
+    """How many of ``prompts`` a reward-model artifact trained on; None when it records no digests.
+
+    An ensemble has seen a prompt when any of its members trained on it.
+    """
+    digests = _trained_digests(reward)
     if digests is None:
         return None
-    seen = set(digests)
-    return sum(prompt_digest(x) in seen for x in prompts)
+    return sum(prompt_digest(x) in digests for x in prompts)
+
+
+def _trained_digests(reward: Any) -> set[str] | None:
+    members = getattr(reward, "members", None)
+    if isinstance(members, Sequence) and not isinstance(members, str):
+        known = [d for d in (_trained_digests(m) for m in members) if d is not None]
+        return set().union(*known) if known else None
+    digests = (getattr(reward, "meta", None) or {}).get("train_prompt_digests")
+    return None if digests is None else set(digests)
 
 
 def judge_identity(judge: Any) -> str:
     """What records and caches know a judge by: its ``identity``, or a plain callable's qualified name."""
     identity = getattr(judge, "identity", None)
     return str(identity) if identity else getattr(judge, "__qualname__", type(judge).__qualname__)
+
+
+def read_reward_manifest(folder: str | Path) -> dict[str, Any]:
+    """A reward folder's ``alignpro_reward.json`` ({} when it has none: a hub id or a bare model folder)."""
+    path = Path(folder) / REWARD_MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 class RewardFunction(ABC):
@@ -58,26 +94,46 @@ class RewardFunction(ABC):
         return self.score([r.original for r in requests], answers)
 
     def __call__(self, prompts: Sequence[str | TargetRequest], answers: Sequence[str]) -> list[float]:
-        if len(prompts) != len(answers):
-            raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
-        return self.score_requests(as_requests(prompts), answers)
+        return self.score_requests(_checked_requests(prompts, answers), answers)
 
 
+def _checked_requests(prompts: Sequence[str | TargetRequest], answers: Sequence[str]) -> list[TargetRequest]:
+    if len(prompts) != len(answers):
+        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+    return as_requests(prompts)
+
+
+# ---------------------------------------------------------------------------------------------- encoding
 def encode_pairs(
     tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, max_length: int, max_prompt_length: int
-):
+) -> list[list[int]]:
     """Tokenize (prompt, answer) as one sequence: prompt truncated first to ``max_prompt_length``.
 
-    The reward trainer and the scorer share this, so training and inference see identical inputs.
+    The reward trainer and the scorer share this, so training and inference see identical inputs. An encoder
+    tokenizer (a ``sep_token`` and no chat template, e.g. MiniLM) encodes the text pair ``[CLS] x [SEP] y [SEP]``;
+    a decoder tokenizer (a chat template, or no ``sep_token``) the chat ``user: x, assistant: y`` as TRL's
+    RewardTrainer does for conversational data, the answer cut to fit ``max_length`` before the template's
+    closing tokens.
     """
-    enc = tokenizer(
-        [_clip(tokenizer, p, max_prompt_length) for p in prompts],
-        list(answers),
-        truncation="only_second",
-        max_length=max_length,
-        return_token_type_ids=False,
-    )
-    return enc["input_ids"]
+    if len(prompts) != len(answers):
+        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        return []
+    clipped = [_clip(tokenizer, p, max_prompt_length) for p in prompts]
+    if _is_pair_encoder(tokenizer):
+        enc = tokenizer(
+            clipped,
+            list(answers),
+            truncation="only_second",
+            max_length=max_length,
+            return_token_type_ids=False,
+        )
+        return enc["input_ids"]
+    return _encode_chats(tokenizer, clipped, answers, max_length=max_length)
+
+
+def _is_pair_encoder(tokenizer: Any) -> bool:
+    return getattr(tokenizer, "sep_token", None) is not None and not getattr(tokenizer, "chat_template", None)
 
 
 def _clip(tokenizer: Any, text: str, max_tokens: int) -> str:
@@ -85,8 +141,72 @@ def _clip(tokenizer: Any, text: str, max_tokens: int) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
+def _chat(prompt: str, answer: str | None = None) -> list[dict[str, str]]:
+    turns = [{"role": "user", "content": prompt}]
+    return turns if answer is None else [*turns, {"role": "assistant", "content": answer}]
+
+
+def _render(
+    tokenizer: Any, chats: Sequence[list[dict[str, str]]], *, generation_prompt: bool
+) -> list[list[int]]:
+    # As TRL's apply_chat_template(tokenize=True): render the text, then tokenize it without adding specials.
+    texts = [
+        tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+        for chat in chats
+    ]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _encode_chats(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, max_length: int
+) -> list[list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no sep_token (not a text-pair encoder) and no chat_template: set "
+            "tokenizer.chat_template (a base decoder has none) and save the tokenizer with the model"
+        )
+    full = _render(
+        tokenizer, [_chat(x, y) for x, y in zip(prompts, answers, strict=True)], generation_prompt=False
+    )
+    too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
+    if not too_long:
+        return full
+    # What the template puts after an answer (e.g. "<|im_end|>\n"): kept when the answer is cut, so every
+    # sequence ends as the model saw it in training.
+    (opened,) = _render(tokenizer, [_chat("x")], generation_prompt=True)
+    (closed,) = _render(tokenizer, [_chat("x", "")], generation_prompt=False)
+    closing = closed[_common_prefix(opened, closed) :]
+    heads = _render(tokenizer, [_chat(prompts[i]) for i in too_long], generation_prompt=True)
+    for i, head in zip(too_long, heads, strict=True):
+        ids = full[i]
+        keep = max_length - len(closing)
+        if keep < len(head) or ids[len(ids) - len(closing) :] != closing:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for the answer after the prompt ({len(head)} tokens as "
+                f"the chat template renders it, clipped to max_prompt_length) and the template's "
+                f"{len(closing)} closing tokens: raise max_length or lower max_prompt_length"
+            )
+        full[i] = ids[:keep] + closing
+    return full
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- reward model
 class RewardModel(RewardFunction):
-    """A sequence-classification model with one output (a reward-stage artifact, or any hub/local model)."""
+    """A sequence-classification model with one output (a reward-stage artifact, or any hub/local model).
+
+    A manifest with ``"length_control": "penalty"`` and ``"length_penalty_per_token": beta`` scores
+    ``raw - beta * n`` (n: the answer's tokens under this tokenizer, untruncated); ``length_control=False``
+    returns the raw scores.
+    """
 
     def __init__(
         self,
@@ -96,24 +216,36 @@ class RewardModel(RewardFunction):
         batch_size: int = 32,
         max_length: int | None = None,
         max_prompt_length: int | None = None,
+        length_control: bool = True,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         resolved = resolve_model(path)
-        meta = {}
-        meta_file = Path(resolved) / REWARD_MANIFEST
-        if meta_file.exists():
-            meta = json.loads(meta_file.read_text())
+        meta = read_reward_manifest(resolved)
+        if meta.get("kind") == ENSEMBLE_KIND:
+            raise ValueError(
+                f"{resolved} is a reward ensemble ({REWARD_MANIFEST} kind {ENSEMBLE_KIND!r}), not one reward "
+                "model: open it with load_reward() or as_reward()"
+            )
         self.meta = meta
         self.path = resolved
+        self.length_penalty = _length_penalty(meta, resolved) if length_control else None
         self.tokenizer = AutoTokenizer.from_pretrained(resolved)
         self.model = (
             AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1).to(device).eval()
         )
+        # A decoder pools its last non-pad token (config.pad_token_id): give it one, as TRL's RewardTrainer does.
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token is not None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        config = self.model.config.get_text_config()
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        self._pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.device = device
         self.batch_size = batch_size
         self.max_length = max_length or meta.get("max_length", 256)
         self.max_prompt_length = max_prompt_length or meta.get("max_prompt_length", 96)
+        # One lock for the model and the tokenizer: a fast tokenizer's truncation settings are shared state.
         self._lock = threading.Lock()
         # The weights, not only the path: a reward model retrained in place is another judge.
         try:
@@ -123,37 +255,266 @@ class RewardModel(RewardFunction):
 
     @property
     def identity(self) -> str:
-        return f"reward-model:{self.path}" + (f"@{self._weights}" if self._weights else "")
+        identity = f"reward-model:{self.path}" + (f"@{self._weights}" if self._weights else "")
+        return (
+            identity if self.length_penalty is None else f"{identity}+length-penalty={self.length_penalty!r}"
+        )
 
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         import torch  # here, not at the top: the gate and the adapters import this module without torch
 
-        if not prompts and not answers:
+        if len(prompts) != len(answers):
+            raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+        if not prompts:
             return []  # the tokenizer cannot encode an empty batch
-        ids = encode_pairs(
-            self.tokenizer,
-            prompts,
-            answers,
-            max_length=self.max_length,
-            max_prompt_length=self.max_prompt_length,
-        )
+        with self._lock:
+            ids = encode_pairs(
+                self.tokenizer,
+                prompts,
+                answers,
+                max_length=self.max_length,
+                max_prompt_length=self.max_prompt_length,
+            )
+            lengths = (
+                [len(x) for x in self.tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+                if self.length_penalty is not None
+                else None
+            )
         scores = [0.0] * len(ids)
-        pad = self.tokenizer.pad_token_id or 0
+        pad = self._pad_id
         # Batches of similar length pad little; scores go back in input order.
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), self.batch_size):
             members = order[start : start + self.batch_size]
             chunk = [ids[i] for i in members]
             width = max(len(x) for x in chunk)
+            # Right padding: a decoder pools the last token before the padding.
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=self.device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=self.device)
             with self._lock, torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits
             for i, value in zip(members, logits[:, 0].float().tolist(), strict=True):
                 scores[i] = value
+        if lengths is not None:
+            beta = float(self.length_penalty)  # type: ignore[arg-type]
+            scores = [s - beta * n for s, n in zip(scores, lengths, strict=True)]
         return scores
 
 
+def _length_penalty(meta: dict[str, Any], folder: str) -> float | None:
+    """beta of a ``"length_control": "penalty"`` manifest; None when the reward has no length control."""
+    control = meta.get("length_control")
+    if control is None:
+        return None
+    if control not in LENGTH_CONTROLS:
+        raise ValueError(
+            f"{folder}/{REWARD_MANIFEST}: length_control={control!r} is unknown; accepted: "
+            f"{', '.join(map(repr, LENGTH_CONTROLS))} (or leave it out)"
+        )
+    beta = meta.get("length_penalty_per_token")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise ValueError(
+            f"{folder}/{REWARD_MANIFEST}: length_control 'penalty' needs length_penalty_per_token, a finite "
+            f"number (reward points per answer token), got {beta!r}"
+        )
+    return float(beta)
+
+
+# ---------------------------------------------------------------------------------------------- ensemble
+@dataclass(frozen=True)
+class EnsembleScores:
+    """One pass of an ensemble: the combined scores, each member's row, and their spread per answer."""
+
+    scores: list[float]
+    member_scores: list[list[float]]
+    disagreement: list[float]
+
+
+class RewardEnsemble(RewardFunction):
+    """K rewards scored one after another and combined per answer.
+
+    ``combine``: ``"mean"``; ``"min"`` (the most pessimistic member); ``"mean-minus-std"`` (mean minus ``k``
+    times the members' population std: an answer the members disagree on scores lower). ``member_scale`` (one
+    ``{"mean", "std"}`` per member) standardises each member's scores before they are combined.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Any],
+        combine: str = "mean",
+        k: float = 1.0,
+        *,
+        member_scale: Sequence[dict[str, float]] | None = None,
+        path: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        where = f"{path}/{REWARD_MANIFEST}: " if path else ""
+        if isinstance(members, (str, Path)) or not members:
+            raise ValueError(f"{where}an ensemble needs a non-empty list of member rewards, got {members!r}")
+        if combine not in COMBINE_RULES:
+            raise ValueError(
+                f"{where}combine={combine!r} is unknown; accepted: {', '.join(map(repr, COMBINE_RULES))}"
+            )
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k < 0:
+            raise ValueError(f"{where}combine_k must be a finite number >= 0, got {k!r}")
+        self.members: list[RewardFunction] = [as_reward(m) for m in members]
+        self.combine = combine
+        self.k = float(k)
+        self.member_scale = _checked_scale(member_scale, len(self.members), where)
+        self.path = path
+        self.meta = dict(meta or {})
+        if self.member_scale is None and combine != "mean" and len(self.members) > 1:
+            # Why it matters: see _standardised.
+            logger.warning(
+                "reward ensemble %s combines raw member scores by %r: without member_scale a member's offset "
+                "decides the result",
+                path or "(in code)",
+                combine,
+            )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs: Any) -> RewardEnsemble:
+        """Open an ensemble folder; ``kwargs`` go to every member's :class:`RewardModel`."""
+        folder = str(folder)
+        meta = read_reward_manifest(folder)
+        where = f"{folder}/{REWARD_MANIFEST}"
+        if meta.get("kind") != ENSEMBLE_KIND:
+            raise ValueError(f"{where}: kind is {meta.get('kind')!r}, not {ENSEMBLE_KIND!r}")
+        names = meta.get("members")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(
+                f"{where}: 'members' must be a non-empty list of member folders relative to {folder} "
+                f'(e.g. ["member-0", "member-1"]), got {names!r}'
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: 'members' names a folder twice: {names}")
+        paths = [Path(folder) / n for n in names]
+        missing = [n for n, p in zip(names, paths, strict=True) if not (p / "config.json").is_file()]
+        if missing:
+            raise ValueError(
+                f"{where}: member folder(s) {missing} missing under {folder}; each member is a reward-model "
+                "folder (config.json, weights, tokenizer, alignpro_reward.json)"
+            )
+        nested = [
+            n
+            for n, p in zip(names, paths, strict=True)
+            if read_reward_manifest(p).get("kind") == ENSEMBLE_KIND
+        ]
+        if nested:
+            raise ValueError(
+                f"{where}: member(s) {nested} are ensembles themselves; a member is one reward model"
+            )
+        combine = meta.get("combine", "mean")
+        return cls(
+            [RewardModel(str(p), **kwargs) for p in paths],  # each loaded once, kept for the ensemble's life
+            combine,
+            meta.get("combine_k", 1.0),
+            member_scale=meta.get("member_scale"),
+            path=folder,
+            meta=meta,
+        )
+
+    @property
+    def identity(self) -> str:
+        rule = f"{self.combine}(k={self.k!r})" if self.combine == "mean-minus-std" else self.combine
+        scale = "" if self.member_scale is None else f"|scale={json.dumps(self.member_scale, sort_keys=True)}"
+        return f"reward-ensemble:{rule}[{','.join(m.identity for m in self.members)}]{scale}"
+
+    def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        return self.score_requests(as_requests(prompts), answers)
+
+    def score_requests(self, requests: Sequence[TargetRequest], answers: Sequence[str]) -> list[float]:
+        return self._spread(requests, answers).scores
+
+    def score_with_spread(
+        self, prompts: Sequence[str | TargetRequest], answers: Sequence[str]
+    ) -> EnsembleScores:
+        """Combined scores, member rows and disagreement from one scoring pass."""
+        return self._spread(_checked_requests(prompts, answers), answers)
+
+    def member_scores(
+        self, prompts: Sequence[str | TargetRequest], answers: Sequence[str]
+    ) -> list[list[float]]:
+        """One row per member: the scores the rule combines (standardised when the ensemble has member_scale)."""
+        return self.score_with_spread(prompts, answers).member_scores
+
+    def disagreement(self, prompts: Sequence[str | TargetRequest], answers: Sequence[str]) -> list[float]:
+        """Per answer, the population std of the members' (standardised) scores: 0 when they all agree."""
+        return self.score_with_spread(prompts, answers).disagreement
+
+    def fit_member_scale(
+        self, prompts: Sequence[str | TargetRequest], answers: Sequence[str]
+    ) -> list[dict[str, float]]:
+        """Each member's mean and population std of raw scores on these answers: the manifest's member_scale."""
+        requests = _checked_requests(prompts, answers)
+        if len(requests) < 2:
+            raise ValueError(f"fitting member_scale needs at least 2 answers, got {len(requests)}")
+        scale = []
+        for member in self.members:
+            raw = member.score_requests(requests, answers)
+            mean, std = _mean_std(raw)
+            if std <= 0:
+                raise ValueError(
+                    f"member {member.identity} gives every one of the {len(raw)} answers the same score: its "
+                    "scale cannot be fitted"
+                )
+            scale.append({"mean": mean, "std": std})
+        return scale
+
+    def _spread(self, requests: Sequence[TargetRequest], answers: Sequence[str]) -> EnsembleScores:
+        rows = [
+            self._standardised(j, m.score_requests(requests, answers)) for j, m in enumerate(self.members)
+        ]
+        scores, spread = [], []
+        for column in zip(*rows, strict=True):
+            mean, std = _mean_std(column)
+            spread.append(std)
+            if self.combine == "mean":
+                scores.append(mean)
+            elif self.combine == "min":
+                scores.append(min(column))
+            else:
+                scores.append(mean - self.k * std)
+        return EnsembleScores(scores=scores, member_scores=rows, disagreement=spread)
+
+    def _standardised(self, j: int, raw: list[float]) -> list[float]:
+        # Bradley-Terry training fixes a reward only up to an offset, and its scale varies from run to run. An
+        # offset does not change which answer the mean ranks first, but it decides which member "min" follows
+        # and inflates the std of "mean-minus-std"; a larger scale weighs a member more in the mean. So the
+        # reward stage fits each member's mean/std on held-out answers (member_scale) and the rules combine
+        # z-scores; an ensemble without member_scale combines raw scores.
+        if self.member_scale is None:
+            return raw
+        mean, std = self.member_scale[j]["mean"], self.member_scale[j]["std"]
+        return [(s - mean) / std for s in raw]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _checked_scale(
+    scale: Sequence[dict[str, float]] | None, n_members: int, where: str
+) -> list[dict[str, float]] | None:
+    if scale is None:
+        return None
+    expected = f'one {{"mean": m, "std": s > 0}} per member ({n_members})'
+    if not isinstance(scale, Sequence) or len(scale) != n_members:
+        raise ValueError(f"{where}member_scale must be {expected}, got {scale!r}")
+    checked = []
+    for entry in scale:
+        mean, std = (entry.get("mean"), entry.get("std")) if isinstance(entry, dict) else (None, None)
+        numbers = all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mean, std)
+        )
+        if not numbers or std <= 0:  # type: ignore[operator]
+            raise ValueError(f"{where}member_scale must be {expected}, got entry {entry!r}")
+        checked.append({"mean": float(mean), "std": float(std)})  # type: ignore[arg-type]
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------- callables
 class CallableReward(RewardFunction):
     """Wrap ``fn(prompts, answers) -> scores`` (batched) or ``fn(prompt, answer) -> score``."""
 
@@ -176,12 +537,20 @@ class CallableReward(RewardFunction):
         return out
 
 
+def load_reward(path_or_name: str | Path, **kwargs: Any) -> RewardFunction:
+    """Open a reward folder or model name: an ensemble folder as a :class:`RewardEnsemble` (``kwargs`` go to each
+    member), anything else (a reward-model folder, a hub id, a packaged name) as a :class:`RewardModel`."""
+    if read_reward_manifest(path_or_name).get("kind") == ENSEMBLE_KIND:
+        return RewardEnsemble.from_pretrained(path_or_name, **kwargs)
+    return RewardModel(str(path_or_name), **kwargs)
+
+
 def as_reward(obj: Any, **kwargs: Any) -> RewardFunction:
-    """Coerce a reward artifact path / model name / callable into a :class:`RewardFunction`."""
+    """Coerce a reward folder / model name (:func:`load_reward`) or a callable into a :class:`RewardFunction`."""
     if isinstance(obj, RewardFunction):
         return obj
     if isinstance(obj, (str, Path)):
-        return RewardModel(str(obj), **kwargs)
+        return load_reward(obj, **kwargs)
     if callable(obj):
         return CallableReward(obj, **kwargs)
     raise TypeError(
