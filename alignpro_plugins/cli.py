@@ -367,7 +367,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     from alignpro_plugins.manifest import weights_hash
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.rewards import RewardFunction, RewardModel
+    from alignpro_plugins.rewards import RewardFunction, load_reward
     from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
 
     extras = []
@@ -421,9 +421,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             dtype=args.target_dtype,
         )
     target = CachedTarget(inner, out / "target_cache.jsonl")
-    judges: dict[str, RewardFunction] = {"reward": RewardModel(args.judge)}
+    judges: dict[str, RewardFunction] = {"reward": load_reward(args.judge)}
     if args.independent_judge:
-        judges["independent"] = RewardModel(args.independent_judge)
+        judges["independent"] = load_reward(args.independent_judge)
     configs: list[Any] = [FrozenAlone(), FixedTemplate(template=args.template)]
     trained = (
         Prompter.from_pretrained(
