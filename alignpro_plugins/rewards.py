@@ -179,14 +179,16 @@ def _encode_chats(
     heads = _render(tokenizer, [_chat(prompts[i]) for i in too_long], generation_prompt=True)
     for i, head in zip(too_long, heads, strict=True):
         ids = full[i]
-        keep = max_length - len(closing)
-        if keep < len(head) or ids[len(ids) - len(closing) :] != closing:
+        # A template that renders the answer's end differently in context: cut the tail as it is.
+        ending = closing if closing and ids[len(ids) - len(closing) :] == closing else []
+        keep = max_length - len(ending)
+        if keep < len(head):
             raise ValueError(
                 f"max_length={max_length} leaves no room for the answer after the prompt ({len(head)} tokens as "
                 f"the chat template renders it, clipped to max_prompt_length) and the template's "
-                f"{len(closing)} closing tokens: raise max_length or lower max_prompt_length"
+                f"{len(ending)} closing tokens: raise max_length or lower max_prompt_length"
             )
-        full[i] = ids[:keep] + closing
+        full[i] = ids[:keep] + ending
     return full
 
 
@@ -389,12 +391,6 @@ class RewardEnsemble(RewardFunction):
         if len(set(names)) != len(names):
             raise ValueError(f"{where}: 'members' names a folder twice: {names}")
         paths = [Path(folder) / n for n in names]
-        missing = [n for n, p in zip(names, paths, strict=True) if not (p / "config.json").is_file()]
-        if missing:
-            raise ValueError(
-                f"{where}: member folder(s) {missing} missing under {folder}; each member is a reward-model "
-                "folder (config.json, weights, tokenizer, alignpro_reward.json)"
-            )
         nested = [
             n
             for n, p in zip(names, paths, strict=True)
@@ -403,6 +399,12 @@ class RewardEnsemble(RewardFunction):
         if nested:
             raise ValueError(
                 f"{where}: member(s) {nested} are ensembles themselves; a member is one reward model"
+            )
+        missing = [n for n, p in zip(names, paths, strict=True) if not (p / "config.json").is_file()]
+        if missing:
+            raise ValueError(
+                f"{where}: member folder(s) {missing} missing under {folder}; each member is a reward-model "
+                "folder (config.json, weights, tokenizer, alignpro_reward.json)"
             )
         combine = meta.get("combine", "mean")
         return cls(
