@@ -41,7 +41,7 @@ DESCRIPTIONS = {
     "rl": "Align-Pro RL of the prompter (GRPO, or --algorithm kl-optimum; KL to the SFT prompter)",
     "oracle": "RLHF oracle: fine-tune the target itself by GRPO or kl-optimum (LoRA) on the same reward, for "
     "comparison",
-    "train": "run reward -> (guidance) -> sft -> rl from one YAML recipe",
+    "train": "run reward -> judge -> guidance -> sft -> rl -> eval from one YAML recipe (the sections it has)",
     "eval": "compare frozen / template / zero-shot / prompter / best-of-k / best-of-n / rerank / gate / oracle "
     "under several judges",
     "export": "merge a prompter into a standalone model folder (safetensors, and GGUF with --gguf) for any server",
@@ -84,6 +84,13 @@ configurations (target calls per prompt in brackets):
 The selection judge is --judge (the training reward). Each configuration that asks more than once is also
 compared with the best-of-n that has as many calls, when that n is evaluated (e.g. --rerank --best-of-n 2).
 """
+TRAIN_SECTIONS = """\
+Sections run in this order, each writing to <output_dir>/<section>: reward (the training reward), judge (an
+independent judge: the reward: section's keys, overridden by its own; give it another prompt_shard), guidance
+(the guidance search), sft, rl, and eval (its keys are `alignpro eval`'s flags, e.g. prompts: [FILE],
+best_of_n: [2], rerank: true). Unless a section sets it, each stage gets the outputs it needs: the reward model,
+the searched guidance, the SFT prompter, and for eval the judges, the trained prompter (and the SFT one beside
+it), the training target and the RL log."""
 # Where a prompt file's rows keep the prompt when --field is not given: `prompt` (the files alignpro writes, and
 # `alignpro rewrite`'s output) or `instruction` (Dolly, Self-Instruct, BPO). One rule for every subcommand.
 AUTO_FIELD = "auto"
@@ -293,70 +300,211 @@ def run_stage(stage: str, argv: Sequence[str], yaml_defaults: dict[str, Any] | N
     return _load(STAGES[stage][1])(cfg)
 
 
+# The sections of an `alignpro train` recipe, in the order they run. judge (a second reward model, on other
+# prompts) and eval (`alignpro eval` of the result against the baselines) make it the pipeline the standard
+# benchmark measures.
+RECIPE_SECTIONS = ("reward", "judge", "guidance", "sft", "rl", "eval")
+# The file each section's output folder holds once it is done (--skip-done).
+DONE_MARKER = {
+    "reward": "alignpro_reward.json",
+    "judge": "alignpro_reward.json",
+    "guidance": "guidance_search.json",
+    "sft": "alignpro.json",
+    "rl": "alignpro.json",
+    "eval": "results.json",
+}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """reward -> guidance -> sft -> rl; each stage's output feeds the next unless the recipe says otherwise."""
-    recipe = _read_yaml(args.config)
-    root = Path(recipe.pop("output_dir", "runs/recipe"))
-    order = ("reward", "guidance", "sft", "rl")
-    unknown = set(recipe) - set(order)
+    """reward -> judge -> guidance -> sft -> rl -> eval; each stage's output feeds the next unless the recipe
+    says otherwise. Every section is parsed and checked before the first stage runs."""
+    plan = _recipe_plan(args.config, resume=args.resume)
+    for stage, (cfg, wired) in plan.stages.items():
+        where = cfg.out if stage == "eval" else cfg.output_dir
+        done = (Path(str(where)) / DONE_MARKER[stage]).exists()
+        if args.dry_run:
+            wiring = "".join(f"\n      {key}: {value}" for key, value in wired.items())
+            print(f"{stage:<9} -> {where}{' (done: --skip-done skips it)' if done else ''}{wiring}")
+            continue
+        if args.skip_done and done:
+            print(f"skipping {stage}: {where} already holds its artifact")
+            continue
+        if stage == "eval":
+            cmd_eval(cfg)
+        else:
+            _load(STAGES["reward" if stage == "judge" else stage][1])(cfg)
+    print(f"{'nothing run (--dry-run); ' if args.dry_run else ''}artifacts under {plan.root}")
+    return 0
+
+
+class RecipePlan:
+    """A recipe's checked configs: ``stages[name] = (config, {key: value wired in from another stage})``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.stages: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+
+def _recipe_plan(path: str, resume: bool = False) -> RecipePlan:
+    recipe = _read_yaml(path)
+    plan = RecipePlan(Path(recipe.pop("output_dir", "runs/recipe")))
+    unknown = set(recipe) - set(RECIPE_SECTIONS)
     if unknown:
-        raise UsageError(f"{args.config}: unknown sections {sorted(unknown)}; use {', '.join(order)}")
+        raise UsageError(f"{path}: unknown sections {sorted(unknown)}; use {', '.join(RECIPE_SECTIONS)}")
     sections: dict[str, dict[str, Any]] = {}
-    for stage in order:
+    for stage in RECIPE_SECTIONS:
         if stage in recipe:
             if not isinstance(recipe[stage] or {}, dict):
-                raise UsageError(
-                    f"{args.config}, section {stage}: expected a mapping of option names to values"
-                )
-            sections[stage] = {"output_dir": str(root / stage), **(recipe[stage] or {})}
-            if args.resume and stage != "guidance":  # the search resumes from its answer cache
-                sections[stage]["resume"] = True
+                raise UsageError(f"{path}, section {stage}: expected a mapping of option names to values")
+            sections[stage] = dict(recipe[stage] or {})
+    if "judge" in sections:
+        if "reward" not in sections:
+            raise UsageError(
+                f"{path}, section judge: it takes the reward: section's keys; add a reward: section"
+            )
+        inherited = {k: v for k, v in sections["reward"].items() if k != "output_dir"}
+        sections["judge"] = {**inherited, **sections["judge"]}
+    out = {stage: str(plan.root / stage) for stage in sections}
+    for stage, section in sections.items():
+        if stage != "eval":
+            section.setdefault("output_dir", out[stage])
+            if resume and stage not in ("guidance",):  # the search resumes from its answer cache
+                section["resume"] = True
+    wired: dict[str, dict[str, Any]] = {stage: {} for stage in sections}
+
+    def wire(stage: str, key: str, value: Any) -> None:
+        if key not in sections[stage]:
+            sections[stage][key] = wired[stage][key] = value
+
     reward_dir = sections.get("reward", {}).get("output_dir")
     sft_dir = sections.get("sft", {}).get("output_dir")
-    if "guidance" in sections and reward_dir:
-        sections["guidance"].setdefault("reward_model", reward_dir)
+    if reward_dir:
+        for stage in ("guidance", "rl"):
+            if stage in sections:
+                wire(stage, "reward_model", reward_dir)
     if "sft" in sections and not sections["sft"].get("pairs_data"):
         if reward_dir:
-            sections["sft"].setdefault("reward_model", reward_dir)
-        if "guidance" in sections:  # the bootstrap scores the searched texts first
-            sections["sft"].setdefault("templates_from", sections["guidance"]["output_dir"])
-    if "rl" in sections:
-        if sft_dir:
-            sections["rl"].setdefault("sft_prompter", sft_dir)
-        if reward_dir:
-            sections["rl"].setdefault("reward_model", reward_dir)
+            wire("sft", "reward_model", reward_dir)
+        if "guidance" in sections:  # the bootstrap scores the searched text first
+            wire("sft", "templates_from", sections["guidance"]["output_dir"])
+    if "rl" in sections and sft_dir:
+        wire("rl", "sft_prompter", sft_dir)
     # Parse and check every section before training anything: a typo under rl: must not cost a reward + SFT run.
-    configs = {}
-    for stage, sec in sections.items():
+    for stage, section in sections.items():
+        if stage == "eval":
+            continue
         try:
-            configs[stage] = parse_stage_config(stage, [], sec)
+            cfg = parse_stage_config("reward" if stage == "judge" else stage, [], section)
         except ValueError as exc:
-            raise UsageError(f"{args.config}, section {stage}: {exc}") from exc
-        needs_reward = stage in ("guidance", "rl") or (stage == "sft" and not configs[stage].pairs_data)
-        if needs_reward and not configs[stage].reward_model:
+            raise UsageError(f"{path}, section {stage}: {exc}") from exc
+        needs_reward = stage in ("guidance", "rl") or (stage == "sft" and not cfg.pairs_data)
+        if needs_reward and not cfg.reward_model:
             raise UsageError(
-                f"{args.config}, section {stage}: no reward model; add a reward: section (its output is wired in) "
+                f"{path}, section {stage}: no reward model; add a reward: section (its output is wired in) "
                 f"or set `reward_model` under {stage}: to a folder written by `alignpro reward`"
             )
-    done_marker = {
-        "reward": "alignpro_reward.json",
-        "guidance": "guidance_search.json",
-        "sft": "alignpro.json",
-        "rl": "alignpro.json",
-    }
-    for stage, cfg in configs.items():
-        if args.skip_done and (Path(str(cfg.output_dir)) / done_marker[stage]).exists():
-            print(f"skipping {stage}: {cfg.output_dir} already holds its artifact")
+        plan.stages[stage] = (cfg, wired[stage])
+    if "judge" in plan.stages:
+        _check_judge_is_independent(path, plan.stages["reward"][0], plan.stages["judge"][0])
+    if "eval" in sections:
+        plan.stages["eval"] = (_eval_section(path, sections["eval"], plan, wired["eval"]), wired["eval"])
+    return plan
+
+
+def _check_judge_is_independent(path: str, reward: Any, judge: Any) -> None:
+    """A judge trained on the training reward's prompts is not independent: it would share its mistakes."""
+    same_data = list(reward.preference_data) == list(judge.preference_data)
+    if same_data and (judge.prompt_shard is None or judge.prompt_shard == reward.prompt_shard):
+        raise UsageError(
+            f"{path}, section judge: the judge would train on the reward model's prompts (same preference_data, "
+            f"prompt_shard {judge.prompt_shard}); set prompt_shard: 0 under reward: and prompt_shard: 1 under "
+            "judge: (disjoint prompt shards), or give the judge other preference_data"
+        )
+
+
+def _eval_section(path: str, section: dict[str, Any], plan: RecipePlan, wired: dict[str, Any]) -> Any:
+    """The eval: section as `alignpro eval` arguments: its keys are eval's flags (`best_of_n: [2]`,
+    `rerank: true`); the judges, prompter, target and output folder come from the other sections."""
+    stages = plan.stages
+
+    def wire(key: str, value: Any) -> None:
+        if key.replace("-", "_") not in {k.replace("-", "_") for k in section}:
+            section[key] = wired[key] = value
+
+    if "reward" in stages:
+        wire("judge", stages["reward"][0].output_dir)
+    if "judge" in stages:
+        wire("independent_judge", stages["judge"][0].output_dir)
+    trained = next((s for s in ("rl", "sft") if s in stages), None)
+    if trained:
+        wire("prompter", stages[trained][0].output_dir)
+    if trained == "rl" and "sft" in stages:
+        wire("extra_prompter", [f"sft={stages['sft'][0].output_dir}"])
+    if "rl" in stages:
+        wire("training_log", str(Path(stages["rl"][0].output_dir) / "metrics.jsonl"))
+    # The prompter is evaluated against the target it was trained against.
+    source = next((stages[s][0] for s in ("rl", "sft", "guidance") if s in stages), None)
+    if source is not None:
+        if source.target_base_url:
+            wire("target_base_url", source.target_base_url)
+            wire("target", source.target_model_name)
+            if source.target_api_key_env:
+                wire("target_api_key_env", source.target_api_key_env)
+            wire("target_concurrency", source.target_concurrency)
+        else:
+            wire("target", source.target)
+            wire("target_dtype", source.target_dtype)
+    wire("out", str(plan.root / "eval"))
+    argv = ["eval"]
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["eval"]
+    flags = {a.dest: a for a in parser._actions if a.option_strings}
+    for key, value in section.items():
+        dest = str(key).replace("-", "_")
+        if dest not in flags or dest == "help":
+            hints = _did_you_mean(dest, sorted(d for d in flags if d != "help"))
+            raise UsageError(
+                f"{path}, section eval: unknown key {key!r}{hints}; the keys are `alignpro eval`'s flags "
+                "(see `alignpro eval --help`)"
+            )
+        flag = flags[dest].option_strings[-1]
+        if value is None or value is False:
             continue
-        _load(STAGES[stage][1])(cfg)
-    print(f"artifacts under {root}")
-    return 0
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            if flags[dest].nargs in ("+", "*"):
+                argv += [flag, *map(str, value)]
+            else:  # a repeatable flag (--extra-prompter)
+                for item in value:
+                    argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    try:
+        args = _parse_quietly(argv)
+        _check_eval_args(args)
+    except ValueError as exc:  # UsageError, or a value a configuration refuses
+        raise UsageError(f"{path}, section eval: {exc}") from exc
+    return args
+
+
+def _parse_quietly(argv: list[str]) -> argparse.Namespace:
+    """``alignpro eval`` arguments parsed without argparse's exit: a bad value is a UsageError."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return build_parser().parse_args(argv)
+    except SystemExit:
+        message = err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "invalid arguments"
+        raise UsageError(message.split("error: ", 1)[-1]) from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from alignpro_plugins.evaluation import (
         BestOfK,
-        BestOfN,
         Evaluator,
         FixedTemplate,
         FrozenAlone,
@@ -370,37 +518,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from alignpro_plugins.rewards import RewardFunction, load_reward
     from alignpro_plugins.targets import CachedTarget, OpenAICompatibleTarget, TransformersTarget
 
-    extras = []
-    for extra in args.extra_prompter or []:
-        name, sep, path = extra.partition("=")
-        if not (sep and name.strip() and path.strip()):
-            raise UsageError(f"--extra-prompter {extra!r}: expected NAME=DIR, e.g. sft=runs/sft")
-        extras.append((name.strip(), path.strip()))
-    if extras and not args.prompter:
-        raise UsageError("--extra-prompter is compared beside the trained prompter: give --prompter DIR too")
+    extras, sampling = _check_eval_args(args)
     share = args.gated_retry_share
-    if share is not None:
-        if not 0.0 < share <= 1.0:
-            raise UsageError(f"--gated-retry-share {share}: give the share of answers to retry, in (0, 1]")
-        if not args.prompter:
-            raise UsageError(
-                "--gated-retry-share retries with the trained prompter's rewrite: give --prompter DIR"
-            )
-        if not args.gate_prompts:
-            raise UsageError(
-                "--gated-retry-share needs --gate-prompts SRC ...: prompts (not the evaluation prompts) on which "
-                "the training reward's scores of the frozen answers set the retry threshold"
-            )
-    elif args.gate_prompts:
-        raise UsageError("--gate-prompts sets the threshold of --gated-retry-share: give that too")
-    if args.rerank and not args.prompter:
-        raise UsageError("--rerank answers x and the trained prompter's rewrite: give --prompter DIR")
-    if args.best_of_k and not args.prompter:
-        raise UsageError("--best-of-k samples rewrites from the trained prompter: give --prompter DIR")
-    sampling = [
-        BestOfN(n=n, temperature=args.best_of_n_temperature, seed=args.best_of_n_seed)
-        for n in dict.fromkeys(args.best_of_n or [])
-    ]  # checked (n >= 1, temperature > 0) before anything loads
     prompts = _load_prompt_files(args.prompts, args.field, args.context_field)
     if args.limit:
         prompts = prompts[: args.limit]
@@ -484,6 +603,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_eval_args(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[Any]]:
+    """`alignpro eval`'s arguments checked before anything loads: (--extra-prompter NAME=DIR pairs, the
+    best-of-n configurations)."""
+    from alignpro_plugins.evaluation import BestOfN
+
+    extras: list[tuple[str, str]] = []
+    for extra in args.extra_prompter or []:
+        name, sep, path = extra.partition("=")
+        if not (sep and name.strip() and path.strip()):
+            raise UsageError(f"--extra-prompter {extra!r}: expected NAME=DIR, e.g. sft=runs/sft")
+        extras.append((name.strip(), path.strip()))
+    if extras and not args.prompter:
+        raise UsageError("--extra-prompter is compared beside the trained prompter: give --prompter DIR too")
+    share = args.gated_retry_share
+    if share is not None:
+        if not 0.0 < share <= 1.0:
+            raise UsageError(f"--gated-retry-share {share}: give the share of answers to retry, in (0, 1]")
+        if not args.prompter:
+            raise UsageError(
+                "--gated-retry-share retries with the trained prompter's rewrite: give --prompter DIR"
+            )
+        if not args.gate_prompts:
+            raise UsageError(
+                "--gated-retry-share needs --gate-prompts SRC ...: prompts (not the evaluation prompts) on which "
+                "the training reward's scores of the frozen answers set the retry threshold"
+            )
+    elif args.gate_prompts:
+        raise UsageError("--gate-prompts sets the threshold of --gated-retry-share: give that too")
+    if args.rerank and not args.prompter:
+        raise UsageError("--rerank answers x and the trained prompter's rewrite: give --prompter DIR")
+    if args.best_of_k and not args.prompter:
+        raise UsageError("--best-of-k samples rewrites from the trained prompter: give --prompter DIR")
+    sampling = [
+        BestOfN(n=n, temperature=args.best_of_n_temperature, seed=args.best_of_n_seed)
+        for n in dict.fromkeys(args.best_of_n or [])
+    ]  # checked (n >= 1, temperature > 0) before anything loads
+    return extras, sampling
+
+
 def _gated_retry(
     args: argparse.Namespace, share: float, retry: Any, prompts: list[str], target: Any, reward: Any
 ):
@@ -554,10 +712,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print result objects as JSON")
     for stage in STAGES:
         sub.add_parser(stage, help=DESCRIPTIONS[stage], add_help=False)
-    p = sub.add_parser("train", help=DESCRIPTIONS["train"], formatter_class=HelpWithDefaults)
-    p.add_argument("--config", required=True, help="recipe YAML with reward:, guidance:, sft:, rl: sections")
+    p = sub.add_parser(
+        "train",
+        help=DESCRIPTIONS["train"],
+        description=DESCRIPTIONS["train"] + ". " + TRAIN_SECTIONS,
+        formatter_class=HelpWithDefaults,
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="recipe YAML: output_dir: and any of the sections reward:, judge:, guidance:, sft:, rl:, eval:",
+    )
     p.add_argument("--resume", action="store_true", help="resume each stage from its latest checkpoint")
     p.add_argument("--skip-done", action="store_true", help="skip stages whose artifact already exists")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="parse and check every section, print each stage's output folder and what is wired into it, "
+        "train nothing",
+    )
     p = sub.add_parser(
         "eval",
         help=DESCRIPTIONS["eval"],

@@ -485,7 +485,7 @@ def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
     cfg = _write_yaml(tmp_path / "r.yaml", {"output_dir": str(tmp_path / "o"), "evaluation": {}})
     assert main(["train", "--config", cfg]) == 2
     assert "alignpro train: error: " in (err := _error(capsys))
-    assert "unknown sections ['evaluation']; use reward, guidance, sft, rl" in err
+    assert "unknown sections ['evaluation']; use reward, judge, guidance, sft, rl, eval" in err
     cfg = _write_yaml(tmp_path / "r2.yaml", {"output_dir": str(tmp_path / "o"), "reward": {"max_stepz": 1}})
     assert main(["train", "--config", cfg]) == 2
     assert f"{cfg}, section reward: unknown config keys ['max_stepz'] (did you mean max_steps?)" in _error(
