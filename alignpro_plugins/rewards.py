@@ -447,7 +447,8 @@ class RewardEnsemble(RewardFunction):
     def fit_member_scale(
         self, prompts: Sequence[str | TargetRequest], answers: Sequence[str]
     ) -> list[dict[str, float]]:
-        """Each member's mean and population std of raw scores on these answers: the manifest's member_scale."""
+        """Each member's mean and population std of its scores on these answers, before any standardisation:
+        the manifest's ``member_scale`` (fit it on held-out answers, chosen and rejected)."""
         requests = _checked_requests(prompts, answers)
         if len(requests) < 2:
             raise ValueError(f"fitting member_scale needs at least 2 answers, got {len(requests)}")
