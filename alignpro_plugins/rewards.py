@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 REWARD_MANIFEST = "alignpro_reward.json"
 ENSEMBLE_KIND = "alignpro-reward-ensemble"
 COMBINE_RULES = ("mean", "min", "mean-minus-std")
-LENGTH_CONTROLS = ("penalty",)
+LENGTH_CONTROLS = ("none", "penalty")  # a manifest may also leave length_control out (none)
 
 
 def prompt_digest(prompt: str) -> str:
@@ -306,7 +306,7 @@ class RewardModel(RewardFunction):
 def _length_penalty(meta: dict[str, Any], folder: str) -> float | None:
     """beta of a ``"length_control": "penalty"`` manifest; None when the reward has no length control."""
     control = meta.get("length_control")
-    if control is None:
+    if control is None or control == "none":
         return None
     if control not in LENGTH_CONTROLS:
         raise ValueError(

@@ -574,6 +574,10 @@ def test_a_length_penalty_subtracts_beta_per_answer_token(tmp_path, tiny_encoder
     long = " ".join(["good"] * 300)
     assert raw([PROMPTS[0]], [long])[0] - controlled([PROMPTS[0]], [long])[0] == pytest.approx(75.0, abs=1e-4)
     assert controlled.identity == f"{raw.identity}+length-penalty=0.25"
+    none = with_manifest(
+        tmp_path, tiny_encoder_dir, "none", length_control="none", length_penalty_per_token=0.25
+    )
+    assert RewardModel(none)(PROMPTS, answers) == pytest.approx(raw(PROMPTS, answers), abs=1e-6)
     assert raw.identity.split("@")[0] == f"reward-model:{folder}"
 
 
@@ -597,7 +601,7 @@ def test_length_control_passes_through_an_ensemble(tmp_path, member_dirs):
     [
         (
             {"length_control": "input"},
-            r"length_control='input' is unknown; accepted: 'penalty' \(or leave it out\)",
+            r"length_control='input' is unknown; accepted: 'none', 'penalty' \(or leave it out\)",
         ),
         ({"length_control": "penalty"}, "needs length_penalty_per_token, a finite number"),
         ({"length_control": "penalty", "length_penalty_per_token": "0.1"}, "got '0.1'"),
