@@ -620,11 +620,11 @@ def sampling_baselines(ns: list[int]) -> list:
 
 def judges(out: Path, reward: Path | None = None) -> dict:
     """The training reward (out/reward unless given) and the independent judge, as every evaluation names them."""
-    from alignpro_plugins.rewards import RewardModel
+    from alignpro_plugins.rewards import load_reward
 
     return {
-        "reward": RewardModel(str(reward or out / "reward")),
-        "independent": RewardModel(str(out / "judge")),
+        "reward": load_reward(str(reward or out / "reward")),
+        "independent": load_reward(str(out / "judge")),
     }
 
 
