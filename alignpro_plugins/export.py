@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,8 @@ def export_prompter(
     model = merge_lora(prompter.model)  # loaded for inference: the adapter, if any, is alignpro's LoRA
     base_template = query_template(prompter.tokenizer)
 
-    def format_query(prompt: str) -> str:
-        return prompter.format_query(prompt, mode)
+    def format_query(prompt: str, answer: str | None = None) -> str:
+        return prompter.format_query(prompt, mode, answer=answer)
 
     template = checked_chat_template(prompter.tokenizer, manifest, mode, format_query)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,12 +106,12 @@ def export_prompter(
         save_tokenizer(prompter.tokenizer, template, tmp)
         _write_generation_config(tmp, model, manifest)
         # The files as saved (a server reads those) still format a user message as the prompter's query.
-        check_chat_template(AutoTokenizer.from_pretrained(str(tmp)), format_query)
+        check_chat_template(AutoTokenizer.from_pretrained(str(tmp)), format_query, refine=mode == "refine")
         exported = replace(manifest, mode=mode, has_adapter=False, query_chat_template=base_template or "")
         info = {
             "format_version": EXPORT_FORMAT_VERSION,
             "mode": mode,
-            "manifest": asdict(exported),
+            "manifest": exported.as_dict(),
             # The template Prompter.format_query renders with (the tokenizer's own one was replaced), so a
             # remote prompter formats queries locally exactly as the adapter did.
             "query_chat_template": base_template,

@@ -9,15 +9,22 @@ The flow is written once, here: :meth:`RetryGate.choose` (and :meth:`RetryGate.a
 x, scores the answers, asks again with the retry inputs where the score is below the threshold, and keeps the
 best-scored answer. ``AlignedChatModel(retry_gate=...)``, ``AlignProModule(retry_gate=...)`` and the evaluation's
 ``WithRetryGate`` configuration only say how to ask their target and how to build a retry input.
+
+Refinement: while the retry inputs are built, each prompt's first answer is known to the prompter
+(:func:`alignpro_plugins.refining.first_answers`), so a refinement prompter (mode ``"refine"``) given to any of
+those adapters writes x'' from (x, y₀) — answer x → y₀, refine where r(x, y₀) is low (or always), answer x'' →
+y₁, keep the better by r(·, x) — with no other change. :meth:`RetryGate.always` refines every prompt and keeps
+y₁ when there is no reward model to compare the answers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
+from alignpro_plugins.refining import first_answers
 from alignpro_plugins.rewards import RewardFunction, as_reward
 
 I = TypeVar("I")  # noqa: E741 - what the target is asked with (messages, a program's inputs, a TargetInput)
@@ -53,7 +60,7 @@ def retry_threshold(first_scores: Sequence[float], retry_share: float) -> float:
 class GateDecision:
     """What the gate saw and did for one prompt (recorded in the answer's ``response_metadata``)."""
 
-    first_score: float
+    first_score: float | None  # None: a gate with no reward (RetryGate.always)
     threshold: float
     retried: bool
     retry_score: float | None = None  # the best retry's score (None: no retry answer could be scored)
@@ -65,7 +72,7 @@ class GateDecision:
 
     def not_retried(self, reason: str) -> GateDecision:
         """This decision, but no retry was made (the score was low, yet there was nothing new to ask)."""
-        return GateDecision(**{**self.as_dict(), "retried": False, "reason": reason})
+        return replace(self, retried=False, reason=reason)
 
 
 @dataclass
@@ -105,6 +112,7 @@ class _Ask:
 @dataclass
 class _Retries:
     positions: list[int]
+    first_answers: dict[str, str]  # x -> the text of its first answer, for a refinement prompter
 
 
 # The gate's flow yields what it needs (answers to inputs, retry inputs for positions) and is sent the results,
@@ -117,6 +125,7 @@ class RetryGate:
 
     ``reward`` is a reward-model folder, a :class:`RewardFunction` or ``fn(prompts, answers) -> scores``.
     Set ``threshold`` with :meth:`for_budget` (or :func:`retry_threshold`) on prompts you do not evaluate on.
+    ``reward=None`` (see :meth:`always`) asks again every time and keeps the retry's answer.
     """
 
     def __init__(self, reward: Any, threshold: float) -> None:
@@ -124,7 +133,13 @@ class RetryGate:
             raise ValueError(
                 f"threshold must be a number (retry_threshold() computes one), got {threshold!r}"
             )
-        self.reward: RewardFunction = as_reward(reward)
+        if reward is None and threshold != math.inf:
+            raise ValueError(
+                f"threshold {threshold!r} compares the reward's score of the first answer, but reward is None: "
+                "give a reward (a reward-model folder or a function), or use RetryGate.always() to ask again "
+                "every time"
+            )
+        self.reward: RewardFunction | None = None if reward is None else as_reward(reward)
         self.threshold = float(threshold)
 
     @classmethod
@@ -149,6 +164,15 @@ class RetryGate:
         """
         return cls(reward, float("inf"))
 
+    @classmethod
+    def always(cls) -> RetryGate:
+        """A gate with no reward model: x is answered, the retry input (a refinement prompter's x'' written from
+        that answer) always asked too, and the retry's answer kept — x's only where the prompter kept x.
+
+        Two target calls and nothing to compare them by; with a reward model, :meth:`rerank` keeps the better.
+        """
+        return cls(None, float("inf"))
+
     def wants_retry(self, score: float) -> bool:
         return score < self.threshold
 
@@ -172,7 +196,7 @@ class RetryGate:
         be scored; an unscored answer to x is returned without a retry, an unscored retry is never kept). Give
         ``score(prompts, answers)`` instead to score some other way (the evaluation scores every judge at once).
         """
-        return _run(self._flow(prompts, inputs, score or self._scorer(text)), ask, retries)
+        return _run(self._flow(prompts, inputs, score or self._scorer(text), text), ask, retries)
 
     async def achoose(
         self,
@@ -185,23 +209,31 @@ class RetryGate:
         score: Score | None = None,
     ) -> list[GateResult[I, A]]:
         """:meth:`choose` with an async ``ask`` and ``retries`` (the reward is called as it is, in this thread)."""
-        return await _arun(self._flow(prompts, inputs, score or self._scorer(text)), ask, retries)
+        return await _arun(self._flow(prompts, inputs, score or self._scorer(text), text), ask, retries)
 
-    def _flow(self, prompts: Sequence[str], inputs: Sequence[Any], score: Score) -> _Flow:
+    def _flow(
+        self,
+        prompts: Sequence[str],
+        inputs: Sequence[Any],
+        score: Score,
+        text: Callable[[Any], str | None] | None,
+    ) -> _Flow:
         prompts, inputs = list(prompts), list(inputs)
         if len(prompts) != len(inputs):
             raise ValueError(
                 f"got {len(prompts)} prompts but {len(inputs)} inputs; give one input per prompt"
             )
         answers = list((yield _Ask(inputs)))
+        texts = [a if text is None else text(a) for a in answers]
         results = [
-            GateResult([Candidate(x, a, s)], self._decide(s))
-            for x, a, s in zip(inputs, answers, score(prompts, answers), strict=True)
+            GateResult([Candidate(x, a, s)], self._decide(s, isinstance(t, str)))
+            for x, a, s, t in zip(inputs, answers, score(prompts, answers), texts, strict=True)
         ]
         below = [j for j, r in enumerate(results) if r.decision is not None and r.decision.retried]
         if not below:
             return results
-        more = list((yield _Retries(below)))
+        seen = {prompts[j]: t for j in below if isinstance(t := texts[j], str)}
+        more = list((yield _Retries(below, seen)))
         asked = [(j, x) for j, xs in zip(below, more, strict=True) for x in xs]
         if asked:
             answers = list((yield _Ask([x for _, x in asked])))
@@ -209,10 +241,14 @@ class RetryGate:
             for (j, x), a, s in zip(asked, answers, scores, strict=True):
                 results[j].candidates.append(Candidate(x, a, s))
         for j in below:
-            _settle(results[j])
+            _settle(results[j], scored=self.reward is not None)
         return results
 
-    def _decide(self, score: float | None) -> GateDecision | None:
+    def _decide(self, score: float | None, has_text: bool) -> GateDecision | None:
+        if self.reward is None and score is None:  # no reward: every answer with text is refined
+            return (
+                GateDecision(first_score=None, threshold=self.threshold, retried=True) if has_text else None
+            )
         if score is None:
             return None
         return GateDecision(first_score=score, threshold=self.threshold, retried=self.wants_retry(score))
@@ -222,7 +258,7 @@ class RetryGate:
             texts: list[str | None] = [a if text is None else text(a) for a in answers]
             todo = [(m, t) for m, t in enumerate(texts) if t is not None]
             out: list[float | None] = [None] * len(answers)
-            if todo:  # one reward call for every answer it can score
+            if todo and self.reward is not None:  # one reward call for every answer it can score
                 scored = self.reward([prompts[m] for m, _ in todo], [t for _, t in todo])
                 for (m, _), s in zip(todo, scored, strict=True):
                     out[m] = float(s)
@@ -231,18 +267,25 @@ class RetryGate:
         return score
 
     def __repr__(self) -> str:
+        if self.reward is None:
+            return "RetryGate.always()"
         return f"RetryGate(reward={self.reward.identity!r}, threshold={self.threshold:+.4f})"
 
 
-def _settle(result: GateResult) -> None:
-    """Keep the best-scored candidate (the first of equals, so x's answer wins a tie) and say so in the decision."""
+def _settle(result: GateResult, *, scored: bool = True) -> None:
+    """Keep the best-scored candidate (the first of equals, so x's answer wins a tie) and say so in the decision;
+    with no reward (``scored=False``), the last retry's."""
     decision = result.decision
     assert decision is not None
     if len(result.candidates) == 1:
         result.decision = decision.not_retried(PROMPTER_KEPT_X)
         return
-    scored = [m for m, c in enumerate(result.candidates) if c.score is not None]
-    result.kept = max(scored, key=lambda m: result.candidates[m].score)  # type: ignore[arg-type, return-value]
+    if not scored:
+        result.kept = len(result.candidates) - 1
+        decision.kept = "retry"
+        return
+    scored_at = [m for m, c in enumerate(result.candidates) if c.score is not None]
+    result.kept = max(scored_at, key=lambda m: result.candidates[m].score)  # type: ignore[arg-type, return-value]
     retry_scores = [c.score for c in result.candidates[1:] if c.score is not None]
     decision.retry_score = max(retry_scores) if retry_scores else None
     decision.kept = "retry" if result.kept else "first"
@@ -252,9 +295,12 @@ def _run(flow: _Flow, ask: Callable, retries: Callable) -> list[GateResult]:
     request = next(flow)
     try:
         while True:
-            request = flow.send(
-                ask(request.inputs) if isinstance(request, _Ask) else retries(request.positions)
-            )
+            if isinstance(request, _Ask):
+                got = ask(request.inputs)
+            else:
+                with first_answers(request.first_answers):  # what a refinement prompter reads
+                    got = retries(request.positions)
+            request = flow.send(got)
     except StopIteration as done:
         return done.value
 
@@ -263,7 +309,11 @@ async def _arun(flow: _Flow, ask: Callable, retries: Callable) -> list[GateResul
     request = next(flow)
     try:
         while True:
-            pending = ask(request.inputs) if isinstance(request, _Ask) else retries(request.positions)
-            request = flow.send(await pending)
+            if isinstance(request, _Ask):
+                got = await ask(request.inputs)
+            else:
+                with first_answers(request.first_answers):
+                    got = await retries(request.positions)
+            request = flow.send(got)
     except StopIteration as done:
         return done.value

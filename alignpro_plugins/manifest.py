@@ -19,7 +19,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,11 @@ from alignpro_plugins.models import PACKAGED_MODELS
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "alignpro.json"
-MODES = ("augment", "rewrite")
+MODES = ("augment", "rewrite", "refine")
+# Modes whose query is the prompt alone; "refine" reads the frozen model's first answer too.
+PROMPT_MODES = ("augment", "rewrite")
+# Modes whose output is guidance appended to x ("" = no change): the guard and the target's input treat them alike.
+GUIDANCE_MODES = ("augment", "refine")
 DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` accepts besides "auto" and a torch.dtype
 _BASE = "the base model's name, hub id or folder (a non-empty string)"
 
@@ -50,6 +54,29 @@ DEFAULT_INSTRUCTIONS = {
         "number and quoted text. Output only the rewritten request.\n\nRequest:\n{prompt}"
     ),
 }
+
+
+# The refinement prompter's meta-prompt: the request and the frozen model's first answer (clipped to the manifest's
+# refine_answer_tokens), and the guidance that names what that answer lacked. Not in DEFAULT_INSTRUCTIONS: a
+# prompt-only manifest stays as it was; a refine-mode manifest gets it when it has no template of its own.
+DEFAULT_REFINE_INSTRUCTION = (
+    "Below are a request and an AI assistant's first answer to it. Write one or two sentences of guidance "
+    "telling the assistant what its answer lacked and how to answer the request better: what to add, fix, "
+    "cover or format differently. Do not answer the request.\n\nRequest:\n{prompt}\n\nFirst answer:\n{answer}"
+)
+DEFAULT_REFINE_ANSWER_TOKENS = 256
+# The slots of a refine template, filled in one pass (a prompt holding "{answer}" stays as it is).
+REFINE_SLOTS = re.compile(r"\{(prompt|answer)\}")
+
+
+def fill_refine_template(template: str, prompt: str, answer: str) -> str:
+    """A refine instruction with its ``{prompt}`` and ``{answer}`` slots filled."""
+    return REFINE_SLOTS.sub(lambda m: prompt if m.group(1) == "prompt" else answer, template)
+
+
+def appends_guidance(mode: str) -> bool:
+    """Whether ``mode``'s output is guidance appended to x (augment, refine) rather than a rewrite replacing it."""
+    return mode in GUIDANCE_MODES
 
 
 def _is_int(value: object) -> bool:
@@ -136,6 +163,9 @@ class Manifest:
     # The chat template format_query renders with ("" = the plain format); None = the tokenizer's own as loaded.
     query_chat_template: str | None = None
     format_version: int = FORMAT_VERSION
+    # Refine mode: how many tokens of the first answer the meta-prompt shows (None: not a refinement prompter).
+    # Written only when set, so a prompt-only manifest reads and writes as before.
+    refine_answer_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_value("base_model", self.base_model, (lambda v: isinstance(v, str) and v.strip(), _BASE))
@@ -161,9 +191,26 @@ class Manifest:
             raise ValueError(
                 f"instructions has templates for unknown mode(s) {unknown}; known modes: {list(MODES)}"
             )
+        if self.mode == "refine" and "refine" not in self.instructions:
+            self.instructions = {**self.instructions, "refine": DEFAULT_REFINE_INSTRUCTION}
+        if "refine" in self.instructions and self.refine_answer_tokens is None:
+            self.refine_answer_tokens = DEFAULT_REFINE_ANSWER_TOKENS
         for mode, text in self.instructions.items():
             if not isinstance(text, str) or "{prompt}" not in text:
                 raise ValueError(f"instruction template for mode {mode!r} must contain '{{prompt}}'")
+            if mode == "refine" and "{answer}" not in text:
+                raise ValueError(
+                    "instruction template for mode 'refine' must contain '{answer}' (where the first answer goes) "
+                    "as well as '{prompt}'"
+                )
+        check_value(
+            "refine_answer_tokens",
+            self.refine_answer_tokens,
+            (
+                lambda v: v is None or _is_int(v) and v >= 1,
+                "null or an integer >= 1 (tokens of the first answer)",
+            ),
+        )
         # Caught here, not per prompt: without a template every prompt would fall back with a bare KeyError.
         if self.mode not in self.instructions:
             raise ValueError(
@@ -193,8 +240,19 @@ class Manifest:
             (lambda v: v is None or isinstance(v, str), "null or a chat template string"),
         )
 
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest as JSON data; ``refine_answer_tokens`` only when set (a prompt-only manifest is unchanged)."""
+        data = asdict(self)
+        if data["refine_answer_tokens"] is None:
+            del data["refine_answer_tokens"]
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+        return json.dumps(self.as_dict(), indent=2, ensure_ascii=False)
+
+    def for_mode(self, mode: str) -> Manifest:
+        """This manifest running ``mode`` (a refine mode gets the default meta-prompt if it has none)."""
+        return replace(self, mode=mode, instructions=dict(self.instructions))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

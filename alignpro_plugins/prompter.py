@@ -41,15 +41,19 @@ from alignpro_plugins.engine import (
     select_dtype,
 )
 from alignpro_plugins.manifest import (
+    DEFAULT_REFINE_ANSWER_TOKENS,
     FORMAT_VERSION,
     MODES,
     Manifest,
+    appends_guidance,
     available_modes,
     check_generation_kwargs,
+    fill_refine_template,
     model_weights_hash,
     portable_base_name,
     weights_hash,
 )
+from alignpro_plugins.refining import first_answer
 
 if TYPE_CHECKING:  # only in annotations: a remote prompter runs without torch
     import torch
@@ -57,6 +61,15 @@ if TYPE_CHECKING:  # only in annotations: a remote prompter runs without torch
 logger = logging.getLogger(__name__)
 
 SimilarityFn = Callable[[Sequence[str], Sequence[str]], list[float]]
+
+#: What the meta-prompt shows after a first answer it cut to the manifest's ``refine_answer_tokens``.
+CLIPPED_MARK = " [...]"
+NEEDS_FIRST_ANSWER = (
+    "this is a refinement prompter (mode 'refine'): it writes the target's second input from the prompt AND "
+    "the frozen model's first answer to it, so it needs that answer. Call refine(prompt, first_answer) or "
+    "refine_results(prompts, first_answers), or deploy it behind a RetryGate (AlignedChatModel(retry_gate=...), "
+    "AlignProModule(retry_gate=...), alignpro serve with a gate reward), which hands it the first answer"
+)
 
 
 @dataclass(frozen=True)
@@ -84,10 +97,10 @@ class RewriteResult:
 def compose(original: str, generated: str, mode: str) -> str:
     """The target's input for a given prompter output.
 
-    Augment keeps the prompt byte for byte (trailing whitespace and control characters included) and adds the
-    guidance after a blank line; a prompt that already ends in line breaks gets only the missing ones.
+    Augment (and refine) keep the prompt byte for byte (trailing whitespace and control characters included) and
+    add the guidance after a blank line; a prompt that already ends in line breaks gets only the missing ones.
     """
-    if mode != "augment":
+    if not appends_guidance(mode):
         return generated.strip()
     newlines = len(original) - len(original.rstrip("\n"))
     return original + "\n" * max(0, 2 - newlines) + generated.strip()
@@ -222,7 +235,10 @@ class Prompter:
         folder = Path(path)
         mode = self.manifest.mode
         template = checked_chat_template(
-            self.tokenizer, self.manifest, mode, lambda prompt: self.format_query(prompt, mode)
+            self.tokenizer,
+            self.manifest,
+            mode,
+            lambda prompt, answer=None: self._render(prompt, mode, answer),
         )
         folder.mkdir(parents=True, exist_ok=True)
         base_model = portable_base_name(self.manifest.base_model)
@@ -255,18 +271,45 @@ class Prompter:
         if self._weights_id is None:
             return None
         # The manifest is read now, not at load: a changed generation setting changes the rewrites.
-        spec = {k: v for k, v in asdict(self.manifest).items() if k != "provenance"}
+        spec = {k: v for k, v in self.manifest.as_dict().items() if k != "provenance"}
         spec_json = json.dumps(spec, sort_keys=True, default=str)
         return "sha256:" + hashlib.sha256(f"{self._weights_id}\n{spec_json}".encode()).hexdigest()
 
-    def format_query(self, prompt: str, mode: str | None = None) -> str:
-        """The exact text the prompter model sees for ``prompt`` (trainers use this too)."""
+    def format_query(self, prompt: str, mode: str | None = None, *, answer: str | None = None) -> str:
+        """The exact text the prompter model sees for ``prompt`` (trainers use this too).
+
+        In refine mode this is the meta-prompt: the prompt and ``answer``, the frozen model's first answer to it
+        (cut to the manifest's ``refine_answer_tokens``, see :meth:`clip_answer`); other modes take no answer.
+        """
         mode = self._check_mode(mode)
-        user = self.manifest.instructions[mode].replace("{prompt}", prompt)
+        if mode == "refine":
+            if not isinstance(answer, str):
+                raise ValueError(f"{NEEDS_FIRST_ANSWER} (got answer={_given(answer)})")
+            return self._render(prompt, mode, self.clip_answer(answer))
+        if answer is not None:
+            raise ValueError(f"answer= is read in refine mode only; mode {mode!r} formats the prompt alone")
+        return self._render(prompt, mode, None)
+
+    def _render(self, prompt: str, mode: str, answer: str | None) -> str:
+        """The query with the answer shown as given (the saved chat template renders it so too)."""
+        template = self.manifest.instructions[mode]
+        if answer is not None:
+            user = fill_refine_template(template, prompt, answer)
+        else:
+            user = template.replace("{prompt}", prompt)
         system = self.manifest.system_prompt
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         # Without a chat template: the plain format prompters have always been trained on.
         return self.engine.format_chat(messages, plain=lambda _: f"{system}\n\n{user}\n\nAnswer:\n")
+
+    def clip_answer(self, answer: str) -> str:
+        """The first answer as the meta-prompt shows it: its first ``refine_answer_tokens`` tokens (prompter's
+        tokenizer), with :data:`CLIPPED_MARK` where it was cut."""
+        limit = self.manifest.refine_answer_tokens or DEFAULT_REFINE_ANSWER_TOKENS
+        ids = self.engine.token_ids([answer])[0]
+        if len(ids) <= limit:
+            return answer
+        return self.tokenizer.decode(ids[:limit]).rstrip() + CLIPPED_MARK
 
     @property
     def context_limit(self) -> int:
@@ -296,11 +339,11 @@ class Prompter:
             )
         return mode
 
-    def _precheck(self, prompt: str, mode: str) -> RewriteResult | None:
+    def _precheck(self, prompt: str, mode: str, answer: str | None = None) -> RewriteResult | None:
         if not prompt.strip():
             return RewriteResult(prompt, prompt, mode, None, guard.EMPTY_INPUT)
         try:
-            n_tokens = len(self.engine.token_ids([self.format_query(prompt, mode)])[0])
+            n_tokens = len(self.engine.token_ids([self.format_query(prompt, mode, answer=answer)])[0])
         except Exception as exc:  # e.g. a lone surrogate (json.loads('"\\ud800"')) the tokenizer rejects
             logger.warning("cannot tokenize the prompt (%s); passing it through", exc)
             return RewriteResult(
@@ -316,7 +359,7 @@ class Prompter:
             cleaned, reason = guard.check_rewrite(
                 prompt,
                 raw,
-                mode=mode,
+                mode="augment" if appends_guidance(mode) else mode,  # refine writes guidance, as augment
                 hit_token_limit=hit_limit,
                 config=self.guard_config,
                 similarity=self._similarity_fn() if mode == "rewrite" else None,
@@ -335,16 +378,34 @@ class Prompter:
         defaults = replace(self.manifest.generation, **{k: v for k, v in overrides.items() if v is not None})
         return GenerationSettings.from_defaults(defaults)
 
+    def _answers(self, prompts: list[str], mode: str, given: Any) -> list[str | None]:
+        """Per prompt, the first answer its query shows: refine mode's (given, else the gate's), else None."""
+        if mode != "refine":
+            return [None] * len(prompts)
+        if given is None:  # inside a RetryGate's retry step the gate has put the first answers in context
+            found = [first_answer(p) for p in prompts]
+            missing = [i for i, a in enumerate(found) if a is None]
+            if missing:
+                raise ValueError(f"{NEEDS_FIRST_ANSWER}; none is known for prompts[{missing[0]}]")
+            return list(found)
+        answers = _checked_prompts(given, what="first answers")
+        if len(answers) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(answers)} first answers; give one first answer per prompt"
+            )
+        return list(answers)
+
     def _submit(
-        self, prompts: Any, mode: str | None, overrides: dict[str, Any]
+        self, prompts: Any, mode: str | None, overrides: dict[str, Any], answers: Any = None
     ) -> tuple[list[str], str, list[RewriteResult | None], dict[int, Future[Generation]]]:
         prompts = _checked_prompts(prompts)
         mode = self._check_mode(mode)
+        firsts = self._answers(prompts, mode, answers)
         settings = self._settings(overrides)
-        prechecked = [self._precheck(p, mode) for p in prompts]
+        prechecked = [self._precheck(p, mode, a) for p, a in zip(prompts, firsts, strict=True)]
         futures = {
-            i: self.engine.submit(self.format_query(p, mode), settings)
-            for i, (p, pre) in enumerate(zip(prompts, prechecked, strict=True))
+            i: self.engine.submit(self.format_query(p, mode, answer=a), settings)
+            for i, (p, a, pre) in enumerate(zip(prompts, firsts, prechecked, strict=True))
             if pre is None
         }
         return prompts, mode, prechecked, futures
@@ -388,9 +449,19 @@ class Prompter:
         back unchanged with ``fallback_reason`` set; that never raises. Bad call arguments do raise, before
         any generation: prompts that are not a list or tuple of str (``TypeError`` naming what was given),
         an unknown ``mode`` or one without an instruction template, or an unknown generation override
-        (``ValueError`` listing the accepted ones).
+        (``ValueError`` listing the accepted ones). Refine mode needs each prompt's first answer: inside a
+        :class:`~alignpro_plugins.gate.RetryGate`'s retry step the gate gives it, elsewhere this raises a
+        ``ValueError`` pointing to :meth:`refine_results`.
         """
-        prompts, mode, prechecked, futures = self._submit(prompts, mode, overrides)
+        return self._results(*self._submit(prompts, mode, overrides))
+
+    def _results(
+        self,
+        prompts: list[str],
+        mode: str,
+        prechecked: list[RewriteResult | None],
+        futures: dict[int, Future[Generation]],
+    ) -> list[RewriteResult]:
         generated: dict[int, Generation | BaseException] = {}
         for i, fut in futures.items():
             try:
@@ -413,7 +484,15 @@ class Prompter:
         self, prompts: Sequence[str], *, mode: str | None = None, **overrides: Any
     ) -> list[RewriteResult]:
         """Async :meth:`rewrite_results`, with the same contract; the event loop keeps serving meanwhile."""
-        prompts, mode, prechecked, futures = self._submit(prompts, mode, overrides)
+        return await self._aresults(*self._submit(prompts, mode, overrides))
+
+    async def _aresults(
+        self,
+        prompts: list[str],
+        mode: str,
+        prechecked: list[RewriteResult | None],
+        futures: dict[int, Future[Generation]],
+    ) -> list[RewriteResult]:
         wrapped = [asyncio.wrap_future(f) for f in futures.values()]
         done = await asyncio.gather(*wrapped, return_exceptions=True)
         return self._collect(prompts, mode, prechecked, dict(zip(futures.keys(), done, strict=True)))
@@ -434,6 +513,7 @@ class Prompter:
         overrides.setdefault("do_sample", True)
         prompts = _checked_prompts(prompts)
         mode = self._check_mode(mode)
+        firsts = self._answers(prompts, mode, None)
         settings = self._settings(overrides)
         if k > 1 and not settings.do_sample:
             raise ValueError(
@@ -441,9 +521,9 @@ class Prompter:
                 f", manifest default {self.manifest.generation.do_sample!r}): greedy decoding gives one rewrite "
                 "per prompt. Pass do_sample=True (the default here when not given) or use k=1 / rewrite_results"
             )
-        prechecked = [self._precheck(p, mode) for p in prompts]
+        prechecked = [self._precheck(p, mode, a) for p, a in zip(prompts, firsts, strict=True)]
         todo = [i for i, pre in enumerate(prechecked) if pre is None]
-        queries = [self.format_query(prompts[i], mode) for i in todo]
+        queries = [self.format_query(prompts[i], mode, answer=firsts[i]) for i in todo]
         generated = self.engine.generate(queries, settings, k, return_exceptions=True)
         rows = dict(zip(todo, generated, strict=True))
         out: list[list[RewriteResult]] = []
@@ -458,6 +538,50 @@ class Prompter:
                 out.append([RewriteResult(p, p, mode, None, f"{guard.PROMPTER_ERROR}: {row}")] * k)
         return out
 
+    # ------------------------------------------------------------------ refinement (mode "refine")
+    def refine(self, prompt: str, first_answer: str, **overrides: Any) -> str:
+        """The target's second input for ``prompt`` given its ``first_answer``: x plus the guidance the prompter
+        writes after reading that answer, or x itself when the refinement was rejected (see
+        :meth:`refine_results`)."""
+        return self.refine_results(
+            [_checked_prompt(prompt)], [_checked_prompt(first_answer, "first answer")], **overrides
+        )[0].text
+
+    def refine_batch(
+        self, prompts: Sequence[str], first_answers: Sequence[str], **overrides: Any
+    ) -> list[str]:
+        """:meth:`refine` for many prompts, in order."""
+        return [r.text for r in self.refine_results(prompts, first_answers, **overrides)]
+
+    def refine_results(
+        self, prompts: Sequence[str], first_answers: Sequence[str], **overrides: Any
+    ) -> list[RewriteResult]:
+        """Refine many prompts in real batches: per prompt, the guidance written from (x, its first answer).
+
+        The contract is :meth:`rewrite_results`' in refine mode (the intent guard applies; a refinement that
+        fails comes back as x with ``fallback_reason``), with one first answer per prompt, a list or tuple of str.
+        """
+        return self._results(*self._submit(prompts, "refine", overrides, first_answers))
+
+    async def arefine(self, prompt: str, first_answer: str, **overrides: Any) -> str:
+        """Async :meth:`refine`."""
+        results = await self.arefine_results(
+            [_checked_prompt(prompt)], [_checked_prompt(first_answer, "first answer")], **overrides
+        )
+        return results[0].text
+
+    async def arefine_batch(
+        self, prompts: Sequence[str], first_answers: Sequence[str], **overrides: Any
+    ) -> list[str]:
+        """Async :meth:`refine_batch`."""
+        return [r.text for r in await self.arefine_results(prompts, first_answers, **overrides)]
+
+    async def arefine_results(
+        self, prompts: Sequence[str], first_answers: Sequence[str], **overrides: Any
+    ) -> list[RewriteResult]:
+        """Async :meth:`refine_results`."""
+        return await self._aresults(*self._submit(prompts, "refine", overrides, first_answers))
+
     def close(self) -> None:
         self.engine.close()
 
@@ -470,29 +594,31 @@ def _given(value: object) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _checked_prompt(prompt: object) -> str:
+def _checked_prompt(prompt: object, what: str = "prompt") -> str:
     if not isinstance(prompt, str):
         raise TypeError(
-            f"Prompter accepts one str prompt here, got {_given(prompt)}; for many prompts pass a list or "
+            f"Prompter accepts one str {what} here, got {_given(prompt)}; for many prompts pass a list or "
             "tuple of str to rewrite_batch / rewrite_results"
         )
     return prompt
 
 
-def _checked_prompts(prompts: object) -> list[str]:
+def _checked_prompts(prompts: object, what: str = "prompts") -> list[str]:
     """The prompts as a list; bad call arguments raise before any work starts, so none is half-processed."""
     if isinstance(prompts, str):  # iterating it would rewrite it character by character
         raise TypeError(
-            "expected a list or tuple of str prompts, got one str; use rewrite(prompt) for one prompt"
+            f"expected a list or tuple of str {what}, got one str; use rewrite(prompt) / refine(prompt, "
+            "first_answer) for one prompt"
         )
     if not isinstance(prompts, (list, tuple)):  # a dict or a set would silently rewrite keys in no set order
         raise TypeError(
-            f"Prompter accepts a list or tuple of str prompts, got {_given(prompts)}; nothing was rewritten"
+            f"Prompter accepts a list or tuple of str {what}, got {_given(prompts)}; nothing was rewritten"
         )
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(
-                f"Prompter accepts str prompts only: prompts[{i}] is {_given(p)}; nothing was rewritten"
+                f"Prompter accepts str {what} only: {what.replace(' ', '_')}[{i}] is {_given(p)}; nothing was "
+                "rewritten"
             )
     return list(prompts)
 
