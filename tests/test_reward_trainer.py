@@ -169,6 +169,20 @@ def test_length_penalty_is_fitted_on_training_answers_and_the_scorer_applies_it(
         assert meta[f"heldout_longer_preferred_rate{suffix}"] == again["longer_preferred_rate"]
 
 
+def test_max_eval_pairs_scores_a_seeded_sample_of_the_heldout_pairs(tiny_encoder_dir, tmp_path):
+    every = AlignProRewardTrainer(config(tmp_path, tiny_encoder_dir), pairs=reference_pairs())
+    capped = AlignProRewardTrainer(
+        config(tmp_path, tiny_encoder_dir, max_eval_pairs=5), pairs=reference_pairs()
+    )
+    assert len(every.eval_pairs) > 5 and len(capped.eval_pairs) == 5
+    assert set(capped.eval_pairs) < set(every.eval_pairs) and capped.train_pairs == every.train_pairs
+    again = AlignProRewardTrainer(
+        config(tmp_path, tiny_encoder_dir, max_eval_pairs=5), pairs=reference_pairs()
+    )
+    assert again.eval_pairs == capped.eval_pairs
+    assert len(length_penalty_sample(capped.train_pairs, 0, 5)) == 5
+
+
 # ---------------------------------------------------------------------------------------------- ensembles
 def test_ensemble_trains_members_on_disjoint_shards_and_one_heldout_split(tiny_encoder_dir, tmp_path):
     pairs = reference_pairs()
@@ -449,6 +463,7 @@ def test_group_by_prompt_trains_on_fewer_tokens(tiny_encoder_dir, tmp_path):
         ({"ensemble_split": "random"}, "ensemble_split='random' is unknown; accepted: 'shards', 'bootstrap'"),
         ({"ensemble_combine_k": -1.0}, "ensemble_combine_k is the k of mean − k·std: a finite number >= 0"),
         ({"length_matched_tolerance": 1.5}, r"length_matched_tolerance .* in \[0, 1\) .* got 1.5"),
+        ({"max_eval_pairs": 0}, r"max_eval_pairs is None \(every held-out pair\) or >= 1, got 0"),
         ({"use_lora": True, "lora_r": 0}, "use_lora needs lora_r >= 1"),
         ({"use_lora": True, "lora_target_modules": []}, "use_lora needs lora_target_modules"),
     ],

@@ -44,6 +44,14 @@ class AlignProRewardConfig(StageArguments, RewardConfig):
         default=0.1, metadata={"help": "Share of PROMPTS held out for pairwise accuracy."}
     )
     split_seed: int = field(default=0, metadata={"help": "Seed of the held-out prompt split."})
+    max_eval_pairs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score at most this many held-out pairs (a seeded sample; the rest is neither trained on "
+            "nor scored), and at most this many training pairs for the training sample and the length "
+            "penalty. For slow bases (a decoder on CPU); None scores every held-out pair."
+        },
+    )
     prompt_shard: int | None = field(
         default=None,
         metadata={
@@ -162,6 +170,10 @@ class AlignProRewardConfig(StageArguments, RewardConfig):
         self.check_reward_options()
 
     def check_reward_options(self) -> None:
+        if self.max_eval_pairs is not None and self.max_eval_pairs < 1:
+            raise ValueError(
+                f"max_eval_pairs is None (every held-out pair) or >= 1, got {self.max_eval_pairs}"
+            )
         if not 0 <= self.length_matched_tolerance < 1:
             raise ValueError(
                 "length_matched_tolerance is the share of the longer answer's word count two answers may differ "

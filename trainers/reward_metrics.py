@@ -99,8 +99,10 @@ def fit_length_penalty(scores: Sequence[float], token_counts: Sequence[int]) -> 
     return beta
 
 
-def length_penalty_sample(pairs: Sequence[PreferencePair], seed: int) -> list[PreferencePair]:
+def length_penalty_sample(
+    pairs: Sequence[PreferencePair], seed: int, limit: int | None = None
+) -> list[PreferencePair]:
     """The training pairs whose answers fit the penalty (and give the training-accuracy sample): a seeded sample of
-    up to LENGTH_PENALTY_FIT_ANSWERS / 2 pairs."""
-    k = min(len(pairs), LENGTH_PENALTY_FIT_ANSWERS // 2)
+    up to LENGTH_PENALTY_FIT_ANSWERS / 2 pairs (and at most ``limit``)."""
+    k = min(len(pairs), LENGTH_PENALTY_FIT_ANSWERS // 2, limit or len(pairs))
     return random.Random(seed).sample(list(pairs), k)

@@ -83,6 +83,9 @@ class AlignProRewardTrainer:
         self.train_pairs, self.eval_pairs = split_by_prompt(
             self.pairs, lambda p: p.prompt, eval_fraction=config.eval_fraction, seed=config.split_seed
         )
+        if config.max_eval_pairs is not None and len(self.eval_pairs) > config.max_eval_pairs:
+            keep = random.Random(config.split_seed).sample(range(len(self.eval_pairs)), config.max_eval_pairs)
+            self.eval_pairs = [self.eval_pairs[i] for i in sorted(keep)]
 
     def _exclude(self, config: AlignProRewardConfig) -> int:
         """Drop every pair whose prompt is in exclude_prompt_files (whitespace-insensitive); returns how many."""
@@ -209,7 +212,7 @@ class AlignProRewardTrainer:
         """Held-out metrics (and, for length_control='penalty', the fitted β and the raw scores' metrics)."""
         # No manifest is written yet, so these are the raw scores; each pair set is scored once.
         raw = RewardModel(str(out), max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-        sample = length_penalty_sample(train_pairs, cfg.seed)
+        sample = length_penalty_sample(train_pairs, cfg.seed, cfg.max_eval_pairs)
         heldout, train = score_pairs(raw, self.eval_pairs), score_pairs(raw, sample)
         entries: dict[str, Any] = {
             "length_matched_tolerance": cfg.length_matched_tolerance,
@@ -385,13 +388,13 @@ class AlignProRewardTrainer:
         _write_manifest(out, rule)  # what load_reward needs to open the folder; the metrics follow
         # Members fit their scores only up to an offset: the rules combine z-scores, each member's mean and std
         # fitted on held-out answers (which no member trained on; no labels used), as load_reward expects.
-        scale_pairs = length_penalty_sample(self.eval_pairs or self.train_pairs, cfg.seed)
+        scale_pairs = length_penalty_sample(self.eval_pairs or self.train_pairs, cfg.seed, cfg.max_eval_pairs)
         prompts = [p.prompt for p in scale_pairs for _ in range(2)]
         answers = [a for p in scale_pairs for a in (p.chosen, p.rejected)]
         rule["member_scale"] = RewardEnsemble.from_pretrained(out).fit_member_scale(prompts, answers)
         _write_manifest(out, rule)
         ensemble = load_reward(str(out))
-        sample = length_penalty_sample(self.train_pairs, cfg.seed)
+        sample = length_penalty_sample(self.train_pairs, cfg.seed, cfg.max_eval_pairs)
         heldout, train = score_pairs(ensemble, self.eval_pairs), score_pairs(ensemble, sample)
         entries: dict[str, Any] = {
             "length_matched_tolerance": cfg.length_matched_tolerance,
