@@ -7,8 +7,9 @@ same win at equal answer length, head-to-head win rates, the share of the frozen
 rate and rewrite length. A configuration that asks the target more than once (best-of-K, best-of-n, the gate,
 rerank) keeps the answer the selection judge (the first judge) scores best, through :class:`RetryGate`'s flow;
 its target calls per prompt, its agreement with the other judges on the answers it chose between, and the
-best-of-n sampling baseline with as many calls are reported beside it. Records are written incrementally, so an
-interrupted run resumes where it stopped.
+best-of-n sampling baseline with as many calls are reported beside it. :class:`RefineAndKeepBetter` is the gate
+with a refinement prompter: it reads the first answer before writing the second input, and its records keep the
+guidance it wrote. Records are written incrementally, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ from alignpro_plugins.extras import require
 from alignpro_plugins.gate import GateResult, RetryGate, retry_threshold  # noqa: F401 - retry_threshold re-exported: it sets WithRetryGate.threshold
 from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
+from alignpro_plugins.refining import first_answer
 from alignpro_plugins.rewards import RewardFunction, judge_identity, prompts_trained_on
 from alignpro_plugins.targets import (
     CachedTarget,
@@ -98,6 +101,10 @@ class Configuration:
 
     def remember(self, rows: Sequence[dict]) -> None:
         """Take note of this configuration's records (however they were obtained); nothing by default."""
+
+    def record_extra(self, prompt: str) -> dict[str, Any]:
+        """Fields this configuration adds to the record of ``prompt`` just answered; none by default."""
+        return {}
 
     def fingerprint(self) -> str:
         """What makes this configuration's records reusable on resume (same name + same setup)."""
@@ -366,7 +373,7 @@ class WithRetryGate(Configuration):
         bad = [
             type(c).__name__
             for c in self.retry
-            if isinstance(c, (WithRetryGate, BestOfN)) or c.target is not None
+            if isinstance(c, (WithRetryGate, BestOfN, RefineAndKeepBetter)) or c.target is not None
         ]
         if bad:
             raise ValueError(
@@ -396,6 +403,96 @@ class WithRetryGate(Configuration):
     def fingerprint(self) -> str:
         parts = [super().fingerprint(), repr(self.threshold), *(c.fingerprint() for c in self.retry)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RefineAndKeepBetter(Configuration):
+    """x first; then a refinement prompter (mode ``"refine"``) reads that answer y₀ and writes x'' — where the
+    selection judge scores y₀ below ``threshold``, or always when it is None — the target answers x'', and the
+    better-scored of y₀ and y₁ is kept: what ``AlignedChatModel(prompter=<refine prompter>,
+    retry_gate=RetryGate(reward, threshold))`` does at run time (``RetryGate.rerank`` for None).
+
+    Two target calls where it refines, one where it does not or the prompter keeps x (``k`` in the records). Each
+    record holds the refinement written for its prompt (``refinement``: the guidance and its fallback reason,
+    whichever answer was kept); the summary's ``outputs`` and ``refinements`` count the distinct guidance written.
+    """
+
+    prompter: Prompter | None = None
+    threshold: float | None = None
+    name: str = "refine"
+    description: str = (
+        "x; the refinement prompter reads the answer and writes x''; the better-scored answer kept"
+    )
+
+    def __post_init__(self) -> None:
+        mode = getattr(getattr(self.prompter, "manifest", None), "mode", None)
+        if mode != "refine":
+            raise ValueError(
+                f"RefineAndKeepBetter needs a refinement prompter (mode 'refine'), got {mode!r}; for a prompt-only "
+                "prompter use WithRetryGate.rerank([WithPrompter(prompter)]) or WithRetryGate(retry=[...], "
+                "threshold=...)"
+            )
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, (int, float))
+            or math.isnan(self.threshold)
+        ):
+            raise ValueError(
+                f"threshold must be a number (retry_threshold() computes one) or None (always refine), got "
+                f"{self.threshold!r}"
+            )
+        self._refinements: dict[str, TargetInput] = {}
+
+    @property
+    def gate_threshold(self) -> float:
+        return math.inf if self.threshold is None else float(self.threshold)
+
+    def inputs(self, prompts):
+        self._refinements.clear()  # a new chunk: the refinements recorded are this chunk's
+        return [[TargetInput(x)] for x in prompts]
+
+    def refine_inputs(self, prompts: Sequence[str], first_answers: Sequence[str]) -> list[list[TargetInput]]:
+        """Per prompt, x'' written from (x, its first answer), or no input where the prompter keeps x."""
+        assert self.prompter is not None
+        out: list[list[TargetInput]] = []
+        for x, r in zip(
+            prompts, self.prompter.refine_results(list(prompts), list(first_answers)), strict=True
+        ):
+            self._refinements[x] = TargetInput(r.text, r.generated, r.fallback_reason)
+            out.append([self._refinements[x]] if r.rewritten else [])
+        return out
+
+    def record_extra(self, prompt: str) -> dict[str, Any]:
+        r = self._refinements.get(prompt)
+        return {
+            "refinement": None
+            if r is None
+            else {"guidance": r.generated, "fallback_reason": r.fallback_reason}
+        }
+
+    def fingerprint(self) -> str:
+        parts = [super().fingerprint(), repr(self.threshold)]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def refinement_kinds(rows: Sequence[dict], top: int = 5) -> dict[str, Any]:
+    """What a refinement configuration wrote where it refined: how often it refined, how often the prompter kept
+    x, and the distinct kinds of guidance it wrote (grouped by their words, case and spacing aside), the most
+    common first."""
+    asked = [r["refinement"] for r in rows if r.get("refinement")]
+    written = [
+        " ".join(a["guidance"].split()).lower()
+        for a in asked
+        if a["fallback_reason"] is None and a["guidance"]
+    ]
+    kinds = Counter(written)
+    return {
+        "prompts": len(rows),
+        "refined": len(asked),
+        "kept_x": len(asked) - len(written),
+        "distinct": len(kinds),
+        "most_common": [[text, n] for text, n in kinds.most_common(top)],
+    }
 
 
 @dataclass
@@ -545,7 +642,16 @@ class Evaluator:
         answered and keep the best-scored one (the first of equals).
         """
         selector = self.judges[self.selection_judge]
-        if isinstance(cfg, WithRetryGate):
+        if isinstance(cfg, RefineAndKeepBetter):
+            gate = RetryGate(selector, cfg.gate_threshold)
+            first = [c for [c] in cfg.inputs(prompts)]
+
+            def more(below: list[int]) -> list[list[TargetInput]]:
+                # Inside the gate's retry step each prompt's first answer is known (see alignpro_plugins.refining).
+                xs = [prompts[j] for j in below]
+                return cfg.refine_inputs(xs, [first_answer(x) or "" for x in xs])
+
+        elif isinstance(cfg, WithRetryGate):
             gate = RetryGate(selector, cfg.threshold)
             first = [c for [c] in cfg.inputs(prompts)]
 
@@ -563,7 +669,7 @@ class Evaluator:
         def ask(inputs: list[TargetInput]) -> list[_Judged]:
             return self._judged(target.generate([c.request() for c in inputs]))
 
-        return gate.choose(prompts, first, ask, more, score=self._score)
+        return gate.choose(prompts, first, ask, more, text=lambda a: a.text, score=self._score)
 
     @staticmethod
     def _judged(answers: Sequence[str]) -> list[_Judged]:
@@ -587,7 +693,10 @@ class Evaluator:
             idx = todo[s : s + self.chunk_size]
             prompts = [self.prompts[i] for i in idx]
             new = [
-                self._record(cfg.name, i, self.prompts[i], result, fingerprint)
+                {
+                    **self._record(cfg.name, i, self.prompts[i], result, fingerprint),
+                    **cfg.record_extra(self.prompts[i]),
+                }
                 for i, result in zip(idx, self._choose(cfg, target, prompts), strict=True)
             ]
             self._append(new)
@@ -718,6 +827,16 @@ class Evaluator:
             entry["mean_answer_words"] = sum(words) / max(len(words), 1)
             if isinstance(cfg, (FixedTemplate, WithPrompter, BestOfK)):
                 entry["outputs"] = prompter_outputs(rows)
+            if isinstance(cfg, RefineAndKeepBetter):
+                # The guidance written where it refined ('' where the prompter kept x), whichever answer was kept.
+                entry["outputs"] = stats.most_common_share(
+                    [
+                        "" if r["refinement"]["fallback_reason"] else r["refinement"]["guidance"] or ""
+                        for r in rows
+                        if r.get("refinement")
+                    ]
+                )
+                entry["refinements"] = refinement_kinds(rows)
             for judge in self.judges:
                 entry[judge] = stats.summary([r["rewards"][judge] for r in rows])
                 if name != self.reference:
@@ -728,7 +847,7 @@ class Evaluator:
                     entry[judge]["variance_ratio_vs_reference"] = stats.variance_ratio(vals, ref_vals)
                     # Judges favour longer answers: the win rate at equal length shows what is left.
                     entry[judge]["vs_reference_length_controlled"] = w["length_controlled"]
-            if isinstance(cfg, (WithRetryGate, BestOfN)) or cfg.k > 1:
+            if isinstance(cfg, (WithRetryGate, BestOfN, RefineAndKeepBetter)) or cfg.k > 1:
                 entry["selection"] = self._selection(rows, ref)
             out["configs"][name] = entry
         if self.focus in by_config:

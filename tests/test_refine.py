@@ -359,3 +359,282 @@ def test_the_proxy_refines_through_its_gate_with_a_refine_prompter(refiner):
     assert sent[0] == "tea or coffee?" and sent[1].startswith("tea or coffee?\n\nThe answer was too thin")
     assert f"First answer:\n{SHORT}" in asked_prompter[0]
     assert resp.json()["alignpro"]["gate"]["kept"] == "retry"
+
+
+# ---------------------------------------------------------------------------------------------- training
+TRAIN_PROMPTS = [
+    "write a poem about the sea",
+    "what is green tea?",
+    "explain python code",
+    "list two numbers",
+]
+LIST_TEMPLATE = "Respond with a numbered list of at least five detailed points."
+TINY_TRAIN = dict(
+    target_max_new_tokens=6,
+    per_device_train_batch_size=2,
+    report_to="none",
+    save_steps=1000,
+    logging_steps=1,
+    disable_tqdm=True,
+)
+
+
+def frozen_target(x: str) -> str:
+    """The frozen model: its answer names the input it was given (so y0 and every y1 are told apart)."""
+    return f"answer to {x}"
+
+
+class KnownPreferences:
+    """A reward with known preferences: a poem wants the list template, every other prompt its first answer."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def __call__(self, prompts, answers):
+        self.prompts += list(prompts)
+        return [
+            (10.0 if LIST_TEMPLATE in a else 0.0) if "poem" in x else (5.0 if a == frozen_target(x) else 0.0)
+            for x, a in zip(prompts, answers, strict=True)
+        ]
+
+
+def _refine_sft(tiny_lm_dir, out, **kw):
+    from trainers.sft_config import AlignProSFTConfig
+
+    settings = dict(
+        mode="refine",
+        num_candidates=2,
+        prompter_max_new_tokens=6,
+        templates=[LIST_TEMPLATE, "Be brief."],
+        refine_answer_tokens=64,
+        fit_check_prompts=2,
+        max_steps=1,
+        **TINY_TRAIN,
+    )
+    return AlignProSFTConfig(output_dir=str(out), base_model=tiny_lm_dir, **{**settings, **kw})
+
+
+def test_the_refine_bootstrap_trains_on_x_and_y0_and_keeps_the_best_candidate(tiny_lm_dir, tmp_path):
+    from trainers.sft_trainer import AlignProSFTTrainer
+
+    folder, _ = build_tiny_prompter(tmp_path / "prompt-only")  # an augment prompter: its guidance joins
+    reward = KnownPreferences()
+    cfg = _refine_sft(tiny_lm_dir, tmp_path / "sft", prompt_only_prompter=str(folder))
+    trainer = AlignProSFTTrainer(cfg, prompts=TRAIN_PROMPTS, target=frozen_target, reward=reward)
+    asked = []
+    generate = trainer.prompter.engine.generate
+    trainer.prompter.engine.generate = lambda queries, *a, **k: (
+        asked.extend(queries) or generate(queries, *a, **k)
+    )
+    pairs = trainer.sft_pairs()
+    # Every sampled refinement was drawn from a query that shows x and its first answer y0 = target(x).
+    assert asked and all(
+        any(f"Request:\n{x}\n\nFirst answer:\n{frozen_target(x)}" in q for x in TRAIN_PROMPTS) for q in asked
+    )
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "bootstrap.jsonl").read_text().splitlines()]
+    only = Prompter.from_pretrained(folder, similarity=None).rewrite_results(TRAIN_PROMPTS)
+    for x, row, guidance in zip(TRAIN_PROMPTS, rows, only, strict=True):
+        assert row["first_answer"] == frozen_target(x)
+        texts = [c["text"] for c in row["candidates"]]
+        # K samples, the prompt-only prompter's guidance, the templates, and no change (answered as y0 itself).
+        assert len(texts) == 2 + 1 + 2 + 1 and texts[3:] == [LIST_TEMPLATE, "Be brief.", ""]
+        assert texts[2] == (guidance.generated if guidance.rewritten else "")
+        assert row["candidates"][-1]["shown"] == x
+    # The best candidate by r(x, target(x'')): the list for the poem, no change (y0) for every other prompt.
+    assert pairs == [(x, LIST_TEMPLATE if "poem" in x else "") for x in TRAIN_PROMPTS]
+    assert set(reward.prompts) == set(TRAIN_PROMPTS)  # always scored against the original x
+    # SFT rows: the query shows (x, y0); the completion is the kept refinement.
+    data = trainer.dataset(pairs)
+    for row in data:
+        x = next(x for x in TRAIN_PROMPTS if f"Request:\n{x}\n\n" in row["prompt"])
+        assert f"First answer:\n{frozen_target(x)}" in row["prompt"]
+        assert row["completion"] == (LIST_TEMPLATE if "poem" in x else "")
+    trained = trainer.train()
+    saved = Manifest.load(tmp_path / "sft")
+    assert saved.mode == "refine" and saved.refine_answer_tokens == 64
+    assert saved.provenance["stages"][-1]["bootstrap"]["prompt_only_prompter"] == str(folder)
+    assert trained.manifest.mode == "refine"
+
+
+def test_refine_training_settings_are_checked(tiny_lm_dir, tmp_path):
+    from trainers.sft_config import AlignProSFTConfig
+    from trainers.sft_trainer import AlignProSFTTrainer
+
+    with pytest.raises(ValueError, match="prompt_only_prompter is a refine-mode setting.*set mode='refine'"):
+        AlignProSFTConfig(output_dir=str(tmp_path), prompt_only_prompter="x", **TINY_TRAIN)
+    with pytest.raises(ValueError, match="drop pairs_data and bootstrap from prompts_data"):
+        AlignProSFTConfig(output_dir=str(tmp_path), mode="refine", pairs_data="pairs.jsonl", **TINY_TRAIN)
+    with pytest.raises(ValueError, match="pass prompts= .* to bootstrap instead"):
+        AlignProSFTTrainer(_refine_sft(tiny_lm_dir, tmp_path), pairs=[("x", "y")])
+    folder, _ = build_tiny_prompter(tmp_path / "p")
+    rewrite = Prompter.from_pretrained(folder, similarity=None)
+    rewrite.manifest = rewrite.manifest.for_mode("rewrite")
+    rewrite.save_pretrained(tmp_path / "rewrite")
+    trainer = AlignProSFTTrainer(
+        _refine_sft(tiny_lm_dir, tmp_path / "o", prompt_only_prompter=str(tmp_path / "rewrite")),
+        prompts=TRAIN_PROMPTS[:2],
+        target=frozen_target,
+        reward=KnownPreferences(),
+    )
+    with pytest.raises(ValueError, match="only an augment-mode prompter's guidance can be a candidate"):
+        trainer.sft_pairs()
+
+
+@pytest.fixture
+def refine_sft_dir(tiny_lm_dir, tmp_path):
+    from trainers.sft_trainer import AlignProSFTTrainer
+
+    cfg = _refine_sft(tiny_lm_dir, tmp_path / "sft", max_steps=2)
+    AlignProSFTTrainer(cfg, prompts=TRAIN_PROMPTS, target=frozen_target, reward=KnownPreferences()).train()
+    return str(tmp_path / "sft")
+
+
+def test_kl_optimum_in_refine_mode_runs_a_round_anchored_on_the_refine_sft_prompter(refine_sft_dir, tmp_path):
+    from trainers.kl_optimum_config import KLOptimumConfig
+    from trainers.kl_optimum_trainer import KLOptimumTrainer
+
+    seen: list[str] = []
+
+    def target(x: str) -> str:
+        seen.append(x)
+        return frozen_target(x)
+
+    reward = KnownPreferences()
+    cfg = KLOptimumConfig(
+        output_dir=str(tmp_path / "rl"),
+        sft_prompter=refine_sft_dir,
+        beta=0.5,
+        num_generations=2,
+        max_completion_length=6,
+        learning_rate=1e-2,
+        anchors=["", LIST_TEMPLATE],
+        validation_prompts=1,
+        **TINY_TRAIN,
+    )
+    trainer = KLOptimumTrainer(cfg, prompts=TRAIN_PROMPTS, target=target, reward=reward)
+    assert trainer.mode == "refine"
+    asked: list[str] = []
+    generate = trainer.prompter.engine.generate
+    trainer.prompter.engine.generate = lambda queries, *a, **k: (
+        asked.extend(queries) or generate(queries, *a, **k)
+    )
+    trainer.train()
+    # Every query (samples, the deployed refinement, validation) showed x and its first answer.
+    assert asked and all(
+        any(f"Request:\n{x}\n\nFirst answer:\n{frozen_target(x)}" in q for x in TRAIN_PROMPTS) for q in asked
+    )
+    assert set(reward.prompts) <= set(TRAIN_PROMPTS)  # rewards score the final answer against x
+    assert all(any(t.startswith(x) for x in TRAIN_PROMPTS) for t in seen)  # x'' = x + guidance, or x
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and "val_reward" in rows[0]
+    assert rows[1]["samples"] == 3 * (2 + 1 + 2)  # K samples + the deployed refinement + 2 anchors per prompt
+    loaded = Prompter.from_pretrained(tmp_path / "rl", similarity=None)
+    assert loaded.manifest.mode == "refine" and loaded.manifest.refine_answer_tokens == 64
+    assert loaded.manifest.provenance["stages"][-1]["algorithm"] == "kl-optimum"
+
+
+def test_grpo_queries_in_refine_mode_show_the_first_answer(refine_sft_dir, tmp_path):
+    from trainers.rl_config import AlignProRLConfig
+    from trainers.rl_trainer import AlignProRLTrainer
+
+    cfg = AlignProRLConfig(
+        output_dir=str(tmp_path / "grpo"),
+        sft_prompter=refine_sft_dir,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=1,
+        **TINY_TRAIN,
+    )
+    trainer = AlignProRLTrainer(
+        cfg, prompts=TRAIN_PROMPTS[:2], target=frozen_target, reward=KnownPreferences()
+    )
+    data = trainer.dataset()
+    assert data["original"] == TRAIN_PROMPTS[:2]
+    for x, query in zip(data["original"], data["prompt"], strict=True):
+        assert query == trainer.prompter.format_query(x, answer=frozen_target(x))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+EVAL_PROMPTS = ["green tea benefits?", "why is the sky blue?", "tea or coffee?", "iced tea recipe?"]
+
+
+def test_refine_and_keep_better_records_calls_refinements_and_the_kept_answer(refiner, tmp_path):
+    from alignpro_plugins.evaluation import Evaluator, FrozenAlone, RefineAndKeepBetter
+    from alignpro_plugins.rewards import CallableReward
+    from alignpro_plugins.targets import CallableTarget
+
+    asked_prompter = script(refiner)
+    sent: list[str] = []
+
+    def answer(x: str) -> str:
+        sent.append(x)
+        return Script().answer(x)
+
+    scored: list[str] = []
+
+    def length(prompts, answers):
+        scored.extend(prompts)
+        return [float(len(a)) for a in answers]
+
+    judges = {
+        "len": CallableReward(length, name="len"),
+        "words": CallableReward(lambda ps, ans: [float(len(a.split())) for a in ans], name="words"),
+    }
+    configs = [
+        FrozenAlone(),
+        RefineAndKeepBetter(prompter=refiner),
+        RefineAndKeepBetter(prompter=refiner, threshold=20.0, name="refine-gated"),
+    ]
+    ev = Evaluator(EVAL_PROMPTS, CallableTarget(answer, name="t"), judges, out_dir=tmp_path, focus="refine")
+    report = ev.run(configs)
+    always = {r["prompt"]: r for r in report.records if r["config"] == "refine"}
+    gated = {r["prompt"]: r for r in report.records if r["config"] == "refine-gated"}
+    for x in EVAL_PROMPTS:
+        thin = "tea" in x
+        # Always: every first answer went to the prompter; x'' was asked where it wrote guidance (2 calls).
+        assert always[x]["k"] == (2 if thin else 1) and always[x]["answer"] == LONG
+        assert always[x]["refinement"]["fallback_reason"] == (None if thin else guard.NO_CHANGE)
+        # Gated at 20: only the thin (14-character) first answers were refined.
+        assert gated[x]["k"] == (2 if thin else 1)
+        assert (gated[x]["refinement"] is None) == (not thin)
+        if thin:  # the refined input is x plus the guidance, and its (longer) answer was kept
+            assert always[x]["input"] == f"{x}\n\n{always[x]['refinement']['guidance']}"
+            assert always[x]["kept"] == 1 and len(always[x]["candidates"]) == 2
+    requests = [q.split("Request:\n")[1].split("\n")[0] for q in asked_prompter]
+    assert sorted(requests) == sorted(EVAL_PROMPTS + [x for x in EVAL_PROMPTS if "tea" in x])
+    assert all(
+        (f"First answer:\n{SHORT}" in q) == ("tea" in x)
+        for q, x in zip(asked_prompter, requests, strict=True)
+    )
+    assert set(scored) <= set(EVAL_PROMPTS)  # every answer scored against the original x
+    summary = report.summary["configs"]
+    assert summary["refine"]["target_calls_per_prompt"] == pytest.approx(1.75)
+    assert summary["refine"]["refinements"] == {
+        "prompts": 4,
+        "refined": 4,
+        "kept_x": 1,
+        "distinct": 1,
+        "most_common": [[guidance_for(f"First answer:\n{SHORT}").lower(), 3]],
+    }
+    assert summary["refine-gated"]["refinements"]["refined"] == 3
+    assert summary["refine"]["outputs"]["distinct"] == 2 and summary["refine"]["outputs"]["n"] == 4
+    assert summary["refine"]["selection"]["prompts_chosen_between"] == 3
+    assert "| refine |" in report.to_markdown()
+    # Resumed: the records (refinements included) are reused, nothing is asked again.
+    sent.clear()
+    again = Evaluator(
+        EVAL_PROMPTS, CallableTarget(answer, name="t"), judges, out_dir=tmp_path, focus="refine"
+    )
+    assert again.run(configs).summary["configs"]["refine"]["refinements"] == summary["refine"]["refinements"]
+    assert sent == []
+
+
+def test_refine_and_keep_better_needs_a_refine_prompter_and_a_number(tmp_path):
+    from alignpro_plugins.evaluation import RefineAndKeepBetter
+
+    folder, _ = build_tiny_prompter(tmp_path)
+    augment = Prompter.from_pretrained(folder, similarity=None)
+    with pytest.raises(ValueError, match=r"needs a refinement prompter \(mode 'refine'\), got 'augment'"):
+        RefineAndKeepBetter(prompter=augment)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        RefineAndKeepBetter(prompter=refine_prompter(), threshold=float("nan"))

@@ -17,17 +17,44 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from alignpro_plugins.manifest import GenerationDefaults
+from alignpro_plugins.manifest import GenerationDefaults, appends_guidance
+from alignpro_plugins.targets import TargetError, TargetRequest
 from trainers.common import drop_rows_after
 from trainers.scoring import RewriteScorer
 
 logger = logging.getLogger(__name__)
+
+
+def first_answers(scorer: RewriteScorer, prompts: Sequence[str], batch: int = 64) -> dict[str, str]:
+    """y₀ = π_F(x) for each prompt: the first answer a refinement prompter reads (the SFT bootstrap uses it too).
+
+    Asked as the scorer asks x itself (same request, same answer cache), so "no change" candidates and rejected
+    refinements, which reach the target as x, reuse these answers.
+    """
+    todo = list(dict.fromkeys(prompts))
+    out: dict[str, str] = {}
+    for s in tqdm(
+        range(0, len(todo), batch), desc="first answers y0 = target(x)", disable=len(todo) <= batch
+    ):
+        chunk = todo[s : s + batch]
+        requests = [TargetRequest(x, original=x, context=scorer.contexts.get(x)) for x in chunk]
+        try:
+            answers = scorer.target.generate(requests)
+        except TargetError as exc:  # counted in target.stats; a missing answer is shown as empty
+            answers = exc.answers_or_empty()
+        out.update(zip(chunk, answers, strict=True))
+    return out
+
+
+def query(prompter: Any, x: str, mode: str, answers: Mapping[str, str] | None = None) -> str:
+    """The prompter's query for x; in refine mode it shows x's first answer, ``answers[x]``."""
+    return prompter.format_query(x, mode, answer=None if answers is None else answers[x])
 
 
 def sir_weights(rewards: Sequence[float], lam: float) -> list[float]:
@@ -71,6 +98,7 @@ def run_round(
     anchors: Sequence[str] = (),
     greedy: GenerationDefaults | None = None,
     length_control: float = 0.0,
+    answers: Mapping[str, str] | None = None,
 ) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     """Sample K rewrites per prompt, score r(x, target(x')), resample K draws from ρ*; return (x, x') targets.
 
@@ -85,13 +113,16 @@ def run_round(
     ``length_control`` (0..1) removes that share of the reward's dependence on answer length before resampling:
     reward models favour longer answers, so without it a round can "win" by asking for length alone. The
     slope is the round's pooled within-prompt regression of reward on answer words; logged rewards stay raw.
+
+    ``answers`` (refine mode): each prompt's first answer, which every query shows; the reward still scores the
+    answer to x'' against x.
     """
     prompter = scorer.prompter
     t0 = time.perf_counter()
     samples: list[tuple[str, str, bool]] = []
     for s in tqdm(range(0, len(prompts), gen_batch), desc="kl-optimum: sampling rewrites"):
         chunk = prompts[s : s + gen_batch]
-        queries = [prompter.format_query(x, mode) for x in chunk]
+        queries = [query(prompter, x, mode, answers) for x in chunk]
         rows = [
             [(g.text, not g.ended) for g in row] for row in prompter.engine.generate(queries, settings, k)
         ]
@@ -136,7 +167,7 @@ def run_round(
         for j in draws:
             # A rejected rewrite reached the target as x itself: its target is "no change" (augment) .
             text = (res[j].generated or "") if res[j].rewritten else ""
-            if text or mode == "augment":
+            if text or appends_guidance(mode):
                 targets.append((x, text))
             chosen_rewards.append(rs[j])
     # Fallback rate and length describe the prompter's own samples; "" anchors would count as fallbacks.
@@ -175,13 +206,18 @@ def pooled_length_slope(rewards: Sequence[float], lengths: Sequence[float], grou
 
 
 def deployed_reward(
-    scorer: RewriteScorer, prompts: Sequence[str], settings: GenerationDefaults, mode: str, gen_batch: int = 8
+    scorer: RewriteScorer,
+    prompts: Sequence[str],
+    settings: GenerationDefaults,
+    mode: str,
+    gen_batch: int = 8,
+    answers: Mapping[str, str] | None = None,
 ) -> float:
     """Mean reward of the prompter's deployed (non-sampled) rewrites of ``prompts``: the validation metric."""
     prompter = scorer.prompter
     rows: list[tuple[str, bool]] = []
     for s in range(0, len(prompts), gen_batch):
-        queries = [prompter.format_query(x, mode) for x in prompts[s : s + gen_batch]]
+        queries = [query(prompter, x, mode, answers) for x in prompts[s : s + gen_batch]]
         rows += [(g.text, not g.ended) for (g,) in prompter.engine.generate(queries, settings)]
     batch = scorer.score(list(prompts), [g for g, _ in rows], [h for _, h in rows], mode)
     return sum(batch.rewards) / len(batch.rewards)
@@ -208,10 +244,15 @@ def _std(values: Sequence[float]) -> float:
 
 
 def distil(
-    prompter: Any, pairs: Sequence[tuple[str, str]], cfg: Any, output_dir: Path, mode: str
+    prompter: Any,
+    pairs: Sequence[tuple[str, str]],
+    cfg: Any,
+    output_dir: Path,
+    mode: str,
+    answers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """One maximum-likelihood pass of the prompter's (trainable) adapter on the resampled draws."""
-    rows = [{"prompt": prompter.format_query(x, mode), "completion": y} for x, y in pairs]
+    rows = [{"prompt": query(prompter, x, mode, answers), "completion": y} for x, y in pairs]
     prompter.model, stats = distil_rows(prompter.model, prompter.tokenizer, rows, cfg, output_dir)
     return stats
 

@@ -82,8 +82,8 @@ class KLOptimumConfig(KLOptimumArguments, PrompterRLArguments, TrainingArguments
     anchors: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Augment mode: fixed guidance texts scored beside the samples of every prompt ('' = no "
-            "change), e.g. the guidance library; the resampling may pick them. Empty: samples only."
+            "help": "Augment or refine mode: fixed guidance texts scored beside the samples of every prompt ('' = "
+            "no change), e.g. the guidance library; the resampling may pick them. Empty: samples only."
         },
     )
     length_control: float = field(

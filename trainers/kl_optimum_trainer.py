@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from alignpro_plugins.manifest import GenerationDefaults
+from alignpro_plugins.manifest import GenerationDefaults, appends_guidance
 from alignpro_plugins.prompter import Prompter
 from trainers import kl_optimum
 from trainers.common import round_seed, seed_stage
@@ -22,7 +22,9 @@ class KLOptimumTrainer(PrompterRLTrainer):
     """The prompter's RL stage by kl-optimum (see :mod:`trainers.kl_optimum`); one round per checkpoint.
 
     Arguments as :class:`trainers.prompter_rl.PrompterRLTrainer`. With ``validation_prompts = n`` the last n
-    training prompts are held out of every round to measure the deployed rewrites (``val_reward``).
+    training prompts are held out of every round to measure the deployed rewrites (``val_reward``). A refine-mode
+    prompter (its SFT artifact the anchor) reads each prompt's first answer y₀ = π_F(x), asked once before the
+    rounds; the reward scores the answer to its x'' against x.
     """
 
     algorithm = "kl-optimum"
@@ -46,9 +48,9 @@ class KLOptimumTrainer(PrompterRLTrainer):
         cfg = self.config
         seed_stage(cfg)  # a new LoRA is initialised before anything else draws random numbers
         out = Path(str(cfg.output_dir))
-        if cfg.anchors and self.mode != "augment":
+        if cfg.anchors and not appends_guidance(self.mode):
             raise ValueError(
-                f"anchors are guidance appended to x, so they need mode='augment' (this prompter: "
+                f"anchors are guidance appended to x, so they need mode='augment' or 'refine' (this prompter: "
                 f"{self.mode!r}); drop anchors or set mode='augment'"
             )
         model, peft_config = self.policy()
@@ -67,12 +69,15 @@ class KLOptimumTrainer(PrompterRLTrainer):
         deployed = replace(self.prompter.manifest.generation, do_sample=False)
         greedy = replace(deployed, max_new_tokens=settings.max_new_tokens) if cfg.include_greedy else None
         metrics = out / "metrics.jsonl"
+        answers = self.first_answers([*self.prompts, *self.val_prompts])
         start = kl_optimum.resume_last_round(self.prompter.model, out, metrics) if cfg.resume else 0
         history = []
         best_val, stale, stopped = float("-inf"), 0, False  # early stopping counts this invocation's rounds
         if self.val_prompts and start == 0:
             # Round 0 is the SFT prompter: the point every round is measured against (and kept if none beats it).
-            v0 = kl_optimum.deployed_reward(self.scorer, self.val_prompts, deployed, self.mode)
+            v0 = kl_optimum.deployed_reward(
+                self.scorer, self.val_prompts, deployed, self.mode, answers=answers
+            )
             kl_optimum.log_row(metrics, {"stage": "rl", "step": 0, "time": time.time(), "val_reward": v0})
             logger.info("kl-optimum validation before round 1 (SFT prompter): %.4f", v0)
             kl_optimum.save_round(self.prompter, out, 0)
@@ -91,11 +96,16 @@ class KLOptimumTrainer(PrompterRLTrainer):
                 anchors=cfg.anchors,
                 greedy=greedy,
                 length_control=cfg.length_control,
+                answers=answers,
             )
-            stats.update(kl_optimum.distil(self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode))
+            stats.update(
+                kl_optimum.distil(
+                    self.prompter, pairs, cfg, out / f"round-{r + 1}-sft", self.mode, answers=answers
+                )
+            )
             if self.val_prompts:
                 stats["val_reward"] = kl_optimum.deployed_reward(
-                    self.scorer, self.val_prompts, deployed, self.mode
+                    self.scorer, self.val_prompts, deployed, self.mode, answers=answers
                 )
             stats["time/step_s"] = sum(v for k, v in stats.items() if k.startswith("time/"))
             row = {"stage": "rl", "step": r + 1, "time": time.time(), **stats}

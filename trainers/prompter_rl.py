@@ -17,6 +17,7 @@ from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import as_reward
 from alignpro_plugins.targets import TargetRequest
 from alignpro_plugins.targets.base import as_requests
+from trainers import kl_optimum
 from trainers.common import (
     build_target,
     check_reward_source,
@@ -69,7 +70,7 @@ class PrompterRLTrainer:
         else:
             self.prompter = Prompter.from_base(config.base_model, similarity=None)
         if config.mode:
-            self.prompter.manifest.mode = config.mode
+            self.prompter.manifest = self.prompter.manifest.for_mode(config.mode)
         self.mode = self.prompter.manifest.mode
         output_dir = str(config.output_dir)
         self.target = (
@@ -82,6 +83,10 @@ class PrompterRLTrainer:
 
     def check_prompts(self) -> None:
         """Algorithm-specific checks of ``self.prompts``, before any model loads."""
+
+    def first_answers(self, prompts: Sequence[str]) -> dict[str, str] | None:
+        """Refine mode: each prompt's first answer y₀ = π_F(x), which the prompter's queries show; else None."""
+        return kl_optimum.first_answers(self.scorer, prompts) if self.mode == "refine" else None
 
     def policy(self) -> tuple[Any, Any]:
         """The model to train and, when it has no SFT adapter, the LoRA config of a fresh one."""

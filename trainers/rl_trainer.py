@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from alignpro_plugins.prompter import Prompter
+from trainers import kl_optimum
 from trainers.common import metrics_callback, resume_checkpoint, seed_stage
 from trainers.kl_optimum_config import KLOptimumConfig
 from trainers.prompter_rl import PrompterRLTrainer
@@ -110,9 +111,10 @@ class AlignProRLTrainer(PrompterRLTrainer):
     def dataset(self):
         import datasets
 
+        answers = self.first_answers(self.prompts)  # refine mode: the queries show y0
         return datasets.Dataset.from_dict(
             {
-                "prompt": [self.prompter.format_query(x, self.mode) for x in self.prompts],
+                "prompt": [kl_optimum.query(self.prompter, x, self.mode, answers) for x in self.prompts],
                 "original": self.prompts,
             }
         )

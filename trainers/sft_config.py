@@ -22,7 +22,11 @@ class AlignProSFTConfig(StageArguments, SFTConfig, TargetArguments):
 
     base_model: str = field(default="smollm2-135m-instruct", metadata={"help": "Prompter base model."})
     mode: str = field(
-        default="augment", metadata={"help": "'augment' (keep x, add guidance) or 'rewrite' (x' replaces x)."}
+        default="augment",
+        metadata={
+            "help": "'augment' (keep x, add guidance), 'rewrite' (x' replaces x) or 'refine' (keep x, add guidance "
+            "written from x and the frozen target's first answer y0; bootstrap only: each query shows y0)."
+        },
     )
     pairs_data: str | None = field(
         default=None, metadata={"help": "(prompt, improved prompt) pairs: file or hub id. Omit to bootstrap."}
@@ -51,7 +55,8 @@ class AlignProSFTConfig(StageArguments, SFTConfig, TargetArguments):
         default=0.9, metadata={"help": "Sampling temperature for candidates."}
     )
     include_templates: bool = field(
-        default=True, metadata={"help": "Score fixed guidance templates as candidates too (augment mode)."}
+        default=True,
+        metadata={"help": "Score fixed guidance templates as candidates too (augment and refine modes)."},
     )
     templates: list[str] = field(
         default_factory=lambda: list(DEFAULT_GUIDANCE_TEMPLATES), metadata={"help": "Guidance templates."}
@@ -71,6 +76,20 @@ class AlignProSFTConfig(StageArguments, SFTConfig, TargetArguments):
         metadata={"help": "Score 'no change' too; if it wins, the prompter learns to leave x alone."},
     )
     prompter_max_new_tokens: int = field(default=48, metadata={"help": "Rewrite length cap while sampling."})
+    prompt_only_prompter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Refine mode: a prompt-only (augment) prompter artifact; its guidance for each x joins that "
+            "prompt's candidates, so the refinement prompter starts at least where it is."
+        },
+    )
+    refine_answer_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Refine mode: tokens of the first answer the prompter's query shows (recorded in the "
+            "artifact). None: the manifest default (256)."
+        },
+    )
     bootstrap_neighbours: int = field(
         default=0,
         metadata={
@@ -117,7 +136,21 @@ class AlignProSFTConfig(StageArguments, SFTConfig, TargetArguments):
         SFTConfig.__post_init__(self)
         self.check_target_arguments()
         if self.mode not in MODES:
-            raise ValueError(f"mode must be 'augment' or 'rewrite', got {self.mode!r}")
+            raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {self.mode!r}")
+        if self.mode != "refine":
+            for option in ("prompt_only_prompter", "refine_answer_tokens"):
+                if getattr(self, option) is not None:
+                    raise ValueError(
+                        f"{option} is a refine-mode setting, but mode is {self.mode!r}: set mode='refine' or "
+                        f"drop {option}"
+                    )
+        elif self.pairs_data:
+            raise ValueError(
+                "mode='refine' learns from the frozen target's first answers, which (prompt, improved prompt) "
+                "pairs do not hold: drop pairs_data and bootstrap from prompts_data with a reward_model"
+            )
+        if self.refine_answer_tokens is not None and self.refine_answer_tokens < 1:
+            raise ValueError(f"refine_answer_tokens must be >= 1 (or None), got {self.refine_answer_tokens}")
         self.templates = as_str_list(self.templates, "templates")
         if self.templates_from_top < 1:
             raise ValueError(f"templates_from_top must be >= 1, got {self.templates_from_top}")

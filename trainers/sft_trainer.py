@@ -3,6 +3,11 @@
 Targets come from (prompt, improved prompt) pairs, or, when there are none, from a best-of-K bootstrap: K
 sampled rewrites of the untrained prompter (plus fixed guidance templates and 'no change'), each scored by
 the reward of the frozen target's answer against the original prompt; the best becomes the SFT target.
+
+Refine mode bootstraps a refinement prompter the same way, with the frozen target's first answer y₀ = π_F(x)
+in every query: the candidates are refinements sampled from (x, y₀), the guidance templates, a prompt-only
+prompter's guidance (``prompt_only_prompter``) and 'no change' (whose answer is y₀ itself); each x'' is answered
+and scored r(x, π_F(x'')), and the prompter learns (x, y₀) → the best.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from alignpro_plugins.data import load_prompt_pairs, load_prompts
-from alignpro_plugins.manifest import GenerationDefaults
+from alignpro_plugins.manifest import GenerationDefaults, appends_guidance
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import as_reward
+from trainers import kl_optimum
 from trainers.common import (
     build_target,
     check_reward_source,
@@ -68,8 +74,16 @@ class AlignProSFTTrainer:
 
             searched = GuidanceSearchResult.load(config.templates_from).ranked(config.templates_from_top)
             config.templates = list(dict.fromkeys([*searched, *config.templates]))
+        if config.mode == "refine" and pairs is not None:
+            raise ValueError(
+                "mode='refine' learns from the frozen target's first answers, which (prompt, improved prompt) "
+                "pairs do not hold: pass prompts= (and a reward) to bootstrap instead"
+            )
         self.prompter = prompter or Prompter.from_base(config.base_model, mode=config.mode, similarity=None)
-        self.prompter.manifest.mode = config.mode
+        self.prompter.manifest = self.prompter.manifest.for_mode(config.mode)
+        if config.refine_answer_tokens is not None:
+            self.prompter.manifest.refine_answer_tokens = config.refine_answer_tokens
+        self._first: dict[str, str] = {}  # refine mode: x -> the frozen target's first answer y0
         self._pairs = list(pairs) if pairs is not None else None
         self._prompts = list(prompts) if prompts is not None else None
         self._target = target
@@ -99,8 +113,13 @@ class AlignProSFTTrainer:
             prompts = prompts[: cfg.max_pairs]
         return self.bootstrap(prompts)
 
+    def query(self, x: str) -> str:
+        """The prompter's query for x in the trained mode (refine: it shows x's first answer)."""
+        return kl_optimum.query(self.prompter, x, self.config.mode, self._first or None)
+
     def candidates(self, prompts: Sequence[str]) -> list[list[tuple[str, bool]]]:
-        """Per prompt: (generation, hit_limit) candidates — sampled rewrites, templates, 'no change'."""
+        """Per prompt: (generation, hit_limit) candidates — sampled rewrites, the prompt-only prompter's guidance
+        (refine mode), templates, 'no change'."""
         cfg = self.config
         sampled: list[list[tuple[str, bool]]] = [[] for _ in prompts]
         if cfg.num_candidates:
@@ -114,19 +133,39 @@ class AlignProSFTTrainer:
             seed_stage(cfg)  # the same samples whether train() or a direct sft_pairs() call gets here
             for s in tqdm(range(0, len(prompts), bs), desc="bootstrap: sampling rewrites"):
                 chunk = prompts[s : s + bs]
-                queries = [self.prompter.format_query(p, cfg.mode) for p in chunk]
+                queries = [self.query(p) for p in chunk]
                 rows = self.prompter.engine.generate(queries, settings, cfg.num_candidates)
                 for i, row in enumerate(rows):
                     sampled[s + i] = [(g.text, not g.ended) for g in row]
+        prompt_only = self.prompt_only_guidance(prompts)
         out = []
-        for row in sampled:
+        for i, row in enumerate(sampled):
             cands = list(row)
-            if cfg.mode == "augment" and cfg.include_templates:
+            if prompt_only is not None:
+                cands.append((prompt_only[i], False))
+            if appends_guidance(cfg.mode) and cfg.include_templates:
                 cands += [(t, False) for t in cfg.templates]
             if cfg.include_no_change:
                 cands.append((NO_CHANGE, False))
             out.append(cands)
         return out
+
+    def prompt_only_guidance(self, prompts: Sequence[str]) -> list[str] | None:
+        """The guidance ``prompt_only_prompter`` appends to each prompt ('' where it keeps x), or None if unset."""
+        path = self.config.prompt_only_prompter
+        if path is None:
+            return None
+        prompt_only = Prompter.from_pretrained(path, similarity=None)
+        try:
+            if prompt_only.manifest.mode != "augment":
+                raise ValueError(
+                    f"prompt_only_prompter {path} is a {prompt_only.manifest.mode!r} prompter; a refinement is "
+                    "guidance appended to x, so only an augment-mode prompter's guidance can be a candidate"
+                )
+            results = prompt_only.rewrite_results(list(prompts))
+        finally:
+            prompt_only.close()
+        return [(r.generated or NO_CHANGE) if r.rewritten else NO_CHANGE for r in results]
 
     def bootstrap(self, prompts: Sequence[str]) -> list[tuple[str, str]]:
         cfg = self.config
@@ -137,6 +176,8 @@ class AlignProSFTTrainer:
         )
         reward = as_reward(self._reward if self._reward is not None else cfg.reward_model)
         scorer = RewriteScorer(self.prompter, target, reward)
+        if cfg.mode == "refine":
+            self._first = kl_optimum.first_answers(scorer, prompts)
         cands = self.candidates(prompts)
         flat = [(x, g, h) for x, row in zip(prompts, cands, strict=True) for g, h in row]
         scores: list[float] = []
@@ -150,6 +191,9 @@ class AlignProSFTTrainer:
             scores += batch.rewards
             results += batch.results
         pairs, log_rows, wins = [], [], {"sampled": 0, "template": 0, "no_change": 0}
+        if cfg.prompt_only_prompter is not None:
+            wins["prompt_only"] = 0
+        n_sampled = cfg.num_candidates
         gains = []
         smoothed, smoothing_stats = self.smoothed_choices(prompts, cands, scores)
         k = 0
@@ -171,7 +215,15 @@ class AlignProSFTTrainer:
                 if row[best][0] == NO_CHANGE or not res[best].rewritten
                 else res[best].generated or NO_CHANGE
             )
-            kind = "no_change" if text == NO_CHANGE else ("template" if text in cfg.templates else "sampled")
+            kind = (
+                "no_change"
+                if text == NO_CHANGE
+                else "template"
+                if text in cfg.templates
+                else "prompt_only"
+                if cfg.prompt_only_prompter is not None and text == row[n_sampled][0]
+                else "sampled"
+            )
             wins[kind] += 1
             baseline = rs[-1] if cfg.include_no_change else rs[best]
             gains.append(rs[best] - baseline)
@@ -179,6 +231,7 @@ class AlignProSFTTrainer:
             log_rows.append(
                 {
                     "prompt": x,
+                    **({"first_answer": self._first[x]} if self._first else {}),
                     "target": text,
                     "kind": kind,
                     "reward": rs[best],
@@ -201,6 +254,8 @@ class AlignProSFTTrainer:
             "target_failures": target.stats.failures,
             **smoothing_stats,
         }
+        if cfg.mode == "refine":
+            self.bootstrap_stats["prompt_only_prompter"] = cfg.prompt_only_prompter
         logger.info("bootstrap: %s", self.bootstrap_stats)
         return pairs
 
@@ -214,7 +269,7 @@ class AlignProSFTTrainer:
         if not cfg.bootstrap_neighbours:
             return None, {}
         # The fixed candidates (guidance texts, "no change") close every row, in the same order on every prompt.
-        n_fixed = (len(cfg.templates) if cfg.mode == "augment" and cfg.include_templates else 0) + int(
+        n_fixed = (len(cfg.templates) if appends_guidance(cfg.mode) and cfg.include_templates else 0) + int(
             cfg.include_no_change
         )
         if n_fixed < 2:
@@ -235,8 +290,10 @@ class AlignProSFTTrainer:
         rewards = torch.tensor(scores, dtype=torch.float64).view(len(prompts), row_len)[
             :, row_len - n_fixed :
         ]
+        # Refine mode: neighbours are prompts whose first answers are alike too, so the pick can follow y0.
+        texts = [f"{x}\n\n{self._first[x]}" for x in prompts] if self._first else list(prompts)
         order = bootstrap_labels.neighbour_order(
-            Embedder(cfg.bootstrap_embedding_model).embed(prompts).double()
+            Embedder(cfg.bootstrap_embedding_model).embed(texts).double()
         )
         size, loo = bootstrap_labels.choose_neighbours(rewards, order)
         if cfg.bootstrap_neighbours > 0:
@@ -255,9 +312,7 @@ class AlignProSFTTrainer:
     def dataset(self, pairs: Sequence[tuple[str, str]]):
         import datasets
 
-        rows = [
-            {"prompt": self.prompter.format_query(x, self.config.mode), "completion": y} for x, y in pairs
-        ]
+        rows = [{"prompt": self.query(x), "completion": y} for x, y in pairs]
         random.Random(self.config.seed).shuffle(rows)
         return datasets.Dataset.from_list(rows)
 
@@ -330,7 +385,7 @@ class AlignProSFTTrainer:
         at_limit = 0
         for s in range(0, n, 8):
             chunk = sample[s : s + 8]
-            queries = [self.prompter.format_query(x, cfg.mode) for x, _ in chunk]
+            queries = [self.query(x) for x, _ in chunk]
             for (x, _), (g,) in zip(chunk, self.prompter.engine.generate(queries, settings), strict=True):
                 raw, hit = g.text, not g.ended
                 at_limit += hit

@@ -430,7 +430,7 @@ class AlignProModule(dspy.Module):
         return {
             # A rerank gate's threshold is infinite: saved as "inf" (JSON has no infinity), read back by float().
             "threshold": gate.threshold if math.isfinite(gate.threshold) else str(gate.threshold),
-            "reward": gate.reward.identity,
+            "reward": gate.reward.identity if gate.reward is not None else None,  # None: RetryGate.always()
             "reward_path": str(Path(path).resolve()) if path and Path(path).is_dir() else None,
             "answer_field": self.answer_field,
         }
