@@ -383,9 +383,13 @@ def test_reward_stage_trains_on_the_file_a_yaml_string_names(tiny_encoder_dir, t
 def test_invalid_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"beta \(λ\) must be > 0"):
         parse_stage_config("rl", [], {"output_dir": str(tmp_path), "beta": 0})
-    with pytest.raises(ValueError, match="mode must be 'augment' or 'rewrite'"):
+    with pytest.raises(
+        ValueError, match="mode must be one of 'augment', 'rewrite', 'refine', got 'paraphrase'"
+    ):
         parse_stage_config("sft", [], {"output_dir": str(tmp_path), "mode": "paraphrase"})
-    with pytest.raises(ValueError, match=r"mode must be one of 'augment', 'rewrite', or unset .* got 'foo'"):
+    with pytest.raises(
+        ValueError, match=r"mode must be one of 'augment', 'rewrite', 'refine', or unset .* got 'foo'"
+    ):
         parse_stage_config("rl", [], {"output_dir": str(tmp_path), "mode": "foo"})
     assert parse_stage_config("rl", ["--mode", "rewrite"], {"output_dir": str(tmp_path)}).mode == "rewrite"
     for stage in ("rl", "oracle"):
