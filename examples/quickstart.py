@@ -1,4 +1,4 @@
-"""Quickstart: the recipe that wins the standard benchmark, end to end on a fresh offline machine, then used.
+"""Quickstart: the pipeline the standard benchmark measures, end to end on a fresh offline machine, then used.
 
     bash scripts/quickstart.sh            # the README's main command (installs, then runs this; about 10 minutes)
     python examples/quickstart.py --smoke # tiny random models, seconds (used by the docs tests)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.time()
     train_rl(
         KLOptimumConfig(
-            output_dir=str(out / "prompter"),
+            output_dir=str(out / "rl"),
             sft_prompter=str(out / "sft"),
             reward_model=str(out / "reward"),
             rounds=1,
@@ -237,14 +237,14 @@ def main(argv: list[str] | None = None) -> dict:
         TransformersTarget(lm, max_new_tokens=b["answer_tokens"], batch_size=32), out / "target_cache.jsonl"
     )
     judges = {"reward": RewardModel(str(out / "reward")), "independent": RewardModel(str(out / "judge"))}
-    prompter = Prompter.from_pretrained(out / "prompter")
+    prompter = Prompter.from_pretrained(out / "rl")
     report = Evaluator(heldout, target, judges, out_dir=out / "eval", focus="align-pro").run(
         [FrozenAlone(), FixedTemplate(), WithPrompter(prompter=prompter)]
     )
     timed("evaluation", t)
     print(report.to_markdown())
     try:
-        plot_training_curve(out / "prompter" / "metrics.jsonl", out / "eval" / "rl_reward_curve.png")
+        plot_training_curve(out / "rl" / "metrics.jsonl", out / "eval" / "rl_reward_curve.png")
     except ValueError as exc:
         print(f"(no RL curve: {exc})")
     result = headline(report.summary)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     banner("7/7 the prompter inside LangChain and DSPy")
     t = time.time()
-    demo_frameworks(out / "prompter", lm, b["answer_tokens"], heldout[0])
+    demo_frameworks(out / "rl", lm, b["answer_tokens"], heldout[0])
     timed("framework demo", t)
 
     s = report.summary
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "independent_judge": str(out / "judge"),
         "guidance": searched.best,
         "sft_prompter": str(out / "sft"),
-        "prompter": str(out / "prompter"),
+        "prompter": str(out / "rl"),
         "evaluation": str(out / "eval" / "results.md"),
         "heldout_prompts": len(heldout),
         "win_rate_vs_frozen": s["configs"]["align-pro"]["independent"]["vs_reference"]["win_rate"],

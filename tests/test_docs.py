@@ -7,20 +7,25 @@ Conventions (they let the docs show real model names and budgets, yet run here i
   (``tiny_encoder_dir``); both are built by ``alignpro_plugins.testing``. While a page runs, the two packaged
   names also *resolve* to those folders (``resolve_model`` is patched), so config defaults that name them
   stay tiny too.
-* Budgets. ``max_steps=N``, ``"max_steps": N`` and YAML ``max_steps: N`` become 1.
-* Layout. Each page runs in a fresh temporary folder laid out like a checkout: the working directory
-  ``<tmp>/project`` holds a copy of ``examples/recipes/`` (rewritten the same way), ``<tmp>/shared`` links to
+* Budgets. ``max_steps=N``, ``"max_steps": N`` and YAML ``max_steps: N`` become 1, and so do the same forms of
+  ``freeze_layers`` (the tiny encoder has two layers).
+* Layout. Each page (README.md included) runs in a fresh temporary folder laid out like a checkout: the working
+  directory ``<tmp>/project`` holds a copy of ``examples/recipes/`` (rewritten the same way) and of the example
+  scripts, ``<tmp>/shared`` links to
   the ``../shared`` folder beside the repository (so ``../shared/data`` resolves, as in CI), and
   ``ALIGNPRO_SHARED_DATA`` points at the same data folder. A page that mentions ``runs/quickstart/`` finds
   there the artifacts of ``examples/quickstart.py --smoke`` (run once per session).
 * Order. The blocks of one page run in order, in one namespace, in this process (imports are paid once).
+* Hub data sets. The hub ids of ``HUB_SCHEMAS`` read small local files with the same columns (no network).
 * ```python no-run <reason>: a block that needs a running server or a GPU; it is compiled but not run, and the
   reason is required. Every other python block runs.
 * Examples. Every ``examples/*.py`` runs as ``python examples/X.py --smoke`` in a subprocess, from a temporary
   working directory (scripts added later are picked up by the glob).
-* Recipes. Every YAML in ``examples/recipes/`` is parsed section by section into its config class with
-  ``alignpro_plugins.cli.parse_stage_config`` (no training); ``alignpro train`` recipes have ``output_dir``
-  plus ``reward:``/``sft:``/``rl:`` sections, and a flat single-stage config is named ``*_<stage>.yaml``.
+* Recipes. Every YAML in ``examples/recipes/`` is parsed as ``alignpro train --dry-run`` parses it (each section
+  into its config class, the wiring included; no training), and ``alignpro train --dry-run`` itself runs on it; a
+  flat single-stage config is named ``*_<stage>.yaml``. A recipe names no ``../shared`` data (a user has the hub
+  and the files its header says how to write), and every hub id it names is one of ``HUB_SCHEMAS``. The
+  quickstart recipe runs end to end, its budgets cut to smoke size.
 
 Static checks keep the pages honest:
 
@@ -53,8 +58,17 @@ RECIPES = ROOT / "examples" / "recipes"
 SHARED = ROOT.parent / "shared"
 # Pages other engineers write; links to them are checked once they exist.
 OWNED_ELSEWHERE = {DOCS / "langchain.md", DOCS / "benchmarks.md"}
-RECIPE_KEYS = {"output_dir", "reward", "guidance", "sft", "rl"}
+RECIPE_KEYS = {"output_dir", "reward", "judge", "guidance", "sft", "rl", "eval"}
 
+# Hub data sets the docs and recipes name, with the columns of their `train` split. Offline, while a page or a
+# recipe runs here, each id reads a small local file with those columns, built from the starter set (fixture
+# ``hub_stand_ins``); a recipe naming another hub id fails its test until its columns are added here.
+HUB_SCHEMAS = {
+    "Anthropic/hh-rlhf": ("chosen", "rejected"),  # whole dialogues, split at the last assistant turn
+    "Intel/orca_dpo_pairs": ("system", "question", "chosen", "rejected"),
+    "THUDM/BPO": ("prompt", "optimized_prompt", "good_res", "bad_res"),
+    "databricks/databricks-dolly-15k": ("instruction", "context", "response", "category"),
+}
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 PACKAGED_NAMES = ("smollm2-135m-instruct", "all-minilm-l6-v2")  # what the tiny models stand in for
 
@@ -83,9 +97,11 @@ def adapt(text: str, models: dict[str, str]) -> str:
     """Apply the conventions above: tiny models, one step."""
     for name, path in models.items():
         text = text.replace(name, path)
-    text = re.sub(r"\bmax_steps\s*=\s*\d+", "max_steps=1", text)
-    text = re.sub(r"([\"']max_steps[\"']\s*:\s*)\d+", r"\g<1>1", text)
-    return re.sub(r"(?m)^(\s*max_steps:\s*)\d+", r"\g<1>1", text)
+    for key in ("max_steps", "freeze_layers"):  # the tiny encoder has 2 layers
+        text = re.sub(rf"\b{key}\s*=\s*\d+", f"{key}=1", text)
+        text = re.sub(rf"([\"']{key}[\"']\s*:\s*)\d+", r"\g<1>1", text)
+        text = re.sub(rf"(?m)^(\s*{key}:\s*)\d+", r"\g<1>1", text)
+    return text
 
 
 @pytest.fixture
@@ -122,6 +138,60 @@ def tiny_resolution(tiny_models):
         swap(resolve, original)
 
 
+@pytest.fixture(scope="session")
+def hub_files(tmp_path_factory) -> dict[str, str]:
+    """For each id of HUB_SCHEMAS, a local JSONL file with its columns, from the starter set's data."""
+    import json
+
+    from alignpro_plugins.data import load_preferences, load_prompts
+    from alignpro_plugins.starter import write_starter_set
+
+    folder = tmp_path_factory.mktemp("hub")
+    starter = write_starter_set(folder / "starter")
+    pairs = load_preferences(starter["preferences"])
+    prompts = load_prompts(starter["train_prompts"])
+    rows = {
+        "Anthropic/hh-rlhf": [
+            {
+                "chosen": f"\n\nHuman: {p.prompt}\n\nAssistant: {p.chosen}",
+                "rejected": f"\n\nHuman: {p.prompt}\n\nAssistant: {p.rejected}",
+            }
+            for p in pairs
+        ],
+        "Intel/orca_dpo_pairs": [
+            {"system": "", "question": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs
+        ],
+        "THUDM/BPO": [
+            {"prompt": x, "optimized_prompt": f"{x} Be specific.", "good_res": "", "bad_res": ""}
+            for x in prompts
+        ],
+        "databricks/databricks-dolly-15k": [
+            {"instruction": x, "context": "", "response": "", "category": "open_qa"}
+            for x in load_prompts(starter["heldout_prompts"])
+        ],
+    }
+    files = {}
+    for hub_id, data in rows.items():
+        assert set(data[0]) == set(HUB_SCHEMAS[hub_id]), hub_id
+        files[hub_id] = str(folder / f"{hub_id.replace('/', '__')}.jsonl")
+        Path(files[hub_id]).write_text("".join(json.dumps(r) + "\n" for r in data))
+    return files
+
+
+@pytest.fixture
+def hub_stand_ins(hub_files, monkeypatch) -> dict[str, str]:
+    """While a test runs, the hub ids of HUB_SCHEMAS read their local stand-ins (no network)."""
+    import alignpro_plugins.data
+
+    original = alignpro_plugins.data.read_located
+
+    def read_located(source, **kwargs):
+        return original(hub_files.get(str(source), source), **kwargs)
+
+    monkeypatch.setattr(alignpro_plugins.data, "read_located", read_located)
+    return hub_files
+
+
 def run_script(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
@@ -149,6 +219,8 @@ def checkout(tmp_path, monkeypatch, tiny_models) -> Path:
     (project / "examples" / "recipes").mkdir(parents=True)
     for src in RECIPES.glob("*.yaml"):
         (project / "examples" / "recipes" / src.name).write_text(adapt(src.read_text(), tiny_models))
+    for src in (ROOT / "examples").glob("*.py"):  # the scripts a page runs (examples/split_prompts.py)
+        (project / "examples" / src.name).write_text(src.read_text())
     if SHARED.exists():
         (tmp_path / "shared").symlink_to(SHARED, target_is_directory=True)
     monkeypatch.setenv("ALIGNPRO_SHARED_DATA", str(SHARED / "data"))
@@ -157,11 +229,15 @@ def checkout(tmp_path, monkeypatch, tiny_models) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- docs pages
-PAGES_WITH_CODE = [p for p in pages() if any(runnable(i) for i, _, _ in python_blocks(p))]
+PAGES_WITH_CODE = [
+    p for p in [ROOT / "README.md", *pages()] if any(runnable(i) for i, _, _ in python_blocks(p))
+]
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_python_blocks_run_in_order(page, checkout, tiny_models, tiny_resolution, request):
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_page_python_blocks_run_in_order(
+    page, checkout, tiny_models, tiny_resolution, hub_stand_ins, request
+):
     if "runs/quickstart/" in page.read_text():
         out_dir, run = request.getfixturevalue("quickstart_smoke")
         assert run.returncode == 0, run.stderr[-3000:]
@@ -211,7 +287,7 @@ def test_quickstart_page_lists_real_artifacts(quickstart_smoke):
         assert (out_dir / "data" / name).exists()
     for name in ("alignpro_reward.json", "model.safetensors"):
         assert (out_dir / "reward" / name).exists()
-    for stage in ("sft", "prompter"):
+    for stage in ("sft", "rl"):
         assert (out_dir / stage / "alignpro.json").exists() and (out_dir / stage / "metrics.jsonl").exists()
     assert (out_dir / "sft" / "bootstrap.jsonl").exists()
     for name in (
@@ -236,20 +312,35 @@ def _stage_classes() -> dict[str, tuple[type, ...]]:
 
 
 def _validate_config(data: dict, where: str, *, flat_stage: str | None = None) -> list:
-    from alignpro_plugins.cli import parse_stage_config
+    """Parse a recipe the way `alignpro train --dry-run` does (every section, wiring included), or a flat
+    single-stage config; every YAML value must arrive unchanged in its config."""
+    from alignpro_plugins.cli import _recipe_plan, parse_stage_config
 
     classes = _stage_classes()
     assert isinstance(data, dict), f"{where}: expected a mapping"
     if flat_stage is None:
         assert set(data) <= RECIPE_KEYS, f"{where}: unknown sections {sorted(set(data) - RECIPE_KEYS)}"
-        stages = [(s, data[s]) for s in ("reward", "guidance", "sft", "rl") if s in data]
+        recipe = Path("recipe-under-test.yaml")
+        recipe.write_text(yaml.safe_dump(data))
+        try:
+            plan = _recipe_plan(str(recipe))
+        finally:
+            recipe.unlink()
+        stages = [(s, data[s] or {}, plan.stages[s][0]) for s in plan.stages]
     else:
-        stages = [(flat_stage, data)]
+        stages = [(flat_stage, data, parse_stage_config(flat_stage, [], data))]
     configs = []
-    for stage, section in stages:
+    for stage, section, cfg in stages:
         assert isinstance(section, dict), f"{where}: section {stage}: expected a mapping"
-        cfg = parse_stage_config(stage, [], section)
-        assert isinstance(cfg, classes[stage])
+        if stage == "eval":  # `alignpro eval` arguments; the keys are its flags
+            for key, value in section.items():
+                got = getattr(cfg, key.replace("-", "_"))
+                assert got == value or [str(v) for v in got] == [str(v) for v in value], (
+                    f"{where}: eval.{key}"
+                )
+            configs.append(cfg)
+            continue
+        assert isinstance(cfg, classes["reward" if stage == "judge" else stage])
         for key, value in section.items():  # YAML values arrive unchanged in the config
             got = getattr(cfg, key)
             same = got == value or getattr(got, "value", None) == value or str(got) == str(value)
@@ -258,19 +349,41 @@ def _validate_config(data: dict, where: str, *, flat_stage: str | None = None) -
     return configs
 
 
-def _shared_paths(data) -> list[str]:
+def _data_sources(data) -> list[str]:
+    """Every data source a recipe names: the values of its data keys and of eval's prompts."""
+    keys = {
+        "preference_data",
+        "prompts_data",
+        "pairs_data",
+        "validation_data",
+        "exclude_prompt_files",
+        "prompts",
+    }
+    found: list[str] = []
     if isinstance(data, dict):
-        return [p for v in data.values() for p in _shared_paths(v)]
-    if isinstance(data, list):
-        return [p for v in data for p in _shared_paths(v)]
-    return [data] if isinstance(data, str) and data.startswith("../shared/") else []
+        for key, value in data.items():
+            if key in keys:
+                found += value if isinstance(value, list) else [value]
+            else:
+                found += _data_sources(value)
+    return found
+
+
+def _is_hub_id(source: str) -> bool:
+    from alignpro_plugins.data import LOCAL_SUFFIXES
+
+    return (
+        source.count("/") == 1
+        and not source.startswith((".", "/", "~", "runs/"))
+        and not (source.endswith(LOCAL_SUFFIXES))
+    )
 
 
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 
 
 def test_there_are_recipes():
-    assert len(RECIPE_FILES) >= 5
+    assert len(RECIPE_FILES) >= 6
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
@@ -285,9 +398,36 @@ def test_recipe_yaml_parses_into_stage_configs(path, tmp_path, monkeypatch):
         assert stage in _stage_classes(), f"{path.name}: a flat config must be named *_<stage>.yaml"
         configs = _validate_config(data, path.name, flat_stage=stage)
     assert configs
-    for rel in _shared_paths(data):  # local public data: relative to the project root
-        assert (ROOT / rel).exists(), f"{path.name}: {rel} does not exist"
+    sources = _data_sources(data)
+    # A user has the hub and the files a recipe's header says how to write, never this machine's ../shared.
+    assert sources and not [s for s in sources if s.startswith("../")], f"{path.name}: {sources}"
+    unknown = {s for s in sources if _is_hub_id(s)} - set(HUB_SCHEMAS)
+    assert not unknown, (
+        f"{path.name}: hub data sets whose columns tests/test_docs.py does not stand in for: {unknown}"
+    )
     assert path.read_text().startswith("#"), f"{path.name}: start with a comment saying how to run it"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in RECIPE_FILES if set(yaml.safe_load(p.read_text())) <= RECIPE_KEYS],
+    ids=lambda p: p.name,
+)
+def test_alignpro_train_dry_run_checks_every_recipe_and_trains_nothing(path, tmp_path, monkeypatch, capsys):
+    from alignpro_plugins.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    data = yaml.safe_load(path.read_text())
+    stages = [line.split()[0] for line in out.splitlines() if " -> " in line]
+    assert stages == [s for s in ("reward", "judge", "guidance", "sft", "rl", "eval") if s in data]
+    assert "nothing run (--dry-run)" in out and list(tmp_path.iterdir()) == []
+    if "eval" in data:  # the evaluation is wired to the recipe's own artifacts and target
+        root = data["output_dir"]
+        assert f"prompter: {root}/rl" in out and f"judge: {root}/reward" in out
+        assert ("judge" not in data) or f"independent_judge: {root}/judge" in out
 
 
 def test_yaml_blocks_in_docs_are_recipe_copies_or_valid_sections(tmp_path, monkeypatch):
@@ -500,3 +640,124 @@ def test_every_test_the_guarantees_page_names_exists():
         if test and (current not in sources or not re.search(rf"def {test}\(", sources[current])):
             missing.append(f"{current}::{test}")
     assert named and not missing, f"docs/guarantees.md names tests that do not exist: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------- a recipe, run
+# The quickstart recipe's own sections and keys, with budgets cut to smoke size (tiny models come from the
+# ``checkout`` fixture): the wiring of all six stages is what runs, not a copy of it.
+SMOKE_BUDGETS = {
+    "reward": {"max_steps": 1, "max_length": 64, "freeze_layers": 1, "report_to": "none"},
+    "guidance": {"validation_prompts": 2, "min_prompts": 2, "target_max_new_tokens": 8},
+    "sft": {
+        "num_train_epochs": 1,
+        "prompter_max_new_tokens": 8,
+        "target_max_new_tokens": 8,
+        "report_to": "none",
+    },
+    "rl": {
+        "prompts_per_round": 2,
+        "validation_prompts": 2,
+        "num_generations": 2,
+        "per_device_train_batch_size": 2,
+        "max_completion_length": 8,
+        "target_max_new_tokens": 8,
+        "report_to": "none",
+    },
+    "eval": {"limit": 3, "max_new_tokens": 6},
+}
+
+
+def test_the_quickstart_recipe_runs_end_to_end_at_smoke_size(checkout, tiny_resolution, capsys):
+    import json
+
+    from alignpro_plugins.cli import main
+    from alignpro_plugins.starter import write_starter_set
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import split_prompts
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    write_starter_set("runs/starter")  # the commands of the recipe's header, at smoke size
+    split_prompts.main(
+        ["runs/starter/train_prompts.json", "--out", "runs/starter", "--search", "4"]
+        + ["--validation", "2", "--rl", "2"]
+    )
+    recipe = yaml.safe_load(Path("examples/recipes/quickstart.yaml").read_text())
+    for section, budget in SMOKE_BUDGETS.items():
+        assert set(budget) - {"report_to", "limit"} <= set(recipe[section]), section  # sizes only
+        recipe[section].update(budget)
+    Path("smoke.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--config", "smoke.yaml"]) == 0
+    root = Path(recipe["output_dir"])
+    printed = capsys.readouterr().out
+    assert "| rerank |" in printed and f"artifacts under {root}" in printed
+
+    reward = json.loads((root / "reward" / "alignpro_reward.json").read_text())
+    judge = json.loads((root / "judge" / "alignpro_reward.json").read_text())
+    assert (reward["prompt_shard"], judge["prompt_shard"]) == (
+        0,
+        1,
+    )  # the judge inherits reward:, another shard
+    assert not set(reward["train_prompt_digests"]) & set(judge["train_prompt_digests"])
+    searched = json.loads((root / "guidance" / "guidance_search.json").read_text())
+    boot = [json.loads(line) for line in (root / "sft" / "bootstrap.jsonl").read_text().splitlines()]
+    assert len(boot) == 4 and all(row["candidates"][0]["text"] == searched["best"] for row in boot)
+    stages = json.loads((root / "rl" / "alignpro.json").read_text())["provenance"]["stages"]
+    assert [s["stage"] for s in stages] == ["sft", "rl"] and stages[-1]["algorithm"] == "kl-optimum"
+    summary = json.loads((root / "eval" / "results.json").read_text())["summary"]
+    assert summary["judges"] == ["reward", "independent"] and summary["n_prompts"] == 3
+    assert set(summary["configs"]) == {
+        "frozen",
+        "template",
+        "zero-shot",
+        "sft",
+        "align-pro",
+        "rerank",
+        "best-of-2",
+    }
+    assert summary["configs"]["rerank"]["target_calls_per_prompt"] == 2.0
+    assert (root / "eval" / "rl_reward_curve.png").exists()  # the RL log was wired in
+
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert main(["train", "--config", "smoke.yaml", "--skip-done"]) == 0
+    assert capsys.readouterr().out.count("skipping ") == 6
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_a_recipe_judge_must_not_share_the_reward_models_prompts(tmp_path, monkeypatch, capsys):
+    from alignpro_plugins.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = {"output_dir": "o", "reward": {"preference_data": ["p.jsonl"], "prompt_shard": 0}, "judge": {}}
+    for judge, ok in (({}, False), ({"prompt_shard": 0}, False), ({"prompt_shard": 1}, True)):
+        recipe["judge"] = judge
+        Path("r.yaml").write_text(yaml.safe_dump(recipe))
+        assert main(["train", "--config", "r.yaml", "--dry-run"]) == (0 if ok else 2)
+        if not ok:
+            assert (
+                "section judge: the judge would train on the reward model's prompts"
+                in capsys.readouterr().err
+            )
+    Path("r.yaml").write_text(yaml.safe_dump({"output_dir": "o", "judge": {"prompt_shard": 1}}))
+    assert main(["train", "--config", "r.yaml", "--dry-run"]) == 2
+    assert (
+        "section judge: it takes the reward: section's keys; add a reward: section" in capsys.readouterr().err
+    )
+
+
+def test_a_recipe_eval_section_takes_alignpro_evals_flags_and_is_checked_first(tmp_path, monkeypatch, capsys):
+    from alignpro_plugins.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    base = {"output_dir": "o", "reward": {"preference_data": ["p.jsonl"]}}
+    for section, error in (
+        ({"prompts": ["h.json"], "best_of_m": [2]}, "unknown key 'best_of_m' (did you mean best_of_n?)"),
+        ({"prompts": ["h.json"], "rerank": True}, "--rerank answers x and the trained prompter's rewrite"),
+        ({"prompts": ["h.json"], "limit": "all"}, "argument --limit: invalid int value: 'all'"),
+        ({"rerank": False}, "the following arguments are required: --prompts"),
+    ):
+        Path("r.yaml").write_text(yaml.safe_dump({**base, "eval": section}))
+        assert main(["train", "--config", "r.yaml"]) == 2
+        assert f"r.yaml, section eval: {error}" in capsys.readouterr().err
+        assert not Path("o").exists()  # refused before the reward stage ran

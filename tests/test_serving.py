@@ -977,7 +977,7 @@ def test_deployment_page_commands_run_against_vllm(deployment, tmp_path, tiny_en
     server = deployment["server"]
     work = tmp_path / "project"
     (work / "runs" / "quickstart").mkdir(parents=True)
-    (work / "runs" / "quickstart" / "prompter").symlink_to(deployment["artifact"], target_is_directory=True)
+    (work / "runs" / "quickstart" / "rl").symlink_to(deployment["artifact"], target_is_directory=True)
     (work / "runs" / "quickstart" / "reward").symlink_to(tiny_encoder_dir, target_is_directory=True)
     proxy_port = free_port()
     swaps = {
