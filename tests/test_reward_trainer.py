@@ -16,6 +16,7 @@ from trainers import reward_trainer
 from trainers.reward_batches import (
     DedupPreferenceCollator,
     PairRewardTrainer,
+    PromptGroupedSampler,
     prompt_grouped_order,
 )
 from trainers.reward_config import AlignProRewardConfig
@@ -371,6 +372,30 @@ def test_prompt_grouped_order_is_a_seeded_permutation_of_batches_that_share_prom
             within = [lengths[i] for i in batch if groups[i] == g]
             assert within == sorted(within)
     assert len(batches[-1]) == 2  # the partial batch is last: the Trainer cuts the same batches
+    sampler = PromptGroupedSampler(groups, lengths, batch_size=4, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)  # the Trainer calls it each epoch: a new order
+    assert list(sampler) != first and sorted(sampler) == list(range(62)) and len(sampler) == 62
+
+
+@pytest.mark.parametrize("multiple", [None, 8])
+def test_the_dedup_collator_pads_as_trls_collator_and_indexes_every_slot(multiple):
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    rows = [
+        {"chosen_ids": [5, 6, 7], "rejected_ids": [9, 9]},
+        {"chosen_ids": [5, 6], "rejected_ids": [9, 9]},  # the rejected answer of the first pair again
+        {
+            "chosen_ids": [1, 2, 3, 4, 5],
+            "rejected_ids": [5, 6],
+        },  # a chosen answer of another pair, rejected here
+    ]
+    trl_batch = DataCollatorForPreference(pad_token_id=0, pad_to_multiple_of=multiple)(rows)
+    batch = DedupPreferenceCollator(0, multiple)(rows)
+    assert batch["input_ids"].shape[0] == 4  # 6 slots, 4 distinct sequences
+    assert batch["sequence_index"].tolist() == [0, 1, 2, 3, 3, 1]
+    assert torch.equal(batch["input_ids"][batch["sequence_index"]], trl_batch["input_ids"])
+    assert torch.equal(batch["attention_mask"][batch["sequence_index"]], trl_batch["attention_mask"])
 
 
 def _plain_and_dedup_gradients(model_dir, tmp_path, freeze_layers: int):

@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import RewardTrainer
+from trl.trainer.utils import pad
 
 # The collator's key for where each (chosen..., rejected...) slot's sequence sits among the distinct sequences.
 SEQUENCE_INDEX = "sequence_index"
@@ -74,22 +74,23 @@ class PromptGroupedSampler(torch.utils.data.Sampler[int]):
 
 
 class DedupPreferenceCollator:
-    """Pads the distinct sequences of a batch of ``chosen_ids`` / ``rejected_ids`` rows, and says where each slot's
-    sequence is (``sequence_index``: the chosen slots, then the rejected ones, as TRL's collator orders them)."""
+    """Pads the distinct sequences of a batch of ``chosen_ids`` / ``rejected_ids`` rows as TRL's collator pads,
+    and says where each slot's sequence is (``sequence_index``: the chosen slots, then the rejected ones, in the
+    order TRL's collator stacks them)."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id, self.pad_to_multiple_of = pad_token_id, pad_to_multiple_of
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         slots = [tuple(e["chosen_ids"]) for e in examples] + [tuple(e["rejected_ids"]) for e in examples]
         position: dict[tuple[int, ...], int] = {}
         index = [position.setdefault(s, len(position)) for s in slots]
         distinct = [torch.tensor(s) for s in position]
+        multiple = self.pad_to_multiple_of
+        masks = [torch.ones_like(s) for s in distinct]
         return {
-            "input_ids": pad_sequence(distinct, batch_first=True, padding_value=self.pad_token_id),
-            "attention_mask": pad_sequence(
-                [torch.ones_like(s) for s in distinct], batch_first=True, padding_value=0
-            ),
+            "input_ids": pad(distinct, self.pad_token_id, "right", pad_to_multiple_of=multiple),
+            "attention_mask": pad(masks, 0, "right", pad_to_multiple_of=multiple),
             SEQUENCE_INDEX: torch.tensor(index),
         }
 

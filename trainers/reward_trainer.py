@@ -142,7 +142,7 @@ class AlignProRewardTrainer:
         path = resolve_model(cfg.base_model)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        self._set_pad_token(tokenizer, model)
+        self._set_pad_token(tokenizer, model, cfg.pad_token)
         peft_config = self._lora(model, cfg) if cfg.use_lora else None
         if peft_config is None:
             self._freeze(model, cfg.freeze_layers)
@@ -153,7 +153,11 @@ class AlignProRewardTrainer:
             train_dataset=dataset,
             processing_class=tokenizer,
             # Deduplicating a batch is exact only when identical inputs score identically: without dropout.
-            data_collator=DedupPreferenceCollator(tokenizer.pad_token_id) if cfg.disable_dropout else None,
+            data_collator=(
+                DedupPreferenceCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)  # type: ignore[arg-type]
+                if cfg.disable_dropout
+                else None
+            ),
             callbacks=[metrics_callback(cfg, "reward")],
             peft_config=peft_config,
             prompt_groups=[p.prompt for p in train_pairs] if cfg.group_by_prompt else None,
@@ -251,9 +255,12 @@ class AlignProRewardTrainer:
         }
 
     @staticmethod
-    def _set_pad_token(tokenizer: Any, model: Any) -> None:
-        """Pad with the tokenizer's pad token, else its eos (decoders often ship none): the model pools the last
-        token before it, and the scorer (RewardModel) pads the same way."""
+    def _set_pad_token(tokenizer: Any, model: Any, configured: str | None) -> None:
+        """Pad with TRL's (deprecated) pad_token option, else the tokenizer's pad token, else its eos (decoders
+        often ship none), as TRL's RewardTrainer will: the model pools the last token before the padding, the
+        collator pads with it, and the saved tokenizer makes the scorer (RewardModel) pad the same way."""
+        if configured is not None:
+            tokenizer.pad_token = configured
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
                 raise ValueError(
