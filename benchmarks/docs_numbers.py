@@ -41,27 +41,24 @@ PENDING = (
 )
 JUDGE, TRAINING = "independent", "reward"
 
-# The configurations of the headline table, in order, each with what the frozen model is asked.
+# The configurations of the headline table, in order, each with what the frozen model is asked (the others, the
+# variances and both judges' full tables are in docs/benchmarks.md).
 TABLE_ROWS = (
     ("frozen", "the bare prompt x"),
     ("template", "x + the fixed default instruction"),
     ("zero-shot", "x + the untrained prompter's guidance"),
-    ("template-picked", "x + the best fixed text picked on the training prompts"),
-    ("sft", "x + the SFT prompter's guidance"),
     ("align-pro", "x + the trained prompter's guidance"),
     ("align-pro-gated", "x; the rewrite too where the training reward scores x's answer low (retry gate)"),
-    ("best-of-2", "x twice (sampled); the training reward keeps the better answer"),
-    ("rerank-template", "x and x + the default instruction; the training reward keeps the better"),
-    ("rerank", "x and the prompter's rewrite; the training reward keeps the better"),
-    ("best-of-3", "x three times (sampled); the training reward keeps the best"),
-    ("rerank-3", "x, x + the default instruction and the rewrite; the training reward keeps the best"),
-    ("best-of-4", "x four times (sampled); the training reward keeps the best"),
-    (
-        "best-of-k",
-        "k rewrites sampled from the prompter; the training reward keeps the best (headroom, not a mode)",
-    ),
-    ("rlhf-oracle", "x, to the target itself fine-tuned by the same RL (needs its weights)"),
+    ("best-of-2", "x twice, sampled; the training reward keeps the better answer"),
+    ("rerank-template", "x and x + the default instruction; the training reward keeps the better answer"),
+    ("rerank", "x and the prompter's rewrite; the training reward keeps the better answer"),
 )
+# How the modes' equal-calls baselines are named in a sentence.
+SAMPLED = {
+    2: "x answered twice, sampled",
+    3: "x answered three times, sampled",
+    4: "x answered four times, sampled",
+}
 
 
 def pct(value: float) -> str:
@@ -179,9 +176,10 @@ def modes(data: dict) -> str:
     ]
     if "rerank" in equal:
         e = equal["rerank"]
-        described = summary["configs"].get(e["against"], {}).get("description", "")
+        described = SAMPLED.get(int(e["against_calls"]), e["against"])
         sentences.append(
-            f"Against `{e['against']}` ({described}), which spends as many target calls, it {verdict(e[JUDGE])}; "
+            f"Against `{e['against']}` ({described}, the training reward keeping the best answer), which spends "
+            f"as many target calls, it {verdict(e[JUDGE])}; "
             f"at equal length it {verdict(e[JUDGE]['length_controlled'])}."
         )
     agreement = c.get("selection", {}).get(JUDGE, {}).get("agreement")
