@@ -755,6 +755,12 @@ def main() -> None:
         help="held-out prompts from each evaluation set (standard 50, quick 5); 150 narrows a win rate's interval "
         "from about ±9 to about ±5 points. Every evaluation prompt is kept out of training whatever the number",
     )
+    ap.add_argument(
+        "--skip-oracle",
+        action="store_true",
+        help="train and evaluate everything but the RLHF oracle (its stage takes about 30 minutes); a later run "
+        "without the flag adds its row, reusing every other stage and evaluation record",
+    )
     args = ap.parse_args()
     if args.eval_per_set is not None and not 1 <= args.eval_per_set <= 200:
         ap.error(
@@ -836,7 +842,7 @@ def main() -> None:
     from trainers.oracle_trainer import train_oracle
 
     oracle_done = rounds_done(out / "oracle", "alignpro_oracle.json")
-    if oracle_done < budget["kl_rounds"]:
+    if oracle_done < budget["kl_rounds"] and not args.skip_oracle:
         t = time.time()
         # Same reward model, prompts, algorithm and sample budget as the prompter's RL stage.
         train_oracle(oracle_config(out / "oracle", out / "reward", budget), prompts=kl_prompts)
@@ -891,7 +897,10 @@ def main() -> None:
     if args.rl_algorithm == "kl-optimum" and grpo is not None:
         at = next(i for i, c in enumerate(configs) if c.name == "align-pro")
         configs.insert(at, WithPrompter(prompter=grpo, name="align-pro-grpo", description="RL stage by GRPO"))
-    configs.append(Oracle(target=oracle_target(out / "oracle", out / "eval" / "oracle_cache.jsonl", tokens)))
+    if not args.skip_oracle:
+        configs.append(
+            Oracle(target=oracle_target(out / "oracle", out / "eval" / "oracle_cache.jsonl", tokens))
+        )
     resumed = (out / "eval" / "records.jsonl").exists()  # then only new cells cost time: add it up
     report = Evaluator(prompts, target, scorers, out_dir=out / "eval").run(configs)
     timed("evaluation", t, resumed=resumed)
