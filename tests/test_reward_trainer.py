@@ -202,7 +202,8 @@ def test_ensemble_trains_members_on_disjoint_shards_and_one_heldout_split(tiny_e
     heldout = {p.prompt for p in trainer.eval_pairs}
     digests = [set(m["train_prompt_digests"]) for m in members]
     assert not digests[0] & digests[1]  # disjoint prompt shards
-    assert len(digests[0] | digests[1]) == len({p.prompt for p in trainer.train_pairs})
+    assert digests[0] | digests[1] == set(meta["train_prompt_digests"])
+    assert len(meta["train_prompt_digests"]) == len({p.prompt for p in trainer.train_pairs})
     assert sum(m["n_train_pairs"] for m in members) == len(trainer.train_pairs) == meta["n_train_pairs"]
     assert all(m["n_eval_pairs"] == len(trainer.eval_pairs) for m in members)  # one shared held-out split
     assert not heldout & {p.prompt for p in trainer.train_pairs}

@@ -429,6 +429,8 @@ class AlignProRewardTrainer:
             "n_eval_pairs": len(self.eval_pairs),
             "train_seconds": round(sum(m["train_seconds"] for m in member_metrics), 1),
             "member_metrics": member_metrics,
+            # The union of the members' (as for one model): what the ensemble has seen.
+            "train_prompt_digests": sorted({prompt_digest(p.prompt) for p in self.train_pairs}),
         }
         _write_manifest(out, meta)
         logger.info(
