@@ -184,6 +184,24 @@ def test_max_eval_pairs_scores_a_seeded_sample_of_the_heldout_pairs(tiny_encoder
     assert len(length_penalty_sample(capped.train_pairs, 0, 5)) == 5
 
 
+def test_the_stage_recovers_beta_from_a_reward_that_is_exactly_linear_in_length(
+    tiny_encoder_dir, tmp_path, monkeypatch
+):
+    class LinearInLength(RewardModel):
+        def score(self, prompts, answers):  # a + β·tokens(answer), a = 0.3, β = 0.02
+            return [0.3 + 0.02 * n for n in answer_token_counts(self.tokenizer, answers)]
+
+    monkeypatch.setattr(reward_trainer, "RewardModel", LinearInLength)
+    AlignProRewardTrainer(
+        config(tmp_path, tiny_encoder_dir, length_control="penalty"), pairs=reference_pairs()
+    ).train()
+    meta = manifest(tmp_path / "rm")
+    assert meta["length_penalty_per_token"] == pytest.approx(0.02, abs=1e-12)
+    # Raw, the longer answer always wins; with the penalty every answer scores a: no pair is ranked.
+    assert meta["heldout_longer_preferred_rate_raw"] == 1.0 and meta["heldout_longer_preferred_rate"] == 0.0
+    assert meta["heldout_pairwise_accuracy"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------- ensembles
 def test_ensemble_trains_members_on_disjoint_shards_and_one_heldout_split(tiny_encoder_dir, tmp_path):
     pairs = reference_pairs()
