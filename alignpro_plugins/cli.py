@@ -715,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help=DESCRIPTIONS["train"],
-        description=DESCRIPTIONS["train"] + ". " + TRAIN_SECTIONS,
+        description=DESCRIPTIONS["train"] + ".\n\n" + TRAIN_SECTIONS,
         formatter_class=HelpWithDefaults,
     )
     p.add_argument(
