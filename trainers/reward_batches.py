@@ -21,7 +21,7 @@ from trl.trainer.utils import pad
 
 # The collator's key for where each (chosen..., rejected...) slot's sequence sits among the distinct sequences.
 SEQUENCE_INDEX = "sequence_index"
-# Groups are sorted by length within windows of this many batches; between windows the order stays random.
+# Prompt groups are sorted by length within windows of this many batches, so that a batch pads little.
 WINDOW_BATCHES = 50
 
 
