@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -337,12 +338,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
 class RecipePlan:
     """A recipe's checked configs: ``stages[name] = (config, {key: value wired in from another stage})``."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.stages: dict[str, tuple[Any, dict[str, Any]]] = {}
+    root: Path
+    stages: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
 
 
 def _recipe_plan(path: str, resume: bool = False) -> RecipePlan:
@@ -413,12 +414,22 @@ def _recipe_plan(path: str, resume: bool = False) -> RecipePlan:
 
 def _check_judge_is_independent(path: str, reward: Any, judge: Any) -> None:
     """A judge trained on the training reward's prompts is not independent: it would share its mistakes."""
-    same_data = list(reward.preference_data) == list(judge.preference_data)
-    if same_data and (judge.prompt_shard is None or judge.prompt_shard == reward.prompt_shard):
+    if list(reward.preference_data) != list(judge.preference_data):
+        return
+    # Shards are disjoint only within one split: shard 0 of 2 and shard 1 of 3 share prompts.
+    disjoint = (
+        reward.prompt_shard is not None
+        and judge.prompt_shard is not None
+        and reward.num_prompt_shards == judge.num_prompt_shards
+        and reward.prompt_shard != judge.prompt_shard
+    )
+    if not disjoint:
         raise UsageError(
-            f"{path}, section judge: the judge would train on the reward model's prompts (same preference_data, "
-            f"prompt_shard {judge.prompt_shard}); set prompt_shard: 0 under reward: and prompt_shard: 1 under "
-            "judge: (disjoint prompt shards), or give the judge other preference_data"
+            f"{path}, section judge: the judge would train on the reward model's prompts (same preference_data; "
+            f"reward prompt_shard {reward.prompt_shard} of {reward.num_prompt_shards}, judge prompt_shard "
+            f"{judge.prompt_shard} of {judge.num_prompt_shards}); set prompt_shard: 0 under reward: and "
+            "prompt_shard: 1 under judge: with the same num_prompt_shards (disjoint prompt shards), or give the "
+            "judge other preference_data"
         )
 
 

@@ -510,6 +510,30 @@ def test_train_refuses_unknown_sections_and_keys(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_train_refuses_a_judge_whose_prompt_shards_overlap_the_rewards(tmp_path, capsys):
+    """Same preference_data: only disjoint shards of one split keep the judge independent."""
+
+    def verdict(reward: dict, judge: dict) -> int:
+        recipe = {"output_dir": str(tmp_path / "o"), "reward": {"preference_data": ["p.jsonl"], **reward}}
+        recipe["judge"] = judge
+        return main(["train", "--config", _write_yaml(tmp_path / "r.yaml", recipe), "--dry-run"])
+
+    for reward, judge in (
+        ({}, {"prompt_shard": 1}),  # the reward trains on every prompt, the judge's shard included
+        ({"prompt_shard": 0}, {"prompt_shard": 1, "num_prompt_shards": 3}),  # shard 1 of 3 meets shard 0 of 2
+        ({"prompt_shard": 0}, {"prompt_shard": 0}),
+        ({"prompt_shard": 1}, {}),  # the judge inherits the reward's shard
+    ):
+        assert verdict(reward, judge) == 2, (reward, judge)
+        err = _error(capsys)
+        assert "section judge: the judge would train on the reward model's prompts" in err
+        assert "set prompt_shard: 0 under reward: and prompt_shard: 1 under judge:" in err
+    assert verdict({"prompt_shard": 0}, {"prompt_shard": 1}) == 0
+    assert verdict({"prompt_shard": 2, "num_prompt_shards": 3}, {"prompt_shard": 0}) == 0  # inherits 3
+    assert verdict({"prompt_shard": 0}, {"preference_data": ["other.jsonl"]}) == 0  # other data
+    capsys.readouterr()
+
+
 # ---------------------------------------------------------------------------------------------- train
 def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
