@@ -456,6 +456,16 @@ def test_a_saved_rerank_gate_is_valid_json_and_loads_back_as_rerank(tmp_path, ti
     assert loaded.retry_gate.threshold == float("inf") and loaded.retry_gate.wants_retry(1e300)
 
 
+def test_a_saved_always_gate_loads_back_as_always(tmp_path):
+    module = AlignProModule(program_with_demo(), AppendPrompter(), retry_gate=RetryGate.always())
+    path = module.save(tmp_path / "program.json")
+    assert json.loads(path.read_text())["alignpro"]["retry_gate"]["reward"] is None
+    loaded = AlignProModule(dspy.Predict("question -> answer"), AppendPrompter()).load(path)
+    gate = loaded.retry_gate
+    assert gate is not None and gate.reward is None and gate.threshold == float("inf")
+    assert loaded.answer_field == "answer"
+
+
 def test_a_saved_gate_over_a_callable_must_be_given_again(tmp_path):
     prompter = AppendPrompter()
     module = AlignProModule(

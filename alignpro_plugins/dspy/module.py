@@ -22,6 +22,7 @@ from typing import Any, cast
 
 import dspy
 
+from alignpro_plugins.artifact import artifact_folder
 from alignpro_plugins.gate import GateDecision, GateResult, RetryGate
 from alignpro_plugins.manifest import MANIFEST_NAME
 from alignpro_plugins.specs import classify_prompter_spec
@@ -209,7 +210,8 @@ class AlignProModule(dspy.Module):
             # A local-looking path without alignpro.json raises here, not as a hub error for a "model name".
             if classify_prompter_spec(prompter) == "artifact":
                 self.prompter = Prompter.from_pretrained(prompter, **self.prompter_kwargs)
-                self.prompter_path = str(Path(prompter).resolve())
+                # A packaged prompter's name becomes its folder, so a saved program finds it again.
+                self.prompter_path = str(artifact_folder(prompter).resolve())
             else:
                 self.prompter = Prompter.from_base(
                     str(prompter), mode=mode or "augment", **self.prompter_kwargs
@@ -442,14 +444,17 @@ class AlignProModule(dspy.Module):
                 self.answer_field = saved.get("answer_field")
             return
         path = saved.get("reward_path")
-        if not path or not Path(path).is_dir():
+        if saved.get("reward") is None and float(saved["threshold"]) == math.inf:
+            self.retry_gate = RetryGate.always()  # no reward model to load
+        elif not path or not Path(path).is_dir():
             raise FileNotFoundError(
                 f"this program was saved with a retry gate (reward {saved.get('reward')!r}, threshold "
                 f"{saved.get('threshold')}) whose reward model cannot be loaded from here "
                 f"({path or 'it was not a reward-model folder'}): pass retry_gate=RetryGate(reward, threshold) "
                 "when you build the AlignProModule, then load"
             )
-        self.retry_gate = RetryGate(path, float(saved["threshold"]))
+        else:
+            self.retry_gate = RetryGate(path, float(saved["threshold"]))
         self.answer_field = saved.get("answer_field") or default_answer_field(self.program)
 
     def _saved_prompter(self, info: dict[str, Any], base_dir: Path | None) -> tuple[Any, str | None]:
