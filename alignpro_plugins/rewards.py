@@ -42,7 +42,7 @@ def prompt_digest(prompt: str) -> str:
 def prompts_trained_on(reward: Any, prompts: Sequence[str]) -> int | None:
     """How many of ``prompts`` a reward-model artifact trained on; None when it records no digests.
 
-    An ensemble has seen a prompt when any of its members trained on it.
+    An ensemble has seen a prompt when any of its members trained on it; None when a member records no digests.
     """
     digests = _trained_digests(reward)
     if digests is None:
@@ -54,7 +54,7 @@ def _trained_digests(reward: Any) -> set[str] | None:
     members = getattr(reward, "members", None)
     if isinstance(members, Sequence) and not isinstance(members, str):
         known = [d for d in (_trained_digests(m) for m in members) if d is not None]
-        return set().union(*known) if known else None
+        return set().union(*known) if len(known) == len(members) else None  # a member unknown: all unknown
     digests = (getattr(reward, "meta", None) or {}).get("train_prompt_digests")
     return None if digests is None else set(digests)
 
@@ -337,7 +337,8 @@ class RewardEnsemble(RewardFunction):
 
     ``combine``: ``"mean"``; ``"min"`` (the most pessimistic member); ``"mean-minus-std"`` (mean minus ``k``
     times the members' population std: an answer the members disagree on scores lower). ``member_scale`` (one
-    ``{"mean", "std"}`` per member) standardises each member's scores before they are combined.
+    ``{"mean", "std"}`` per member) standardises each member's scores before they are combined; an ensemble
+    folder opened with ``length_control=False`` uses its ``member_scale_raw``, fitted on the raw scores.
     """
 
     def __init__(
@@ -406,12 +407,14 @@ class RewardEnsemble(RewardFunction):
                 f"{where}: member folder(s) {missing} missing under {folder}; each member is a reward-model "
                 "folder (config.json, weights, tokenizer, alignpro_reward.json)"
             )
-        combine = meta.get("combine", "mean")
+        members = [
+            RewardModel(str(p), **kwargs) for p in paths
+        ]  # each loaded once, kept for the ensemble's life
         return cls(
-            [RewardModel(str(p), **kwargs) for p in paths],  # each loaded once, kept for the ensemble's life
-            combine,
+            members,
+            meta.get("combine", "mean"),
             meta.get("combine_k", 1.0),
-            member_scale=meta.get("member_scale"),
+            member_scale=_member_scale(meta, names, members, where),
             path=folder,
             meta=meta,
         )
@@ -490,6 +493,27 @@ class RewardEnsemble(RewardFunction):
             return raw
         mean, std = self.member_scale[j]["mean"], self.member_scale[j]["std"]
         return [(s - mean) / std for s in raw]
+
+
+def _member_scale(
+    meta: dict[str, Any], names: Sequence[str], members: Sequence[RewardModel], where: str
+) -> list[dict[str, float]] | None:
+    """The scale fitted on the scores these members give: ``member_scale_raw`` when members with a length penalty
+    score without it (``length_control=False``), else ``member_scale``."""
+    raw = [
+        n
+        for n, m in zip(names, members, strict=True)
+        if m.length_penalty is None and _length_penalty(m.meta, m.path) is not None
+    ]
+    if not raw:
+        return meta.get("member_scale")
+    if "member_scale_raw" not in meta and meta.get("member_scale") is not None:
+        raise ValueError(
+            f"{where}: member_scale was fitted on the length-penalised scores of {raw}, and there is no "
+            "member_scale_raw for their raw scores: open the ensemble with length_control=True, or train it "
+            "again (the reward stage records both)"
+        )
+    return meta.get("member_scale_raw")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -112,10 +112,17 @@ def test_length_penalty_fit_recovers_a_known_beta(tiny_encoder_dir):
     tokens = answer_token_counts(tokenizer, answers)
     assert tokens == [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
     assert len(set(tokens)) > 3
-    scores = [0.7 + 0.05 * n for n in tokens]  # a scorer that is exactly a + β·len
-    assert fit_length_penalty(scores, tokens) == pytest.approx(0.05, abs=1e-12)
-    with pytest.raises(ValueError, match="every training answer has the same token count"):
-        fit_length_penalty([1.0, 2.0], [3, 3])
+    # Three pairs (chosen, rejected), each prompt with its own offset a_x, which falls as its answers grow: a
+    # scorer exactly a_x + β·len. Only the within-pair slope is β; one line through all six answers is not.
+    chosen, rejected = tokens[1::2], tokens[0::2]
+    offsets = [0.0, -1.0, -3.0]
+    scores = (
+        [a + 0.05 * n for a, n in zip(offsets, chosen, strict=True)],
+        [a + 0.05 * n for a, n in zip(offsets, rejected, strict=True)],
+    )
+    assert fit_length_penalty(scores, (chosen, rejected)) == pytest.approx(0.05, abs=1e-12)
+    with pytest.raises(ValueError, match="in every training pair both answers have the same token count"):
+        fit_length_penalty(([1.0, 5.0], [2.0, 0.0]), ([3, 4], [3, 4]))
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -148,12 +155,14 @@ def test_length_penalty_is_fitted_on_training_answers_and_the_scorer_applies_it(
     folder = tmp_path / "rm"
     meta = manifest(folder)
     controlled, raw = RewardModel(str(folder)), RewardModel(str(folder), length_control=False)
-    # β is the least-squares slope of the raw scores of the seeded training sample's answers on their tokens.
+    # β is the within-pair slope of the raw scores of the seeded training sample's answers on their tokens.
     sample = length_penalty_sample(trainer.train_pairs, trainer.config.seed)
     assert not {p.prompt for p in sample} & {p.prompt for p in trainer.eval_pairs}
     answers = [p.chosen for p in sample] + [p.rejected for p in sample]
     tokens = answer_token_counts(raw.tokenizer, answers)
-    beta = fit_length_penalty(raw([p.prompt for p in sample] * 2, answers), tokens)
+    scores = raw([p.prompt for p in sample] * 2, answers)
+    half = len(sample)
+    beta = fit_length_penalty((scores[:half], scores[half:]), (tokens[:half], tokens[half:]))
     assert meta["length_control"] == "penalty" and meta["length_penalty_fit_answers"] == len(answers)
     assert meta["length_penalty_per_token"] == pytest.approx(beta, rel=1e-6)
     assert controlled(["x"] * 2, answers[:2]) == pytest.approx(
@@ -187,17 +196,24 @@ def test_max_eval_pairs_scores_a_seeded_sample_of_the_heldout_pairs(tiny_encoder
 def test_the_stage_recovers_beta_from_a_reward_that_is_exactly_linear_in_length(
     tiny_encoder_dir, tmp_path, monkeypatch
 ):
+    # Prompt i's answers are about i words long and its offset a_i = -i/2 falls as they grow: a slope pooled
+    # across prompts would take the offsets in; Bradley-Terry training fixes only the differences within a pair.
+    pairs = [
+        PreferencePair(f"what is {i} ?", words(3 + i + j, j), words(2 + i, 5))
+        for i in range(12)
+        for j in range(3)
+    ]
+
     class LinearInLength(RewardModel):
-        def score(self, prompts, answers):  # a + β·tokens(answer), a = 0.3, β = 0.02
-            return [0.3 + 0.02 * n for n in answer_token_counts(self.tokenizer, answers)]
+        def score(self, prompts, answers):  # a_i + β·tokens(answer), β = 1/32 (exact in binary)
+            tokens = answer_token_counts(self.tokenizer, answers)
+            return [-int(x.split()[2]) / 2 + n / 32 for x, n in zip(prompts, tokens, strict=True)]
 
     monkeypatch.setattr(reward_trainer, "RewardModel", LinearInLength)
-    AlignProRewardTrainer(
-        config(tmp_path, tiny_encoder_dir, length_control="penalty"), pairs=reference_pairs()
-    ).train()
+    AlignProRewardTrainer(config(tmp_path, tiny_encoder_dir, length_control="penalty"), pairs=pairs).train()
     meta = manifest(tmp_path / "rm")
-    assert meta["length_penalty_per_token"] == pytest.approx(0.02, abs=1e-12)
-    # Raw, the longer answer always wins; with the penalty every answer scores a: no pair is ranked.
+    assert meta["length_penalty_per_token"] == 1 / 32
+    # Raw, the longer answer always wins; with the penalty both answers of a pair score a_x: no pair is ranked.
     assert meta["heldout_longer_preferred_rate_raw"] == 1.0 and meta["heldout_longer_preferred_rate"] == 0.0
     assert meta["heldout_pairwise_accuracy"] == 0.0
 
@@ -244,6 +260,28 @@ def test_ensemble_trains_members_on_disjoint_shards_and_one_heldout_split(tiny_e
         std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
         assert (scale["mean"], scale["std"]) == pytest.approx((mean, std), rel=1e-5)
     assert ensemble.identity == load_reward(str(out)).identity
+
+
+def test_a_length_controlled_ensemble_scales_raw_member_scores_by_their_own_fit(tiny_encoder_dir, tmp_path):
+    cfg = config(tmp_path, tiny_encoder_dir, "ens", ensemble_size=2, length_control="penalty")
+    trainer = AlignProRewardTrainer(cfg, pairs=reference_pairs())
+    trainer.train()
+    out = tmp_path / "ens"
+    meta = manifest(out)
+    prompts = [p.prompt for p in trainer.eval_pairs for _ in "cr"]
+    answers = [a for p in trainer.eval_pairs for a in (p.chosen, p.rejected)]
+    for key, controlled in (("member_scale", True), ("member_scale_raw", False)):
+        for scale, j in zip(meta[key], range(2), strict=True):
+            scores = RewardModel(str(out / f"member-{j}"), length_control=controlled)(prompts, answers)
+            mean = sum(scores) / len(scores)
+            std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+            assert (scale["mean"], scale["std"]) == pytest.approx((mean, std), rel=1e-5)
+    assert meta["member_scale"] != meta["member_scale_raw"]
+    raw = load_reward(str(out), length_control=False)
+    assert raw.member_scale == meta["member_scale_raw"]  # type: ignore[attr-defined]
+    again = recomputed(raw, trainer.eval_pairs)
+    assert meta["heldout_pairwise_accuracy_raw"] == again["pairwise_accuracy"]
+    assert meta["heldout_longer_preferred_rate_raw"] == again["longer_preferred_rate"]
 
 
 def test_ensemble_resume_keeps_complete_members(tiny_encoder_dir, tmp_path, monkeypatch):

@@ -438,6 +438,16 @@ def test_load_reward_opens_an_ensemble_folder_and_combines_its_members(ensemble_
     assert prompts_trained_on(RewardEnsemble(known_members()), PROMPTS) is None
 
 
+def test_an_ensemble_with_a_member_that_records_no_digests_has_seen_unknown_prompts():
+    seen, unknown = known_members()[:2]
+    seen.meta = {"train_prompt_digests": [prompt_digest(PROMPTS[0])]}  # type: ignore[attr-defined]
+    assert (
+        prompts_trained_on(RewardEnsemble([seen, unknown]), PROMPTS) is None
+    )  # not "1": unknown's are unknown
+    unknown.meta = {"train_prompt_digests": [prompt_digest(PROMPTS[1])]}  # type: ignore[attr-defined]
+    assert prompts_trained_on(RewardEnsemble([seen, unknown]), PROMPTS) == 2
+
+
 def test_keyword_arguments_reach_every_member(ensemble_dir):
     ensemble = load_reward(ensemble_dir, batch_size=3, max_length=12)
     assert [(m.batch_size, m.max_length) for m in ensemble.members] == [(3, 12), (3, 12)]  # type: ignore[attr-defined]
@@ -594,6 +604,38 @@ def test_length_control_passes_through_an_ensemble(tmp_path, member_dirs):
     gap = [r - c for r, c in zip(raw(PROMPTS[:2], answers), controlled(PROMPTS[:2], answers), strict=True)]
     assert gap == pytest.approx([3 / 2, 1 / 2], abs=1e-5)  # member 0 pays 1 per token; the mean halves it
     assert controlled.identity != raw.identity
+
+
+def test_an_ensemble_standardises_raw_member_scores_by_member_scale_raw(tmp_path, member_dirs):
+    members = {
+        "member-0": with_manifest(
+            tmp_path, member_dirs[0], "m0", length_control="penalty", length_penalty_per_token=1.0
+        ),
+        "member-1": member_dirs[1],
+    }
+    folder = save_ensemble(tmp_path / "ens", members, combine="min")
+    fitted = {
+        "member_scale": load_reward(folder).fit_member_scale(PROMPTS, ANSWERS),
+        "member_scale_raw": load_reward(folder, length_control=False).fit_member_scale(PROMPTS, ANSWERS),
+    }
+    assert fitted["member_scale"][0] != fitted["member_scale_raw"][0]  # member 0 pays for length
+    (tmp_path / "ens" / REWARD_MANIFEST).write_text(
+        json.dumps({"kind": ENSEMBLE_KIND, "members": list(members), "combine": "min", **fitted})
+    )
+    for ensemble in (load_reward(folder), load_reward(folder, length_control=False)):
+        for row in ensemble.member_scores(PROMPTS, ANSWERS):  # each member's own z-scores
+            assert sum(row) / len(row) == pytest.approx(0.0, abs=1e-5)
+            assert math.sqrt(sum(z * z for z in row) / len(row)) == pytest.approx(1.0, abs=1e-5)
+    # An older folder without member_scale_raw cannot standardise its raw scores: it says so.
+    del fitted["member_scale_raw"]
+    (tmp_path / "ens" / REWARD_MANIFEST).write_text(
+        json.dumps({"kind": ENSEMBLE_KIND, "members": list(members), "combine": "min", **fitted})
+    )
+    assert load_reward(folder).member_scale == fitted["member_scale"]
+    with pytest.raises(
+        ValueError, match=r"scores of \['member-0'\], and there is no member_scale_raw.*length_control=True"
+    ):
+        load_reward(folder, length_control=False)
 
 
 @pytest.mark.parametrize(

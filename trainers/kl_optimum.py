@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from alignpro_plugins.manifest import GenerationDefaults, appends_guidance
 from alignpro_plugins.targets import TargetError, TargetRequest
 from trainers.common import drop_rows_after
+from trainers.reward_metrics import pooled_length_slope
 from trainers.scoring import RewriteScorer
 
 logger = logging.getLogger(__name__)
@@ -192,17 +193,6 @@ def run_round(
         stats["greedy_share"] = greedy_draws / max(len(chosen_rewards), 1)
         stats["reward_greedy"] = sum(rewards[i * group + k] for i in range(len(prompts))) / len(prompts)
     return targets, stats
-
-
-def pooled_length_slope(rewards: Sequence[float], lengths: Sequence[float], group: int) -> float:
-    """Slope of reward on answer length within prompts: Σ Δr·Δl / Σ Δl², deviations from each group's mean."""
-    num = den = 0.0
-    for s in range(0, len(rewards), group):
-        rs, ls = rewards[s : s + group], lengths[s : s + group]
-        mr, ml = sum(rs) / len(rs), sum(ls) / len(ls)
-        num += sum((r - mr) * (n - ml) for r, n in zip(rs, ls, strict=True))
-        den += sum((n - ml) ** 2 for n in ls)
-    return num / den if den > 0 else 0.0
 
 
 def deployed_reward(

@@ -4,11 +4,10 @@ from dataclasses import dataclass, field
 
 from trl import RewardConfig
 
+from alignpro_plugins.rewards import COMBINE_RULES, LENGTH_CONTROLS
 from trainers.arguments import StageArguments, apply_hardware_defaults, as_str_list
 from trainers.reward_metrics import LENGTH_MATCHED_TOLERANCE
 
-LENGTH_CONTROLS = ("none", "penalty")
-ENSEMBLE_COMBINES = ("mean", "min", "mean-minus-std")
 ENSEMBLE_SPLITS = ("shards", "bootstrap")
 
 
@@ -99,8 +98,8 @@ class AlignProRewardConfig(StageArguments, RewardConfig):
     length_control: str = field(
         default="none",
         metadata={
-            "help": "'none': raw scores. 'penalty': after training, fit β (score ≈ a + β·answer tokens, least "
-            "squares on training answers) and score raw − β·tokens, so length alone does not pay."
+            "help": "'none': raw scores. 'penalty': after training, fit β (the slope of score on answer tokens "
+            "within training pairs) and score raw − β·tokens, so length alone does not pay."
         },
     )
     use_lora: bool = field(
@@ -181,7 +180,7 @@ class AlignProRewardConfig(StageArguments, RewardConfig):
             )
         _check_choice("length_control", self.length_control, LENGTH_CONTROLS)
         _check_choice("ensemble_split", self.ensemble_split, ENSEMBLE_SPLITS)
-        _check_choice("ensemble_combine", self.ensemble_combine, ENSEMBLE_COMBINES)
+        _check_choice("ensemble_combine", self.ensemble_combine, COMBINE_RULES)
         if (
             isinstance(self.ensemble_size, bool)
             or not isinstance(self.ensemble_size, int)

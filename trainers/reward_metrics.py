@@ -77,26 +77,46 @@ def answer_token_counts(tokenizer: Any, answers: Sequence[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
 
 
-def fit_length_penalty(scores: Sequence[float], token_counts: Sequence[int]) -> float:
-    """β of the ordinary least-squares line score ≈ a + β·tokens."""
-    n = len(scores)
-    if n != len(token_counts) or n < 2:
-        raise ValueError(f"a length penalty needs >= 2 (score, token count) pairs, got {n}")
-    mean_tokens, mean_score = sum(token_counts) / n, sum(scores) / n
-    spread = sum((t - mean_tokens) ** 2 for t in token_counts)
-    if spread == 0:
+def fit_length_penalty(scores: ScoredPairs, token_counts: tuple[Sequence[int], Sequence[int]]) -> float:
+    """β: the slope of score on answer tokens within each (chosen, rejected) pair.
+
+    Bradley-Terry training fixes only the score differences within a pair; each prompt's offset is free, so a
+    slope pooled across prompts would take in offsets that happen to follow answer length.
+    """
+    (chosen, rejected), (chosen_tokens, rejected_tokens) = scores, token_counts
+    n = len(chosen)
+    if not n == len(rejected) == len(chosen_tokens) == len(rejected_tokens) or n < 1:
         raise ValueError(
-            "cannot fit a length penalty: every training answer has the same token count; "
-            "use length_control='none' or train on answers of varied lengths"
+            f"a length penalty needs >= 1 pair and a score and token count per answer, got {n} chosen and "
+            f"{len(rejected)} rejected scores, {len(chosen_tokens)} and {len(rejected_tokens)} token counts"
         )
-    beta = (
-        sum((t - mean_tokens) * (s - mean_score) for t, s in zip(token_counts, scores, strict=True)) / spread
+    if all(c == r for c, r in zip(chosen_tokens, rejected_tokens, strict=True)):
+        raise ValueError(
+            "cannot fit a length penalty: in every training pair both answers have the same token count; "
+            "use length_control='none' or train on pairs whose answers differ in length"
+        )
+    beta = pooled_length_slope(
+        [s for pair in zip(chosen, rejected, strict=True) for s in pair],
+        [t for pair in zip(chosen_tokens, rejected_tokens, strict=True) for t in pair],
+        group=2,
     )
     if not math.isfinite(beta):
         raise ValueError(
             f"the fitted length penalty is not finite ({beta}): the reward's scores are not finite"
         )
     return beta
+
+
+def pooled_length_slope(rewards: Sequence[float], lengths: Sequence[float], group: int) -> float:
+    """Slope of reward on answer length within groups (consecutive runs of ``group`` answers to one prompt):
+    Σ Δr·Δl / Σ Δl², deviations from each group's mean; 0 when no group's lengths vary."""
+    num = den = 0.0
+    for s in range(0, len(rewards), group):
+        rs, ls = rewards[s : s + group], lengths[s : s + group]
+        mr, ml = sum(rs) / len(rs), sum(ls) / len(ls)
+        num += sum((r - mr) * (n - ml) for r, n in zip(rs, ls, strict=True))
+        den += sum((n - ml) ** 2 for n in ls)
+    return num / den if den > 0 else 0.0
 
 
 def length_penalty_sample(

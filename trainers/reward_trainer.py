@@ -223,11 +223,14 @@ class AlignProRewardTrainer:
             "length_control": cfg.length_control,
         }
         if cfg.length_control == "penalty":
-            answers = [p.chosen for p in sample] + [p.rejected for p in sample]
-            beta = fit_length_penalty(train[0] + train[1], answer_token_counts(raw.tokenizer, answers))
+            tokens = (
+                answer_token_counts(raw.tokenizer, [p.chosen for p in sample]),
+                answer_token_counts(raw.tokenizer, [p.rejected for p in sample]),
+            )
+            beta = fit_length_penalty(train, tokens)
             entries |= {
                 "length_penalty_per_token": beta,
-                "length_penalty_fit_answers": len(answers),
+                "length_penalty_fit_answers": 2 * len(sample),
             }
             entries |= heldout_entries(self._metrics(heldout, cfg), "_raw")
             # What RewardModel scores once the manifest carries the penalty: raw − β·(answer tokens).
@@ -394,11 +397,15 @@ class AlignProRewardTrainer:
         }
         _write_manifest(out, rule)  # what load_reward needs to open the folder; the metrics follow
         # Members fit their scores only up to an offset: the rules combine z-scores, each member's mean and std
-        # fitted on held-out answers (which no member trained on; no labels used), as load_reward expects.
+        # fitted on held-out answers (which no member trained on; no labels used), as load_reward expects; with
+        # length control, for the raw scores too (load_reward(..., length_control=False)).
         scale_pairs = length_penalty_sample(self.eval_pairs or self.train_pairs, cfg.seed, cfg.max_eval_pairs)
         prompts = [p.prompt for p in scale_pairs for _ in range(2)]
         answers = [a for p in scale_pairs for a in (p.chosen, p.rejected)]
         rule["member_scale"] = RewardEnsemble.from_pretrained(out).fit_member_scale(prompts, answers)
+        if cfg.length_control == "penalty":
+            raw_members = RewardEnsemble.from_pretrained(out, length_control=False)
+            rule["member_scale_raw"] = raw_members.fit_member_scale(prompts, answers)
         _write_manifest(out, rule)
         ensemble = load_reward(str(out))
         sample = length_penalty_sample(self.train_pairs, cfg.seed, cfg.max_eval_pairs)
