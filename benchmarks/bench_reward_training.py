@@ -1,5 +1,5 @@
 """Reward-stage training: today's settings against the fast stage, a full pass, MiniLM against SmolLM2 with a LoRA,
-an ensemble against its members, and length control (issue 42).
+an ensemble against its members, and length control.
 
 All preference pairs of ../shared/data (AlpacaEval and HH-RLHF), the evaluation prompt files excluded from training
 as benchmarks/run_benchmark.py's reward_config excludes them, 10% of the prompts held out (one split for every run):
@@ -33,14 +33,14 @@ from typing import Any
 import torch
 
 from alignpro_plugins.data import PreferencePair
-from alignpro_plugins.rewards import CallableReward, RewardEnsemble, load_reward
+from alignpro_plugins.rewards import COMBINE_RULES, CallableReward, RewardEnsemble, load_reward
 from benchmarks.run_benchmark import DATA, EVAL_SETS, ROOT, publish, run_lines
-from trainers.reward_config import ENSEMBLE_COMBINES, AlignProRewardConfig
+from trainers.reward_config import AlignProRewardConfig
 from trainers.reward_metrics import pairwise_metrics, score_pairs
 from trainers.reward_trainer import AlignProRewardTrainer
 
 SOURCES = ("alpaca_eval_prefs.jsonl.gz", "hh_rlhf_harmless.jsonl.gz")
-BUDGET_MINUTES = 20  # issue 42: a full pass over the preference data in at most 20 minutes on 2 cores
+BUDGET_MINUTES = 20  # the target: a full pass over the preference data in at most 20 minutes on 2 cores
 BATCH = 16  # pairs per step, as the standard benchmark's reward stage
 
 
@@ -248,7 +248,7 @@ def part_d(args: argparse.Namespace) -> list[str]:
     ]
     for m in meta["member_metrics"]:
         lines.append(f"| {m['member']} (seed {m['seed']}) | {acc_cell(m)} |")
-    for rule in ENSEMBLE_COMBINES:
+    for rule in COMBINE_RULES:
         ensemble = RewardEnsemble(frozen, rule, meta["combine_k"], member_scale=meta["member_scale"])
         metrics = pairwise_metrics(pairs, *score_pairs(ensemble, pairs))
         rule_name = f"mean − {meta['combine_k']:g}·std" if rule == "mean-minus-std" else rule

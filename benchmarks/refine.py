@@ -1,4 +1,4 @@
-"""Sequential Align-Pro (issue 41): a refinement prompter that reads the frozen model's first answer, trained and
+"""Sequential Align-Pro: a refinement prompter that reads the frozen model's first answer, trained and
 evaluated beside the standard benchmark's prompt-only prompter, at equal target calls.
 
 Stages (each reused when its artifact exists, so an interrupted run resumes):
@@ -17,7 +17,7 @@ Stages (each reused when its artifact exists, so an interrupted run resumes):
     python -m benchmarks.refine                       # after python -m benchmarks.run_benchmark (runs/bench)
     python -m benchmarks.refine --smoke --out /tmp/refine-smoke   # tiny random models: a pipeline check
 
-The section (targets of issue 41 with intervals, at equal length; the refinement kinds and examples) is written to
+The section (the refinement targets with intervals, at equal length; the refinement kinds and examples) is written to
 ``<eval folder>/section.md``, and with ``--publish`` to docs/benchmarks-history.md.
 """
 
@@ -230,7 +230,7 @@ def evaluate(world: World, args: argparse.Namespace, sft: Path, rl: Path) -> tup
 
 
 def targets_lines(summary: dict) -> list[str]:
-    """Issue 41's targets under both judges (the independent judge decides), each with its interval."""
+    """The refinement targets under both judges (the independent judge decides), each with its interval."""
     h, c = summary["head_to_head"], summary["configs"]
     rows = ["| target | judge | measured | |", "|---|---|---|---|"]
     for judge in ("independent", "reward"):
@@ -401,7 +401,7 @@ def main() -> None:
         "- stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()),
         f"- wall time: {(time.time() - started) / 60:.1f} min",
         "",
-        "### Targets (issue 41)",
+        "### Targets",
         "",
         *targets_lines(summary),
         "",
