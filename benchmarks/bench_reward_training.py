@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from alignpro_plugins.data import PreferencePair
-from alignpro_plugins.rewards import COMBINE_RULES, CallableReward, RewardEnsemble, load_reward
+from alignpro_plugins.reward_ensemble import COMBINE_RULES, RewardEnsemble
+from alignpro_plugins.rewards import CallableReward, load_reward
 from benchmarks.run_benchmark import DATA, EVAL_SETS, ROOT, publish, run_lines
 from trainers.reward_config import AlignProRewardConfig
 from trainers.reward_metrics import pairwise_metrics, score_pairs

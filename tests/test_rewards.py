@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from alignpro_plugins.manifest import weights_hash
+from alignpro_plugins.reward_ensemble import RewardEnsemble
 from alignpro_plugins.rewards import (
     ENSEMBLE_KIND,
     REWARD_MANIFEST,
     CallableReward,
-    RewardEnsemble,
     RewardModel,
     as_reward,
     encode_pairs,
@@ -511,7 +511,7 @@ def test_reward_entry_points_open_folders_through_as_reward_or_load_reward():
     direct = [
         f"{p.relative_to(root)}:{n}"
         for p in sources
-        if p.name != "rewards.py"
+        if p.name not in ("rewards.py", "reward_ensemble.py")  # the loaders themselves
         for n, line in enumerate(p.read_text().splitlines(), 1)
         if re.search(r"\bRewardModel\(", line)
     ]

@@ -4,7 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import RewardConfig
 
-from alignpro_plugins.rewards import COMBINE_RULES, LENGTH_CONTROLS
+from alignpro_plugins.reward_ensemble import COMBINE_RULES
+from alignpro_plugins.rewards import LENGTH_CONTROLS
 from trainers.arguments import StageArguments, apply_hardware_defaults, as_str_list
 from trainers.reward_metrics import LENGTH_MATCHED_TOLERANCE
 

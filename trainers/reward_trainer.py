@@ -17,10 +17,10 @@ import torch
 
 from alignpro_plugins.data import PreferencePair, load_preferences, load_prompts, split_by_prompt
 from alignpro_plugins.models import resolve_model
+from alignpro_plugins.reward_ensemble import RewardEnsemble
 from alignpro_plugins.rewards import (
     ENSEMBLE_KIND,
     REWARD_MANIFEST,
-    RewardEnsemble,
     RewardFunction,
     RewardModel,
     encode_pairs,
