@@ -12,6 +12,7 @@ import torch
 
 from alignpro_plugins.data import PreferencePair
 from alignpro_plugins.rewards import REWARD_MANIFEST, RewardModel, encode_pairs, load_reward
+from tests.tiny_models import build_tiny_llama_classifier
 from trainers import reward_trainer
 from trainers.reward_batches import (
     DedupPreferenceCollator,
@@ -327,29 +328,7 @@ def test_bootstrap_members_resample_all_training_pairs(tiny_encoder_dir, tmp_pat
 # ---------------------------------------------------------------------------------------------- decoder + LoRA
 @pytest.fixture(scope="module")
 def tiny_llama_classifier(tmp_path_factory) -> str:
-    """A tiny Llama sequence classifier whose tokenizer and config have no pad token (as many decoders ship)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from tests.tiny_models import tiny_byte_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-classifier")
-    tokenizer = tiny_byte_tokenizer()
-    tokenizer.pad_token = None
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=None,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    return build_tiny_llama_classifier(tmp_path_factory.mktemp("tiny-llama-classifier"))
 
 
 def test_decoder_with_lora_trains_saves_merged_and_reloads_without_peft(

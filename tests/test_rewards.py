@@ -23,7 +23,7 @@ from alignpro_plugins.rewards import (
     prompt_digest,
     prompts_trained_on,
 )
-from tests.tiny_models import build_tiny_encoder
+from tests.tiny_models import build_tiny_encoder, build_tiny_llama_classifier
 
 PROMPTS = ["what is green tea", "write a python function", "list three examples", "explain the sea"]
 ANSWERS = ["green tea is a tea .", "def f ( ) : return 1", "one , two , three", "the sea is long and good"]
@@ -753,30 +753,8 @@ def test_the_packaged_smollm2_tokenizer_encodes_chats(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def tiny_decoder_reward_dir(tmp_path_factory):
-    """A tiny Llama sequence classifier whose tokenizer and config have no pad token (as many decoders ship)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from tests.tiny_models import tiny_byte_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-reward")
-    tokenizer = tiny_byte_tokenizer()
-    tokenizer.pad_token = None
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=1,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=None,
-        initializer_range=0.2,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+    # Wider initial weights than the default: the four answers' scores differ by more than float noise.
+    return build_tiny_llama_classifier(tmp_path_factory.mktemp("tiny-llama-reward"), initializer_range=0.2)
 
 
 def test_a_decoder_reward_scores_a_batch_as_one_by_one(tiny_decoder_reward_dir):
