@@ -222,12 +222,24 @@ _ARTIFACT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", 
 
 
 def artifact_folder(path: str | os.PathLike[str], *, revision: str | None = None) -> Path:
-    """The local folder of an artifact given as a folder or as a Hugging Face hub id (downloaded, or taken
-    from the local cache); a ``FileNotFoundError`` naming the id when neither works."""
+    """The local folder of an artifact given as a folder, as the name of a prompter shipped in this package
+    (:mod:`alignpro_plugins.prompters`; a name wins over a folder it shadows, as a packaged model's does) or as a
+    Hugging Face hub id (downloaded, or taken from the local cache); a ``FileNotFoundError`` naming what was
+    given and the packaged names when none works."""
+    from alignpro_plugins.prompters import packaged_names_hint, packaged_prompter_folder
+
     folder = Path(path)
     name = str(path)
-    if folder.exists() or not _is_hub_id(name):
+    packaged = packaged_prompter_folder(name) if isinstance(path, str) else None  # a Path means a folder
+    if packaged is not None:
+        return packaged
+    if folder.exists():
         return folder
+    if not _is_hub_id(name):
+        raise FileNotFoundError(
+            f"{name!r} is not a prompter artifact: there is no such folder, and it is neither the name of a "
+            f"prompter shipped in this package nor a Hugging Face hub id ({packaged_names_hint()})"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -241,7 +253,8 @@ def artifact_folder(path: str | os.PathLike[str], *, revision: str | None = None
         )
         raise FileNotFoundError(
             f"No prompter artifact at {name!r}: there is no such folder here, and as a Hugging Face hub id it "
-            f"cannot be loaded ({why}). Pass an artifact folder, or a hub id that is reachable or cached"
+            f"cannot be loaded ({why}). Pass an artifact folder, a packaged prompter's name or a hub id that is "
+            f"reachable or cached ({packaged_names_hint()})"
         ) from exc
 
 

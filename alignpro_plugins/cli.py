@@ -34,7 +34,7 @@ ALGORITHM_CONFIGS = {
     ("oracle", "kl-optimum"): "trainers.oracle_config:KLOptimumOracleConfig",
 }
 DESCRIPTIONS = {
-    "models": "list the packaged models and where they resolve",
+    "models": "list the packaged models and prompters and where they resolve",
     "rewrite": "rewrite prompts with a prompter (text arguments, or jsonl in -> jsonl out)",
     "reward": "train a reward model r(x, y) on preference pairs",
     "guidance": "search for the fixed guidance text that scores best across training prompts",
@@ -237,10 +237,14 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from alignpro_plugins.models import describe_models
+    from alignpro_plugins.prompters import describe_prompters
 
     for row in describe_models():
         print(f"{row['name']:<24} {row['status'] if row['status'] != 'ok' else row['path']}")
         print(f"{'':<24} {row['description']} (package {row['package']})")
+    for row in describe_prompters():  # trained prompters shipped in this package: --prompter NAME
+        print(f"{row['name']:<24} {row['status'] if row['status'] != 'ok' else row['path']}")
+        print(f"{'':<24} {row['description']} (prompter, needs {row['base_model']})")
     return 0
 
 
@@ -700,7 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpWithDefaults,
     )
     p.add_argument("text", nargs="*", help="prompts to rewrite, one per argument (or give --input)")
-    p.add_argument("--prompter", help="prompter artifact folder (unset: the untrained base prompter, --base)")
+    p.add_argument(
+        "--prompter",
+        help="prompter artifact folder or packaged prompter name (alignpro models); unset: the untrained base "
+        "prompter, --base",
+    )
     p.add_argument(
         "--base",
         default="smollm2-135m-instruct",

@@ -184,8 +184,9 @@ class Prompter:
         revision: str | None = None,
         **kwargs: Any,
     ) -> Prompter:
-        """Load an artifact written by :meth:`save_pretrained` or a trainer: a local folder, or a Hugging Face
-        hub id (downloaded, or taken from the local cache; ``revision`` pins one).
+        """Load an artifact written by :meth:`save_pretrained` or a trainer: a local folder, the name of a
+        prompter shipped in this package (``"smollm2-135m-prompter"``; ``alignpro models`` lists them), or a
+        Hugging Face hub id (downloaded, or taken from the local cache; ``revision`` pins one).
 
         The base model is the one the manifest names (a packaged name or hub id), or ``base_model`` (a name,
         hub id or local copy); its weights are checked against the recorded hash either way. A tampered or

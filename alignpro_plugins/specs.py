@@ -13,6 +13,7 @@ from typing import Literal
 
 from alignpro_plugins.manifest import MANIFEST_NAME
 from alignpro_plugins.models import PACKAGED_MODELS
+from alignpro_plugins.prompters import packaged_prompters
 
 PrompterSpecKind = Literal["artifact", "model_folder", "model_name"]
 
@@ -65,8 +66,9 @@ def missing_prompter_message(spec: str | os.PathLike[str]) -> str:
 
 
 def classify_prompter_spec(spec: str | os.PathLike[str]) -> PrompterSpecKind:
-    """``artifact`` (a folder with alignpro.json), ``model_folder`` (a folder with config.json: the base of a
-    zero-shot prompter) or ``model_name`` (a packaged name or a hub id, loaded later).
+    """``artifact`` (a folder with alignpro.json, or the name of a prompter shipped in this package),
+    ``model_folder`` (a folder with config.json: the base of a zero-shot prompter) or ``model_name`` (a packaged
+    model name or a hub id, loaded later).
 
     Raises FileNotFoundError for anything meant as a local path that is neither folder: it exists, is
     absolute, starts with ``./``, ``../`` or ``~``, has more than one separator, or its first part is a local
@@ -76,6 +78,8 @@ def classify_prompter_spec(spec: str | os.PathLike[str]) -> PrompterSpecKind:
         raise TypeError(f"a prompter spec is a str or a path, got {type(spec).__name__}")
     if isinstance(spec, str) and spec.lower() in PACKAGED_MODELS:
         return "model_name"  # resolve_model reads packaged names before any folder
+    if isinstance(spec, str) and spec.lower() in packaged_prompters():
+        return "artifact"  # a trained prompter shipped in this package (Prompter.from_pretrained's names)
     path = Path(spec).expanduser()
     if (path / MANIFEST_NAME).is_file():
         return "artifact"

@@ -9,7 +9,8 @@ from alignpro_plugins.serving.config import ServeConfig
 
 HELP = {
     "upstream": "base URL of the OpenAI-compatible API that answers, e.g. http://127.0.0.1:8000/v1",
-    "prompter": "prompter artifact folder; with --prompter-endpoint, the folder `alignpro export` wrote",
+    "prompter": "prompter artifact folder or packaged prompter name (alignpro models); with --prompter-endpoint, "
+    "the folder `alignpro export` wrote",
     "prompter_base": "the prompter's base model, when the folder alignpro.json records has moved",
     "prompter_endpoint": "OpenAI-compatible server generating the rewrites (e.g. vLLM serving the export)",
     "prompter_model": "the name --prompter-endpoint serves the exported prompter under",
