@@ -32,7 +32,8 @@ from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.prompters import SHIPPED_PROMPTER, packaged_prompter_folder, packaged_prompters
 from alignpro_plugins.testing import build_tiny_prompter
 from benchmarks import ship_prompter
-from benchmarks.ship_prompter import BENCHMARK, CARD, ShipError, compare, render_card, ship
+from benchmarks.prompter_card import render_card
+from benchmarks.ship_prompter import BENCHMARK, CARD, ShipError, compare, ship
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "tiny-shipped"
@@ -396,6 +397,14 @@ def test_compare_refuses_a_file_without_a_summary(shipped, tmp_path, capsys):
     bad.write_text(json.dumps({"records": []}))
     assert ship_prompter.main(["--compare", str(bad), "--root", str(shipped.parent), "--name", NAME]) == 2
     assert "holds no Evaluator summary" in capsys.readouterr().err
+    partial = json.loads((shipped / BENCHMARK).read_text())["summary"]
+    del partial["head_to_head"]["template"]
+    bad.write_text(json.dumps({"summary": partial}))
+    assert ship_prompter.main(["--compare", str(bad), "--root", str(shipped.parent), "--name", NAME]) == 2
+    assert (
+        "the summary has no 'vs the default instruction' under the independent judge"
+        in capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------------------------------------- loading by name
