@@ -361,6 +361,43 @@ def test_the_proxy_refines_through_its_gate_with_a_refine_prompter(refiner):
     assert resp.json()["alignpro"]["gate"]["kept"] == "retry"
 
 
+def test_the_adapters_refuse_a_refine_prompter_without_a_retry_gate(refiner, tmp_path):
+    """Without a gate no first answer ever reaches it: refused when the adapter is built, not on every call."""
+    import dspy
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from alignpro_plugins.dspy import AlignProModule
+    from alignpro_plugins.langchain import AlignedChatModel, AlignProRunnable
+    from alignpro_plugins.serving.app import create_app
+    from alignpro_plugins.serving.upstream import Upstream
+
+    needs_gate = r"needs a retry gate.*RetryGate\.rerank\(reward\).*RetryGate\.always\(\)"
+    llm = FakeListChatModel(responses=["an answer"])
+    folder, _ = build_tiny_prompter(tmp_path)  # an augment artifact, saved again as a refine one
+    augment = Prompter.from_pretrained(folder, similarity=None)
+    augment.manifest = augment.manifest.for_mode("refine")
+    refine_folder = str(augment.save_pretrained(tmp_path / "refine"))
+    augment.manifest = augment.manifest.for_mode("augment")
+    for prompter in (refiner, refine_folder, AlignProRunnable(prompter_path=str(folder), mode="refine")):
+        with pytest.raises(ValueError, match=needs_gate):
+            AlignedChatModel(llm=llm, prompter=prompter)
+    with pytest.raises(ValueError, match=needs_gate):
+        AlignProModule(dspy.Predict("question -> answer"), refiner)
+    upstream = Upstream("http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError, match=needs_gate):
+        create_app(refiner, upstream)
+    with pytest.raises(ValueError, match=needs_gate):
+        create_app(augment, upstream, mode="refine")
+    # With a gate each is built; a prompt-only prompter needs none.
+    always = RetryGate.always()
+    assert AlignedChatModel(llm=llm, prompter=refine_folder, retry_gate=always).retry_gate is always
+    assert AlignedChatModel(llm=llm, prompter=str(folder)).retry_gate is None
+    assert AlignProModule(dspy.Predict("question -> answer"), refiner, retry_gate=always).retry_gate is always
+    create_app(refiner, upstream, gate=always)
+    create_app(augment, upstream)
+    augment.close()
+
+
 # ---------------------------------------------------------------------------------------------- training
 TRAIN_PROMPTS = [
     "write a poem about the sea",

@@ -220,6 +220,12 @@ class AlignProModule(dspy.Module):
             if not callable(getattr(prompter, "rewrite_results", None)):
                 raise TypeError("prompter must be a Prompter, an artifact folder or a base model name")
             self.prompter = prompter
+        if retry_gate is None and getattr(getattr(self.prompter, "manifest", None), "mode", None) == "refine":
+            raise ValueError(
+                "a refinement prompter (mode 'refine') needs a retry gate: it writes from the program's first "
+                "answer, which only the gate hands it; pass retry_gate=RetryGate.rerank(reward) (keep the better "
+                "answer) or retry_gate=RetryGate.always() (keep the refined one)"
+            )
 
     # ------------------------------------------------------------------ calling
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

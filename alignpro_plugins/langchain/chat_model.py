@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import Context, ContextVar, copy_context
+from pathlib import Path
 from typing import Any, cast
 from uuid import uuid4
 
@@ -28,6 +29,7 @@ from pydantic import model_validator
 
 from alignpro_plugins.gate import GateResult, RetryGate
 from alignpro_plugins.langchain.runnable import AlignProRunnable
+from alignpro_plugins.manifest import MANIFEST_NAME
 
 #: Environment variable read when no ``prompter=`` is given: an artifact folder or a base model name.
 PROMPTER_ENV = "ALIGNPRO_PROMPTER"
@@ -39,6 +41,19 @@ PROMPTER_ENV = "ALIGNPRO_PROMPTER"
 _CALL_CONFIG: ContextVar[tuple[Any, RunnableConfig] | None] = ContextVar("alignpro_call_config", default=None)
 # Config keys the rewrite and the inner call inherit (run_name and run_id name this model's own run only).
 _INHERITED_KEYS = ("configurable", "recursion_limit", "max_concurrency")
+
+
+def _mode_before_loading(runnable: AlignProRunnable) -> str | None:
+    """The mode the prompter rewrites in: the runnable's, a loaded prompter's, or a local artifact's manifest
+    (None when it cannot be known without loading it)."""
+    if runnable.mode is not None:
+        return runnable.mode
+    if runnable.prompter is not None:
+        return getattr(getattr(runnable.prompter, "manifest", None), "mode", None)
+    if runnable.prompter_path is None:
+        return None  # a zero-shot base model: the runnable's mode or augment
+    manifest = Path(runnable.prompter_path) / MANIFEST_NAME  # a packaged prompter's name: known once loaded
+    return json.loads(manifest.read_text()).get("mode") if manifest.is_file() else None
 
 
 class AlignedChatModel(BaseChatModel):
@@ -95,6 +110,12 @@ class AlignedChatModel(BaseChatModel):
             raise ValueError(
                 f"retry_gate must be a RetryGate (RetryGate(reward, threshold) or RetryGate.for_budget(...)), got "
                 f"{type(self.retry_gate).__name__}"
+            )
+        if self.retry_gate is None and _mode_before_loading(self.prompter) == "refine":
+            raise ValueError(
+                "a refinement prompter (mode 'refine') needs a retry gate: it writes from llm's first answer, "
+                "which only the gate hands it; pass retry_gate=RetryGate.rerank(reward) (keep the better answer) "
+                "or retry_gate=RetryGate.always() (keep the refined one)"
             )
         return self
 

@@ -66,6 +66,13 @@ def create_app(
     """The proxy app. ``mode`` overrides the prompter's manifest mode; ``upstream_model`` replaces the model
     name clients send (when the upstream serves one model under a name clients need not know); with ``gate``
     the prompter is asked only where the gate retries (see :mod:`alignpro_plugins.serving.gating`)."""
+    if gate is None and (mode or getattr(getattr(rewriter, "manifest", None), "mode", None)) == "refine":
+        raise ValueError(
+            "a refinement prompter (mode 'refine') needs a retry gate: it writes from the upstream's first "
+            "answer, which only the gate hands it; serve it with --gate-reward and --rerank "
+            "(RetryGate.rerank(reward)) or --gate-threshold, or pass create_app(gate=RetryGate.rerank(reward) or "
+            "RetryGate.always())"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
