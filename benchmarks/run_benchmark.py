@@ -761,6 +761,11 @@ def main() -> None:
         help="train and evaluate everything but the RLHF oracle (its stage takes about 30 minutes); a later run "
         "without the flag adds its row, reusing every other stage and evaluation record",
     )
+    ap.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="leave docs/ alone (a reproduction run): the section and summary are saved under --out only",
+    )
     args = ap.parse_args()
     if args.eval_per_set is not None and not 1 <= args.eval_per_set <= 200:
         ap.error(
@@ -946,14 +951,17 @@ def main() -> None:
     section = "\n".join(md)
     # A quick run is a pipeline check: it goes to the lab notebook and never overwrites the result.
     key, page = ("align-pro-comparison-quick", HISTORY_PAGE) if q else ("align-pro-comparison", RESULTS_PAGE)
-    publish(section, out / "eval" / "benchmark_section.md", key, page)
+    publish(section, out / "eval" / "benchmark_section.md", key, page, docs=not args.no_docs)
     if not q:
-        write_summary(report.summary, budget, meta, out)
+        summary_file = write_summary(report.summary, budget, meta, out)
+        if not args.no_docs:
+            shutil.copy(summary_file, SUMMARY_FILE)
 
 
-def write_summary(summary: dict, budget: dict, meta: dict, out: Path) -> None:
-    """docs/benchmark-summary.json: the standard run's numbers, machine-readable, which the README and guide quote
-    (benchmarks/docs_numbers.py renders them into the pages, and a test keeps the pages in sync)."""
+def write_summary(summary: dict, budget: dict, meta: dict, out: Path) -> Path:
+    """<out>/eval/benchmark-summary.json, the standard run's numbers, machine-readable; published as
+    docs/benchmark-summary.json, which the README and guide quote (benchmarks/docs_numbers.py renders them into
+    the pages, and a test keeps the pages in sync). Returns the file."""
     from trainers.guidance_search_trainer import GuidanceSearchResult
 
     guidance = out / "guidance"
@@ -974,7 +982,9 @@ def write_summary(summary: dict, budget: dict, meta: dict, out: Path) -> None:
         },
         "summary": summary,
     }
-    SUMMARY_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    path = out / "eval" / "benchmark-summary.json"
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return path
 
 
 if __name__ == "__main__":
