@@ -1024,7 +1024,8 @@ def test_no_input_crashes_rewrite(property_prompter, prompt, mode):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    prompts=st.lists(st.one_of(ANY_TEXT, st.sampled_from(PROMPTS)), max_size=6), mode=st.sampled_from(PROMPT_MODES)
+    prompts=st.lists(st.one_of(ANY_TEXT, st.sampled_from(PROMPTS)), max_size=6),
+    mode=st.sampled_from(PROMPT_MODES),
 )
 def test_no_batch_crashes_rewrite(property_prompter, prompts, mode):
     results = property_prompter.rewrite_results(prompts, mode=mode)
