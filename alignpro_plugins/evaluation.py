@@ -649,7 +649,15 @@ class Evaluator:
             def more(below: list[int]) -> list[list[TargetInput]]:
                 # Inside the gate's retry step each prompt's first answer is known (see alignpro_plugins.refining).
                 xs = [prompts[j] for j in below]
-                return cfg.refine_inputs(xs, [first_answer(x) or "" for x in xs])
+                answers: list[str] = []
+                for x in xs:
+                    answer = first_answer(x)
+                    if answer is None:  # refining from "" would score a refinement of nothing
+                        raise RuntimeError(
+                            f"{cfg.name}: no first answer to refine for the prompt {x!r} in the gate's retry step"
+                        )
+                    answers.append(answer)
+                return cfg.refine_inputs(xs, answers)
 
         elif isinstance(cfg, WithRetryGate):
             gate = RetryGate(selector, cfg.threshold)

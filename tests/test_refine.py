@@ -1,4 +1,4 @@
-"""Sequential Align-Pro: a refinement prompter ρ(x'' | x, y₀), its gate flow, training and evaluation (issue 41)."""
+"""Sequential Align-Pro: a refinement prompter ρ(x'' | x, y₀), its gate flow, training and evaluation."""
 
 from __future__ import annotations
 
@@ -451,6 +451,24 @@ def _refine_sft(tiny_lm_dir, out, **kw):
     return AlignProSFTConfig(output_dir=str(out), base_model=tiny_lm_dir, **{**settings, **kw})
 
 
+def test_first_answers_the_target_failed_to_give_are_counted_and_logged(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from alignpro_plugins.targets import TargetError
+    from trainers import kl_optimum
+
+    class FailsOnBad:
+        def generate(self, requests):
+            raise TargetError("no answer", [None if "bad" in r.original else "y0" for r in requests])
+
+    scorer = SimpleNamespace(target=FailsOnBad(), contexts={})
+    with caplog.at_level(logging.WARNING, logger="trainers.kl_optimum"):
+        answers = kl_optimum.first_answers(scorer, ["good", "bad one", "bad two", "bad one"])
+    assert answers == {"good": "y0", "bad one": "", "bad two": ""}  # shown as empty, as before
+    assert "2 of 3 first answers y0 failed" in caplog.text
+
+
 def test_the_refine_bootstrap_trains_on_x_and_y0_and_keeps_the_best_candidate(tiny_lm_dir, tmp_path):
     from trainers.sft_trainer import AlignProSFTTrainer
 
@@ -664,6 +682,23 @@ def test_refine_and_keep_better_records_calls_refinements_and_the_kept_answer(re
     )
     assert again.run(configs).summary["configs"]["refine"]["refinements"] == summary["refine"]["refinements"]
     assert sent == []
+
+
+def test_a_refine_step_that_lost_the_first_answer_stops_naming_the_prompt(refiner, tmp_path, monkeypatch):
+    from alignpro_plugins import evaluation
+    from alignpro_plugins.evaluation import Evaluator, FrozenAlone, RefineAndKeepBetter
+    from alignpro_plugins.rewards import CallableReward
+    from alignpro_plugins.targets import CallableTarget
+
+    asked_prompter = script(refiner)
+    monkeypatch.setattr(evaluation, "first_answer", lambda x: None)  # the gate step handed no first answer
+    judge = {"len": CallableReward(lambda ps, ans: [float(len(a)) for a in ans], name="len")}
+    ev = Evaluator(EVAL_PROMPTS[:1], CallableTarget(Script().answer, name="t"), judge, out_dir=tmp_path)
+    with pytest.raises(
+        RuntimeError, match="no first answer to refine for the prompt 'green tea benefits\\?'"
+    ):
+        ev.run([FrozenAlone(), RefineAndKeepBetter(prompter=refiner)])
+    assert asked_prompter == []  # not refined from an empty answer
 
 
 def test_refine_and_keep_better_needs_a_refine_prompter_and_a_number(tmp_path):

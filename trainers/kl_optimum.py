@@ -40,6 +40,7 @@ def first_answers(scorer: RewriteScorer, prompts: Sequence[str], batch: int = 64
     """
     todo = list(dict.fromkeys(prompts))
     out: dict[str, str] = {}
+    failed = 0
     for s in tqdm(
         range(0, len(todo), batch), desc="first answers y0 = target(x)", disable=len(todo) <= batch
     ):
@@ -47,9 +48,16 @@ def first_answers(scorer: RewriteScorer, prompts: Sequence[str], batch: int = 64
         requests = [TargetRequest(x, original=x, context=scorer.contexts.get(x)) for x in chunk]
         try:
             answers = scorer.target.generate(requests)
-        except TargetError as exc:  # counted in target.stats; a missing answer is shown as empty
+        except TargetError as exc:  # a missing answer is shown as empty (and counted here)
+            failed += sum(a is None for a in exc.answers)
             answers = exc.answers_or_empty()
         out.update(zip(chunk, answers, strict=True))
+    if failed:
+        logger.warning(
+            "%d of %d first answers y0 failed at the target: the refinement prompter reads them as empty answers",
+            failed,
+            len(todo),
+        )
     return out
 
 
