@@ -511,15 +511,48 @@ def test_the_refine_bootstrap_trains_on_x_and_y0_and_keeps_the_best_candidate(ti
     assert trained.manifest.mode == "refine"
 
 
+def test_a_bootstrap_win_is_labelled_by_the_candidate_that_won_not_its_text(tiny_lm_dir, tmp_path):
+    from trainers.sft_trainer import AlignProSFTTrainer
+
+    folder, _ = build_tiny_prompter(tmp_path / "prompt-only")
+    quote = "Quote your sources for every claim."
+
+    def reward(prompts, answers):  # the target echoes x'': a candidate that holds a wanted text scores
+        return [10.0 if LIST_TEMPLATE in a or quote in a else 0.0 for a in answers]
+
+    cfg = _refine_sft(tiny_lm_dir, tmp_path / "sft", prompt_only_prompter=str(folder))
+    trainer = AlignProSFTTrainer(cfg, prompts=TRAIN_PROMPTS[:3], target=frozen_target, reward=reward)
+    # Rows as candidates() lays them out: 2 samples, the prompt-only guidance, the 2 templates, no change.
+    rows = {
+        TRAIN_PROMPTS[0]: [LIST_TEMPLATE, "Be vivid."],  # a sample that equals a template wins first
+        TRAIN_PROMPTS[1]: ["Be vivid.", "Be calm."],  # the prompt-only text, equal to a template, wins
+        TRAIN_PROMPTS[2]: [quote, "Be calm."],  # a sample that equals the prompt-only text wins first
+    }
+    prompt_only = {TRAIN_PROMPTS[0]: "Be calm.", TRAIN_PROMPTS[1]: LIST_TEMPLATE, TRAIN_PROMPTS[2]: quote}
+    trainer.candidates = lambda prompts: [  # type: ignore[method-assign]
+        [(g, False) for g in [*rows[x], prompt_only[x], LIST_TEMPLATE, "Be brief.", ""]] for x in prompts
+    ]
+    trainer.sft_pairs()
+    logged = [json.loads(line) for line in (tmp_path / "sft" / "bootstrap.jsonl").read_text().splitlines()]
+    assert [row["kind"] for row in logged] == ["sampled", "prompt_only", "sampled"]
+    assert trainer.bootstrap_stats["winners"] == {
+        "sampled": 2,
+        "template": 0,
+        "no_change": 0,
+        "prompt_only": 1,
+    }
+
+
 def test_refine_training_settings_are_checked(tiny_lm_dir, tmp_path):
     from trainers.sft_config import AlignProSFTConfig
     from trainers.sft_trainer import AlignProSFTTrainer
 
     with pytest.raises(ValueError, match="prompt_only_prompter is a refine-mode setting.*set mode='refine'"):
         AlignProSFTConfig(output_dir=str(tmp_path), prompt_only_prompter="x", **TINY_TRAIN)
-    with pytest.raises(ValueError, match="drop pairs_data and bootstrap from prompts_data"):
+    needs_bootstrap = r"drop the pairs \(pairs_data, or pairs= in code\) and bootstrap from prompts"
+    with pytest.raises(ValueError, match=needs_bootstrap):
         AlignProSFTConfig(output_dir=str(tmp_path), mode="refine", pairs_data="pairs.jsonl", **TINY_TRAIN)
-    with pytest.raises(ValueError, match="pass prompts= .* to bootstrap instead"):
+    with pytest.raises(ValueError, match=needs_bootstrap):
         AlignProSFTTrainer(_refine_sft(tiny_lm_dir, tmp_path), pairs=[("x", "y")])
     folder, _ = build_tiny_prompter(tmp_path / "p")
     rewrite = Prompter.from_pretrained(folder, similarity=None)

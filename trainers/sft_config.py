@@ -11,6 +11,12 @@ from trainers.arguments import StageArguments, TargetArguments, apply_hardware_d
 # Candidate guidance the bootstrap scores beside the prompter's own samples (augment mode). Starting from
 # what a user would try first means the SFT prompter begins at least where the fixed-instruction baseline is.
 DEFAULT_GUIDANCE_TEMPLATES = list(GUIDANCE_LIBRARY)
+# Checked here for pairs_data and by the trainer for pairs= (which no config holds).
+REFINE_NEEDS_BOOTSTRAP = (
+    "mode='refine' learns from the frozen target's first answers, which (prompt, improved prompt) pairs do not "
+    "hold: drop the pairs (pairs_data, or pairs= in code) and bootstrap from prompts (prompts_data, or prompts=) "
+    "with a reward"
+)
 
 
 @dataclass
@@ -145,10 +151,7 @@ class AlignProSFTConfig(StageArguments, SFTConfig, TargetArguments):
                         f"drop {option}"
                     )
         elif self.pairs_data:
-            raise ValueError(
-                "mode='refine' learns from the frozen target's first answers, which (prompt, improved prompt) "
-                "pairs do not hold: drop pairs_data and bootstrap from prompts_data with a reward_model"
-            )
+            raise ValueError(REFINE_NEEDS_BOOTSTRAP)
         if self.refine_answer_tokens is not None and self.refine_answer_tokens < 1:
             raise ValueError(f"refine_answer_tokens must be >= 1 (or None), got {self.refine_answer_tokens}")
         self.templates = as_str_list(self.templates, "templates")

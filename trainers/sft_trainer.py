@@ -41,7 +41,7 @@ from trainers.common import (
     wrap_target,
 )
 from trainers.scoring import RewriteScorer
-from trainers.sft_config import AlignProSFTConfig
+from trainers.sft_config import REFINE_NEEDS_BOOTSTRAP, AlignProSFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +75,7 @@ class AlignProSFTTrainer:
             searched = GuidanceSearchResult.load(config.templates_from).ranked(config.templates_from_top)
             config.templates = list(dict.fromkeys([*searched, *config.templates]))
         if config.mode == "refine" and pairs is not None:
-            raise ValueError(
-                "mode='refine' learns from the frozen target's first answers, which (prompt, improved prompt) "
-                "pairs do not hold: pass prompts= (and a reward) to bootstrap instead"
-            )
+            raise ValueError(REFINE_NEEDS_BOOTSTRAP)
         self.prompter = prompter or Prompter.from_base(config.base_model, mode=config.mode, similarity=None)
         self.prompter.manifest = self.prompter.manifest.for_mode(config.mode)
         if config.refine_answer_tokens is not None:
@@ -215,14 +212,15 @@ class AlignProSFTTrainer:
                 if row[best][0] == NO_CHANGE or not res[best].rewritten
                 else res[best].generated or NO_CHANGE
             )
+            # By the winner's place in its row (see candidates()), not its text: a sample may equal a template.
             kind = (
                 "no_change"
                 if text == NO_CHANGE
-                else "template"
-                if text in cfg.templates
-                else "prompt_only"
-                if cfg.prompt_only_prompter is not None and text == row[n_sampled][0]
                 else "sampled"
+                if best < n_sampled
+                else "prompt_only"
+                if cfg.prompt_only_prompter is not None and best == n_sampled
+                else "template"
             )
             wins[kind] += 1
             baseline = rs[-1] if cfg.include_no_change else rs[best]
