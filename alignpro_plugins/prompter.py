@@ -41,7 +41,6 @@ from alignpro_plugins.engine import (
     select_dtype,
 )
 from alignpro_plugins.manifest import (
-    DEFAULT_REFINE_ANSWER_TOKENS,
     FORMAT_VERSION,
     MODES,
     Manifest,
@@ -306,7 +305,8 @@ class Prompter:
     def clip_answer(self, answer: str) -> str:
         """The first answer as the meta-prompt shows it: its first ``refine_answer_tokens`` tokens (prompter's
         tokenizer), with :data:`CLIPPED_MARK` where it was cut."""
-        limit = self.manifest.refine_answer_tokens or DEFAULT_REFINE_ANSWER_TOKENS
+        limit = self.manifest.refine_answer_tokens
+        assert limit is not None  # a manifest with a refine instruction sets it (Manifest.__post_init__)
         ids = self.engine.token_ids([answer])[0]
         if len(ids) <= limit:
             return answer
@@ -340,11 +340,14 @@ class Prompter:
             )
         return mode
 
-    def _precheck(self, prompt: str, mode: str, answer: str | None = None) -> RewriteResult | None:
+    def _query_or_passthrough(self, prompt: str, mode: str, answer: str | None = None) -> str | RewriteResult:
+        """The query to generate from (formatted once: a refine query tokenizes its answer), or the result that
+        passes ``prompt`` through without generating."""
         if not prompt.strip():
             return RewriteResult(prompt, prompt, mode, None, guard.EMPTY_INPUT)
         try:
-            n_tokens = len(self.engine.token_ids([self.format_query(prompt, mode, answer=answer)])[0])
+            query = self.format_query(prompt, mode, answer=answer)
+            n_tokens = len(self.engine.token_ids([query])[0])
         except Exception as exc:  # e.g. a lone surrogate (json.loads('"\\ud800"')) the tokenizer rejects
             logger.warning("cannot tokenize the prompt (%s); passing it through", exc)
             return RewriteResult(
@@ -352,7 +355,7 @@ class Prompter:
             )
         if n_tokens > self.context_limit:
             return RewriteResult(prompt, prompt, mode, None, guard.INPUT_TOO_LONG)
-        return None
+        return query
 
     def finalize(self, prompt: str, raw: str, hit_limit: bool, mode: str) -> RewriteResult:
         """Apply the intent guard to one raw generation and build the result."""
@@ -403,12 +406,9 @@ class Prompter:
         mode = self._check_mode(mode)
         firsts = self._answers(prompts, mode, answers)
         settings = self._settings(overrides)
-        prechecked = [self._precheck(p, mode, a) for p, a in zip(prompts, firsts, strict=True)]
-        futures = {
-            i: self.engine.submit(self.format_query(p, mode, answer=a), settings)
-            for i, (p, a, pre) in enumerate(zip(prompts, firsts, prechecked, strict=True))
-            if pre is None
-        }
+        checked = [self._query_or_passthrough(p, mode, a) for p, a in zip(prompts, firsts, strict=True)]
+        prechecked = [c if isinstance(c, RewriteResult) else None for c in checked]
+        futures = {i: self.engine.submit(c, settings) for i, c in enumerate(checked) if isinstance(c, str)}
         return prompts, mode, prechecked, futures
 
     def _collect(
@@ -522,9 +522,10 @@ class Prompter:
                 f", manifest default {self.manifest.generation.do_sample!r}): greedy decoding gives one rewrite "
                 "per prompt. Pass do_sample=True (the default here when not given) or use k=1 / rewrite_results"
             )
-        prechecked = [self._precheck(p, mode, a) for p, a in zip(prompts, firsts, strict=True)]
-        todo = [i for i, pre in enumerate(prechecked) if pre is None]
-        queries = [self.format_query(prompts[i], mode, answer=firsts[i]) for i in todo]
+        checked = [self._query_or_passthrough(p, mode, a) for p, a in zip(prompts, firsts, strict=True)]
+        prechecked = [c if isinstance(c, RewriteResult) else None for c in checked]
+        todo = [i for i, c in enumerate(checked) if isinstance(c, str)]
+        queries = [c for c in checked if isinstance(c, str)]
         generated = self.engine.generate(queries, settings, k, return_exceptions=True)
         rows = dict(zip(todo, generated, strict=True))
         out: list[list[RewriteResult]] = []
@@ -545,7 +546,9 @@ class Prompter:
         writes after reading that answer, or x itself when the refinement was rejected (see
         :meth:`refine_results`)."""
         return self.refine_results(
-            [_checked_prompt(prompt)], [_checked_prompt(first_answer, "first answer")], **overrides
+            [_checked_prompt(prompt, verb="refine")],
+            [_checked_prompt(first_answer, "first answer", "refine")],
+            **overrides,
         )[0].text
 
     def refine_batch(
@@ -567,7 +570,9 @@ class Prompter:
     async def arefine(self, prompt: str, first_answer: str, **overrides: Any) -> str:
         """Async :meth:`refine`."""
         results = await self.arefine_results(
-            [_checked_prompt(prompt)], [_checked_prompt(first_answer, "first answer")], **overrides
+            [_checked_prompt(prompt, verb="refine")],
+            [_checked_prompt(first_answer, "first answer", "refine")],
+            **overrides,
         )
         return results[0].text
 
@@ -595,11 +600,11 @@ def _given(value: object) -> str:
     return "None" if value is None else type(value).__name__
 
 
-def _checked_prompt(prompt: object, what: str = "prompt") -> str:
+def _checked_prompt(prompt: object, what: str = "prompt", verb: str = "rewrite") -> str:
     if not isinstance(prompt, str):
         raise TypeError(
             f"Prompter accepts one str {what} here, got {_given(prompt)}; for many prompts pass a list or "
-            "tuple of str to rewrite_batch / rewrite_results"
+            f"tuple of str to {verb}_batch / {verb}_results"
         )
     return prompt
 

@@ -86,6 +86,18 @@ def test_the_meta_prompt_holds_x_and_the_first_answer_clipped_to_the_manifest_bu
     pr.close()
 
 
+def test_a_refinement_tokenizes_the_first_answer_once(refiner):
+    script(refiner)
+    tokenized: list[str] = []
+    token_ids = refiner.engine.token_ids
+    refiner.engine.token_ids = lambda texts: tokenized.extend(texts) or token_ids(texts)  # type: ignore[method-assign]
+    refiner.refine_results([PROMPT], [LONG])
+    assert tokenized.count(LONG) == 1  # clipped once for the query that is checked and generated from
+    with first_answers({PROMPT: LONG}):
+        assert len(refiner.sample_rewrites([PROMPT], 2)[0]) == 2
+    assert tokenized.count(LONG) == 2
+
+
 def test_a_refine_manifest_gets_the_default_meta_prompt_and_budget_and_checks_its_own():
     m = Manifest(base_model="tiny", mode="refine")
     assert m.instructions["refine"] == DEFAULT_REFINE_INSTRUCTION
@@ -113,6 +125,16 @@ def test_rewrite_on_a_refine_prompter_says_it_needs_the_first_answer(refiner):
         refiner.refine_results([PROMPT, "tea?"], [SHORT])
     with pytest.raises(TypeError, match=r"str first answers only: first_answers\[0\] is None"):
         refiner.refine_results([PROMPT], [None])  # type: ignore[list-item]
+    # One prompt that is not a str: the error names the batch methods of refining.
+    for call in (refiner.refine, lambda x, y: asyncio.run(refiner.arefine(x, y))):
+        with pytest.raises(
+            TypeError, match=r"one str prompt here, got list.*to refine_batch / refine_results"
+        ):
+            call([PROMPT], SHORT)
+        with pytest.raises(
+            TypeError, match=r"one str first answer here, got None.*refine_batch / refine_results"
+        ):
+            call(PROMPT, None)
 
 
 def test_refinements_follow_the_first_answer_and_a_failing_one_passes_x_through(refiner):
