@@ -29,8 +29,6 @@ from alignpro_plugins.models import PACKAGED_MODELS
 FORMAT_VERSION = 2
 MANIFEST_NAME = "alignpro.json"
 MODES = ("augment", "rewrite", "refine")
-# Modes whose query is the prompt alone; "refine" reads the frozen model's first answer too.
-PROMPT_MODES = ("augment", "rewrite")
 # Modes whose output is guidance appended to x ("" = no change): the guard and the target's input treat them alike.
 GUIDANCE_MODES = ("augment", "refine")
 DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` accepts besides "auto" and a torch.dtype

@@ -24,7 +24,6 @@ from alignpro_plugins.manifest import (
     DEFAULT_SYSTEM,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    PROMPT_MODES,
     GenerationDefaults,
     Manifest,
     check_generation_kwargs,
@@ -33,6 +32,7 @@ from alignpro_plugins.manifest import (
 from alignpro_plugins.prompter import BaseModelMismatchError, Prompter, RewriteResult, compose
 from alignpro_plugins.testing import CHAT_TEMPLATE, tiny_causal_lm
 
+PROMPT_MODES = tuple(DEFAULT_INSTRUCTIONS)  # the modes whose query is the prompt alone (not refine)
 # Distinct prompts; the tiny "varied" model gives different outputs for many of them, some passing the guard.
 PROMPTS = [f"question {i}: " + "why " * (i % 5) + f"is {i * 7} blue" for i in range(32)]
 
