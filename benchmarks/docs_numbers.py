@@ -1,9 +1,9 @@
 """The numbers the docs quote, rendered from the standard benchmark's summary (docs/benchmark-summary.json).
 
 `python -m benchmarks.run_benchmark` writes that file: {"meta": {command, date, machine, git, budget,
-reward_accuracy, judge_accuracy, guidance_text, ...}, "summary": <the Evaluator's summary>}. A page that quotes a
-result holds it in a marked block, and this script writes every block from that one file, so the README and the
-guides can never disagree with each other or with the run:
+reward_accuracy, judge_accuracy, guidance_text, target (the frozen model's name; optional), ...}, "summary": <the
+Evaluator's summary>}. A page that quotes a result holds it in a marked block, and this script writes every block
+from that one file, so the README and the guides can never disagree with each other or with the run:
 
     <!-- numbers:NAME:start -->
     (generated: do not edit)
@@ -70,10 +70,14 @@ def win(w: dict[str, Any]) -> str:
     return f"{pct(w['win_rate'])} [{100 * w['ci_low']:.0f}–{100 * w['ci_high']:.0f}]"
 
 
+def _word(w: dict[str, Any]) -> str:
+    """'wins' (the interval is above 50%), 'loses' (below) or 'ties' (it includes 50%)."""
+    return "wins" if w["ci_low"] > 0.5 else "loses" if w["ci_high"] < 0.5 else "ties"
+
+
 def verdict(w: dict[str, Any]) -> str:
     """'wins, 64.0% [55–74]', 'ties, 52.0% [43–61]' (the interval includes 50%) or 'loses, 40.0% [31–49]'."""
-    word = "wins" if w["ci_low"] > 0.5 else "loses" if w["ci_high"] < 0.5 else "ties"
-    return f"{word}, {win(w)}"
+    return f"{_word(w)}, {win(w)}"
 
 
 def _config(summary: dict, name: str) -> dict[str, Any]:
@@ -88,12 +92,14 @@ def _config(summary: dict, name: str) -> dict[str, Any]:
 def measured(data: dict) -> str:
     meta, summary = data["meta"], data["summary"]
     budget = meta.get("budget") or {}
+    name = meta.get("target") or budget.get("target_model_name")  # what the run recorded, if anything
+    target = f"the frozen target ({name})" if name else "the frozen target"
     served = f" served at {budget['target_base_url']}" if budget.get("target_base_url") else ""
     return (
         f"Measured by the standard benchmark (`{meta['command']}`, {meta['date']}, git {meta['git']}; "
-        f"{meta['machine']}). Every stage was trained from scratch on public data; the frozen target is the "
-        f"packaged SmolLM2-135M-Instruct{served}; the evaluation uses {summary['n_prompts']} held-out prompts that "
-        "no stage trained on. Two reward models score every answer against the original prompt: the training "
+        f"{meta['machine']}). Every stage was trained from scratch on public data against {target}{served}; the "
+        f"evaluation uses {summary['n_prompts']} held-out prompts that no stage trained on. Two reward models "
+        "score every answer against the original prompt: the training "
         f"reward the prompter was trained against (held-out pairwise accuracy {meta['reward_accuracy']:.2f}) and "
         f"an independent judge trained on disjoint prompts ({meta['judge_accuracy']:.2f}), whose numbers come "
         "first. Win rates are paired, count ties as half and carry a 95% bootstrap interval; *at equal length* "
@@ -135,7 +141,12 @@ def prompter(data: dict) -> str:
         )
         if meta.get("guidance_text") and top == meta["guidance_text"]:
             what += ", the text the guidance search chose"
-        what += ". It does not tailor its guidance to the prompt; its gain is that one text's."
+        effect = {
+            "wins": "its gain is that one text's",
+            "ties": "that one text brings no gain measurable here",
+            "loses": "that one text makes the answers worse",
+        }[_word(c[JUDGE]["vs_reference"])]
+        what += f". It does not tailor its guidance to the prompt; {effect}."
     else:
         what = (
             f"writes {outputs['distinct']} different texts on {outputs['n']} held-out prompts; the most common, "
@@ -205,7 +216,7 @@ def zero_shot(data: dict) -> str:
         "loses": "It makes answers worse: train a prompter before you deploy one.",
         "ties": "It does not make answers better: train a prompter before you deploy one.",
         "wins": "A trained prompter is what the rest of this page measures.",
-    }[verdict(w).split(",")[0]]
+    }[_word(w)]
     return (
         f"Against the bare prompt, **an untrained (zero-shot) prompter** (the base model asked to add guidance) "
         f"{verdict(w)}, under the standard benchmark's independent judge. {advice}"
