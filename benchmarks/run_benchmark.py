@@ -974,6 +974,8 @@ def write_summary(summary: dict, budget: dict, meta: dict, out: Path) -> Path:
                 ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
             ).stdout.strip(),
             "budget": budget,
+            # What answered: the served model's name, or the packaged model in process.
+            "target": target_args(budget).get("target_model_name") or target_args(budget)["target"],
             "reward_accuracy": meta["reward"]["heldout_pairwise_accuracy"],
             "judge_accuracy": meta["judge"]["heldout_pairwise_accuracy"],
             "guidance_text": GuidanceSearchResult.load(guidance).best
