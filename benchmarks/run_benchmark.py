@@ -182,9 +182,17 @@ def run_lines(started: float) -> list[str]:
 def command_line(argv: list[str] | None = None) -> str:
     """How this benchmark was invoked (``python -m benchmarks.<name> ...``, from the checkout's root), quoted so
     that the line can be pasted back into a shell."""
-    return shlex.join(
-        ["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *(sys.argv[1:] if argv is None else argv)]
-    )
+    args = sys.argv[1:] if argv is None else argv
+    # Paths inside this checkout are written relative to its root, so the line holds no machine's folders.
+    args = [_relative_to_root(a) for a in args]
+    return shlex.join(["python", "-m", f"benchmarks.{Path(sys.argv[0]).stem}", *args])
+
+
+def _relative_to_root(arg: str) -> str:
+    path = Path(arg)
+    if path.is_absolute() and path.is_relative_to(ROOT):
+        return str(path.relative_to(ROOT)) or "."
+    return arg
 
 
 def write_section(path: Path, key: str, body: str) -> None:

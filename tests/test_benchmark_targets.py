@@ -216,6 +216,11 @@ def test_recorded_commands_can_be_pasted_back_into_a_shell(monkeypatch):
     assert line == "python -m benchmarks.gated_retry --label 'seeded standard run' --out runs/bench"
     assert shlex.split(line)[1:] == ["-m", "benchmarks.gated_retry", *args]
     assert command_line(["--quick"]) == "python -m benchmarks.gated_retry --quick"
+    from benchmarks.run_benchmark import ROOT
+
+    # a path inside the checkout is written relative to its root; any other path is kept as given
+    inside = command_line(["--out", str(ROOT / "runs" / "bench"), "--data", "/elsewhere/data"])
+    assert inside == "python -m benchmarks.gated_retry --out runs/bench --data /elsewhere/data"
     assert slug("Seeded standard run (2026-12-05)") == "seeded-standard-run-2026-12-05"
 
 
