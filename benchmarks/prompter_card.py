@@ -338,13 +338,14 @@ def render_card(name: str, manifest: Manifest, adapter: dict[str, Any], benchmar
         "above by their names), retrain every stage and compare with this card's numbers:",
         "",
         "```bash",
-        f"python -m benchmarks.run_benchmark --out {REPRO_OUT}      # about 2.5 hours on 2 CPU cores",
+        f"python -m benchmarks.run_benchmark --skip-oracle --no-docs --out {REPRO_OUT}   # about 2.2 hours on 2 CPU cores",
         f"python -m benchmarks.ship_prompter --compare {REPRO_OUT}/eval/results.json --name {name}",
         "```",
         "",
         f"The shipped run's command was `{meta.get('command')}`. The comparison lists each number above with the "
         "retrained value and whether it falls inside the shipped 95% interval (exit code 1 when one does not). "
-        "The standard run also rewrites docs/benchmarks.md and docs/benchmark-summary.json in the checkout.",
+        "`--skip-oracle` leaves out the RLHF oracle, which the card does not quote; `--no-docs` keeps the committed "
+        "docs/benchmarks.md and docs/benchmark-summary.json.",
         "",
         "## Licence",
         "",

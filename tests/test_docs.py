@@ -109,12 +109,49 @@ def tiny_models(tiny_lm_dir, tiny_encoder_dir) -> dict[str, str]:
     return {"smollm2-135m-instruct": tiny_lm_dir, "all-minilm-l6-v2": tiny_encoder_dir}
 
 
+@pytest.fixture(scope="session")
+def tiny_shipped_root(tiny_lm_dir, tmp_path_factory) -> Path:
+    """A package folder of shipped prompters holding one, under the shipped name: a LoRA on the tiny model that
+    stands in for SmolLM2, its manifest naming the packaged base as a shipped one does."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignpro_plugins.manifest import Manifest, weights_hash
+    from alignpro_plugins.prompter import Prompter
+    from alignpro_plugins.prompters import INDEX_NAME, SHIPPED_PROMPTER
+
+    root = tmp_path_factory.mktemp("prompters")
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    manifest = Manifest(
+        base_model="smollm2-135m-instruct", base_model_hash=weights_hash(tiny_lm_dir), similarity_model=None
+    )
+    prompter = Prompter(lora.eval(), AutoTokenizer.from_pretrained(tiny_lm_dir), manifest, similarity=None)
+    folder = prompter.save_pretrained(root / SHIPPED_PROMPTER)
+    prompter.close()
+    entry = {
+        "base_model": manifest.base_model,
+        "base_model_hash": manifest.base_model_hash,
+        "weights_hash": weights_hash(folder),
+        "files": sorted(p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")),
+        "description": "a tiny stand-in for the shipped prompter",
+    }
+    (root / INDEX_NAME).write_text(json.dumps({SHIPPED_PROMPTER: entry}))
+    return root
+
+
 @pytest.fixture
-def tiny_resolution(tiny_models):
-    """While a page runs, the packaged names resolve to the tiny folders (config defaults included)."""
+def tiny_resolution(tiny_models, tiny_shipped_root, monkeypatch):
+    """While a page runs, the packaged names resolve to the tiny folders (config defaults included), and the
+    shipped prompter's name to a tiny one."""
     import alignpro_plugins.embeddings
     import alignpro_plugins.models
     import alignpro_plugins.prompter
+    import alignpro_plugins.prompters
     import alignpro_plugins.rewards
     import trainers.reward_trainer  # noqa: F401 - imported so its reference is patched (and restored)
 
@@ -131,6 +168,7 @@ def tiny_resolution(tiny_models):
             ):
                 module.resolve_model = new
 
+    monkeypatch.setattr(alignpro_plugins.prompters, "PACKAGE_DIR", tiny_shipped_root)
     swap(original, resolve)
     try:
         yield

@@ -302,7 +302,7 @@ def test_the_card_quotes_the_summary(shipped, run):
     )
     assert f"weights hash `{manifest.base_model_hash}`" in card
     assert "git abc1234" in card and f"`{META['command']}`" in card
-    assert "python -m benchmarks.run_benchmark --out runs/bench-repro" in card
+    assert "python -m benchmarks.run_benchmark --skip-oracle --no-docs --out runs/bench-repro" in card
     assert (
         f"python -m benchmarks.ship_prompter --compare runs/bench-repro/eval/results.json --name {NAME}"
         in card
@@ -567,19 +567,16 @@ def test_the_wheel_carries_a_shipped_prompter(shipped, tmp_path):
 def test_the_shipped_prompter_loads_by_name_from_the_installed_package_and_rewrites_offline(
     monkeypatch, tmp_path
 ):
-    """Until the standard run's prompter is shipped, the registry is empty and its name is refused; once the index
-    lists it, it loads from the package (base-model check on), and rewrites offline."""
+    """The package's index lists the shipped prompter; it loads from the package (base-model check on) and
+    rewrites offline."""
     import importlib.util
     import os
 
     monkeypatch.chdir(tmp_path)  # nothing from the checkout's working directory
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    listed = packaged_prompters()
-    if SHIPPED_PROMPTER not in listed:
-        assert listed == {}, "the index lists prompters but not the shipped one"
-        with pytest.raises(FileNotFoundError, match="this install ships no packaged prompter"):
-            Prompter.from_pretrained(SHIPPED_PROMPTER)
-        return
+    assert SHIPPED_PROMPTER in packaged_prompters(), (
+        "the package's index.json does not list the shipped prompter"
+    )
     spec = importlib.util.find_spec("alignpro_plugins")
     assert spec is not None and spec.submodule_search_locations
     package = Path(next(iter(spec.submodule_search_locations))).resolve()
