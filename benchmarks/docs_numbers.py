@@ -207,14 +207,19 @@ def modes(data: dict) -> str:
             f"{g['target_calls_per_prompt']:.2f} target calls per prompt; against the bare prompt it "
             f"{verdict(g[JUDGE]['vs_reference'])}."
         )
+        if "align-pro-gated" in equal:
+            e = equal["align-pro-gated"]
+            sentences.append(
+                f"Against `{e['against']}`, which spends more calls, the gate {verdict(e[JUDGE])}."
+            )
     return " ".join(sentences)
 
 
 def zero_shot(data: dict) -> str:
     w = _config(data["summary"], "zero-shot")[JUDGE]["vs_reference"]
     advice = {
-        "loses": "It makes answers worse: train a prompter before you deploy one.",
-        "ties": "It does not make answers better: train a prompter before you deploy one.",
+        "loses": "It makes answers worse: deploy a trained prompter instead (the shipped one for SmolLM2, or one trained for your model).",
+        "ties": "It does not make answers better: deploy a trained prompter instead (the shipped one for SmolLM2, or one trained for your model).",
         "wins": "A trained prompter is what the rest of this page measures.",
     }[_word(w)]
     return (
