@@ -316,8 +316,8 @@ def smoke_world(out: Path) -> World:
 def benchmark_world(bench: Path, out: Path, args: argparse.Namespace) -> World:
     budget = BUDGETS["standard"]
     _, mixed = rl_prompt_pools(budget)
-    # Round prompts after the ones the benchmark's own RL rounds used; validation: the benchmark's held-out prompts.
-    used = budget["kl_prompts"] * budget["kl_rounds"]
+    # Round prompts: the benchmark's own RL pool (disjoint from the bootstrap's, the validation and the evaluation
+    # prompts; the pool holds few more), new to the refinement prompter. Validation: the benchmark's held-out prompts.
     return World(
         bench=bench,
         out=out,
@@ -326,7 +326,7 @@ def benchmark_world(bench: Path, out: Path, args: argparse.Namespace) -> World:
         train_tokens=budget["target_tokens"],
         eval_tokens=budget["eval_tokens"],
         boot=bootstrap_prompts(budget)[: args.boot_prompts],
-        rl_rounds=mixed[used : used + args.rl_prompts * args.rl_rounds],
+        rl_rounds=mixed[: args.rl_prompts * args.rl_rounds],
         rl_val=validation_prompts(budget)[: args.val_prompts],
         eval=first_eval_prompts(args.per_set),
         templates=sft_library(budget),
