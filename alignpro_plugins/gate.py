@@ -159,8 +159,8 @@ class RetryGate:
         """A gate with no threshold: x is answered, and the rewrite too whenever the prompter changes x; the better
         answer is kept.
 
-        Twice the target calls for the highest win rate of the three modes (prompter alone, gated, rerank): see
-        docs/benchmarks.md, "Confirmation ... the last 152 prompts".
+        Twice the target calls; compare it with best-of-2 sampling, which spends as many (docs/benchmarks.md,
+        "Deployment modes").
         """
         return cls(reward, float("inf"))
 
