@@ -217,9 +217,12 @@ def modes(data: dict) -> str:
 
 def zero_shot(data: dict) -> str:
     w = _config(data["summary"], "zero-shot")[JUDGE]["vs_reference"]
+    trained = (
+        "deploy a trained prompter instead (the shipped one for SmolLM2, or one trained for your model)."
+    )
     advice = {
-        "loses": "It makes answers worse: deploy a trained prompter instead (the shipped one for SmolLM2, or one trained for your model).",
-        "ties": "It does not make answers better: deploy a trained prompter instead (the shipped one for SmolLM2, or one trained for your model).",
+        "loses": f"It makes answers worse: {trained}",
+        "ties": f"It does not make answers better: {trained}",
         "wins": "A trained prompter is what the rest of this page measures.",
     }[_word(w)]
     return (

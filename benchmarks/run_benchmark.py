@@ -191,7 +191,7 @@ def command_line(argv: list[str] | None = None) -> str:
 def _relative_to_root(arg: str) -> str:
     path = Path(arg)
     if path.is_absolute() and path.is_relative_to(ROOT):
-        return str(path.relative_to(ROOT)) or "."
+        return str(path.relative_to(ROOT))
     return arg
 
 

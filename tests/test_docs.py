@@ -120,7 +120,7 @@ def tiny_shipped_root(tiny_lm_dir, tmp_path_factory) -> Path:
 
     from alignpro_plugins.manifest import Manifest, weights_hash
     from alignpro_plugins.prompter import Prompter
-    from alignpro_plugins.prompters import INDEX_NAME, SHIPPED_PROMPTER
+    from alignpro_plugins.prompters import INDEX_NAME, SHIPPED_PROMPTER, PackagedPrompter
 
     root = tmp_path_factory.mktemp("prompters")
     lora = get_peft_model(
@@ -133,14 +133,18 @@ def tiny_shipped_root(tiny_lm_dir, tmp_path_factory) -> Path:
     prompter = Prompter(lora.eval(), AutoTokenizer.from_pretrained(tiny_lm_dir), manifest, similarity=None)
     folder = prompter.save_pretrained(root / SHIPPED_PROMPTER)
     prompter.close()
-    entry = {
-        "base_model": manifest.base_model,
-        "base_model_hash": manifest.base_model_hash,
-        "weights_hash": weights_hash(folder),
-        "files": sorted(p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")),
-        "description": "a tiny stand-in for the shipped prompter",
-    }
-    (root / INDEX_NAME).write_text(json.dumps({SHIPPED_PROMPTER: entry}))
+    entry = PackagedPrompter(
+        name=SHIPPED_PROMPTER,
+        base_model=manifest.base_model,
+        base_model_hash=manifest.base_model_hash,
+        weights_hash=weights_hash(folder),
+        files=tuple(
+            sorted(p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
+        ),
+        description="a tiny stand-in for the shipped prompter",
+        root=root,
+    )
+    (root / INDEX_NAME).write_text(json.dumps({SHIPPED_PROMPTER: entry.as_dict()}))
     return root
 
 
