@@ -377,3 +377,41 @@ def test_the_standard_benchmark_meets_each_mode_with_best_of_n_at_as_many_calls(
     modes = reranks([FrozenAlone(), FixedTemplate()], prompter_stand_in)
     assert [(c.name, len(c.retry)) for c in modes] == [("rerank-template", 1), ("rerank", 1), ("rerank-3", 2)]
     assert all(isinstance(c, WithRetryGate) and c.threshold == float("inf") for c in modes)
+
+
+def _cache(path: Path, rows: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"key": k, "answer": a}) + "\n" for k, a in rows.items()))
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    return {(r := json.loads(ln))["key"]: r["answer"] for ln in path.read_text().splitlines() if ln.strip()}
+
+
+def test_answers_from_an_earlier_run_seed_every_stage_cache_once(tmp_path: Path) -> None:
+    from benchmarks.run_benchmark import ANSWER_CACHE_STAGES, seed_answer_caches
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    _cache(old / "guidance" / "target_cache.jsonl", {"a": "A", "b": "B"})
+    _cache(old / "eval" / "target_cache.jsonl", {"b": "B", "c": "C"})
+    _cache(new / "sft" / "target_cache.jsonl", {"z": "Z"})  # a stage that already started keeps its cache
+    assert seed_answer_caches(new, old) == 3
+    for stage in ANSWER_CACHE_STAGES:
+        want = {"z": "Z"} if stage == "sft" else {"a": "A", "b": "B", "c": "C"}
+        assert _read_cache(new / stage / "target_cache.jsonl") == want
+    with pytest.raises(SystemExit, match="no <stage>/target_cache.jsonl"):
+        seed_answer_caches(new, tmp_path / "missing")
+
+
+def test_merging_the_search_answers_into_the_sft_cache_adds_only_new_keys(tmp_path: Path) -> None:
+    from benchmarks.run_benchmark import merge_answer_cache
+
+    src, dest = tmp_path / "guidance.jsonl", tmp_path / "sft" / "target_cache.jsonl"
+    _cache(src, {"a": "A", "b": "B"})
+    merge_answer_cache(src, dest)  # no destination yet: a copy
+    assert _read_cache(dest) == {"a": "A", "b": "B"}
+    _cache(src, {"b": "B", "c": "C"})
+    merge_answer_cache(src, dest)
+    assert dest.read_text().count('"key"') == 3 and _read_cache(dest) == {"a": "A", "b": "B", "c": "C"}
+    merge_answer_cache(tmp_path / "absent.jsonl", dest)
+    assert dest.read_text().count('"key"') == 3
