@@ -10,7 +10,7 @@ guidance search's text and what the prompter writes, and on the benchmark's 100 
 and rerank's win rates against the frozen model under the judge (all and at equal answer length), with the share
 of rerank's answer pairs where the training reward and the judge prefer the same answer. The judge is the last
 run's (--judge to choose another). Answers come from each run's evaluation cache: only scoring is new.
-The section goes to docs/benchmarks.md ("Reward model strength").
+The section goes to docs/benchmarks.md (under "Reward models").
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def section(runs: dict[str, Path], judge: Judge, started: float) -> str:
 
     pairs = heldout_pairs(runs)
     lines = [
-        "## Reward model strength",
+        "### The standard run under each training reward",
         "",
         *run_lines(started),
         f"- judge: `{judge.folder}` (held-out pairwise accuracy {judge.meta['heldout_pairwise_accuracy']:.3f}, "
