@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from alignpro_plugins import stats
 from alignpro_plugins.eval_report import format_win
 from alignpro_plugins.rewards import load_reward, prompt_digest
 from benchmarks.run_benchmark import (
@@ -36,7 +37,7 @@ from benchmarks.run_benchmark import (
     run_lines,
     side_evaluation,
 )
-from trainers.reward_metrics import pairwise_metrics, score_pairs
+from trainers.reward_metrics import pairwise_metrics, score_pairs, word_count
 from trainers.reward_trainer import AlignProRewardTrainer
 
 SECTION_KEY = "reward-strength"
@@ -70,7 +71,7 @@ def heldout_pairs(runs: dict[str, Path]) -> list:
     return [p for p in pairs if prompt_digest(p.prompt) not in trained_on]
 
 
-def evaluate(folder: Path, judge: Any) -> dict[str, Any]:
+def evaluate(folder: Path, judge: Any):
     """frozen, the run's prompter and rerank on the benchmark's prompts: its training reward selects, the judge
     scores. A side folder under the run holds the records; the run's own evaluation stays as it was."""
     from alignpro_plugins.evaluation import Evaluator, WithPrompter
@@ -83,10 +84,22 @@ def evaluate(folder: Path, judge: Any) -> dict[str, Any]:
     tries = first_tries(prompter.manifest.mode)
     rerank = next(c for c in reranks(tries, align_pro) if c.name == "rerank")
     scorers = {"reward": load_reward(str(folder / "reward")), "independent": judge.reward}
-    report = Evaluator(eval_prompts(budget), target, scorers, out_dir=ev_dir).run(
-        [tries[0], align_pro, rerank]
+    return Evaluator(eval_prompts(budget), target, scorers, out_dir=ev_dir).run([tries[0], align_pro, rerank])
+
+
+def judged(report: Any, config: str) -> tuple[list[float], list[float]]:
+    """A configuration's judge scores and answer words, in prompt order."""
+    rows = sorted((r for r in report.records if r["config"] == config), key=lambda r: r["idx"])
+    return [r["rewards"]["independent"] for r in rows], [float(word_count(r["answer"])) for r in rows]
+
+
+def head_to_head(report: Any, first: Any) -> str:
+    """This run's prompter against the first row's, paired by prompt, all and at equal length."""
+    (a, len_a), (b, len_b) = judged(report, "align-pro"), judged(first, "align-pro")
+    return (
+        f"{format_win(stats.win_rate(a, b))} | "
+        f"{format_win(stats.length_controlled_win_rate(a, b, len_a, len_b))}"
     )
-    return report.summary
 
 
 class Judge:
@@ -106,10 +119,7 @@ def section(runs: dict[str, Path], judge: Judge, started: float) -> str:
     from trainers.guidance_search_trainer import GuidanceSearchResult
 
     pairs = heldout_pairs(runs)
-    lines = [
-        "### The standard run under each training reward",
-        "",
-        *run_lines(started),
+    head = [
         f"- judge: `{judge.folder}` (held-out pairwise accuracy {judge.meta['heldout_pairwise_accuracy']:.3f}, "
         f"length-matched {judge.meta['heldout_pairwise_accuracy_length_matched']:.3f}), the same for every row",
         f"- held-out pairs: {len(pairs)} (the shard-0 held-out pairs of `{list(runs.values())[-1]}`, no prompt any "
@@ -117,26 +127,30 @@ def section(runs: dict[str, Path], judge: Judge, started: float) -> str:
         "all and at equal answer length",
         "",
         "| training reward | steps | held-out accuracy | length-matched | guidance search's text | prompter writes it "
-        "| prompter | at equal length | rerank | at equal length | rerank's pairs: reward agrees with the judge |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prompter | at equal length | rerank | at equal length | rerank's pairs: reward agrees with the judge "
+        "| prompter against the first row's | at equal length |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = {}
+    lines: list[str] = []
+    first = None
     for name, folder in runs.items():
         meta = json.loads((folder / "reward" / "alignpro_reward.json").read_text())
         metrics = pairwise_metrics(pairs, *score_pairs(load_reward(str(folder / "reward")), pairs))
-        summary = evaluate(folder, judge)
-        configs = summary["configs"]
+        report = evaluate(folder, judge)
+        first = first or report
+        configs = report.summary["configs"]
         agree = configs["rerank"]["selection"]["independent"]["agreement"]
         searched = GuidanceSearchResult.load(folder / "guidance").best or "(no change)"
         outputs = configs["align-pro"]["outputs"]
         writes = f"{100 * outputs['top_share']:.0f}%" if outputs["top"] == searched else "no"
-        rows[name] = dict(metrics=metrics, summary=summary)
         lines.append(
             f"| {name} | {meta['steps']} | {metrics['pairwise_accuracy']:.3f} | "
             f"{metrics['pairwise_accuracy_length_matched']:.3f} (n={metrics['n_pairs_length_matched']}) | "
             f'"{searched}" | {writes} | {win_pair(configs["align-pro"])} | {win_pair(configs["rerank"])} | '
-            f"{100 * agree['agreement']:.0f}% [{100 * agree['ci_low']:.0f}–{100 * agree['ci_high']:.0f}] |"
+            f"{100 * agree['agreement']:.0f}% [{100 * agree['ci_low']:.0f}–{100 * agree['ci_high']:.0f}] | "
+            f"{'— | —' if report is first else head_to_head(report, first)} |"
         )
+    lines = ["### The standard run under each training reward", "", *run_lines(started), *head, *lines]
     lines += [
         "",
         "Each run is a full standard run (`run_benchmark`) with its own reward model and judge; this table "

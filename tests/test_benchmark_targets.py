@@ -325,6 +325,7 @@ RESULTS_PAGE_KEYS = (
     "padding-benchmark",
     "backends-benchmark",
     "reward-scoring-benchmark",
+    "reward-strength",
 )
 
 
