@@ -325,7 +325,6 @@ RESULTS_PAGE_KEYS = (
     "padding-benchmark",
     "backends-benchmark",
     "reward-scoring-benchmark",
-    "reward-strength",
 )
 
 
@@ -416,20 +415,3 @@ def test_merging_the_search_answers_into_the_sft_cache_adds_only_new_keys(tmp_pa
     assert dest.read_text().count('"key"') == 3 and _read_cache(dest) == {"a": "A", "b": "B", "c": "C"}
     merge_answer_cache(tmp_path / "absent.jsonl", dest)
     assert dest.read_text().count('"key"') == 3
-
-
-def test_reward_strength_runs_are_named_finished_benchmark_folders(tmp_path: Path) -> None:
-    import argparse
-
-    from benchmarks.reward_strength import parse_run
-
-    run = tmp_path / "bench"
-    for need in ("reward/alignpro_reward.json", "rl-kl/alignpro.json", "eval/target_cache.jsonl"):
-        (run / need).parent.mkdir(parents=True, exist_ok=True)
-        (run / need).write_text("{}")
-    assert parse_run(f" full pass = {run}") == ("full pass", run)
-    with pytest.raises(argparse.ArgumentTypeError, match="NAME=FOLDER"):
-        parse_run(str(run))
-    (run / "rl-kl" / "alignpro.json").unlink()
-    with pytest.raises(argparse.ArgumentTypeError, match="rl-kl/alignpro.json is missing"):
-        parse_run(f"x={run}")
