@@ -338,7 +338,7 @@ def render_card(name: str, manifest: Manifest, adapter: dict[str, Any], benchmar
         "above by their names), retrain every stage and compare with this card's numbers:",
         "",
         "```bash",
-        f"python -m benchmarks.run_benchmark --skip-oracle --no-docs --out {REPRO_OUT}   # about 2.2 hours on 2 CPU cores",
+        f"python -m benchmarks.run_benchmark --skip-oracle --no-docs --out {REPRO_OUT}   # about 2.5 hours on 2 CPU cores",
         f"python -m benchmarks.ship_prompter --compare {REPRO_OUT}/eval/results.json --name {name}",
         "```",
         "",

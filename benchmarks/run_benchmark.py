@@ -9,7 +9,7 @@ training reward scores the frozen answer poorly) / rerank, rerank-3 and rerank-t
 sampling of the frozen model (the equal-compute baseline of the modes that ask more than once) / RLHF oracle,
 under both judges. Stages whose artifacts exist are reused, so an interrupted run resumes.
 
-    python -m benchmarks.run_benchmark            # standard budget, 2.2 hours of stages on 2 CPU cores (resumable)
+    python -m benchmarks.run_benchmark            # standard budget, about 2.5 hours of stages on 2 CPU cores (resumable)
     python -m benchmarks.run_benchmark --quick    # every stage at smoke size, 8-16 minutes
     bash scripts/serve_vllm.sh &                  # optional: the frozen target's answers from a vLLM server
     python -m benchmarks.run_benchmark --quick --target-base-url http://127.0.0.1:8080/v1 --out runs/bench-quick-vllm
@@ -207,7 +207,7 @@ def write_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
-# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 2.2 hours of stages on a
+# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 2.5 hours of stages on a
 # 2-core CPU, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
 # result (8 to 16 minutes on 2-core CPUs).
 BUDGETS: dict[str, dict[str, Any]] = {
@@ -741,20 +741,26 @@ def kept_round_line(rl_dir: Path) -> str:
     )
 
 
-# The stage folders whose frozen-target answers are cached (<stage>/target_cache.jsonl).
-ANSWER_CACHE_STAGES = ("guidance", "sft", "rl", "rl-kl", "oracle", "eval", "eval-gate-validation")
+# The stage folders whose frozen-target answers are cached (<stage>/target_cache.jsonl); "rl" is GRPO's.
+ANSWER_CACHE_STAGES = ("guidance", "sft", "rl", "rl-kl", "eval", "eval-gate-validation")
+
+
+def _cache_rows(path: Path) -> dict[str, str]:
+    """A cache file's rows by key, as JSON lines; a line cut off by an interrupted run is skipped."""
+    from alignpro_plugins.jsonl import read_jsonl_rows
+
+    return {row["key"]: json.dumps(row) for row in read_jsonl_rows(path, required=("key", "answer"))}
 
 
 def seed_answer_caches(out: Path, source: Path) -> int:
     """Start each stage's answer cache with every answer an earlier run cached. A key holds the target's identity,
     its settings and the request, so only identical requests hit: a run with another reward model then asks the
     target only for what is new. Returns the answers seeded (0 when the stages already have caches)."""
+    from alignpro_plugins.jsonl import append_jsonl
+
     rows: dict[str, str] = {}
     for path in sorted(source.glob("*/target_cache.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["key"]] = line
+        rows |= _cache_rows(path)
     if not rows:
         raise SystemExit(
             f"--answers-from {source}: no <stage>/target_cache.jsonl there; give an earlier run's --out"
@@ -763,26 +769,21 @@ def seed_answer_caches(out: Path, source: Path) -> int:
     for stage in ANSWER_CACHE_STAGES:
         cache = out / stage / "target_cache.jsonl"
         if not cache.exists():
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text("\n".join(rows.values()) + "\n")
+            append_jsonl(cache, list(rows.values()))
             seeded = len(rows)
     return seeded
 
 
 def merge_answer_cache(source: Path, dest: Path) -> None:
     """Append the answers of one stage's cache that another's lacks (keys are content hashes: union is safe)."""
+    from alignpro_plugins.jsonl import append_jsonl
+
     if not source.exists():
         return
-    have = (
-        {json.loads(ln)["key"] for ln in dest.read_text().splitlines() if ln.strip()}
-        if dest.exists()
-        else set()
-    )
-    new = [ln for ln in source.read_text().splitlines() if ln.strip() and json.loads(ln)["key"] not in have]
+    have = _cache_rows(dest) if dest.exists() else {}
+    new = [line for key, line in _cache_rows(source).items() if key not in have]
     if new:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with dest.open("a") as f:
-            f.write("\n".join(new) + "\n")
+        append_jsonl(dest, new)
 
 
 def main() -> None:
