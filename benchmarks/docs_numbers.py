@@ -143,7 +143,7 @@ def prompter(data: dict) -> str:
             what += ", the text the guidance search chose"
         effect = {
             "wins": "its gain is that one text's",
-            "ties": "that one text brings no gain measurable here",
+            "ties": "that one text does not clearly win against the bare prompt",
             "loses": "that one text makes the answers worse",
         }[_word(c[JUDGE]["vs_reference"])]
         what += f". It does not tailor its guidance to the prompt; {effect}."

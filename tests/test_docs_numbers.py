@@ -188,7 +188,7 @@ def test_a_prompter_that_writes_one_text_is_called_one_text(evaluated):
     # What that one text does follows the verdict against the bare prompt.
     for (low, high), effect in (
         ((0.55, 0.74), "its gain is that one text's."),
-        ((0.43, 0.61), "that one text brings no gain measurable here."),
+        ((0.43, 0.61), "that one text does not clearly win against the bare prompt."),
         ((0.30, 0.46), "that one text makes the answers worse."),
     ):
         judged = _with_interval(data, low, high)
