@@ -13,7 +13,7 @@ from typing import Any
 
 from alignpro_plugins.manifest import Manifest
 from alignpro_plugins.models import PACKAGED_MODELS
-from benchmarks.docs_numbers import JUDGE, TRAINING, pct, verdict
+from benchmarks.docs_numbers import JUDGE, TRAINING, pct, verdict, win
 
 REPRO_OUT = "runs/bench-repro"
 
@@ -221,6 +221,45 @@ def results_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def reproduction_lines(benchmark: dict[str, Any]) -> list[str]:
+    """How a recorded retraining (``ship_prompter --compare ... --record``) fell against the shipped intervals."""
+    rep = benchmark.get("reproduction")
+    if not rep:
+        return []
+    rows = rep["rows"]
+    inside = sum(r["inside"] for r in rows)
+    lines = [
+        "",
+        f"Retrained by `{rep.get('command')}` ({rep.get('date')}, git {rep.get('git')}; {rep.get('machine')}) on "
+        f"{rep['n_prompts']} held-out prompts: {inside} of {len(rows)} numbers fall inside the shipped 95% "
+        "intervals.",
+        "",
+        "| number | judge | shipped [95% interval] | retrained | inside |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['label']} | {r['judge']} | {win(r['shipped'])} | {pct(r['retrained'])} | "
+            f"{'yes' if r['inside'] else 'no'} |"
+            for r in rows
+        ),
+    ]
+    shipped_text = " ".join((benchmark["meta"].get("guidance_text") or "").split())
+    retrained_text = " ".join((rep.get("guidance_text") or "").split())
+    if shipped_text and retrained_text:
+        lines += [
+            "",
+            "The retrained guidance search chose "
+            + ("the same text." if retrained_text == shipped_text else f"another text: “{retrained_text}”"),
+        ]
+    outputs = rep.get("outputs")
+    if outputs:
+        top = " ".join(outputs["top"].split()) or "(the prompt unchanged)"
+        lines.append(
+            f"The retrained prompter wrote {outputs['distinct']} distinct outputs on {outputs['n']} prompts, the most "
+            f"common on {pct(outputs['top_share'])} of them: “{top}”"
+        )
+    return lines
+
+
 def render_card(name: str, manifest: Manifest, adapter: dict[str, Any], benchmark: dict[str, Any]) -> str:
     """The model card: every number from the manifest, the adapter config and the benchmark summary."""
     meta, summary = benchmark["meta"], benchmark["summary"]
@@ -346,6 +385,7 @@ def render_card(name: str, manifest: Manifest, adapter: dict[str, Any], benchmar
         "retrained value and whether it falls inside the shipped 95% interval (exit code 1 when one does not). "
         "`--skip-oracle` leaves out the RLHF oracle, which the card does not quote; `--no-docs` keeps the committed "
         "docs/benchmarks.md and docs/benchmark-summary.json.",
+        *reproduction_lines(benchmark),
         "",
         "## Licence",
         "",

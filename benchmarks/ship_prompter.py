@@ -15,7 +15,8 @@ hash and adapter checked) and its greedy rewrites of held-out prompts are compar
 
 ``--compare`` reads a retrained run's summary (``<out>/eval/results.json`` or a ``benchmark-summary.json``) and
 reports, per headline number, the shipped value with its 95% interval, the retrained value and whether it falls
-inside; the exit code is 1 when any does not.
+inside; the exit code is 1 when any does not. ``--record`` also stores that comparison, with the retrained run's
+command, commit and machine, in the shipped folder's ``benchmark.json`` and regenerates the card to show it.
 """
 
 from __future__ import annotations
@@ -246,6 +247,12 @@ def held_out_prompts(n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- shipping
+def write_benchmark(folder: Path, benchmark: dict[str, Any]) -> None:
+    (folder / BENCHMARK).write_text(
+        json.dumps(benchmark, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    )
+
+
 def ship(
     artifact: Path,
     summary_file: Path,
@@ -282,9 +289,7 @@ def ship(
                 shutil.copy2(artifact / f, tmp / f)
         manifest.save(tmp)
         benchmark["half_precision"] = half_precision_check(artifact, tmp, check_prompts)
-        (tmp / BENCHMARK).write_text(
-            json.dumps(benchmark, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-        )
+        write_benchmark(tmp, benchmark)
         (tmp / CARD).write_text(render_card(name, manifest, adapter, benchmark))
         folder = root / name
         if folder.exists():
@@ -313,30 +318,86 @@ def ship(
 
 
 # ---------------------------------------------------------------------------------------------- reproduction
-def compare(shipped: dict[str, Any], retrained: dict[str, Any]) -> tuple[list[str], bool]:
-    """Per headline number: the shipped value with its 95% interval, the retrained value, and whether the
-    retrained value falls inside the interval. (report lines, all inside)"""
-    lines = [
-        "| number | judge | shipped [95% interval] | retrained | inside |",
-        "|---|---|---|---|---|",
-    ]
-    inside_all = True
+def compare_rows(shipped: dict[str, Any], retrained: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per headline number: the shipped win rate with its 95% interval, the retrained one, and whether the
+    retrained value falls inside the interval."""
+    rows = []
     for h in headlines():
         s, r = h.read(shipped), h.read(retrained)
-        inside = s["ci_low"] <= r["win_rate"] <= s["ci_high"]
-        inside_all &= inside
-        lines.append(
-            f"| {h.label} | {h.judge} | {win(s)} | {pct(r['win_rate'])} | {'yes' if inside else 'NO'} |"
+        rows.append(
+            {
+                "label": h.label,
+                "judge": h.judge,
+                "shipped": {k: s[k] for k in ("win_rate", "ci_low", "ci_high")},
+                "retrained": r["win_rate"],
+                "inside": s["ci_low"] <= r["win_rate"] <= s["ci_high"],
+            }
         )
+    return rows
+
+
+def compare_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [
+        "| number | judge | shipped [95% interval] | retrained | inside |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['label']} | {r['judge']} | {win(r['shipped'])} | {pct(r['retrained'])} | "
+            f"{'yes' if r['inside'] else 'NO'} |"
+            for r in rows
+        ),
+    ]
+
+
+def compare(shipped: dict[str, Any], retrained: dict[str, Any]) -> tuple[list[str], bool]:
+    """The comparison as a table, and whether every retrained number falls inside its shipped interval."""
+    rows = compare_rows(shipped, retrained)
+    lines = compare_table(rows)
     if shipped["n_prompts"] != retrained["n_prompts"]:
         lines.append(
             f"\nNote: the shipped run evaluated {shipped['n_prompts']} prompts, the retrained one "
             f"{retrained['n_prompts']}: the numbers are not on the same prompts."
         )
-    return lines, inside_all
+    return lines, all(r["inside"] for r in rows)
 
 
-def run_compare(retrained_file: Path, shipped_folder: Path) -> int:
+def retrained_meta(path: Path) -> dict[str, Any]:
+    """Where and how the retrained run ran: the ``meta`` of its benchmark summary (the file given, or the
+    ``benchmark-summary.json`` beside an ``eval/results.json``)."""
+    for candidate in (path, path.parent / "benchmark-summary.json"):
+        try:
+            meta = json.loads(candidate.read_text()).get("meta")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(meta, dict):
+            return meta
+    raise ShipError(
+        f"{path}: no run metadata (command, git, date) in it or in a benchmark-summary.json beside it, so the "
+        "reproduction cannot be recorded: give the retrained run's <out>/eval/benchmark-summary.json"
+    )
+
+
+def record_reproduction(folder: Path, retrained_file: Path) -> dict[str, Any]:
+    """Store the comparison in the shipped folder's ``benchmark.json`` and regenerate its card, which then shows
+    how the retrained run's numbers fell against the shipped intervals."""
+    benchmark = json.loads((folder / BENCHMARK).read_text())
+    retrained = read_summary(retrained_file)
+    meta = retrained_meta(retrained_file)
+    focus = retrained["configs"][retrained["focus"]]
+    benchmark["reproduction"] = {
+        **{k: meta.get(k) for k in ("command", "date", "git", "machine", "guidance_text")},
+        "n_prompts": retrained["n_prompts"],
+        "rows": compare_rows(benchmark["summary"], retrained),
+        "outputs": focus.get("outputs"),
+        "mean_answer_words": focus.get("mean_answer_words"),
+    }
+    write_benchmark(folder, benchmark)
+    manifest = Manifest.load(folder)
+    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / CARD).write_text(render_card(folder.name, manifest, adapter, benchmark))
+    return benchmark["reproduction"]
+
+
+def run_compare(retrained_file: Path, shipped_folder: Path, *, record: bool = False) -> int:
     benchmark_file = shipped_folder / BENCHMARK
     if not benchmark_file.is_file():
         raise ShipError(f"{shipped_folder} holds no {BENCHMARK}: it was not written by this script")
@@ -353,6 +414,9 @@ def run_compare(retrained_file: Path, shipped_folder: Path) -> int:
         if ok
         else "\nsome retrained numbers fall outside the shipped 95% intervals (NO above)"
     )
+    if record:
+        record_reproduction(shipped_folder, retrained_file)
+        print(f"recorded in {benchmark_file} and {shipped_folder / CARD}")
     return 0 if ok else 1
 
 
@@ -384,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SUMMARY",
         help="a retrained run's summary (<out>/eval/results.json): compare it with the shipped prompter's numbers",
     )
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help="with --compare: store the comparison in the shipped folder's benchmark.json and show it on its card",
+    )
     args = ap.parse_args(argv)
     try:
         if args.compare:
@@ -391,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ap.error(
                     "--compare reads the shipped prompter's numbers: give it without --artifact / --summary"
                 )
-            return run_compare(args.compare, args.root / args.name)
+            return run_compare(args.compare, args.root / args.name, record=args.record)
+        if args.record:
+            ap.error("--record stores a --compare result: give it with --compare SUMMARY")
         if not (args.artifact and args.summary):
             ap.error("give --artifact and --summary to ship a prompter, or --compare SUMMARY")
         folder = ship(

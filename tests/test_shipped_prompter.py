@@ -392,6 +392,60 @@ def test_compare_says_which_retrained_numbers_fall_outside_the_shipped_intervals
     assert not ok and sum(line.endswith("| NO |") for line in lines) == 1
 
 
+def test_record_stores_the_comparison_and_the_card_shows_it(shipped, summary_file, tmp_path, capsys):
+    folder = Path(shutil.copytree(shipped, tmp_path / "prompters" / NAME))
+    card_before = (folder / CARD).read_text()
+    summary = json.loads(summary_file.read_text())["summary"]
+    retrained = copy.deepcopy(summary)
+    retrained["configs"]["align-pro"]["independent"]["vs_reference"]["win_rate"] = 0.80  # outside [55–74]
+    retrained["configs"]["align-pro"]["outputs"] = {
+        "distinct": 5,
+        "top": "Be brief.",
+        "top_share": 0.9,
+        "n": 100,
+    }
+    run_meta = {
+        **META,
+        "command": "python -m benchmarks.run_benchmark --out runs/bench-repro",
+        "git": "def5678",
+    }
+    run_meta["guidance_text"] = "Be brief."
+    results = tmp_path / "eval" / "results.json"  # what the card's command names; its meta sits beside it
+    results.parent.mkdir()
+    results.write_text(json.dumps({"summary": retrained, "records": []}))
+    (results.parent / "benchmark-summary.json").write_text(
+        json.dumps({"meta": run_meta, "summary": retrained})
+    )
+    args = ["--compare", str(results), "--root", str(folder.parent), "--name", NAME, "--record"]
+    assert ship_prompter.main(args) == 1  # recorded although a number fell outside
+    assert "recorded in" in capsys.readouterr().out
+
+    rep = json.loads((folder / BENCHMARK).read_text())["reproduction"]
+    assert rep["git"] == "def5678" and rep["n_prompts"] == 100
+    assert [r["inside"] for r in rep["rows"]].count(False) == 1
+    card = (folder / CARD).read_text()
+    assert card.startswith(card_before.split("## Licence")[0].rstrip())  # the rest of the card is unchanged
+    assert "(2026-12-06, git def5678; vm: 2 cores (test CPU)" in card
+    assert "7 of 8 numbers fall inside the shipped 95% intervals" in card
+    assert "| vs the bare prompt | independent | 64.0% [55–74] | 80.0% | no |" in card
+    assert "The retrained guidance search chose another text: “Be brief.”" in card
+    assert "5 distinct outputs on 100 prompts, the most common on 90.0% of them: “Be brief.”" in card
+    Prompter.from_pretrained(folder, similarity=None).close()  # still loads: weights and manifest untouched
+
+
+def test_record_needs_the_retrained_runs_metadata(shipped, summary_file, tmp_path, capsys):
+    folder = Path(shutil.copytree(shipped, tmp_path / "prompters" / NAME))
+    results = tmp_path / "results.json"  # no meta in it and no benchmark-summary.json beside it
+    results.write_text(json.dumps({"summary": json.loads(summary_file.read_text())["summary"]}))
+    args = ["--compare", str(results), "--root", str(folder.parent), "--name", NAME, "--record"]
+    assert ship_prompter.main(args) == 2
+    assert "give the retrained run's <out>/eval/benchmark-summary.json" in capsys.readouterr().err
+    assert "reproduction" not in json.loads((folder / BENCHMARK).read_text())
+    with pytest.raises(SystemExit):
+        ship_prompter.main(["--record", "--root", str(folder.parent)])
+    assert "--record stores a --compare result" in capsys.readouterr().err
+
+
 def test_compare_refuses_a_file_without_a_summary(shipped, tmp_path, capsys):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"records": []}))
