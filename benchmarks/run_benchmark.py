@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -752,10 +753,10 @@ def _cache_rows(path: Path) -> dict[str, str]:
     return {row["key"]: json.dumps(row) for row in read_jsonl_rows(path, required=("key", "answer"))}
 
 
-def seed_answer_caches(out: Path, source: Path) -> int:
-    """Start each stage's answer cache with every answer an earlier run cached. A key holds the target's identity,
-    its settings and the request, so only identical requests hit: a run with another reward model then asks the
-    target only for what is new. Returns the answers seeded (0 when the stages already have caches)."""
+def seed_answer_caches(out: Path, source: Path, stages: Sequence[str] = ANSWER_CACHE_STAGES) -> int:
+    """Start each of ``stages``' answer caches with every answer an earlier run cached. A key holds the target's
+    identity, its settings and the request, so only identical requests hit: a run with another reward model then
+    asks the target only for what is new. Returns the answers seeded (0 when the stages already have caches)."""
     from alignpro_plugins.jsonl import append_jsonl
 
     rows: dict[str, str] = {}
@@ -766,7 +767,7 @@ def seed_answer_caches(out: Path, source: Path) -> int:
             f"--answers-from {source}: no <stage>/target_cache.jsonl there; give an earlier run's --out"
         )
     seeded = 0
-    for stage in ANSWER_CACHE_STAGES:
+    for stage in stages:
         cache = out / stage / "target_cache.jsonl"
         if not cache.exists():
             append_jsonl(cache, list(rows.values()))
@@ -863,8 +864,10 @@ def main() -> None:
         times[name] = (times.get(name, 0.0) if resumed else 0.0) + time.time() - t
         times_path.write_text(json.dumps(times, indent=1))
 
+    with_grpo = args.rl_algorithm == "grpo" or args.with_grpo
     if args.answers_from:
-        seeded = seed_answer_caches(out, Path(args.answers_from))
+        stages = [s for s in ANSWER_CACHE_STAGES if with_grpo or s != "rl"]
+        seeded = seed_answer_caches(out, Path(args.answers_from), stages)
         logging.info("seeded the answer caches with %d answers from %s", seeded, args.answers_from)
     for name, seconds in train_reward_models(out, budget).items():
         times[name] = seconds
@@ -889,7 +892,6 @@ def main() -> None:
     from trainers.rl_trainer import train_rl
 
     alpaca_prompts, mixed = rl_prompt_pools(budget)
-    with_grpo = args.rl_algorithm == "grpo" or args.with_grpo
     if with_grpo and not (out / "rl" / "alignpro.json").exists():
         t = time.time()
         train_rl(

@@ -401,6 +401,9 @@ def test_answers_from_an_earlier_run_seed_every_stage_cache_once(tmp_path: Path)
         assert _read_cache(new / stage / "target_cache.jsonl") == want
     with pytest.raises(SystemExit, match="no <stage>/target_cache.jsonl"):
         seed_answer_caches(new, tmp_path / "missing")
+    only = tmp_path / "only"  # a run without GRPO seeds no rl/ folder
+    assert seed_answer_caches(only, old, ["rl-kl", "eval"]) == 3
+    assert sorted(p.name for p in only.iterdir()) == ["eval", "rl-kl"]
 
 
 def test_merging_the_search_answers_into_the_sft_cache_adds_only_new_keys(tmp_path: Path) -> None:
