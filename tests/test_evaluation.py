@@ -9,7 +9,6 @@ import pytest
 
 from alignpro_plugins import stats
 from alignpro_plugins.evaluation import (
-    DEFAULT_TEMPLATE,
     BestOfK,
     BestOfN,
     Evaluator,
@@ -22,6 +21,7 @@ from alignpro_plugins.evaluation import (
     WithRetryGate,
     retry_threshold,
 )
+from alignpro_plugins.guidance import DEFAULT_TEMPLATE
 from alignpro_plugins.prompter import Prompter
 from alignpro_plugins.rewards import CallableReward
 from alignpro_plugins.targets import CachedTarget, CallableTarget, FrozenTarget
