@@ -96,6 +96,30 @@ def build_tiny_encoder(folder: str | Path, seed: int = 0) -> str:
     return str(folder)
 
 
+def build_tiny_llama_classifier(folder: str | Path, *, initializer_range: float = 0.02) -> str:
+    """A tiny Llama sequence classifier whose tokenizer and config have no pad token (as many decoders ship)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = tiny_byte_tokenizer()
+    tokenizer.pad_token = None
+    torch.manual_seed(0)
+    config = LlamaConfig(  # type: ignore[call-arg]
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=1,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        initializer_range=initializer_range,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)
+
+
 def build_tiny_prompter(root: str | Path) -> tuple[Path, Path]:
     """(prompter folder, base model folder): a tiny Llama base and a LoRA adapter on it with non-zero weights
     (as if trained), saved as a prompter artifact under ``root``. Needs peft (the ``train`` extra)."""

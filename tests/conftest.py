@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.tiny_models import build_tiny_causal_lm, build_tiny_encoder  # noqa: E402
+from alignpro_plugins.testing import build_tiny_causal_lm, build_tiny_encoder  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import torch
 
 from alignpro_plugins.data import PreferencePair
 from alignpro_plugins.rewards import REWARD_MANIFEST, RewardModel, encode_pairs, load_reward
-from tests.tiny_models import build_tiny_llama_classifier
+from alignpro_plugins.testing import build_tiny_llama_classifier
 from trainers import reward_trainer
 from trainers.reward_batches import (
     DedupPreferenceCollator,

@@ -23,7 +23,7 @@ from alignpro_plugins.rewards import (
     prompt_digest,
     prompts_trained_on,
 )
-from tests.tiny_models import build_tiny_encoder, build_tiny_llama_classifier
+from alignpro_plugins.testing import build_tiny_encoder, build_tiny_llama_classifier
 
 PROMPTS = ["what is green tea", "write a python function", "list three examples", "explain the sea"]
 ANSWERS = ["green tea is a tea .", "def f ( ) : return 1", "one , two , three", "the sea is long and good"]
