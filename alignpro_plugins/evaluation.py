@@ -1,15 +1,16 @@
 """Evaluation harness: named configurations answered by the frozen target and scored under several judges.
 
 Each configuration (:mod:`alignpro_plugins.configurations`, re-exported here) says how a prompt x becomes the
-target's input (and, for the RLHF oracle, which model answers). Every configuration is scored on the same prompts by every judge, so all statistics are paired:
-mean reward, reward variance, win rate against the frozen model alone with a bootstrap 95% interval and the
-same win at equal answer length, head-to-head win rates, the share of the frozen→oracle gap closed, fallback
-rate and rewrite length. A configuration that asks the target more than once (best-of-K, best-of-n, the gate,
-rerank) keeps the answer the selection judge (the first judge) scores best, through :class:`RetryGate`'s flow;
-its target calls per prompt, its agreement with the other judges on the answers it chose between, and the
-best-of-n sampling baseline with as many calls are reported beside it. :class:`RefineAndKeepBetter` is the gate
-with a refinement prompter: it reads the first answer before writing the second input, and its records keep the
-guidance it wrote. Records are written incrementally, so an interrupted run resumes where it stopped.
+target's input (and, for the RLHF oracle, which model answers). Every configuration is scored on the same
+prompts by every judge, so all statistics are paired: mean reward, reward variance, win rate against the frozen
+model alone with a bootstrap 95% interval and the same win at equal answer length, head-to-head win rates, the
+share of the frozen→oracle gap closed, fallback rate and rewrite length. A configuration that asks the target
+more than once (best-of-K, best-of-n, the gate, rerank) keeps the answer the selection judge (the first judge)
+scores best, through :class:`RetryGate`'s flow; its target calls per prompt, its agreement with the other judges
+on the answers it chose between, and the best-of-n sampling baseline with as many calls are reported beside it.
+:class:`RefineAndKeepBetter` is the gate with a refinement prompter: it reads the first answer before writing the
+second input, and its records keep the guidance it wrote. Records are written incrementally, so an interrupted
+run resumes where it stopped.
 """
 
 from __future__ import annotations

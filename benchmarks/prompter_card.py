@@ -221,41 +221,57 @@ def results_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def comparison_table(rows: list[dict[str, Any]], outside: str = "no") -> list[str]:
+    """A retrained run's headline numbers against the shipped 95% intervals (``ship_prompter --compare``)."""
+    return [
+        "| number | judge | shipped [95% interval] | retrained | inside |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['label']} | {r['judge']} | {win(r['shipped'])} | {pct(r['retrained'])} | "
+            f"{'yes' if r['inside'] else outside} |"
+            for r in rows
+        ),
+    ]
+
+
 def reproduction_lines(benchmark: dict[str, Any]) -> list[str]:
     """How a recorded retraining (``ship_prompter --compare ... --record``) fell against the shipped intervals."""
     rep = benchmark.get("reproduction")
     if not rep:
         return []
-    rows = rep["rows"]
+    rows, shipped_n = rep["rows"], benchmark["summary"]["n_prompts"]
     inside = sum(r["inside"] for r in rows)
     lines = [
         "",
-        f"Retrained by `{rep.get('command')}` ({rep.get('date')}, git {rep.get('git')}; {rep.get('machine')}) on "
-        f"{rep['n_prompts']} held-out prompts: {inside} of {len(rows)} numbers fall inside the shipped 95% "
-        "intervals.",
+        "### Reproduction on record",
         "",
-        "| number | judge | shipped [95% interval] | retrained | inside |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {r['label']} | {r['judge']} | {win(r['shipped'])} | {pct(r['retrained'])} | "
-            f"{'yes' if r['inside'] else 'no'} |"
-            for r in rows
-        ),
+        f"Every stage retrained from scratch by `{rep['command']}` ({rep['date']}, git {rep['git']}; "
+        f"{rep.get('machine')}), evaluated on {rep['n_prompts']} held-out prompts: {inside} of {len(rows)} numbers "
+        "fall inside the shipped 95% intervals.",
     ]
+    if rep["n_prompts"] != shipped_n:
+        lines.append(
+            f"The shipped run evaluated {shipped_n} prompts: the numbers are not on the same prompts."
+        )
+    lines += ["", *comparison_table(rows), ""]
     shipped_text = " ".join((benchmark["meta"].get("guidance_text") or "").split())
     retrained_text = " ".join((rep.get("guidance_text") or "").split())
     if shipped_text and retrained_text:
-        lines += [
-            "",
-            "The retrained guidance search chose "
-            + ("the same text." if retrained_text == shipped_text else f"another text: “{retrained_text}”"),
-        ]
+        lines.append(
+            "- the retrained guidance search chose "
+            + ("the same text" if retrained_text == shipped_text else f"another text: “{retrained_text}”")
+        )
     outputs = rep.get("outputs")
     if outputs:
         top = " ".join(outputs["top"].split()) or "(the prompt unchanged)"
         lines.append(
-            f"The retrained prompter wrote {outputs['distinct']} distinct outputs on {outputs['n']} prompts, the most "
-            f"common on {pct(outputs['top_share'])} of them: “{top}”"
+            f"- the retrained prompter wrote {outputs['distinct']} distinct outputs on {outputs['n']} prompts, the "
+            f"most common on {pct(outputs['top_share'])} of them: “{top}”"
+        )
+    if rep.get("mean_answer_words") is not None:
+        lines.append(
+            f"- its answers average {rep['mean_answer_words']:.0f} words (the shipped prompter's "
+            f"{benchmark['summary']['configs'][benchmark['summary']['focus']]['mean_answer_words']:.0f})"
         )
     return lines
 

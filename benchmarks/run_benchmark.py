@@ -746,6 +746,11 @@ def kept_round_line(rl_dir: Path) -> str:
 ANSWER_CACHE_STAGES = ("guidance", "sft", "rl", "rl-kl", "eval", "eval-gate-validation")
 
 
+def answer_cache_stages(with_grpo: bool) -> list[str]:
+    """The stages of this run whose answer caches ``--answers-from`` seeds (``rl/`` only when GRPO runs)."""
+    return [s for s in ANSWER_CACHE_STAGES if with_grpo or s != "rl"]
+
+
 def _cache_rows(path: Path) -> dict[str, str]:
     """A cache file's rows by key, as JSON lines; a line cut off by an interrupted run is skipped."""
     from alignpro_plugins.jsonl import read_jsonl_rows
@@ -866,8 +871,7 @@ def main() -> None:
 
     with_grpo = args.rl_algorithm == "grpo" or args.with_grpo
     if args.answers_from:
-        stages = [s for s in ANSWER_CACHE_STAGES if with_grpo or s != "rl"]
-        seeded = seed_answer_caches(out, Path(args.answers_from), stages)
+        seeded = seed_answer_caches(out, Path(args.answers_from), answer_cache_stages(with_grpo))
         logging.info("seeded the answer caches with %d answers from %s", seeded, args.answers_from)
     for name, seconds in train_reward_models(out, budget).items():
         times[name] = seconds

@@ -34,8 +34,7 @@ from typing import Any
 from alignpro_plugins.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from alignpro_plugins.manifest import MANIFEST_NAME, Manifest, portable_base_name, weights_hash
 from alignpro_plugins.prompters import INDEX_NAME, PACKAGE_DIR, SHIPPED_PROMPTER, PackagedPrompter
-from benchmarks.docs_numbers import pct, win
-from benchmarks.prompter_card import SummaryError, headlines, render_card
+from benchmarks.prompter_card import SummaryError, comparison_table, headlines, render_card
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = "chat_template.jinja"
@@ -336,22 +335,10 @@ def compare_rows(shipped: dict[str, Any], retrained: dict[str, Any]) -> list[dic
     return rows
 
 
-def compare_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return [
-        "| number | judge | shipped [95% interval] | retrained | inside |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {r['label']} | {r['judge']} | {win(r['shipped'])} | {pct(r['retrained'])} | "
-            f"{'yes' if r['inside'] else 'NO'} |"
-            for r in rows
-        ),
-    ]
-
-
 def compare(shipped: dict[str, Any], retrained: dict[str, Any]) -> tuple[list[str], bool]:
     """The comparison as a table, and whether every retrained number falls inside its shipped interval."""
     rows = compare_rows(shipped, retrained)
-    lines = compare_table(rows)
+    lines = comparison_table(rows, outside="NO")
     if shipped["n_prompts"] != retrained["n_prompts"]:
         lines.append(
             f"\nNote: the shipped run evaluated {shipped['n_prompts']} prompts, the retrained one "
@@ -360,16 +347,32 @@ def compare(shipped: dict[str, Any], retrained: dict[str, Any]) -> tuple[list[st
     return lines, all(r["inside"] for r in rows)
 
 
-def retrained_meta(path: Path) -> dict[str, Any]:
+RUN_FIELDS = ("command", "git", "date")
+
+
+def retrained_meta(path: Path, shipped_meta: dict[str, Any]) -> dict[str, Any]:
     """Where and how the retrained run ran: the ``meta`` of its benchmark summary (the file given, or the
-    ``benchmark-summary.json`` beside an ``eval/results.json``)."""
+    ``benchmark-summary.json`` beside an ``eval/results.json``), with its command, commit and date."""
     for candidate in (path, path.parent / "benchmark-summary.json"):
         try:
             meta = json.loads(candidate.read_text()).get("meta")
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(meta, dict):
-            return meta
+        if not isinstance(meta, dict):
+            continue
+        missing = [k for k in RUN_FIELDS if not meta.get(k)]
+        if missing:
+            raise ShipError(
+                f"{candidate}: its run metadata lacks {', '.join(missing)}: record a run written by "
+                "benchmarks.run_benchmark"
+            )
+        if all(meta.get(k) == shipped_meta.get(k) for k in (*RUN_FIELDS, "machine")):
+            raise ShipError(
+                f"{candidate} is the shipped run itself (same command, commit, date and machine): a reproduction "
+                "is a new run, e.g. `python -m benchmarks.run_benchmark --skip-oracle --no-docs --out "
+                "runs/bench-repro`"
+            )
+        return meta
     raise ShipError(
         f"{path}: no run metadata (command, git, date) in it or in a benchmark-summary.json beside it, so the "
         "reproduction cannot be recorded: give the retrained run's <out>/eval/benchmark-summary.json"
@@ -381,19 +384,24 @@ def record_reproduction(folder: Path, retrained_file: Path) -> dict[str, Any]:
     how the retrained run's numbers fell against the shipped intervals."""
     benchmark = json.loads((folder / BENCHMARK).read_text())
     retrained = read_summary(retrained_file)
-    meta = retrained_meta(retrained_file)
+    meta = retrained_meta(retrained_file, benchmark["meta"])
     focus = retrained["configs"][retrained["focus"]]
     benchmark["reproduction"] = {
-        **{k: meta.get(k) for k in ("command", "date", "git", "machine", "guidance_text")},
+        **{k: meta.get(k) for k in (*RUN_FIELDS, "machine", "guidance_text")},
         "n_prompts": retrained["n_prompts"],
         "rows": compare_rows(benchmark["summary"], retrained),
         "outputs": focus.get("outputs"),
         "mean_answer_words": focus.get("mean_answer_words"),
     }
+    # The card is rendered before anything is written: a failure leaves the folder as it was.
+    card = render_card(
+        folder.name,
+        Manifest.load(folder),
+        json.loads((folder / ADAPTER_CONFIG).read_text()),
+        benchmark,
+    )
     write_benchmark(folder, benchmark)
-    manifest = Manifest.load(folder)
-    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
-    (folder / CARD).write_text(render_card(folder.name, manifest, adapter, benchmark))
+    (folder / CARD).write_text(card)
     return benchmark["reproduction"]
 
 
@@ -402,7 +410,10 @@ def run_compare(retrained_file: Path, shipped_folder: Path, *, record: bool = Fa
     if not benchmark_file.is_file():
         raise ShipError(f"{shipped_folder} holds no {BENCHMARK}: it was not written by this script")
     shipped = json.loads(benchmark_file.read_text())
-    lines, ok = compare(shipped["summary"], read_summary(retrained_file))
+    retrained = read_summary(retrained_file)
+    if record:  # refuse before printing a comparison that will not be recorded
+        retrained_meta(retrained_file, shipped["meta"])
+    lines, ok = compare(shipped["summary"], retrained)
     meta = shipped["meta"]
     print(
         f"shipped: {shipped_folder} (git {meta.get('git')}, `{meta.get('command')}`); retrained: {retrained_file}"

@@ -389,7 +389,7 @@ def _read_cache(path: Path) -> dict[str, str]:
 
 
 def test_answers_from_an_earlier_run_seed_every_stage_cache_once(tmp_path: Path) -> None:
-    from benchmarks.run_benchmark import ANSWER_CACHE_STAGES, seed_answer_caches
+    from benchmarks.run_benchmark import ANSWER_CACHE_STAGES, answer_cache_stages, seed_answer_caches
 
     old, new = tmp_path / "old", tmp_path / "new"
     _cache(old / "guidance" / "target_cache.jsonl", {"a": "A", "b": "B"})
@@ -401,9 +401,10 @@ def test_answers_from_an_earlier_run_seed_every_stage_cache_once(tmp_path: Path)
         assert _read_cache(new / stage / "target_cache.jsonl") == want
     with pytest.raises(SystemExit, match="no <stage>/target_cache.jsonl"):
         seed_answer_caches(new, tmp_path / "missing")
-    only = tmp_path / "only"  # a run without GRPO seeds no rl/ folder
-    assert seed_answer_caches(only, old, ["rl-kl", "eval"]) == 3
-    assert sorted(p.name for p in only.iterdir()) == ["eval", "rl-kl"]
+    no_grpo = tmp_path / "no-grpo"  # a run without GRPO seeds no rl/ folder
+    assert seed_answer_caches(no_grpo, old, answer_cache_stages(with_grpo=False)) == 3
+    assert sorted(p.name for p in no_grpo.iterdir()) == sorted(set(ANSWER_CACHE_STAGES) - {"rl"})
+    assert "rl" in answer_cache_stages(with_grpo=True)
 
 
 def test_merging_the_search_answers_into_the_sft_cache_adds_only_new_keys(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@
   paths, the chat template, the card and the numbers it quotes; the tokenizer only when it is not the base's.
 * The shipped folder loads as users load it (base hash, adapter fit), in float32 from float16 weights, with peft
   too; its card quotes the summary's numbers and its limitations follow them.
-* ``--compare`` says which retrained numbers fall outside the shipped intervals, and fails then.
+* ``--compare`` says which retrained numbers fall outside the shipped intervals, and fails then; ``--record``
+  keeps that comparison with the shipped prompter and shows it on its card.
 * Every entry point loads a packaged prompter by name; an unknown name lists the packaged ones.
 * The package's own index and folders agree, the wheel carries them, and (real_models) the shipped prompter loads
   by name from the installed package and rewrites offline.
@@ -392,7 +393,23 @@ def test_compare_says_which_retrained_numbers_fall_outside_the_shipped_intervals
     assert not ok and sum(line.endswith("| NO |") for line in lines) == 1
 
 
-def test_record_stores_the_comparison_and_the_card_shows_it(shipped, summary_file, tmp_path, capsys):
+def retrained_run(tmp_path: Path, summary: dict, **meta) -> Path:
+    """A retrained run's eval/results.json with its benchmark-summary.json (the run's metadata) beside it."""
+    run_meta = {
+        **META,
+        "command": "python -m benchmarks.run_benchmark --out runs/bench-repro",
+        "git": "def5678",
+    }
+    results = tmp_path / "eval" / "results.json"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"summary": summary, "records": []}))
+    (results.parent / "benchmark-summary.json").write_text(
+        json.dumps({"meta": {**run_meta, **meta}, "summary": summary})
+    )
+    return results
+
+
+def test_record_stores_the_comparison_and_the_card_shows_it(shipped, run, summary_file, tmp_path, capsys):
     folder = Path(shutil.copytree(shipped, tmp_path / "prompters" / NAME))
     card_before = (folder / CARD).read_text()
     summary = json.loads(summary_file.read_text())["summary"]
@@ -404,18 +421,8 @@ def test_record_stores_the_comparison_and_the_card_shows_it(shipped, summary_fil
         "top_share": 0.9,
         "n": 100,
     }
-    run_meta = {
-        **META,
-        "command": "python -m benchmarks.run_benchmark --out runs/bench-repro",
-        "git": "def5678",
-    }
-    run_meta["guidance_text"] = "Be brief."
-    results = tmp_path / "eval" / "results.json"  # what the card's command names; its meta sits beside it
-    results.parent.mkdir()
-    results.write_text(json.dumps({"summary": retrained, "records": []}))
-    (results.parent / "benchmark-summary.json").write_text(
-        json.dumps({"meta": run_meta, "summary": retrained})
-    )
+    retrained["configs"]["align-pro"]["mean_answer_words"] = 88.0
+    results = retrained_run(tmp_path, retrained, guidance_text="Be brief.")
     args = ["--compare", str(results), "--root", str(folder.parent), "--name", NAME, "--record"]
     assert ship_prompter.main(args) == 1  # recorded although a number fell outside
     assert "recorded in" in capsys.readouterr().out
@@ -425,21 +432,48 @@ def test_record_stores_the_comparison_and_the_card_shows_it(shipped, summary_fil
     assert [r["inside"] for r in rep["rows"]].count(False) == 1
     card = (folder / CARD).read_text()
     assert card.startswith(card_before.split("## Licence")[0].rstrip())  # the rest of the card is unchanged
-    assert "(2026-12-06, git def5678; vm: 2 cores (test CPU)" in card
-    assert "7 of 8 numbers fall inside the shipped 95% intervals" in card
-    assert "| vs the bare prompt | independent | 64.0% [55–74] | 80.0% | no |" in card
-    assert "The retrained guidance search chose another text: “Be brief.”" in card
-    assert "5 distinct outputs on 100 prompts, the most common on 90.0% of them: “Be brief.”" in card
+    section = card.split("### Reproduction on record")[1].split("## Licence")[0]
+    assert "(2026-12-06, git def5678; vm: 2 cores (test CPU)" in section
+    assert "7 of 8 numbers fall inside the shipped 95% intervals" in section
+    assert "not on the same prompts" not in section
+    assert "\n\n| number | judge |" in section and " |\n\n- the retrained" in section  # a table alone
+    assert "| vs the bare prompt | independent | 64.0% [55–74] | 80.0% | no |" in section
+    assert "- the retrained guidance search chose another text: “Be brief.”" in section
+    assert "5 distinct outputs on 100 prompts, the most common on 90.0% of them: “Be brief.”" in section
+    assert "- its answers average 88 words (the shipped prompter's 97)" in section
     Prompter.from_pretrained(folder, similarity=None).close()  # still loads: weights and manifest untouched
 
+    # Another run, on fewer prompts and with the shipped guidance text: the card says both.
+    retrained["n_prompts"] = 50
+    results = retrained_run(tmp_path / "again", retrained, git="0a0a0a0", guidance_text=META["guidance_text"])
+    assert ship_prompter.main([*args[:1], str(results), *args[2:]]) == 1
+    card = (folder / CARD).read_text()
+    assert card.count("### Reproduction on record") == 1 and "git 0a0a0a0" in card
+    assert "The shipped run evaluated 100 prompts: the numbers are not on the same prompts." in card
+    assert "- the retrained guidance search chose the same text" in card
 
-def test_record_needs_the_retrained_runs_metadata(shipped, summary_file, tmp_path, capsys):
+    # Shipping a new artifact drops the record: it was measured against the old one.
+    ship(run, summary_file, NAME, root=folder.parent)
+    assert "reproduction" not in json.loads((folder / BENCHMARK).read_text())
+    assert "Reproduction on record" not in (folder / CARD).read_text()
+
+
+def test_record_needs_a_new_run_with_its_metadata(shipped, summary_file, tmp_path, capsys):
     folder = Path(shutil.copytree(shipped, tmp_path / "prompters" / NAME))
+    summary = json.loads(summary_file.read_text())["summary"]
+    record = ["--root", str(folder.parent), "--name", NAME, "--record"]
     results = tmp_path / "results.json"  # no meta in it and no benchmark-summary.json beside it
-    results.write_text(json.dumps({"summary": json.loads(summary_file.read_text())["summary"]}))
-    args = ["--compare", str(results), "--root", str(folder.parent), "--name", NAME, "--record"]
-    assert ship_prompter.main(args) == 2
-    assert "give the retrained run's <out>/eval/benchmark-summary.json" in capsys.readouterr().err
+    results.write_text(json.dumps({"summary": summary}))
+    assert ship_prompter.main(["--compare", str(results), *record]) == 2
+    err = capsys.readouterr()
+    assert "give the retrained run's <out>/eval/benchmark-summary.json" in err.err
+    assert err.out == ""  # refused before a comparison is printed
+    no_git = retrained_run(tmp_path / "no-git", summary, git="")
+    assert ship_prompter.main(["--compare", str(no_git), *record]) == 2
+    assert "its run metadata lacks git" in capsys.readouterr().err
+    # The shipped run's own summary is not a reproduction of it.
+    assert ship_prompter.main(["--compare", str(summary_file), *record]) == 2
+    assert "is the shipped run itself" in capsys.readouterr().err
     assert "reproduction" not in json.loads((folder / BENCHMARK).read_text())
     with pytest.raises(SystemExit):
         ship_prompter.main(["--record", "--root", str(folder.parent)])
