@@ -268,6 +268,15 @@ def reproduction_lines(benchmark: dict[str, Any]) -> list[str]:
             f"- the retrained prompter wrote {outputs['distinct']} distinct outputs on {outputs['n']} prompts, the "
             f"most common on {pct(outputs['top_share'])} of them: “{top}”"
         )
+    if rep.get("same_weights") is not None:
+        lines.append(
+            "- its adapter, converted to float16, is "
+            + (
+                "identical to the shipped one, weight for weight"
+                if rep["same_weights"]
+                else "not the shipped one"
+            )
+        )
     if rep.get("mean_answer_words") is not None:
         lines.append(
             f"- its answers average {rep['mean_answer_words']:.0f} words (the shipped prompter's "
@@ -393,7 +402,7 @@ def render_card(name: str, manifest: Manifest, adapter: dict[str, Any], benchmar
         "above by their names), retrain every stage and compare with this card's numbers:",
         "",
         "```bash",
-        f"python -m benchmarks.run_benchmark --skip-oracle --no-docs --out {REPRO_OUT}   # about 2.5 hours on 2 CPU cores",
+        f"python -m benchmarks.run_benchmark --skip-oracle --no-docs --out {REPRO_OUT}   # about 1 h 45 min on 2 CPU cores",
         f"python -m benchmarks.ship_prompter --compare {REPRO_OUT}/eval/results.json --name {name}",
         "```",
         "",

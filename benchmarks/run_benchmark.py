@@ -9,7 +9,7 @@ training reward scores the frozen answer poorly) / rerank, rerank-3 and rerank-t
 sampling of the frozen model (the equal-compute baseline of the modes that ask more than once) / RLHF oracle,
 under both judges. Stages whose artifacts exist are reused, so an interrupted run resumes.
 
-    python -m benchmarks.run_benchmark            # standard budget, about 2.5 hours of stages on 2 CPU cores (resumable)
+    python -m benchmarks.run_benchmark            # standard budget, resumable (--skip-oracle: about 1 h 45 min on 2 CPU cores)
     python -m benchmarks.run_benchmark --quick    # every stage at smoke size, 8-16 minutes
     bash scripts/serve_vllm.sh &                  # optional: the frozen target's answers from a vLLM server
     python -m benchmarks.run_benchmark --quick --target-base-url http://127.0.0.1:8080/v1 --out runs/bench-quick-vllm
@@ -208,8 +208,8 @@ def write_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
-# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (about 2.5 hours of stages on a
-# 2-core CPU, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
+# Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (without the oracle about 1 h 45 min
+# of stages on a 2-core CPU, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
 # result (8 to 16 minutes on 2-core CPUs).
 BUDGETS: dict[str, dict[str, Any]] = {
     "standard": dict(

@@ -379,6 +379,22 @@ def retrained_meta(path: Path, shipped_meta: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def same_half_weights(trained: Path, shipped: Path) -> bool | None:
+    """Whether a trained adapter, converted to float16 as shipping converts it, has the shipped adapter's exact
+    weights (None: no adapter at ``trained``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not trained.is_file():
+        return None
+    ours, theirs = load_file(str(trained)), load_file(str(shipped))
+    if ours.keys() != theirs.keys():
+        return False
+    return all(
+        torch.equal(t.to(torch.float16) if t.is_floating_point() else t, theirs[k]) for k, t in ours.items()
+    )
+
+
 def record_reproduction(folder: Path, retrained_file: Path) -> dict[str, Any]:
     """Store the comparison in the shipped folder's ``benchmark.json`` and regenerate its card, which then shows
     how the retrained run's numbers fell against the shipped intervals."""
@@ -388,10 +404,16 @@ def record_reproduction(folder: Path, retrained_file: Path) -> dict[str, Any]:
     focus = retrained["configs"][retrained["focus"]]
     benchmark["reproduction"] = {
         **{k: meta.get(k) for k in (*RUN_FIELDS, "machine", "guidance_text")},
+        # The run's folder as another checkout names it (the card is read on other machines).
+        "command": meta["command"].replace(f"{ROOT}{os.sep}", ""),
         "n_prompts": retrained["n_prompts"],
         "rows": compare_rows(benchmark["summary"], retrained),
         "outputs": focus.get("outputs"),
         "mean_answer_words": focus.get("mean_answer_words"),
+        # <out>/eval/results.json -> <out>/rl-kl: the run's trained prompter, when it is still there
+        "same_weights": same_half_weights(
+            retrained_file.parent.parent / "rl-kl" / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS
+        ),
     }
     # The card is rendered before anything is written: a failure leaves the folder as it was.
     card = render_card(

@@ -422,7 +422,13 @@ def test_record_stores_the_comparison_and_the_card_shows_it(shipped, run, summar
         "n": 100,
     }
     retrained["configs"]["align-pro"]["mean_answer_words"] = 88.0
-    results = retrained_run(tmp_path, retrained, guidance_text="Be brief.")
+    results = retrained_run(
+        tmp_path,
+        retrained,
+        guidance_text="Be brief.",
+        command=f"python -m benchmarks.run_benchmark --out {ROOT / 'runs' / 'bench-repro'}",
+    )
+    shutil.copytree(run, tmp_path / "rl-kl")  # the retrained run's prompter: the one shipped, trained again
     args = ["--compare", str(results), "--root", str(folder.parent), "--name", NAME, "--record"]
     assert ship_prompter.main(args) == 1  # recorded although a number fell outside
     assert "recorded in" in capsys.readouterr().out
@@ -433,24 +439,36 @@ def test_record_stores_the_comparison_and_the_card_shows_it(shipped, run, summar
     card = (folder / CARD).read_text()
     assert card.startswith(card_before.split("## Licence")[0].rstrip())  # the rest of the card is unchanged
     section = card.split("### Reproduction on record")[1].split("## Licence")[0]
-    assert "(2026-12-06, git def5678; vm: 2 cores (test CPU)" in section
+    assert (
+        "`python -m benchmarks.run_benchmark --out runs/bench-repro` (2026-12-06, git def5678; vm: 2 cores"
+        in section
+    )
     assert "7 of 8 numbers fall inside the shipped 95% intervals" in section
     assert "not on the same prompts" not in section
     assert "\n\n| number | judge |" in section and " |\n\n- the retrained" in section  # a table alone
     assert "| vs the bare prompt | independent | 64.0% [55–74] | 80.0% | no |" in section
     assert "- the retrained guidance search chose another text: “Be brief.”" in section
     assert "5 distinct outputs on 100 prompts, the most common on 90.0% of them: “Be brief.”" in section
+    assert (
+        "- its adapter, converted to float16, is identical to the shipped one, weight for weight" in section
+    )
     assert "- its answers average 88 words (the shipped prompter's 97)" in section
     Prompter.from_pretrained(folder, similarity=None).close()  # still loads: weights and manifest untouched
 
     # Another run, on fewer prompts and with the shipped guidance text: the card says both.
     retrained["n_prompts"] = 50
     results = retrained_run(tmp_path / "again", retrained, git="0a0a0a0", guidance_text=META["guidance_text"])
+    from safetensors.torch import load_file, save_file
+
+    other = Path(shutil.copytree(run, tmp_path / "again" / "rl-kl")) / "adapter_model.safetensors"
+    weights = load_file(str(other))
+    save_file({k: t + 1e-2 for k, t in weights.items()}, str(other))  # another adapter
     assert ship_prompter.main([*args[:1], str(results), *args[2:]]) == 1
     card = (folder / CARD).read_text()
     assert card.count("### Reproduction on record") == 1 and "git 0a0a0a0" in card
     assert "The shipped run evaluated 100 prompts: the numbers are not on the same prompts." in card
     assert "- the retrained guidance search chose the same text" in card
+    assert "- its adapter, converted to float16, is not the shipped one" in card
 
     # Shipping a new artifact drops the record: it was measured against the old one.
     ship(run, summary_file, NAME, root=folder.parent)
