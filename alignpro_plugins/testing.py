@@ -32,23 +32,33 @@ def tiny_byte_tokenizer():
     return fast
 
 
+def _tiny_llama_config(tokenizer, **settings):
+    """A two-layer, 32-wide Llama config for ``tokenizer``'s vocabulary; ``settings`` add to it."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        **settings,
+    )
+
+
 def tiny_causal_lm(seed: int = 0, *, varied: bool = False):
     """(model, tokenizer): a tiny random Llama with the byte tokenizer.
 
     ``varied=True`` unties the head and widens the init so greedy output depends on the prompt (the default
     model repeats its last input token, which cannot show a result reaching the wrong caller).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok = tiny_byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+    config = _tiny_llama_config(
+        tok,
         max_position_embeddings=1024,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -98,18 +108,13 @@ def build_tiny_encoder(folder: str | Path, seed: int = 0) -> str:
 
 def build_tiny_llama_classifier(folder: str | Path, *, initializer_range: float = 0.02) -> str:
     """A tiny Llama sequence classifier whose tokenizer and config have no pad token (as many decoders ship)."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     tokenizer = tiny_byte_tokenizer()
     tokenizer.pad_token = None
     torch.manual_seed(0)
-    config = LlamaConfig(  # type: ignore[call-arg]
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+    config = _tiny_llama_config(
+        tokenizer,
         num_labels=1,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=None,
