@@ -209,8 +209,8 @@ def write_section(path: Path, key: str, body: str) -> None:
 
 
 # Two budgets. "standard" is the run whose numbers docs/benchmarks.md reports (without the oracle about 1 h 45 min
-# of stages on a 2-core CPU, resumable stage by stage); "quick" runs every stage end to end at smoke size: a pipeline check, not a
-# result (8 to 16 minutes on 2-core CPUs).
+# of stages on a 2-core CPU, resumable stage by stage); "quick" runs every stage end to end at smoke size: a
+# pipeline check, not a result (8 to 16 minutes on 2-core CPUs).
 BUDGETS: dict[str, dict[str, Any]] = {
     "standard": dict(
         # The reward model and the judge: one full pass over their shard's pairs (rm_steps -1) with the fast stage

@@ -395,15 +395,19 @@ def same_half_weights(trained: Path, shipped: Path) -> bool | None:
     )
 
 
-def record_reproduction(folder: Path, retrained_file: Path) -> dict[str, Any]:
+def record_reproduction(
+    folder: Path,
+    benchmark: dict[str, Any],
+    retrained: dict[str, Any],
+    meta: dict[str, Any],
+    retrained_file: Path,
+) -> None:
     """Store the comparison in the shipped folder's ``benchmark.json`` and regenerate its card, which then shows
-    how the retrained run's numbers fell against the shipped intervals."""
-    benchmark = json.loads((folder / BENCHMARK).read_text())
-    retrained = read_summary(retrained_file)
-    meta = retrained_meta(retrained_file, benchmark["meta"])
+    how the retrained run (its summary and ``meta``, read from ``retrained_file``) fell against the shipped
+    intervals."""
     focus = retrained["configs"][retrained["focus"]]
     benchmark["reproduction"] = {
-        **{k: meta.get(k) for k in (*RUN_FIELDS, "machine", "guidance_text")},
+        **{k: meta.get(k) for k in ("git", "date", "machine", "guidance_text")},
         # The run's folder as another checkout names it (the card is read on other machines).
         "command": meta["command"].replace(f"{ROOT}{os.sep}", ""),
         "n_prompts": retrained["n_prompts"],
@@ -424,7 +428,6 @@ def record_reproduction(folder: Path, retrained_file: Path) -> dict[str, Any]:
     )
     write_benchmark(folder, benchmark)
     (folder / CARD).write_text(card)
-    return benchmark["reproduction"]
 
 
 def run_compare(retrained_file: Path, shipped_folder: Path, *, record: bool = False) -> int:
@@ -433,8 +436,8 @@ def run_compare(retrained_file: Path, shipped_folder: Path, *, record: bool = Fa
         raise ShipError(f"{shipped_folder} holds no {BENCHMARK}: it was not written by this script")
     shipped = json.loads(benchmark_file.read_text())
     retrained = read_summary(retrained_file)
-    if record:  # refuse before printing a comparison that will not be recorded
-        retrained_meta(retrained_file, shipped["meta"])
+    # Refused before a comparison is printed that would not be recorded.
+    run_meta = retrained_meta(retrained_file, shipped["meta"]) if record else None
     lines, ok = compare(shipped["summary"], retrained)
     meta = shipped["meta"]
     print(
@@ -447,8 +450,8 @@ def run_compare(retrained_file: Path, shipped_folder: Path, *, record: bool = Fa
         if ok
         else "\nsome retrained numbers fall outside the shipped 95% intervals (NO above)"
     )
-    if record:
-        record_reproduction(shipped_folder, retrained_file)
+    if run_meta is not None:
+        record_reproduction(shipped_folder, shipped, retrained, run_meta, retrained_file)
         print(f"recorded in {benchmark_file} and {shipped_folder / CARD}")
     return 0 if ok else 1
 
